@@ -1,0 +1,67 @@
+"""Heads on top of backbone features ``(B, C, X, Y, Z, T)``.
+
+Every head starts by averaging over all space-time tokens, as the published SwiFT heads do. The
+task (binary, multiclass, regression, contrastive) decides the output size and, in training, the
+loss; it is recorded in the model directory so that a loaded model knows what its outputs mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TASKS = ("binary", "multiclass", "regression", "contrastive")
+
+
+class PooledLinearHead(nn.Module):
+    """Mean over tokens, optional hidden linear layer, linear output.
+
+    ``hidden_dim`` reproduces the published ``clf_mlp_v2`` head (two linear layers with nothing in
+    between); without it this is the published ``clf_mlp`` (``Linear(C, outputs)``).
+    """
+
+    def __init__(self, in_features: int, num_outputs: int, hidden_dim: int | None = None):
+        super().__init__()
+        self.hidden = nn.Linear(in_features, hidden_dim) if hidden_dim else None
+        self.head = nn.Linear(hidden_dim or in_features, num_outputs)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.flatten(2).mean(-1)
+        if self.hidden is not None:
+            x = self.hidden(x)
+        return self.head(x)
+
+
+class ContrastiveProjection(nn.Module):
+    """Mean over tokens, then a two-layer MLP; outputs are L2-normalised for cosine similarity."""
+
+    def __init__(self, in_features: int, out_dim: int = 128, hidden_dim: int | None = None):
+        super().__init__()
+        hidden_dim = hidden_dim or in_features
+        self.hidden = nn.Linear(in_features, hidden_dim)
+        self.head = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.head(F.relu(self.hidden(features.flatten(2).mean(-1))))
+        return F.normalize(x, dim=-1)
+
+
+def build_head(task: str, in_features: int, num_outputs: int = 1, hidden_dim: int | None = None) -> nn.Module:
+    """A head for ``task``: binary -> 1 logit; multiclass -> ``num_outputs`` logits (>= 3 classes);
+    regression -> ``num_outputs`` targets; contrastive -> a ``num_outputs``-dim unit embedding."""
+    if task == "binary":
+        if num_outputs != 1:
+            raise ValueError("a binary head has one output (a logit); use task 'multiclass' for more classes")
+        return PooledLinearHead(in_features, 1, hidden_dim)
+    if task == "multiclass":
+        if num_outputs < 3:
+            raise ValueError(f"a multiclass head needs at least 3 classes, got {num_outputs}; use 'binary'")
+        return PooledLinearHead(in_features, num_outputs, hidden_dim)
+    if task == "regression":
+        if num_outputs < 1:
+            raise ValueError("a regression head needs at least one target")
+        return PooledLinearHead(in_features, num_outputs, hidden_dim)
+    if task == "contrastive":
+        return ContrastiveProjection(in_features, num_outputs, hidden_dim)
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
