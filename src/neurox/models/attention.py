@@ -101,16 +101,16 @@ class _PermuteTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, index, inverse):
         ctx.save_for_backward(inverse)
-        return x.index_select(1, index)
+        return x.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
+        return grad.index_select(0, inverse), None, None
 
 
 def permute_tokens(x: torch.Tensor, step: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Reorder the tokens of ``x`` (B, L, C) by a (index, inverse) pair; None means identity."""
+    """Reorder the tokens of ``x`` (L, B, C) by an (index, inverse) pair; None means identity."""
     if step is None:
         return x
     return _PermuteTokens.apply(x, *step)
@@ -166,11 +166,13 @@ def _step(previous: torch.Tensor, order: torch.Tensor, device):
 # --- attention module ------------------------------------------------------------------------
 
 
-def fused_head_dim(head_dim: int, device: torch.device) -> int:
+def fused_head_dim(head_dim: int, device: torch.device, pad: bool | None = None) -> int:
     """Head dim to run attention at: fused GPU kernels want a multiple of 8. Zero-padding q, k and
     v is exact (zeros add nothing to q.k, and padded output columns are dropped); on CPU the
-    fused kernel takes any size, so padding would only add work."""
-    if device.type == "cpu" or head_dim % 8 == 0:
+    fused kernel takes any size, so by default (``pad=None``) only accelerators pad."""
+    if pad is None:
+        pad = device.type != "cpu"
+    if not pad or head_dim % 8 == 0:
         return head_dim
     return (head_dim + 7) // 8 * 8
 
@@ -187,36 +189,36 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
+        self.pad_head_dim: bool | None = None  # None: pad on accelerators only (see fused_head_dim)
 
-    def _padded_weights(self, padded_dim: int):
-        """qkv and proj weights with zero rows/columns so the padded head dims come out of (and go
-        into) the projections directly, with no copy of the activations."""
+    def _weights(self, padded_dim: int):
+        """qkv weights with output features reordered from (3, H, D) to (H, 3, D), so that q, k and
+        v of shape (windows, batch * heads, N, D) are views of the projection's output; with
+        ``padded_dim > D``, zero rows/columns make the padded head dims come out of (and go into)
+        the projections directly. Both cost a copy of the small weights, not of the activations."""
         h, d, pad = self.num_heads, self.head_dim, padded_dim - self.head_dim
         c = h * d
-        w_qkv = F.pad(self.qkv.weight.view(3, h, d, c), (0, 0, 0, pad)).reshape(3 * h * padded_dim, c)
+        w_qkv = F.pad(self.qkv.weight.view(3, h, d, c), (0, 0, 0, pad)).transpose(0, 1).reshape(-1, c)
         b_qkv = None
         if self.qkv.bias is not None:
-            b_qkv = F.pad(self.qkv.bias.view(3, h, d), (0, pad)).reshape(-1)
-        w_proj = F.pad(self.proj.weight.view(c, h, d), (0, pad)).reshape(c, h * padded_dim)
+            b_qkv = F.pad(self.qkv.bias.view(3, h, d), (0, pad)).transpose(0, 1).reshape(-1)
+        w_proj = self.proj.weight if pad == 0 else F.pad(self.proj.weight.view(c, h, d), (0, pad)).reshape(c, -1)
         return w_qkv, b_qkv, w_proj
 
     def forward(self, x: torch.Tensor, num_windows: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, num_windows * N, C) in window order; mask: (num_windows, 1, N, N) or None."""
-        b, length, c = x.shape
+        """x: (num_windows * N, B, C) in window order; mask: (num_windows, 1, N, N) or None."""
+        length, b, c = x.shape
         h, n = self.num_heads, length // num_windows
-        d = fused_head_dim(self.head_dim, x.device)
-        if d == self.head_dim:
-            w_qkv, b_qkv, w_proj = self.qkv.weight, self.qkv.bias, self.proj.weight
-        else:
-            w_qkv, b_qkv, w_proj = self._padded_weights(d)
-        # windows lead and (batch, head) share the second axis, so one (num_windows, 1, N, N) mask
-        # broadcasts over any batch size without being copied
-        qkv = F.linear(x, w_qkv, b_qkv).view(b, num_windows, n, 3, h, d)
-        q, k, v = qkv.permute(3, 1, 0, 4, 2, 5).reshape(3, num_windows, b * h, n, d).unbind(0)
+        d = fused_head_dim(self.head_dim, x.device, self.pad_head_dim)
+        w_qkv, b_qkv, w_proj = self._weights(d)
+        # windows lead and (batch, head) share the second axis: one (num_windows, 1, N, N) mask
+        # broadcasts over any batch size, and q, k, v are strided views (no copy)
+        qkv = F.linear(x, w_qkv, b_qkv).view(num_windows, n, b, h, 3, d)
+        q, k, v = (t.permute(0, 2, 3, 1, 4).reshape(num_windows, b * h, n, d) for t in qkv.unbind(4))
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask,
-            dropout_p=self.attn_drop if self.training else 0.0, scale=self.head_dim**-0.5,
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.head_dim**-0.5,
         )
-        out = out.view(num_windows, b, h, n, d).permute(1, 0, 3, 2, 4).reshape(b, length, h * d)
+        # fused kernels return (.., N, H, D) memory viewed as (.., H, N, D): this is then a view too
+        out = out.transpose(1, 2).reshape(length, b, h * d)
         return self.proj_drop(F.linear(out, w_proj, self.proj.bias))
-

@@ -21,10 +21,17 @@ class PooledLinearHead(nn.Module):
     between); without it this is the published ``clf_mlp`` (``Linear(C, outputs)``).
     """
 
-    def __init__(self, in_features: int, num_outputs: int, hidden_dim: int | None = None):
+    def __init__(self, in_features: int, num_outputs: int, hidden_dim: int | None = None,
+                 task: str | None = None):
         super().__init__()
+        self.task = task
         self.hidden = nn.Linear(in_features, hidden_dim) if hidden_dim else None
         self.head = nn.Linear(hidden_dim or in_features, num_outputs)
+
+    def spec(self) -> dict:
+        """What a model directory records to rebuild this head."""
+        return {"task": self.task, "num_outputs": self.head.out_features,
+                "hidden_dim": None if self.hidden is None else self.hidden.out_features}
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features.flatten(2).mean(-1)
@@ -36,32 +43,39 @@ class PooledLinearHead(nn.Module):
 class ContrastiveProjection(nn.Module):
     """Mean over tokens, then a two-layer MLP; outputs are L2-normalised for cosine similarity."""
 
+    task = "contrastive"
+
     def __init__(self, in_features: int, out_dim: int = 128, hidden_dim: int | None = None):
         super().__init__()
         hidden_dim = hidden_dim or in_features
         self.hidden = nn.Linear(in_features, hidden_dim)
         self.head = nn.Linear(hidden_dim, out_dim)
 
+    def spec(self) -> dict:
+        return {"task": self.task, "num_outputs": self.head.out_features, "hidden_dim": self.hidden.out_features}
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.head(F.relu(self.hidden(features.flatten(2).mean(-1))))
         return F.normalize(x, dim=-1)
 
 
-def build_head(task: str, in_features: int, num_outputs: int = 1, hidden_dim: int | None = None) -> nn.Module:
+def build_head(task: str | None, in_features: int, num_outputs: int = 1, hidden_dim: int | None = None) -> nn.Module:
     """A head for ``task``: binary -> 1 logit; multiclass -> ``num_outputs`` logits (>= 3 classes);
     regression -> ``num_outputs`` targets; contrastive -> a ``num_outputs``-dim unit embedding."""
     if task == "binary":
         if num_outputs != 1:
             raise ValueError("a binary head has one output (a logit); use task 'multiclass' for more classes")
-        return PooledLinearHead(in_features, 1, hidden_dim)
+        return PooledLinearHead(in_features, 1, hidden_dim, task)
     if task == "multiclass":
         if num_outputs < 3:
             raise ValueError(f"a multiclass head needs at least 3 classes, got {num_outputs}; use 'binary'")
-        return PooledLinearHead(in_features, num_outputs, hidden_dim)
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, task)
     if task == "regression":
         if num_outputs < 1:
             raise ValueError("a regression head needs at least one target")
-        return PooledLinearHead(in_features, num_outputs, hidden_dim)
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, task)
     if task == "contrastive":
         return ContrastiveProjection(in_features, num_outputs, hidden_dim)
+    if task is None:  # a converted head whose task its checkpoint did not record
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, None)
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

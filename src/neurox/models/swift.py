@@ -1,8 +1,8 @@
 """SwiFT: the Swin 4D fMRI Transformer (Kim et al., NeurIPS 2023), faithful to the published model.
 
 Input and output follow the published layout, ``(B, C, X, Y, Z, T)``; inside, tokens are a flat
-channel-last sequence ``(B, L, C)`` kept in the window order of the block that runs next (see
-``attention.py``). Parameter names are the published ones, so a published state dict loads as is.
+token-major sequence ``(L, B, C)`` kept in the window order of the block that runs next (see
+``attention.py``): token-major so that attention's q, k, v and output are views, not copies. Parameter names are the published ones, so a published state dict loads as is.
 
 Order of this file: helpers, blocks, stage, model.
 """
@@ -30,7 +30,7 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        keep = x.new_empty((1, x.shape[1], 1)).bernoulli_(1.0 - self.p)  # tokens (L, B, C)
         return x * keep / (1.0 - self.p)
 
 
@@ -56,11 +56,11 @@ class PatchEmbed(nn.Module):
         self.fc = nn.Linear(in_chans * sx * sy * sz * st, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, X, Y, Z, T) -> (B, X', Y', Z', T', E)"""
+        """(B, C, X, Y, Z, T) -> (X', Y', Z', T', B, E)"""
         b, c, x_, y_, z_, t_ = x.shape
         sx, sy, sz, st = self.patch_size
         x = x.view(b, c, x_ // sx, sx, y_ // sy, sy, z_ // sz, sz, t_ // st, st)
-        x = x.permute(0, 2, 4, 6, 8, 3, 5, 7, 9, 1).reshape(b, x_ // sx, y_ // sy, z_ // sz, t_ // st, -1)
+        x = x.permute(2, 4, 6, 8, 0, 3, 5, 7, 9, 1).reshape(x_ // sx, y_ // sy, z_ // sz, t_ // st, b, -1)
         return self.fc(x)
 
 
@@ -78,10 +78,10 @@ class PositionalEmbedding(nn.Module):
         nn.init.trunc_normal_(self.time_embed, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, X, Y, Z, T, C), channel last."""
-        t = x.shape[4]
-        x = x + self.pos_embed.permute(0, 2, 3, 4, 5, 1)
-        return x + self.time_embed[..., :t].permute(0, 2, 3, 4, 5, 1)
+        """x: (X, Y, Z, T, B, C)."""
+        t = x.shape[3]
+        x = x + self.pos_embed.permute(2, 3, 4, 5, 0, 1)
+        return x + self.time_embed[..., :t].permute(2, 3, 4, 5, 0, 1)
 
 
 # --- blocks ----------------------------------------------------------------------------------
@@ -113,9 +113,10 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(8 * dim, c_multiplier * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, C) already gathered in merge order -> (B, L / 8, mC)."""
-        b, length, c = x.shape
-        return self.reduction(self.norm(x.reshape(b, length // 8, 8 * c)))
+        """x: (L, B, C) already gathered in merge order -> (L / 8, B, mC)."""
+        length, b, c = x.shape
+        x = x.view(length // 8, 8, b, c).transpose(1, 2).reshape(length // 8, b, 8 * c)  # a view when B = 1
+        return self.reduction(self.norm(x))
 
 
 # --- stage -----------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class Stage(nn.Module):
         return plan
 
     def forward(self, x: torch.Tensor, grid) -> torch.Tensor:
-        """x: (B, L, C) in grid order -> (B, L', C') in the next stage's grid order."""
+        """x: (L, B, C) in grid order -> (L', B, C') in the next stage's grid order."""
         plan = self.plan(grid, x.device)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         for b, block in enumerate(self.blocks):
@@ -214,15 +215,16 @@ class SwiFT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.pos_drop(self.patch_embed(x))  # (B, X, Y, Z, T, C)
-        b, *grid, _ = x.shape
+        b = x.shape[0]
+        x = self.pos_drop(self.patch_embed(x))  # (X, Y, Z, T, B, C)
+        grid = list(x.shape[:4])
         for i, stage in enumerate(self.layers):
             if i > 0:
                 grid = [grid[0] // 2, grid[1] // 2, grid[2] // 2, grid[3]]
-                x = x.view(b, *grid, -1)
+                x = x.view(*grid, b, -1)
             x = self.pos_embeds[i](x)
-            x = stage(x.reshape(b, -1, x.shape[-1]), grid)
-        return x.view(b, *grid, -1).permute(0, 5, 1, 2, 3, 4)
+            x = stage(x.view(-1, b, x.shape[-1]), grid)
+        return x.view(*grid, b, -1).permute(4, 5, 0, 1, 2, 3)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         if self.head is None:
