@@ -95,15 +95,16 @@ def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str 
     """Load ``state`` into ``module``, refusing with one clear line on the first tensor whose name
     or shape does not match the architecture."""
     expected = module.state_dict()
-    for name, tensor in state.items():
-        if name not in expected:
-            raise ValueError(f"{source}: tensor {name!r} has no place in this architecture; "
-                             "the checkpoint is of another model or configuration")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, tensor in expected.items():  # in the architecture's order: the first mismatch is the earliest
+        if name in state and tuple(state[name].shape) != tuple(tensor.shape):
             raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)} but the architecture expects "
-                f"{tuple(expected[name].shape)}; the configuration does not match these weights"
+                f"{source}: tensor {name!r} has shape {tuple(state[name].shape)} but the architecture "
+                f"expects {tuple(tensor.shape)}; the configuration does not match these weights"
             )
+    unexpected = [name for name in state if name not in expected]
+    if unexpected:
+        raise ValueError(f"{source}: tensor {unexpected[0]!r} has no place in this architecture "
+                         f"({len(unexpected)} such); the checkpoint is of another model or configuration")
     missing = [name for name in expected if name not in state]
     if missing:
         raise ValueError(f"{source}: {len(missing)} tensors missing, first {missing[0]!r}")

@@ -2,7 +2,8 @@
 
 Input and output follow the published layout, ``(B, C, X, Y, Z, T)``; inside, tokens are a flat
 token-major sequence ``(L, B, C)`` kept in the window order of the block that runs next (see
-``attention.py``): token-major so that attention's q, k, v and output are views, not copies. Parameter names are the published ones, so a published state dict loads as is.
+``attention.py``): token-major so that attention's q, k, v and output are views, not copies.
+Parameter names are the published ones, so a published state dict loads as is.
 
 Order of this file: helpers, blocks, stage, model.
 """
