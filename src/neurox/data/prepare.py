@@ -1,0 +1,219 @@
+"""``neurox prepare``: many runs into one store, in parallel, resumable, one bad run never stops
+the rest.
+
+A run is finished when its folder appears under ``runs/`` (an atomic rename of a temporary one),
+so a re-run after a crash or Ctrl-C skips finished runs, clears half-written temporaries and
+redoes the rest. A run whose source file changed since it was prepared is redone. Failures are
+kept as one small marker per run and gathered into ``failures.tsv``; ``manifest.tsv`` is rebuilt
+from the runs on disk at the end of every invocation, so cluster array jobs (``--shard i/N``)
+writing into one store each leave a correct manifest behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from neurox import __version__
+from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
+from neurox.data.store import (
+    MANIFEST_COLUMNS,
+    RUNS_DIR,
+    STORE_FILE,
+    RunWriter,
+    read_tsv,
+    remove,
+    run_path,
+    write_tsv,
+)
+from neurox.io.atomic import write_text_atomic
+from neurox.io.bids import RunSpec, discover
+from neurox.io.nifti import InputError
+
+FAILURE_SUFFIX = ".failed.json"
+# what every run of a store must share; a second prepare into the store must agree on these
+SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization")
+
+
+@dataclass
+class PrepareReport:
+    store: Path
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes i/N (for example 0/10), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard {text}: i must be in 0..N-1")
+    return index, count
+
+
+def options_from_model(model_dir: str | Path, **overrides) -> PrepareOptions:
+    """The input contract of a model directory as prepare options (``--like``)."""
+    from neurox.hub import read_config
+
+    contract = read_config(model_dir)["input_contract"]
+    voxel = contract.get("voxel_size_mm") or 2.0
+    grid = TargetGrid.default(voxel, contract["grid"])
+    if contract.get("crop_box"):
+        grid = TargetGrid(grid.shape, voxel, tuple(float(axis[0]) for axis in contract["crop_box"]))
+    values = {"grid": grid, "normalization": contract.get("normalization") or "global_zscore",
+              "min_frames": int(contract.get("window_frames") or 20)}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return PrepareOptions(**values)
+
+
+def prepare(
+    input_path: str | Path,
+    out: str | Path,
+    options: PrepareOptions | None = None,
+    participants: str | Path | None = None,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    fmt: str = "zarr",
+    progress: bool = True,
+) -> PrepareReport:
+    options = options or PrepareOptions()
+    root = Path(out)
+    specs = sorted(discover(input_path), key=lambda s: s.run_id)[shard[0] :: shard[1]]
+    init_store(root, options, fmt)
+    copy_participants(input_path, participants, root)
+
+    report = PrepareReport(root)
+    todo = []
+    for spec in specs:
+        for stale in (root / RUNS_DIR).glob(f".tmp-{spec.run_id}-*"):
+            remove(stale)  # left by a crash or Ctrl-C
+        if is_current(root, spec, fmt):
+            report.skipped.append(spec.run_id)
+        else:
+            todo.append(spec)
+
+    bar = tqdm(total=len(todo), desc="prepare", unit="run", disable=not progress or not todo, file=sys.stderr)
+    try:
+        if workers <= 1:
+            for spec in todo:
+                _record(report, root, spec, _prepare_one(spec, options, root, fmt), bar)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(_prepare_one, spec, options, root, fmt): spec for spec in todo}
+                for future in as_completed(futures):
+                    _record(report, root, futures[future], future.result(), bar)
+    finally:
+        bar.close()
+        write_manifest(root, fmt)
+    return report
+
+
+def _prepare_one(spec: RunSpec, options: PrepareOptions, root: Path, fmt: str) -> str | None:
+    """Runs in a worker; returns None on success or the one-line error."""
+    try:
+        prepare_run(spec, options, lambda n: RunWriter(root, spec.run_id, n, options.grid.shape, fmt))
+    except InputError as err:
+        return str(err)
+    except MemoryError:
+        return f"{spec.bold}: out of memory while preparing"
+    return None
+
+
+def _record(report: PrepareReport, root: Path, spec: RunSpec, error: str | None, bar) -> None:
+    marker = root / RUNS_DIR / f"{spec.run_id}{FAILURE_SUFFIX}"
+    if error is None:
+        report.done.append(spec.run_id)
+        marker.unlink(missing_ok=True)
+    else:
+        report.failed[spec.run_id] = error
+        write_text_atomic(marker, json.dumps({"run_id": spec.run_id, "participant_id": spec.participant_id,
+                                              "source": str(spec.bold), "error": error}))
+        tqdm.write(f"failed: {error}", file=sys.stderr)
+    bar.update(1)
+
+
+def init_store(root: Path, options: PrepareOptions, fmt: str) -> None:
+    wanted = {"neurox_version": __version__, "format": fmt, "space": "MNI152", "orientation": "RAS",
+              "dtype": "float16", "channels": 1, **options.to_dict()}
+    path = root / STORE_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        for key in SHARED_KEYS:
+            if existing.get(key) != wanted.get(key):
+                raise ValueError(
+                    f"{root}: this store was prepared with {key}={existing.get(key)}, not {wanted.get(key)}; "
+                    "use another --out for other settings"
+                )
+        return
+    (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(wanted, indent=2) + "\n")
+
+
+def is_current(root: Path, spec: RunSpec, fmt: str) -> bool:
+    """Finished, and prepared from the file as it is now."""
+    path = run_path(root, spec.run_id, fmt)
+    attributes_file = path / ("zarr.json" if fmt == "zarr" else "attributes.json")
+    if not attributes_file.is_file():
+        return False
+    attributes = json.loads(attributes_file.read_text())
+    attributes = attributes.get("attributes", attributes)
+    source = attributes.get("source", {})
+    try:
+        stat = spec.bold.stat()
+    except OSError:
+        return True  # the source is gone; what was prepared from it stays
+    return source.get("size") == stat.st_size and source.get("mtime_ns") == stat.st_mtime_ns
+
+
+def copy_participants(input_path, participants, root: Path) -> None:
+    source = Path(participants) if participants else None
+    if source is None and Path(input_path).is_dir() and (Path(input_path) / "participants.tsv").is_file():
+        source = Path(input_path) / "participants.tsv"
+    if source is None:
+        return
+    if not source.is_file():
+        raise InputError(f"{source}: phenotype table not found")
+    rows = read_tsv(source)
+    if rows and "participant_id" not in rows[0]:
+        raise InputError(f"{source}: the phenotype table has no participant_id column")
+    tmp = root / ".participants.tsv.tmp"
+    shutil.copyfile(source, tmp)
+    tmp.replace(root / "participants.tsv")
+
+
+def write_manifest(root: Path, fmt: str) -> None:
+    """Rebuild manifest.tsv and failures.tsv from what is on disk."""
+    rows, failures = [], []
+    runs = root / RUNS_DIR
+    for path in sorted(runs.glob(f"*.{fmt}")):
+        meta_file = path / ("zarr.json" if fmt == "zarr" else "attributes.json")
+        meta = json.loads(meta_file.read_text())
+        a = meta.get("attributes", meta)
+        rows.append({
+            "participant_id": a["participant_id"], "session": a["session"], "run": a["run"], "run_id": a["run_id"],
+            "path": str(path.relative_to(root)), "n_frames": a["n_frames"], "tr": a["tr"] or "",
+            "shape": "x".join(str(s) for s in [*a["grid"], a["n_frames"]]), "status": "ok",
+            "source": a["source"]["path"],
+        })
+    done = {row["run_id"] for row in rows}
+    for marker in sorted(runs.glob(f"*{FAILURE_SUFFIX}")):
+        failure = json.loads(marker.read_text())
+        if failure["run_id"] in done:
+            continue
+        failures.append(failure)
+        rows.append({"participant_id": failure["participant_id"], "run_id": failure["run_id"],
+                     "status": "failed", "source": failure["source"]})
+    write_tsv(root / "manifest.tsv", rows, MANIFEST_COLUMNS)
+    write_tsv(root / "failures.tsv", failures, ["run_id", "participant_id", "source", "error"])

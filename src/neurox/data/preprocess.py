@@ -1,0 +1,284 @@
+"""One run, NIfTI to normalised float16 frames on the model grid, streaming.
+
+Two passes over the file, each one block of frames at a time: the first accumulates per-voxel sums
+(for the mask when none is given, and for the normalisation statistics) and checks every value is
+finite; the second normalises and writes. Memory is a few blocks of frames whatever the run length.
+
+The model grid is a box fixed in MNI coordinates (``TargetGrid``), so every subject lands on the
+same voxels. An input already on a grid that aligns with it (same voxel size, origin an integer
+number of voxels away: the usual fMRIPrep/HCP MNI outputs) is cut and padded, no interpolation;
+anything else is resampled (trilinear) only when asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from neurox import __version__
+from neurox.data.store import pack_mask
+from neurox.io.bids import RunSpec, is_mni_space
+from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
+
+NORMALIZATIONS = ("global_zscore", "voxel_zscore")
+# MNI152 brain centroid (mm); an input whose brain lies far from it is not in MNI space
+MNI_BRAIN_CENTROID = np.array([0.0, -22.0, 10.0])
+MNI_CENTROID_TOLERANCE_MM = 30.0
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    """A box of voxels fixed in MNI (RAS, mm) coordinates: ``origin_mm`` is the centre of voxel 0."""
+
+    shape: tuple[int, int, int] = (96, 96, 96)
+    voxel_size_mm: float = 2.0
+    origin_mm: tuple[float, float, float] = (-96.0, -112.0, -90.0)
+
+    @property
+    def affine(self) -> np.ndarray:
+        affine = np.diag([self.voxel_size_mm] * 3 + [1.0])
+        affine[:3, 3] = self.origin_mm
+        return affine
+
+    @property
+    def crop_box_mm(self) -> list[list[float]]:
+        """World coordinates of the first and last voxel centres on each axis."""
+        return [[o, o + (n - 1) * self.voxel_size_mm] for o, n in zip(self.origin_mm, self.shape)]
+
+    @classmethod
+    def default(cls, voxel_size_mm: float = 2.0, shape=None) -> TargetGrid:
+        """96^3 at 2 mm (192 mm a side, the MNI152 brain with margin); 48^3 at 4 mm, same box."""
+        if shape is None:
+            shape = tuple(int(round(192 / voxel_size_mm)) for _ in range(3))
+        return cls(tuple(int(s) for s in shape), float(voxel_size_mm))
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    grid: TargetGrid = field(default_factory=TargetGrid)
+    normalization: str = "global_zscore"
+    resample: bool = False
+    min_frames: int = 20
+    block_frames: int = 32
+    tr: float | None = None  # used where neither a sidecar nor the header gives one
+
+    def __post_init__(self):
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "grid": list(self.grid.shape), "voxel_size_mm": self.grid.voxel_size_mm,
+            "origin_mm": list(self.grid.origin_mm), "crop_box_mm": self.grid.crop_box_mm,
+            "normalization": self.normalization, "resample": self.resample, "min_frames": self.min_frames,
+        }
+
+
+class GridMapping:
+    """Takes RAS volumes of one input onto the target grid: a cut-and-pad when the grids align,
+    else trilinear (or nearest, for masks) resampling."""
+
+    def __init__(self, info: NiftiInfo, grid: TargetGrid, resample: bool):
+        self.grid = grid
+        source_affine = info.ras_affine
+        self.source_shape = info.ras_shape
+        # target voxel index -> source voxel index
+        self.matrix = np.linalg.inv(source_affine) @ grid.affine
+        linear, offset = self.matrix[:3, :3], self.matrix[:3, 3]
+        self.aligned = np.allclose(linear, np.eye(3), atol=1e-3) and np.allclose(offset, np.round(offset), atol=1e-3)
+        self.offset = np.round(offset).astype(int)
+        if not self.aligned and not resample:
+            zooms = np.sqrt((source_affine[:3, :3] ** 2).sum(0))
+            raise InputError(
+                f"{info.path}: its voxel grid ({_fmt(zooms)} mm, origin {_fmt(source_affine[:3, 3])}) does not "
+                f"align with the {grid.voxel_size_mm} mm target grid; pass --resample to interpolate"
+            )
+
+    def __call__(self, volume: np.ndarray, fill: float = 0.0, nearest: bool = False) -> np.ndarray:
+        """(x, y, z[, n]) in source RAS -> (X, Y, Z[, n]) on the target grid."""
+        if self.aligned:
+            return self._cut(volume, fill)
+        from scipy.ndimage import affine_transform
+
+        extra = volume.shape[3:]
+        flat = volume.reshape(*volume.shape[:3], -1)
+        out = np.empty((*self.grid.shape, flat.shape[3]), dtype=volume.dtype)
+        for i in range(flat.shape[3]):
+            out[..., i] = affine_transform(flat[..., i], self.matrix[:3, :3], self.matrix[:3, 3],
+                                           output_shape=self.grid.shape, order=0 if nearest else 1, cval=fill)
+        return out.reshape(*self.grid.shape, *extra)
+
+    def _cut(self, volume: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full((*self.grid.shape, *volume.shape[3:]), fill, dtype=volume.dtype)
+        src, dst = [], []
+        for n_target, n_source, start in zip(self.grid.shape, self.source_shape, self.offset):
+            lo, hi = max(start, 0), min(start + n_target, n_source)
+            if hi <= lo:
+                return out  # no overlap at all
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - start, hi - start))
+        out[tuple(dst)] = volume[tuple(src)]
+        return out
+
+
+@dataclass
+class PreparedRun:
+    n_frames: int
+    attributes: dict[str, Any]
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> PreparedRun:
+    """Preprocess one run; ``writer_factory(n_frames)`` gives the ``RunWriter`` to fill."""
+    if not is_mni_space(spec.space):
+        raise InputError(f"{spec.bold}: not in MNI space (space-{spec.space}); give the MNI-space output")
+    info = read_info(spec.bold)
+    if len(info.shape) < 4:
+        raise InputError(f"{spec.bold}: a {len(info.shape)}D image, not a 4D fMRI run")
+    if info.n_frames < options.min_frames:
+        raise InputError(f"{spec.bold}: {info.n_frames} frames, fewer than one window ({options.min_frames})")
+    mapping = GridMapping(info, options.grid, options.resample)
+    grid_shape = options.grid.shape
+
+    given_mask = None
+    if spec.mask is not None:
+        mask_ras, mask_info = read_volume_ras(spec.mask)
+        if mask_ras.shape != info.ras_shape or not np.allclose(mask_info.ras_affine, info.ras_affine, atol=1e-3):
+            raise InputError(
+                f"{spec.mask}: mask shape {mask_info.shape[:3]} / affine do not match the run "
+                f"{spec.bold.name} ({info.shape[:3]})"
+            )
+        given_mask = mask_ras > 0
+        if not given_mask.any():
+            raise InputError(f"{spec.mask}: the brain mask is empty")
+
+    # pass 1: finite check and per-voxel sums on the target grid
+    total = np.zeros(grid_shape, dtype=np.float64)
+    total_sq = np.zeros(grid_shape, dtype=np.float64)
+    minimum = np.full(grid_shape, np.inf, dtype=np.float32)
+    for start, frames in iter_frame_blocks(info, options.block_frames):
+        bad = ~np.isfinite(frames)
+        if bad.any():
+            frame = start + int(np.argwhere(bad)[0][3])
+            raise InputError(f"{spec.bold}: NaN or Inf values (first in frame {frame})")
+        on_grid = mapping(frames)
+        total += on_grid.sum(axis=3, dtype=np.float64)
+        total_sq += np.einsum("xyzt,xyzt->xyz", on_grid, on_grid, dtype=np.float64)
+        np.minimum(minimum, on_grid.min(axis=3), out=minimum)
+    n = info.n_frames
+    mean_image = total / n
+
+    if given_mask is not None:
+        mask = mapping(given_mask.astype(np.uint8), nearest=True) > 0
+        kept = mask.sum() * options.grid.voxel_size_mm**3 / (given_mask.sum() * np.prod(info.zooms[:3]))
+    else:
+        mask = compute_mask(mean_image)
+        kept = 1.0
+    check_mni_placement(spec, mask, options.grid, kept)
+
+    if options.normalization == "global_zscore":
+        count = mask.sum() * n
+        mean = total[mask].sum() / count
+        std = float(np.sqrt(max(total_sq[mask].sum() / count - mean**2, 0.0)))
+        if std == 0.0:
+            raise InputError(f"{spec.bold}: the signal inside the brain mask is constant")
+        background = float((minimum[mask].min() - mean) / std)
+        stats = {"method": "global_zscore", "mean": float(mean), "std": std, "background": background}
+        scale = np.float32(1.0 / std)
+        shift = np.float32(mean)
+    else:
+        voxel_std = np.sqrt(np.maximum(total_sq / n - mean_image**2, 0.0))
+        voxel_std[voxel_std == 0] = 1.0
+        background = 0.0
+        stats = {"method": "voxel_zscore", "background": 0.0,
+                 "mean_of_means": float(mean_image[mask].mean()), "mean_of_stds": float(voxel_std[mask].mean())}
+        scale = (1.0 / voxel_std).astype(np.float32)[..., None]
+        shift = mean_image.astype(np.float32)[..., None]
+
+    # pass 2: normalise and write
+    writer = writer_factory(n)
+    try:
+        outside = ~mask[..., None]
+        for _, frames in iter_frame_blocks(info, options.block_frames):
+            z = (mapping(frames) - shift) * scale
+            z[np.broadcast_to(outside, z.shape)] = background
+            writer.write_frames(np.moveaxis(z.astype(np.float16), 3, 0))
+    except BaseException:
+        writer.abort()
+        raise
+
+    tr = spec.tr or _header_tr(info) or options.tr
+    stat = spec.bold.stat()
+    attributes = {
+        "neurox_version": __version__,
+        "participant_id": spec.participant_id,
+        "session": spec.session,
+        "run": spec.run,
+        "run_id": spec.run_id,
+        "n_frames": n,
+        "tr": tr,
+        "affine": options.grid.affine.tolist(),
+        "grid": list(grid_shape),
+        "voxel_size_mm": options.grid.voxel_size_mm,
+        "crop_box_mm": options.grid.crop_box_mm,
+        "orientation": "RAS",
+        "mask": pack_mask(mask),
+        "mask_source": "given" if given_mask is not None else "computed",
+        "normalization": stats,
+        "source": {
+            "path": str(spec.bold.resolve()),
+            "sha256": file_sha256(spec.bold),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "shape": list(info.shape),
+            "affine": info.affine.tolist(),
+            "mask": str(spec.mask.resolve()) if spec.mask else None,
+            "resampled": not mapping.aligned,
+        },
+    }
+    writer.commit(attributes)
+    return PreparedRun(n, attributes)
+
+
+def compute_mask(mean_image: np.ndarray) -> np.ndarray:
+    """Brain mask from the temporal mean when none is given: voxels brighter than a fifth of the
+    98th percentile of the non-zero mean (fMRIPrep/HCP MNI outputs have a near-zero background)."""
+    positive = mean_image[mean_image > 0]
+    if positive.size == 0:
+        return np.zeros(mean_image.shape, dtype=bool)
+    return mean_image > 0.2 * np.percentile(positive, 98)
+
+
+def check_mni_placement(spec: RunSpec, mask: np.ndarray, grid: TargetGrid, kept_fraction: float) -> None:
+    """A brain that misses the MNI box, or sits far from where MNI brains sit, is not in MNI space."""
+    if not mask.any():
+        raise InputError(f"{spec.bold}: no brain voxels inside the MNI crop box: is the run in MNI space?")
+    centroid = (grid.affine @ np.append(np.argwhere(mask).mean(0), 1.0))[:3]
+    distance = float(np.linalg.norm(centroid - MNI_BRAIN_CENTROID))
+    if distance > MNI_CENTROID_TOLERANCE_MM:
+        raise InputError(
+            f"{spec.bold}: the brain is centred at {_fmt(centroid)} mm, {distance:.0f} mm from where MNI brains "
+            "sit: not in MNI space?"
+        )
+    if kept_fraction < 0.9:
+        raise InputError(f"{spec.bold}: only {kept_fraction:.0%} of the brain mask falls inside the crop box")
+
+
+def _header_tr(info: NiftiInfo) -> float | None:
+    if len(info.zooms) > 3 and info.zooms[3] > 0:
+        return float(info.zooms[3])
+    return None
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in np.round(np.asarray(values, dtype=float), 1)) + ")"

@@ -1,0 +1,149 @@
+"""Finding the runs to prepare: a BIDS derivatives folder (fMRIPrep layout), one NIfTI, or a TSV
+manifest. Every form ends as a list of ``RunSpec``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from neurox.io.nifti import InputError
+
+BOLD_SUFFIXES = ("_desc-preproc_bold.nii.gz", "_desc-preproc_bold.nii")
+ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9.+]+)")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    participant_id: str  # with the "sub-" prefix, as in participants.tsv
+    session: str
+    run: str
+    run_id: str  # unique within a store, filename-safe
+    bold: Path
+    mask: Path | None = None
+    tr: float | None = None
+    confounds: Path | None = None
+    space: str | None = None
+
+
+def entities(path: str | Path) -> dict[str, str]:
+    name = Path(path).name.split(".nii")[0]
+    return {key: value for key, value in ENTITY.findall(name)}
+
+
+def is_mni_space(space: str | None) -> bool:
+    return space is None or space.upper().startswith("MNI")
+
+
+def _run_id(ent: dict[str, str], fallback: str) -> str:
+    parts = [f"{k}-{ent[k]}" for k in ("sub", "ses", "task", "acq", "dir", "rec", "run", "echo") if k in ent]
+    return "_".join(parts) if "sub" in ent else re.sub(r"[^A-Za-z0-9_.-]", "_", fallback)
+
+
+def _sibling(bold: Path, suffix_from: str, suffix_to: str) -> Path | None:
+    candidate = bold.with_name(bold.name.replace(suffix_from, suffix_to))
+    return candidate if candidate != bold and candidate.exists() else None
+
+
+def sidecar_tr(bold: Path) -> float | None:
+    sidecar = bold.with_name(bold.name.split(".nii")[0] + ".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        value = json.loads(sidecar.read_text()).get("RepetitionTime")
+    except json.JSONDecodeError as err:
+        raise InputError(f"{sidecar}: not valid JSON ({err})") from None
+    return float(value) if value is not None else None
+
+
+def spec_for_bold(bold: Path, mask: Path | None = None, participant_id: str | None = None,
+                  session: str | None = None, run: str | None = None) -> RunSpec:
+    ent = entities(bold)
+    suffix = next((s for s in BOLD_SUFFIXES if bold.name.endswith(s)), None)
+    if mask is None and suffix:
+        mask = _sibling(bold, suffix, "_desc-brain_mask" + suffix[len("_desc-preproc_bold"):])
+    confounds = None
+    if suffix:
+        stem = bold.name[: -len(suffix)]
+        stem = re.sub(r"_space-[^_]+", "", stem)
+        stem = re.sub(r"_res-[^_]+", "", stem)
+        candidate = bold.with_name(stem + "_desc-confounds_timeseries.tsv")
+        confounds = candidate if candidate.exists() else None
+    pid = participant_id or (f"sub-{ent['sub']}" if "sub" in ent else bold.name.split(".nii")[0])
+    return RunSpec(
+        participant_id=pid,
+        session=session if session is not None else ent.get("ses", ""),
+        run=run if run is not None else ent.get("run", ""),
+        run_id=_run_id(ent, bold.name.split(".nii")[0]),
+        bold=bold,
+        mask=mask,
+        tr=sidecar_tr(bold),
+        confounds=confounds,
+        space=ent.get("space"),
+    )
+
+
+def discover_bids(root: Path, space: str | None = None) -> list[RunSpec]:
+    """Every ``*_space-MNI*_desc-preproc_bold.nii[.gz]`` under ``root`` (or of one named space)."""
+    found = []
+    for path in sorted(root.rglob("*_desc-preproc_bold.nii*")):
+        if not path.name.endswith(BOLD_SUFFIXES):
+            continue
+        bold_space = entities(path).get("space")
+        if space is not None and bold_space != space:
+            continue
+        if space is None and not (bold_space and is_mni_space(bold_space)):
+            continue  # fMRIPrep also writes T1w/fsnative runs beside the MNI ones
+        found.append(spec_for_bold(path))
+    return found
+
+
+def read_manifest(path: Path) -> list[RunSpec]:
+    """A TSV with columns participant_id, path and optional session, run, mask; relative paths
+    are relative to the TSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    if not rows:
+        raise InputError(f"{path}: the manifest has no rows")
+    missing = {"participant_id", "path"} - set(rows[0])
+    if missing:
+        raise InputError(f"{path}: the manifest lacks column(s) {', '.join(sorted(missing))}")
+    specs = []
+    for row in rows:
+        bold = (path.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
+        mask = row.get("mask") or None
+        if mask:
+            mask = (path.parent / mask).resolve() if not Path(mask).is_absolute() else Path(mask)
+        spec = spec_for_bold(bold, mask=mask, participant_id=row["participant_id"],
+                             session=row.get("session") or "", run=row.get("run") or "")
+        run_id = "_".join(p for p in (row["participant_id"], _tag("ses", spec.session), _tag("run", spec.run)) if p)
+        specs.append(replace(spec, run_id=re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)))
+    return specs
+
+
+def _tag(key: str, value: str) -> str:
+    return f"{key}-{value}" if value else ""
+
+
+def discover(input_path: str | Path) -> list[RunSpec]:
+    """Runs from a BIDS derivatives folder, a single NIfTI file, or a TSV manifest."""
+    path = Path(input_path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_dir():
+        specs = discover_bids(path)
+        if not specs:
+            raise InputError(f"{path}: no *_space-MNI*_desc-preproc_bold.nii[.gz] files found under this folder")
+    elif path.suffix == ".tsv":
+        specs = read_manifest(path)
+    elif path.name.endswith((".nii", ".nii.gz")):
+        specs = [spec_for_bold(path)]
+    else:
+        raise InputError(f"{path}: expected a BIDS derivatives folder, a .nii[.gz] file or a .tsv manifest")
+    ids = [s.run_id for s in specs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise InputError(f"{path}: several runs share the id {duplicates[0]}; give session/run to tell them apart")
+    return specs

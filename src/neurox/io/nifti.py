@@ -1,0 +1,123 @@
+"""Streaming NIfTI reading: frames in blocks, canonical RAS orientation, never the whole run.
+
+nibabel gives the header (shape, dtype, offset, scaling, affine); the voxel data are read here
+frame block by frame block from the (possibly gzipped) file, so that a 1,200-frame run costs the
+memory of one block. A 4D NIfTI stores each frame contiguously (Fortran order, time slowest).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.openers import ImageOpener
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+
+class InputError(ValueError):
+    """A problem with one input file; the message names the file and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class NiftiInfo:
+    path: Path
+    shape: tuple[int, ...]  # as stored
+    affine: np.ndarray  # as stored
+    dtype: np.dtype
+    offset: int
+    slope: float
+    inter: float
+    zooms: tuple[float, ...]
+
+    @property
+    def n_frames(self) -> int:
+        return self.shape[3] if len(self.shape) == 4 else 1
+
+    @property
+    def to_ras(self) -> np.ndarray:
+        """Orientation transform taking the stored axes to RAS."""
+        return ornt_transform(io_orientation(self.affine), axcodes2ornt("RAS"))
+
+    @property
+    def ras_affine(self) -> np.ndarray:
+        return self.affine @ inv_ornt_aff(self.to_ras, self.shape[:3])
+
+    @property
+    def ras_shape(self) -> tuple[int, int, int]:
+        order = self.to_ras[:, 0].astype(int)
+        shape = [0, 0, 0]
+        for src, dst in enumerate(order):
+            shape[dst] = self.shape[src]
+        return tuple(shape)  # type: ignore[return-value]
+
+
+def read_info(path: str | Path) -> NiftiInfo:
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except Exception as err:  # nibabel raises several types for unreadable files
+        raise InputError(f"{path}: not a readable NIfTI file ({_short(err)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    header = img.header
+    slope, inter = header.get_slope_inter()
+    return NiftiInfo(
+        path=path,
+        shape=tuple(int(s) for s in img.shape),
+        affine=img.affine.copy(),
+        dtype=header.get_data_dtype(),
+        offset=int(header.get_data_offset()),
+        slope=1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope),
+        inter=0.0 if inter is None or not np.isfinite(inter) else float(inter),
+        zooms=tuple(float(z) for z in header.get_zooms()),
+    )
+
+
+def iter_frame_blocks(info: NiftiInfo, block: int = 32) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(first_frame, frames)`` with frames float32 ``(X, Y, Z, n)`` in RAS orientation."""
+    if len(info.shape) == 3:
+        raise InputError(f"{info.path}: a 3D image, not a 4D fMRI run")
+    x, y, z, t = info.shape[:4]
+    if len(info.shape) > 4 and int(np.prod(info.shape[4:])) != 1:
+        raise InputError(f"{info.path}: a {len(info.shape)}D image, expected 4D (X, Y, Z, T)")
+    frame_values = x * y * z
+    frame_bytes = frame_values * info.dtype.itemsize
+    to_ras = info.to_ras
+    try:
+        with ImageOpener(str(info.path), "rb") as f:
+            f.seek(info.offset)
+            for start in range(0, t, block):
+                n = min(block, t - start)
+                raw = f.read(frame_bytes * n)
+                if len(raw) != frame_bytes * n:
+                    raise InputError(
+                        f"{info.path}: file ends at frame {start + len(raw) // frame_bytes} of {t} "
+                        "(truncated download or copy?)"
+                    )
+                frames = np.frombuffer(raw, dtype=info.dtype).reshape((x, y, z, n), order="F")
+                frames = frames.astype(np.float32)
+                if info.slope != 1.0 or info.inter != 0.0:
+                    frames = frames * np.float32(info.slope) + np.float32(info.inter)
+                yield start, np.ascontiguousarray(apply_orientation(frames, to_ras))
+    except (EOFError, zlib.error, OSError) as err:
+        raise InputError(f"{info.path}: corrupt or truncated file ({_short(err)})") from None
+
+
+def read_volume_ras(path: str | Path) -> tuple[np.ndarray, NiftiInfo]:
+    """A 3D image (a mask or an atlas) in RAS orientation."""
+    info = read_info(path)
+    if len(info.shape) != 3 and not (len(info.shape) == 4 and info.shape[3] == 1):
+        raise InputError(f"{path}: expected a 3D image, got shape {info.shape}")
+    data = np.asanyarray(nib.load(str(path)).dataobj).reshape(info.shape[:3])
+    return np.ascontiguousarray(apply_orientation(data, info.to_ras)), info
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
