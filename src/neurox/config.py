@@ -163,6 +163,12 @@ def preset(name: str) -> SwiFTConfig:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+# The default box every subject is cut to: 192 mm a side in MNI (RAS) coordinates, voxel 0 centred at
+# MNI_BOX_ORIGIN_MM. It holds the MNI152 brain (x -72..72, y -106..72, z -72..82 mm) with margin.
+MNI_BOX_MM = 192
+MNI_BOX_ORIGIN_MM = (-96.0, -112.0, -90.0)
+
+
 @dataclass(frozen=True)
 class InputContract:
     """What a model expects of its input, carried in every model directory so that ``prepare``
@@ -173,7 +179,7 @@ class InputContract:
     orientation: str = "RAS"
     voxel_size_mm: float | None = 2.0
     grid: tuple[int, int, int] = (96, 96, 96)
-    crop_box: tuple[tuple[int, int], ...] | None = None
+    crop_box: tuple[tuple[float, float], ...] | None = None  # mm: first and last voxel centre per axis
     normalization: str | None = "global_zscore"
     window_frames: int = 20
     tr: float | None = None
@@ -189,10 +195,18 @@ class InputContract:
         data = dict(data)
         data["grid"] = _tuple(data.get("grid", (96, 96, 96)))
         if data.get("crop_box") is not None:
-            data["crop_box"] = tuple(_tuple(b) for b in data["crop_box"])
+            data["crop_box"] = tuple(tuple(float(v) for v in b) for b in data["crop_box"])
         return cls(**data)
 
     @classmethod
     def for_model(cls, config: SwiFTConfig, **overrides) -> InputContract:
+        """The default contract for a model: its grid filling the default MNI box (96^3 -> 2 mm,
+        48^3 -> 4 mm), one z-score per run, its window length."""
         x, y, z, t = config.img_size
-        return cls(grid=(x, y, z), window_frames=t, channels=config.in_chans, **overrides)
+        values = {"grid": (x, y, z), "window_frames": t, "channels": config.in_chans}
+        if x == y == z and MNI_BOX_MM % x == 0:
+            voxel = MNI_BOX_MM / x
+            values["voxel_size_mm"] = voxel
+            values["crop_box"] = tuple((o, o + (x - 1) * voxel) for o in MNI_BOX_ORIGIN_MM)
+        values.update(overrides)
+        return cls(**values)

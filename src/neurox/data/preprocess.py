@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from neurox import __version__
+from neurox.config import MNI_BOX_MM, MNI_BOX_ORIGIN_MM
 from neurox.data.store import pack_mask
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
@@ -35,7 +36,7 @@ class TargetGrid:
 
     shape: tuple[int, int, int] = (96, 96, 96)
     voxel_size_mm: float = 2.0
-    origin_mm: tuple[float, float, float] = (-96.0, -112.0, -90.0)
+    origin_mm: tuple[float, float, float] = MNI_BOX_ORIGIN_MM
 
     @property
     def affine(self) -> np.ndarray:
@@ -52,7 +53,7 @@ class TargetGrid:
     def default(cls, voxel_size_mm: float = 2.0, shape=None) -> TargetGrid:
         """96^3 at 2 mm (192 mm a side, the MNI152 brain with margin); 48^3 at 4 mm, same box."""
         if shape is None:
-            shape = tuple(int(round(192 / voxel_size_mm)) for _ in range(3))
+            shape = tuple(int(round(MNI_BOX_MM / voxel_size_mm)) for _ in range(3))
         return cls(tuple(int(s) for s in shape), float(voxel_size_mm))
 
 
@@ -198,7 +199,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         shift = np.float32(mean)
     else:
         voxel_std = np.sqrt(np.maximum(total_sq / n - mean_image**2, 0.0))
-        voxel_std[voxel_std == 0] = 1.0
+        voxel_std[voxel_std < 1e-6] = 1.0  # constant voxels (background) stay finite
         background = 0.0
         stats = {"method": "voxel_zscore", "background": 0.0,
                  "mean_of_means": float(mean_image[mask].mean()), "mean_of_stds": float(voxel_std[mask].mean())}

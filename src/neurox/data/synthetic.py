@@ -207,7 +207,7 @@ def write_nifti_streaming(path: Path, affine: np.ndarray, shape, tr: float, bloc
     header.set_sform(affine, code=4)
     header["vox_offset"] = 352
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, compresslevel=1) as f:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=1) as f:
             f.write(header.binaryblock)
             f.write(b"\x00" * 4)  # extension flag, then data at offset 352
             for frames in blocks:

@@ -66,13 +66,14 @@ def read_info(path: str | Path) -> NiftiInfo:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
     header = img.header
-    slope, inter = header.get_slope_inter()
+    proxy = img.dataobj  # the on-disk offset and scaling live here, not in the image's header copy
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
     return NiftiInfo(
         path=path,
         shape=tuple(int(s) for s in img.shape),
         affine=img.affine.copy(),
         dtype=header.get_data_dtype(),
-        offset=int(header.get_data_offset()),
+        offset=int(getattr(proxy, "offset", header.get_data_offset())),
         slope=1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope),
         inter=0.0 if inter is None or not np.isfinite(inter) else float(inter),
         zooms=tuple(float(z) for z in header.get_zooms()),

@@ -1,0 +1,68 @@
+"""Tiny fMRI runs for tests: a brain-shaped blob where MNI brains sit, on a 4 mm grid that aligns
+with neurox's 4 mm target box, written as real NIfTI files."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from neurox.data.preprocess import PrepareOptions, TargetGrid
+
+SHAPE = (40, 48, 40)
+AFFINE = np.array([[4.0, 0, 0, -80.0], [0, 4.0, 0, -116.0], [0, 0, 4.0, -66.0], [0, 0, 0, 1]])
+OPTIONS = PrepareOptions(grid=TargetGrid.default(4.0), min_frames=8)
+
+
+def brain_mask() -> np.ndarray:
+    idx = np.indices(SHAPE).reshape(3, -1).T
+    world = idx @ AFFINE[:3, :3].T + AFFINE[:3, 3]
+    inside = (((world - [0, -20, 10]) / [60, 80, 55]) ** 2).sum(1) <= 1
+    return inside.reshape(SHAPE)
+
+
+def bold(n_frames: int = 24, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mask = brain_mask()
+    data = 1000 + 20 * rng.standard_normal((*SHAPE, n_frames)) + np.linspace(0, 50, SHAPE[0])[:, None, None, None]
+    return (data * mask[..., None]).astype(np.float32)
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    if data.ndim == 4:
+        img.header.set_zooms((4.0, 4.0, 4.0, 2.0))
+    nib.save(img, str(path))
+    return path
+
+
+def bids_run(root: Path, sub: str, n_frames: int = 24, seed: int = 0, space: str = "MNI152NLin2009cAsym",
+             data: np.ndarray | None = None, mask: np.ndarray | None = None) -> Path:
+    func = root / f"sub-{sub}" / "func"
+    stem = f"sub-{sub}_task-rest_run-1_space-{space}_res-4"
+    path = save(func / f"{stem}_desc-preproc_bold.nii.gz", bold(n_frames, seed) if data is None else data)
+    save(func / f"{stem}_desc-brain_mask.nii.gz", (brain_mask() if mask is None else mask).astype(np.uint8))
+    (func / f"{stem}_desc-preproc_bold.json").write_text('{"RepetitionTime": 2.0}')
+    return path
+
+
+def truncate_gzip(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+
+
+def as_las(path: Path, out: Path) -> Path:
+    """The same image stored left-to-right flipped, with the affine saying so."""
+    img = nib.load(str(path))
+    flip = np.diag([-1.0, 1, 1, 1])
+    flip[0, 3] = img.shape[0] - 1
+    data = np.asanyarray(img.dataobj)[::-1]
+    return save(out, np.ascontiguousarray(data), img.affine @ flip)
+
+
+def gz_bytes(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)

@@ -1,0 +1,298 @@
+"""``neurox prepare``: input forms, normalisations, bad inputs, crash-and-resume, orientation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+from fakes import AFFINE, OPTIONS, as_las, bids_run, bold, brain_mask, save, truncate_gzip
+
+from neurox.cli import main
+from neurox.data.prepare import prepare
+from neurox.data.store import Store, read_tsv
+
+
+def store_contents(root: Path) -> dict:
+    """Everything a store holds, for comparing two stores."""
+    store = Store(root)
+    contents = {}
+    for run_id in store.run_ids:
+        reader = store.run(run_id)
+        attributes = dict(reader.attributes)
+        contents[run_id] = (reader.read(0, reader.n_frames), json.dumps(attributes, sort_keys=True))
+    return contents
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ca, cb = store_contents(a), store_contents(b)
+    assert ca.keys() == cb.keys()
+    for run_id in ca:
+        assert np.array_equal(ca[run_id][0], cb[run_id][0]), run_id
+        assert ca[run_id][1] == cb[run_id][1], run_id
+
+
+@pytest.fixture
+def cohort(tmp_path) -> Path:
+    root = tmp_path / "derivatives"
+    for i, sub in enumerate(["01", "02", "03"]):
+        bids_run(root, sub, seed=i)
+    (root / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\nsub-02\t40\nsub-03\t50\n")
+    # fMRIPrep also writes native-space runs: they must not be picked up
+    bids_run(root, "01", space="T1w")
+    return root
+
+
+# --- input forms -------------------------------------------------------------------------------
+
+
+def test_bids_folder(cohort, tmp_path):
+    report = prepare(cohort, tmp_path / "store", OPTIONS, progress=False)
+    assert report.ok and len(report.done) == 3
+    store = Store(tmp_path / "store")
+    assert store.run_ids == ["sub-01_task-rest_run-1", "sub-02_task-rest_run-1", "sub-03_task-rest_run-1"]
+    row = store.manifest[0]
+    assert (row["participant_id"], row["run"], row["tr"], row["shape"]) == ("sub-01", "1", "2.0", "48x48x48x24")
+    assert [r["age"] for r in store.phenotypes()] == ["30", "40", "50"]
+    window = store.read_window("sub-02_task-rest_run-1", 4, 8)
+    assert window.shape == (1, 48, 48, 48, 8) and window.dtype == np.float16
+    attributes = store.run("sub-02_task-rest_run-1").attributes
+    assert attributes["mask_source"] == "given"
+    assert attributes["source"]["sha256"] and attributes["crop_box_mm"] == [[-96, 92], [-112, 76], [-90, 98]]
+
+
+def test_single_nifti_with_computed_mask(tmp_path):
+    path = save(tmp_path / "run.nii.gz", bold())
+    assert prepare(path, tmp_path / "store", OPTIONS, progress=False).ok
+    store = Store(tmp_path / "store")
+    (run_id,) = store.run_ids
+    assert store.run(run_id).attributes["mask_source"] == "computed"
+    # the computed mask is the blob, landed on the target grid at the right place
+    expected = np.zeros((48, 48, 48), bool)
+    expected[4:44, 0:47, 6:46] = brain_mask()[:, 1:, :]  # source voxel 0 sits at target (4, -1, 6)
+    assert np.array_equal(store.mask(run_id), expected)
+
+
+def test_tsv_manifest(tmp_path):
+    save(tmp_path / "in" / "a.nii.gz", bold(seed=1))
+    b = save(tmp_path / "in" / "b.nii.gz", bold(seed=2))
+    m = save(tmp_path / "in" / "mask.nii.gz", brain_mask().astype(np.uint8))
+    (tmp_path / "in" / "runs.tsv").write_text(
+        f"participant_id\tsession\tpath\tmask\nsub-x\t1\ta.nii.gz\tmask.nii.gz\nsub-x\t2\t{b}\t{m}\n")
+    assert prepare(tmp_path / "in" / "runs.tsv", tmp_path / "store", OPTIONS, progress=False).ok
+    rows = Store(tmp_path / "store").manifest
+    assert [(r["participant_id"], r["session"], r["run_id"]) for r in rows] == [
+        ("sub-x", "1", "sub-x_ses-1"), ("sub-x", "2", "sub-x_ses-2")]
+
+
+def test_store_is_readable_by_zarr(cohort, tmp_path):
+    prepare(cohort, tmp_path / "store", OPTIONS, progress=False)
+    store = Store(tmp_path / "store")
+    run_id = store.run_ids[0]
+    array = zarr.open_array(str(tmp_path / "store" / "runs" / f"{run_id}.zarr"), mode="r")
+    assert array.shape == (24, 48, 48, 48) and array.dtype == np.float16
+    assert np.array_equal(array[5:15], store.run(run_id).read(5, 10))
+    assert array.attrs["run_id"] == run_id
+
+
+# --- normalisation -----------------------------------------------------------------------------
+
+
+def test_global_zscore_is_the_published_recipe(tmp_path):
+    path = save(tmp_path / "run.nii.gz", bold())
+    prepare(path, tmp_path / "store", OPTIONS, progress=False)
+    store = Store(tmp_path / "store")
+    run_id = store.run_ids[0]
+    data = store.run(run_id).read(0, 24).astype(np.float64)
+    mask = store.mask(run_id)
+    inside = data[:, mask]
+    assert abs(inside.mean()) < 1e-2 and abs(inside.std() - 1) < 1e-2
+    # background filled with the minimum of the normalised brain
+    assert np.all(data[:, ~mask] == data[:, mask].min())
+    stats = store.run(run_id).attributes["normalization"]
+    raw = bold()[brain_mask()]
+    assert stats["mean"] == pytest.approx(raw.mean(), rel=1e-6)
+    assert stats["std"] == pytest.approx(raw.std(), rel=1e-4)
+
+
+def test_voxel_zscore(tmp_path):
+    path = save(tmp_path / "run.nii.gz", bold())
+    prepare(path, tmp_path / "store", replace(OPTIONS, normalization="voxel_zscore"), progress=False)
+    store = Store(tmp_path / "store")
+    run_id = store.run_ids[0]
+    data = store.run(run_id).read(0, 24).astype(np.float64)
+    mask = store.mask(run_id)
+    assert np.abs(data[:, mask].mean(0)).max() < 1e-2
+    assert np.abs(data[:, mask].std(0) - 1).max() < 1e-2
+    assert np.all(data[:, ~mask] == 0)
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+
+def bad_inputs(root: Path) -> dict[str, str]:
+    """One broken run of each kind beside the good ones; the expected error text for each."""
+    broken = {}
+    path = bids_run(root, "b1")
+    save(path, bold()[..., 0])
+    broken["sub-b1"] = "3D image"
+    data = bold()
+    data[10, 10, 10, 7] = np.nan
+    bids_run(root, "b2", data=data)
+    broken["sub-b2"] = "NaN or Inf values (first in frame 7)"
+    bids_run(root, "b3", mask=brain_mask()[:-1])
+    broken["sub-b3"] = "do not match the run"
+    bids_run(root, "b4", n_frames=5)
+    broken["sub-b4"] = "5 frames, fewer than one window (8)"
+    truncate_gzip(bids_run(root, "b5"))
+    broken["sub-b5"] = "corrupt or truncated"
+    path = bids_run(root, "b6")
+    path.write_bytes(b"this is not a nifti file at all" * 20)
+    broken["sub-b6"] = "not a readable NIfTI"
+    # MNI-named but not in MNI space: the brain is 60 mm off where MNI brains are
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += [60.0, 0.0, 0.0]
+    path = bids_run(root, "b7")
+    save(path, bold(), shifted)
+    save(Path(str(path).replace("desc-preproc_bold", "desc-brain_mask")), brain_mask().astype(np.uint8), shifted)
+    broken["sub-b7"] = "not in MNI space"
+    # the mask's affine does not match the run's
+    path = bids_run(root, "b8")
+    save(Path(str(path).replace("desc-preproc_bold", "desc-brain_mask")), brain_mask().astype(np.uint8),
+         AFFINE @ np.diag([1.0, 1.0, 1.0, 1.0]) + np.array([[0, 0, 0, 4.0], [0] * 4, [0] * 4, [0] * 4]))
+    broken["sub-b8"] = "do not match the run"
+    return broken
+
+
+def test_bad_inputs_fail_alone_with_a_clear_line(cohort, tmp_path, capsys):
+    broken = bad_inputs(cohort)
+    code = main(["prepare", str(cohort), "--out", str(tmp_path / "store"), "--voxel_size", "4",
+                 "--min_frames", "8", "--quiet", "true"])
+    assert code == 3
+    err = capsys.readouterr().err
+    store = Store(tmp_path / "store")
+    assert len(store.run_ids) == 3  # the good runs are done
+    failures = {row["participant_id"]: row for row in read_tsv(tmp_path / "store" / "failures.tsv")}
+    assert set(failures) == set(broken)
+    for participant, expected in broken.items():
+        error = failures[participant]["error"]
+        assert expected in error, (participant, error)
+        assert error.startswith(str(cohort)), error  # names the file
+        assert "\n" not in error
+        assert f"failed: {error}" in err
+    # nothing half-written: only finished runs and failure markers in runs/
+    names = sorted(p.name for p in (tmp_path / "store" / "runs").iterdir())
+    assert not [n for n in names if n.startswith(".tmp")]
+    assert len([n for n in names if n.endswith(".zarr")]) == 3
+    statuses = [row["status"] for row in store.manifest]
+    assert statuses.count("ok") == 3 and statuses.count("failed") == len(broken)
+
+
+def test_a_fixed_run_is_taken_on_the_next_pass(tmp_path):
+    root = tmp_path / "d"
+    bids_run(root, "01")
+    path = bids_run(root, "02", n_frames=5)
+    assert not prepare(root, tmp_path / "store", OPTIONS, progress=False).ok
+    bids_run(root, "02", n_frames=24)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    report = prepare(root, tmp_path / "store", OPTIONS, progress=False)
+    assert report.ok and report.done == ["sub-02_task-rest_run-1"] and report.skipped == ["sub-01_task-rest_run-1"]
+    assert (tmp_path / "store" / "failures.tsv").read_text().count("\n") == 1  # header only
+
+
+def test_inputs_are_never_modified(cohort, tmp_path):
+    before = {p: p.read_bytes() for p in cohort.rglob("*") if p.is_file()}
+    prepare(cohort, tmp_path / "store", OPTIONS, progress=False)
+    assert before == {p: p.read_bytes() for p in cohort.rglob("*") if p.is_file()}
+
+
+# --- resume, parallelism, orientation -----------------------------------------------------------
+
+
+def test_killed_then_resumed_equals_uninterrupted(tmp_path):
+    root = tmp_path / "d"
+    for i in range(4):
+        bids_run(root, f"0{i}", n_frames=160, seed=i)
+    prepare(root, tmp_path / "reference", OPTIONS, progress=False)
+
+    args = [sys.executable, "-m", "neurox.cli", "prepare", str(root), "--out", str(tmp_path / "store"),
+            "--voxel_size", "4", "--min_frames", "8", "--quiet", "true"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "store" / "runs"
+    caught_mid_run = False
+    deadline = time.time() + 60
+    while process.poll() is None and time.time() < deadline:
+        if runs.is_dir() and any(runs.glob("*.zarr")) and any(runs.glob(".tmp-*")):
+            process.send_signal(signal.SIGKILL)
+            caught_mid_run = True
+            break
+        time.sleep(0.002)
+    process.wait()
+    assert caught_mid_run, "the process finished before it could be killed mid-run"
+    assert any(runs.glob(".tmp-*"))  # it really died half-way through a run
+
+    report = prepare(root, tmp_path / "store", OPTIONS, progress=False)
+    assert report.ok and report.skipped  # finished runs were not redone
+    assert not any(runs.glob(".tmp-*"))
+    assert_same_store(tmp_path / "store", tmp_path / "reference")
+
+
+def test_workers_and_shards_give_the_same_store(cohort, tmp_path):
+    prepare(cohort, tmp_path / "serial", OPTIONS, progress=False)
+    prepare(cohort, tmp_path / "parallel", OPTIONS, workers=2, progress=False)
+    assert_same_store(tmp_path / "serial", tmp_path / "parallel")
+    for i in range(2):
+        prepare(cohort, tmp_path / "sharded", OPTIONS, shard=(i, 2), progress=False)
+    assert_same_store(tmp_path / "serial", tmp_path / "sharded")
+    assert len(Store(tmp_path / "sharded").manifest) == 3
+
+
+def test_las_input_equals_its_ras_twin(tmp_path):
+    ras = save(tmp_path / "ras" / "run.nii.gz", bold())
+    las = as_las(ras, tmp_path / "las" / "run.nii.gz")
+    assert nib.aff2axcodes(nib.load(str(las)).affine) == ("L", "A", "S")
+    prepare(ras, tmp_path / "store_ras", OPTIONS, progress=False)
+    prepare(las, tmp_path / "store_las", OPTIONS, progress=False)
+    a, b = store_contents(tmp_path / "store_ras"), store_contents(tmp_path / "store_las")
+    (ka,), (kb,) = a, b
+    assert np.array_equal(a[ka][0], b[kb][0])
+    attrs_a, attrs_b = json.loads(a[ka][1]), json.loads(b[kb][1])
+    for key in ("mask", "normalization", "affine", "crop_box_mm"):
+        assert attrs_a[key] == attrs_b[key]
+
+
+def test_npy_backend_reads_the_same_windows(cohort, tmp_path):
+    prepare(cohort, tmp_path / "zarr", OPTIONS, progress=False)
+    prepare(cohort, tmp_path / "npy", OPTIONS, fmt="npy", progress=False)
+    a, b = Store(tmp_path / "zarr"), Store(tmp_path / "npy")
+    for run_id in a.run_ids:
+        assert np.array_equal(a.read_window(run_id, 3, 10), b.read_window(run_id, 3, 10))
+
+
+def test_resampling_only_when_asked(tmp_path):
+    path = save(tmp_path / "run.nii.gz", bold())
+    two_mm = replace(OPTIONS, grid=type(OPTIONS.grid).default(2.0))
+    report = prepare(path, tmp_path / "refused", two_mm, progress=False)
+    assert "does not align with the 2.0 mm target grid; pass --resample" in report.failed["run"]
+    assert prepare(path, tmp_path / "store", replace(two_mm, resample=True), progress=False).ok
+    assert Store(tmp_path / "store").read_window("run", 0, 8).shape == (1, 96, 96, 96, 8)
+
+
+def test_like_applies_a_models_input_contract(tmp_path):
+    from neurox.cli import main as cli
+
+    assert cli(["smoke", "--preset", "demo", "--out", str(tmp_path / "model")]) == 0
+    path = save(tmp_path / "run.nii.gz", bold())
+    assert cli(["prepare", str(path), "--out", str(tmp_path / "store"), "--like", str(tmp_path / "model"),
+                "--quiet", "true"]) == 0
+    info = Store(tmp_path / "store").info
+    assert info["grid"] == [48, 48, 48] and info["voxel_size_mm"] == 4.0  # the demo model's 4 mm grid
