@@ -92,3 +92,16 @@ def main_raising(argv):
 
     args = build_parser().parse_args(argv)
     return cmd_convert_swift(args[args.command])
+
+
+def test_atomic_writes_leave_normal_permissions_and_no_temporaries(tmp_path):
+    import os
+    import stat
+
+    from neurox.io.atomic import write_text_atomic
+
+    write_text_atomic(tmp_path / "a.txt", "hello")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]

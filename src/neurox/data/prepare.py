@@ -12,6 +12,7 @@ writing into one store each leave a correct manifest behind them.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -110,7 +111,8 @@ def prepare(
             for spec in todo:
                 _record(report, root, spec, _prepare_one(spec, options, root, fmt), bar)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            # spawn, not fork: the parent may hold threads (prefetch, compression) a fork would break
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = {pool.submit(_prepare_one, spec, options, root, fmt): spec for spec in todo}
                 for future in as_completed(futures):
                     _record(report, root, futures[future], future.result(), bar)

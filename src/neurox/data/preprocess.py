@@ -113,7 +113,8 @@ class GridMapping:
         return out.reshape(*self.grid.shape, *extra)
 
     def _cut(self, volume: np.ndarray, fill: float) -> np.ndarray:
-        out = np.full((*self.grid.shape, *volume.shape[3:]), fill, dtype=volume.dtype)
+        # Fortran order, like the frames read from NIfTI: the copy below streams, it does not transpose
+        out = np.full((*self.grid.shape, *volume.shape[3:]), fill, dtype=volume.dtype, order="F")
         src, dst = [], []
         for n_target, n_source, start in zip(self.grid.shape, self.source_shape, self.offset):
             lo, hi = max(start, 0), min(start + n_target, n_source)
@@ -213,7 +214,8 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         for _, frames in iter_frame_blocks(info, options.block_frames):
             z = (mapping(frames) - shift) * scale
             z[np.broadcast_to(outside, z.shape)] = background
-            writer.write_frames(np.moveaxis(z.astype(np.float16), 3, 0))
+            # the one transposing copy of the run: to C order (n, X, Y, Z), at half the bytes
+            writer.write_frames(np.ascontiguousarray(np.moveaxis(z, 3, 0), dtype=np.float16))
     except BaseException:
         writer.abort()
         raise

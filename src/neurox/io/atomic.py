@@ -12,6 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    """What a plain open() would create under the current umask (mkstemp makes 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in the target's folder; on success rename it to ``path``."""
@@ -23,6 +30,7 @@ def atomic_path(path: str | os.PathLike):
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

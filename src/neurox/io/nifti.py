@@ -7,6 +7,8 @@ memory of one block. A 4D NIfTI stores each frame contiguously (Fortran order, t
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,17 +83,52 @@ def read_info(path: str | Path) -> NiftiInfo:
 
 
 def iter_frame_blocks(info: NiftiInfo, block: int = 32) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first_frame, frames)`` with frames float32 ``(X, Y, Z, n)`` in RAS orientation."""
+    """Yield ``(first_frame, frames)``: frames float32 ``(X, Y, Z, n)`` in RAS orientation.
+
+    The arrays are Fortran-ordered views of the file's own layout (x fastest); nothing here pays for
+    a transposing copy. A background thread decompresses the next block while the caller works on
+    this one (zlib releases the GIL), with at most two blocks in flight.
+    """
     if len(info.shape) == 3:
         raise InputError(f"{info.path}: a 3D image, not a 4D fMRI run")
     x, y, z, t = info.shape[:4]
     if len(info.shape) > 4 and int(np.prod(info.shape[4:])) != 1:
         raise InputError(f"{info.path}: a {len(info.shape)}D image, expected 4D (X, Y, Z, T)")
-    frame_values = x * y * z
-    frame_bytes = frame_values * info.dtype.itemsize
+    frame_bytes = x * y * z * info.dtype.itemsize
     to_ras = info.to_ras
+    for start, raw in _prefetch(_raw_blocks(info, frame_bytes, block, t)):
+        n = len(raw) // frame_bytes
+        frames = np.frombuffer(raw, dtype=info.dtype).reshape((n, z, y, x)).transpose(3, 2, 1, 0)
+        frames = frames.astype(np.float32, order="K")
+        if info.slope != 1.0 or info.inter != 0.0:
+            frames = frames * np.float32(info.slope) + np.float32(info.inter)
+        yield start, apply_orientation(frames, to_ras)
+
+
+def _open(path: Path):
+    """The file's bytes, decompressed: ISA-L's gzip (about twice zlib's speed) where installed."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped:
+        try:
+            from isal import igzip
+
+            return igzip.open(path, "rb")
+        except ImportError:
+            pass
+    return ImageOpener(str(path), "rb")
+
+
+try:
+    from isal.isal_zlib import error as _IsalError
+except ImportError:  # pragma: no cover
+    _IsalError = zlib.error
+DECOMPRESSION_ERRORS = (EOFError, zlib.error, _IsalError, OSError)
+
+
+def _raw_blocks(info: NiftiInfo, frame_bytes: int, block: int, t: int):
     try:
-        with ImageOpener(str(info.path), "rb") as f:
+        with _open(info.path) as f:
             f.seek(info.offset)
             for start in range(0, t, block):
                 n = min(block, t - start)
@@ -101,13 +138,45 @@ def iter_frame_blocks(info: NiftiInfo, block: int = 32) -> Iterator[tuple[int, n
                         f"{info.path}: file ends at frame {start + len(raw) // frame_bytes} of {t} "
                         "(truncated download or copy?)"
                     )
-                frames = np.frombuffer(raw, dtype=info.dtype).reshape((x, y, z, n), order="F")
-                frames = frames.astype(np.float32)
-                if info.slope != 1.0 or info.inter != 0.0:
-                    frames = frames * np.float32(info.slope) + np.float32(info.inter)
-                yield start, np.ascontiguousarray(apply_orientation(frames, to_ras))
-    except (EOFError, zlib.error, OSError) as err:
+                yield start, raw
+    except DECOMPRESSION_ERRORS as err:
         raise InputError(f"{info.path}: corrupt or truncated file ({_short(err)})") from None
+
+
+def _prefetch(iterator, depth: int = 1):
+    """Run ``iterator`` in a thread, ``depth`` items ahead; its exceptions surface here."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put(done)
+        except BaseException as err:  # handed to the consumer
+            items.put(err)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def read_volume_ras(path: str | Path) -> tuple[np.ndarray, NiftiInfo]:

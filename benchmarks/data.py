@@ -1,0 +1,152 @@
+"""Data path: prepare throughput and peak memory, window reads per second, bytes on disk.
+
+Makes HCP/UKB-shaped inputs (MNI152NLin6Asym 2 mm grid, 91x109x91, float32, gzipped) of 600 and
+1,200 frames with BOLD-like content on the MNI152 brain, prepares each in a fresh process (peak
+resident memory of that process is reported), then reads random 20-frame windows through a torch
+DataLoader with 1 and 2 workers (warm page cache), and compares the store's bytes with float16
+frames stored one file each (the published layout). Prints one JSON document.
+
+    python benchmarks/data.py --workdir /tmp/neurox-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+GRID = (91, 109, 91)
+AFFINE = np.array([[2.0, 0, 0, -90.0], [0, 2.0, 0, -126.0], [0, 0, 2.0, -72.0], [0, 0, 0, 1.0]])
+
+
+def make_input(path: Path, n_frames: int, seed: int = 0) -> Path:
+    """A gzipped float32 run: tissue baseline, slow low-rank signals and white noise in the brain."""
+    from nilearn.datasets import load_mni152_brain_mask
+    from nilearn.image import resample_img
+    from scipy.ndimage import gaussian_filter
+
+    from neurox.data.synthetic import band_limited, write_image, write_nifti_streaming
+
+    if path.exists():
+        return path
+    mask_img = resample_img(load_mni152_brain_mask(resolution=2), target_affine=AFFINE, target_shape=GRID,
+                            interpolation="nearest", force_resample=True, copy_header=True)
+    mask = mask_img.get_fdata() > 0
+    rng = np.random.default_rng(seed)
+    baseline = (1000 * (1 + 0.1 * gaussian_filter(rng.standard_normal(GRID), 3.0) * 10) * mask).astype(np.float32)
+    maps = np.stack([gaussian_filter(rng.standard_normal(GRID), 4.0) for _ in range(12)], -1).astype(np.float32)
+    maps *= 10 / maps.std()
+    signals = np.stack([band_limited(rng, n_frames, 0.72, 0.01, 0.1) for _ in range(12)]).astype(np.float32)
+
+    def blocks():
+        for start in range(0, n_frames, 32):
+            stop = min(start + 32, n_frames)
+            frames = baseline[..., None] + maps @ signals[:, start:stop]
+            frames += 10 * rng.standard_normal(frames.shape, dtype=np.float32)
+            yield frames * mask[..., None]
+
+    write_nifti_streaming(path, AFFINE, (*GRID, n_frames), 0.72, blocks())
+    write_image(path.with_name(path.name.replace("_bold", "_mask")), mask.astype(np.uint8), AFFINE)
+    return path
+
+
+def prepare_in_child(source: Path, out: Path) -> dict:
+    code = (
+        "import sys, time, resource;"
+        "from neurox.data.prepare import prepare;"
+        "t = time.perf_counter();"
+        "r = prepare(sys.argv[1], sys.argv[2], progress=False);"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.ok)"
+    )
+    # a manifest gives the mask explicitly (the file names are not BIDS)
+    manifest = source.with_suffix("").with_suffix(".tsv")
+    manifest.write_text(f"participant_id\tpath\tmask\nsub-bench\t{source.name}\t"
+                        f"{source.name.replace('_bold', '_mask')}\n")
+    done = subprocess.run([sys.executable, "-c", code, str(manifest), str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr)
+    seconds, max_rss_kib, ok = done.stdout.split()
+    return {"seconds": round(float(seconds), 2), "peak_rss_gib": round(int(max_rss_kib) / 2**20, 3), "ok": ok == "True"}
+
+
+def window_reads(store_path: Path, workers: int, n_windows: int = 300, length: int = 20) -> float:
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    from neurox.data.store import Store
+
+    class RandomWindows(Dataset):
+        def __init__(self):
+            self.store = None
+
+        def __len__(self):
+            return n_windows
+
+        def __getitem__(self, i):
+            if self.store is None:  # opened in each worker
+                self.store = Store(store_path)
+            run_id = self.store.run_ids[0]
+            n = self.store.run(run_id).n_frames
+            start = np.random.default_rng(i).integers(0, n - length)
+            return torch.from_numpy(self.store.read_frames(run_id, int(start), length))  # what training reads
+
+    loader = DataLoader(RandomWindows(), batch_size=None, num_workers=workers, prefetch_factor=4,
+                        persistent_workers=True)
+    for _ in loader:  # first epoch: warm the page cache and start the workers
+        pass
+    start = time.perf_counter()
+    count = sum(1 for _ in loader)
+    return round(count / (time.perf_counter() - start), 1)
+
+
+def store_bytes(store_path: Path) -> int:
+    return sum(p.stat().st_size for p in (store_path / "runs").rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/neurox-bench-data")
+    parser.add_argument("--frames", type=int, nargs="+", default=[600, 1200])
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for n in args.frames:
+        source = make_input(work / f"run{n}_bold.nii.gz", n)
+        out = work / f"store{n}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        prep = prepare_in_child(source, out)
+        frame_bytes = 96 * 96 * 96 * 2
+        ours = store_bytes(out)
+        results[f"{n}_frames"] = {
+            "input_gib": round(source.stat().st_size / 2**30, 3),
+            "prepare_s": prep["seconds"],
+            "frames_per_s": round(n / prep["seconds"], 1),
+            "peak_rss_gib": prep["peak_rss_gib"],
+            "store_bytes": ours,
+            "one_file_per_frame_float16_bytes": n * frame_bytes,
+            "bytes_ratio": round(ours / (n * frame_bytes), 3),
+            "files_per_run": sum(1 for p in (out / "runs").rglob("*") if p.is_file()),
+        }
+    largest = work / f"store{max(args.frames)}"
+    results["window_reads_per_s"] = {f"{w}_workers": window_reads(largest, w) for w in (1, 2)}
+    print(json.dumps({
+        "benchmark": "data", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"), "grid_in": GRID, "grid_out": [96, 96, 96],
+        "results": results, "self_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""From a store to training and evaluation windows: participant splits, targets, datasets.
+
+Honest evaluation starts here: splits are by participant (all runs and sessions of one person on
+one side), seeded, stratified by a class target, and saved; regression targets are standardised
+with the training participants' statistics only; rows without a target are left out and counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from neurox.data.store import Store, read_tsv, write_tsv
+
+SPLITS = ("train", "val", "test")
+TASK_CHOICES = ("binary", "multiclass", "regression")
+
+
+@dataclass
+class Target:
+    """One phenotype column and how it is encoded."""
+
+    column: str
+    task: str
+    classes: list[str] = field(default_factory=list)  # classification: value -> index
+    mean: float = 0.0  # regression: standardised with training participants' statistics
+    std: float = 1.0
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes) if self.task == "multiclass" else 1
+
+    def encode(self, value: str) -> float:
+        if self.task == "regression":
+            return (float(value) - self.mean) / self.std
+        return float(self.classes.index(value))
+
+    def decode(self, output: np.ndarray) -> np.ndarray:
+        """Model outputs (subjects, k) -> predictions in the column's units or class labels."""
+        if self.task == "regression":
+            return output[:, 0] * self.std + self.mean
+        if self.task == "binary":
+            return np.array(self.classes)[(output[:, 0] > 0).astype(int)]
+        return np.array(self.classes)[output.argmax(1)]
+
+    def to_dict(self) -> dict:
+        return {"column": self.column, "task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std}
+
+
+def _missing(value: str | None) -> bool:
+    return value is None or value.strip() in ("", "n/a", "NA", "nan", "NaN")
+
+
+def _numeric(values: list[str]) -> bool:
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return True
+
+
+def infer_target(column: str, values: list[str], task: str | None = None) -> Target:
+    """Binary for two distinct values, multiclass for a few non-numeric ones, regression for numbers."""
+    distinct = sorted(set(values), key=lambda v: (float(v) if _numeric([v]) else math.inf, v))
+    if task is None:
+        if len(distinct) == 2:
+            task = "binary"
+        elif _numeric(distinct):
+            task = "regression"
+        else:
+            task = "multiclass"
+    if task == "binary" and len(distinct) != 2:
+        raise ValueError(f"target {column!r} has {len(distinct)} distinct values; a binary target needs exactly 2")
+    if task == "multiclass" and not 3 <= len(distinct) <= 100:
+        raise ValueError(f"target {column!r} has {len(distinct)} classes; multiclass needs 3 to 100")
+    if task == "regression" and not _numeric(distinct):
+        raise ValueError(f"target {column!r} is not numeric; it cannot be a regression target")
+    return Target(column, task, classes=distinct if task != "regression" else [])
+
+
+@dataclass
+class Cohort:
+    """The participants of a store with a value for every target, their runs, and their split."""
+
+    targets: list[Target]
+    participants: list[str]  # sorted ids with all targets present
+    values: dict[str, list[str]]  # participant -> raw target values
+    runs: dict[str, list[str]]  # participant -> run ids
+    n_frames: dict[str, int]  # run id -> frames
+    split: dict[str, str] = field(default_factory=dict)
+    left_out: int = 0  # participants without some target value
+
+    def labels(self, participant: str) -> np.ndarray:
+        return np.array([t.encode(v) for t, v in zip(self.targets, self.values[participant])], dtype=np.float32)
+
+    def in_split(self, name: str) -> list[str]:
+        return [p for p in self.participants if self.split.get(p) == name]
+
+
+def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None = None) -> Cohort:
+    table = store.phenotypes()
+    if not table:
+        raise ValueError(f"{store.root}: the store has no phenotype table (participants.tsv); "
+                         "give one to neurox prepare --participants")
+    for column in columns:
+        if column not in table[0]:
+            known = ", ".join(c for c in table[0] if c != "participant_id")
+            raise ValueError(f"{store.root}: no target column {column!r} in participants.tsv (columns: {known})")
+    runs: dict[str, list[str]] = {}
+    n_frames = {}
+    for row in store.manifest:
+        if row["status"] == "ok":
+            runs.setdefault(row["participant_id"], []).append(row["run_id"])
+            n_frames[row["run_id"]] = int(row["n_frames"])
+    values, left_out = {}, 0
+    for row in table:
+        pid = row["participant_id"]
+        if pid not in runs:
+            continue
+        if any(_missing(row.get(c)) for c in columns):
+            left_out += 1
+            continue
+        values[pid] = [row[c].strip() for c in columns]
+    if len(values) < 3:
+        raise ValueError(f"{store.root}: only {len(values)} participants have prepared runs and all of "
+                         f"{', '.join(columns)}; need at least 3")
+    tasks = tasks or [None] * len(columns)
+    targets = [infer_target(c, [v[i] for v in values.values()], tasks[i]) for i, c in enumerate(columns)]
+    if len(targets) > 1 and any(t.task == "multiclass" for t in targets):
+        raise ValueError("a multiclass target must be the only target")
+    return Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out)
+
+
+def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2)) -> dict[str, str]:
+    """Participant -> train/val/test, seeded; stratified by the first target when it is a class."""
+    rng = np.random.default_rng(seed)
+    first = cohort.targets[0]
+    if first.task == "regression":
+        strata = {"all": list(cohort.participants)}
+    else:
+        strata = {}
+        for p in cohort.participants:
+            strata.setdefault(cohort.values[p][0], []).append(p)
+    split = {}
+    for members in strata.values():
+        members = list(rng.permutation(members))
+        n = len(members)
+        n_val = max(1, int(round(fractions[1] * n))) if n >= 3 else 0
+        n_test = max(1, int(round(fractions[2] * n))) if n >= 3 else 0
+        for i, p in enumerate(members):
+            split[p] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return split
+
+
+def save_splits(path: Path, split: dict[str, str]) -> None:
+    write_tsv(path, [{"participant_id": p, "split": s} for p, s in sorted(split.items())], ["participant_id", "split"])
+
+
+def load_splits(path: Path) -> dict[str, str]:
+    return {row["participant_id"]: row["split"] for row in read_tsv(path)}
+
+
+def standardise(cohort: Cohort) -> None:
+    """Regression targets: mean and std of the training participants only."""
+    train = cohort.in_split("train")
+    for i, target in enumerate(cohort.targets):
+        if target.task == "regression":
+            values = np.array([float(cohort.values[p][i]) for p in train])
+            target.mean = float(values.mean())
+            target.std = float(values.std()) or 1.0
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+def fit_to_grid(window: np.ndarray, grid) -> np.ndarray:
+    """Centre-crop, or pad with the background value, (C, T, X, Y, Z) to the model's spatial grid."""
+    out = window
+    for axis, size in enumerate(grid, start=2):
+        have = out.shape[axis]
+        if have > size:
+            start = (have - size) // 2
+            out = np.take(out, range(start, start + size), axis=axis)
+        elif have < size:
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = ((size - have) // 2, size - have - (size - have) // 2)
+            out = np.pad(out, pad, constant_values=float(out.min()))
+    return out
+
+
+class WindowDataset(Dataset):
+    """Items are (run_id, start); returns (window, labels, item index) with the window float16
+    ``(C, T, X, Y, Z)`` as stored (half the bytes of float32 between processes, no transposing
+    copy); ``as_model_input`` makes the model's float ``(B, C, X, Y, Z, T)`` of a batch on the device."""
+
+    def __init__(self, store_root: str | Path, cohort: Cohort, items: list[tuple[str, int]], length: int, grid):
+        self.store_root = Path(store_root)
+        self.items = items
+        self.length = length
+        self.grid = tuple(grid)
+        self.run_participant = {r: p for p, runs in cohort.runs.items() for r in runs}
+        self.labels = {p: cohort.labels(p) for p in cohort.participants}
+        self._store = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        if self._store is None:  # opened lazily, once per loader worker
+            self._store = Store(self.store_root)
+        run_id, start = self.items[index]
+        window = fit_to_grid(self._store.read_frames(run_id, start, self.length), self.grid)
+        return torch.from_numpy(np.ascontiguousarray(window)), torch.from_numpy(
+            self.labels[self.run_participant[run_id]]), index
+
+    def participant(self, index: int) -> str:
+        return self.run_participant[self.items[index][0]]
+
+
+def as_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, C, T, X, Y, Z) float16 -> (B, C, X, Y, Z, T) float32 on ``device`` (a permuted view)."""
+    return batch.to(device, non_blocking=True).float().permute(0, 1, 3, 4, 5, 2)
+
+
+def training_items(cohort: Cohort, length: int, seed: int, epoch: int) -> list[tuple[str, int]]:
+    """Random windows (any start) of the training runs: as many per run as fit without overlap,
+    in an order fixed by (seed, epoch) so that a resumed run sees the same data."""
+    items = []
+    for p in cohort.in_split("train"):
+        for run_id in cohort.runs[p]:
+            n = cohort.n_frames[run_id]
+            if n < length:
+                continue
+            rng = np.random.default_rng([seed, epoch, _stable_hash(run_id)])
+            items += [(run_id, int(s)) for s in rng.integers(0, n - length + 1, size=n // length)]
+    order = np.random.default_rng([seed, epoch]).permutation(len(items))
+    return [items[i] for i in order]
+
+
+def evaluation_items(cohort: Cohort, participants: list[str], length: int) -> list[tuple[str, int]]:
+    """Every non-overlapping window of every run of the given participants."""
+    return [(run_id, start) for p in participants for run_id in cohort.runs[p]
+            for start in range(0, cohort.n_frames[run_id] - length + 1, length)]
+
+
+def _stable_hash(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode())

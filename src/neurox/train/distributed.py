@@ -1,0 +1,124 @@
+"""Process groups and parallelism, applied from outside the model.
+
+The launcher is detected from the environment: ``torchrun`` (RANK / WORLD_SIZE / LOCAL_RANK),
+Slurm's ``srun`` (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) or MPI under PBS (PMI_RANK /
+PMI_SIZE, OMPI_COMM_WORLD_*, PALS_LOCAL_RANKID). The device comes from ``torch.accelerator``, so
+CUDA, ROCm and Intel XPU nodes need no code change; without an accelerator it is the CPU and gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+RANK_VARS = ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+SIZE_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+LOCAL_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+BACKENDS = {"cuda": "nccl", "xpu": "xccl", "cpu": "gloo"}
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _first(names, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def detect(device: str | None = None) -> Env:
+    rank, world, local = _first(RANK_VARS, 0), _first(SIZE_VARS, 1), _first(LOCAL_VARS, 0)
+    if device is None or device == "auto":
+        accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = accel.type if accel is not None else "cpu"
+    dev = torch.device(device if device == "cpu" else f"{device}:{local}")
+    return Env(rank, world, local, dev)
+
+
+def init(env: Env) -> None:
+    """Join the process group (rendezvous through MASTER_ADDR / MASTER_PORT, which torchrun sets;
+    Slurm and PBS scripts in examples/ export them)."""
+    if not env.distributed or dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if env.device.type != "cpu":
+        torch.accelerator.set_device_index(env.device.index)
+    dist.init_process_group(BACKENDS.get(env.device.type, "gloo"), rank=env.rank, world_size=env.world_size)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, env: Env, strategy: str = "ddp") -> nn.Module:
+    """DDP (default) or FSDP2 (``fully_shard`` on every block, then the root)."""
+    if not env.distributed:
+        return model
+    if strategy == "ddp":
+        ids = [env.device.index] if env.device.type != "cpu" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for stage in model.layers:
+            for block in stage.blocks:
+                fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown strategy {strategy!r}; choose ddp or fsdp")
+
+
+def all_gather_objects(obj):
+    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_flag(flag: bool) -> bool:
+    """True on every rank if it is True on any (to stop together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+__all__ = ["Env", "detect", "init", "shutdown", "wrap", "all_gather_objects", "broadcast_object", "barrier",
+           "all_reduce_flag", "pickle"]

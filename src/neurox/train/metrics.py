@@ -1,0 +1,98 @@
+"""Subject-level metrics with bootstrap confidence intervals.
+
+Windows are aggregated to one output per participant (the mean of window logits or outputs)
+before any metric is computed; the interval is a percentile bootstrap over participants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLASSIFICATION = ("accuracy", "balanced_accuracy", "auroc")
+REGRESSION = ("mae", "mse", "pearson_r", "r2")
+
+
+def aggregate(participants: list[str], outputs: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Mean of window outputs per participant; participants sorted."""
+    order = sorted(set(participants))
+    index = {p: i for i, p in enumerate(order)}
+    sums = np.zeros((len(order), outputs.shape[1]))
+    counts = np.zeros(len(order))
+    for p, out in zip(participants, outputs):
+        sums[index[p]] += out
+        counts[index[p]] += 1
+    return order, sums / counts[:, None]
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum formula (ties get mid-ranks)."""
+    labels = labels.astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def classification_metrics(labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+    """labels: (n,) class indices; outputs: (n, 1) logits (binary) or (n, k) (multiclass)."""
+    labels = labels.astype(int)
+    if outputs.shape[1] == 1:
+        predicted = (outputs[:, 0] > 0).astype(int)
+        area = auroc(labels, outputs[:, 0])
+        classes = [0, 1]
+    else:
+        predicted = outputs.argmax(1)
+        classes = list(range(outputs.shape[1]))
+        areas = [auroc(labels == k, outputs[:, k]) for k in classes]
+        area = float(np.nanmean(areas)) if not all(np.isnan(areas)) else float("nan")
+    recalls = [np.mean(predicted[labels == k] == k) for k in classes if (labels == k).any()]
+    return {"accuracy": float(np.mean(predicted == labels)), "balanced_accuracy": float(np.mean(recalls)),
+            "auroc": area}
+
+
+def regression_metrics(values: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    errors = predictions - values
+    total = ((values - values.mean()) ** 2).sum()
+    r = float(np.corrcoef(values, predictions)[0, 1]) if values.std() > 0 and predictions.std() > 0 else float("nan")
+    return {"mae": float(np.abs(errors).mean()), "mse": float((errors**2).mean()), "pearson_r": r,
+            "r2": float(1 - (errors**2).sum() / total) if total > 0 else float("nan")}
+
+
+def target_metrics(task: str, labels: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+    if task == "regression":
+        return regression_metrics(labels, outputs[:, 0])
+    return classification_metrics(labels, outputs)
+
+
+def with_intervals(task: str, labels: np.ndarray, outputs: np.ndarray, n_boot: int = 1000,
+                   seed: int = 0) -> dict[str, float]:
+    """Point metrics plus ``<metric>_ci_low`` / ``<metric>_ci_high`` (95 % percentile bootstrap over
+    participants) and ``n_subjects``."""
+    point = target_metrics(task, labels, outputs)
+    rng = np.random.default_rng(seed)
+    samples = {name: [] for name in point}
+    n = len(labels)
+    for _ in range(n_boot):
+        pick = rng.integers(0, n, n)
+        with np.errstate(all="ignore"):
+            values = target_metrics(task, labels[pick], outputs[pick])
+        for name, value in values.items():
+            if np.isfinite(value):
+                samples[name].append(value)
+    result = {}
+    for name, value in point.items():
+        result[name] = value
+        low, high = np.percentile(samples[name], [2.5, 97.5]) if samples[name] else (np.nan, np.nan)
+        result[f"{name}_ci_low"], result[f"{name}_ci_high"] = float(low), float(high)
+    result["n_subjects"] = n
+    return result
