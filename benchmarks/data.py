@@ -2,8 +2,8 @@
 
 Makes HCP/UKB-shaped inputs (MNI152NLin6Asym 2 mm grid, 91x109x91, float32, gzipped) of 600 and
 1,200 frames with BOLD-like content on the MNI152 brain, prepares each in a fresh process (peak
-resident memory of that process is reported), then reads random 20-frame windows through a torch
-DataLoader with 1 and 2 workers (warm page cache), and compares the store's bytes with float16
+resident memory of that process is reported), then reads random 20-frame windows through neurox's
+loader with 1 and 2 worker threads (warm page cache), and compares the store's bytes with float16
 frames stored one file each (the published layout). Prints one JSON document.
 
     python benchmarks/data.py --workdir /tmp/neurox-bench
@@ -78,29 +78,21 @@ def prepare_in_child(source: Path, out: Path) -> dict:
 
 
 def window_reads(store_path: Path, workers: int, n_windows: int = 300, length: int = 20) -> float:
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-
+    """Random 20-frame windows per second through neurox's loader (worker threads), warm cache."""
+    from neurox.data.loader import ThreadedLoader
     from neurox.data.store import Store
 
-    class RandomWindows(Dataset):
-        def __init__(self):
-            self.store = None
+    store = Store(store_path)
+    run_id = store.run_ids[0]
+    n = store.run(run_id).n_frames
 
-        def __len__(self):
-            return n_windows
-
+    class RandomWindows:  # what the training loader reads: (C, T, X, Y, Z) float16
         def __getitem__(self, i):
-            if self.store is None:  # opened in each worker
-                self.store = Store(store_path)
-            run_id = self.store.run_ids[0]
-            n = self.store.run(run_id).n_frames
-            start = np.random.default_rng(i).integers(0, n - length)
-            return torch.from_numpy(self.store.read_frames(run_id, int(start), length))  # what training reads
+            start = int(np.random.default_rng(i).integers(0, n - length))
+            return store.read_frames(run_id, start, length)
 
-    loader = DataLoader(RandomWindows(), batch_size=None, num_workers=workers, prefetch_factor=4,
-                        persistent_workers=True)
-    for _ in loader:  # first epoch: warm the page cache and start the workers
+    loader = ThreadedLoader(RandomWindows(), range(n_windows), batch_size=1, workers=workers)
+    for _ in loader:  # warm the page cache
         pass
     start = time.perf_counter()
     count = sum(1 for _ in loader)

@@ -91,6 +91,45 @@ def _synth_parser() -> ArgumentParser:
     return p
 
 
+def _finetune_parser() -> ArgumentParser:
+    from jsonargparse import ActionConfigFile
+
+    from neurox.train.finetune import FinetuneConfig
+
+    p = ArgumentParser(
+        description="Train a model to predict phenotype column(s) from a store: participant-level splits, "
+        "subject-level metrics with bootstrap intervals, test metrics from the best validation checkpoint. "
+        "Runs on one CPU, one GPU, or many processes (torchrun, srun, mpiexec).",
+        epilog="example: neurox finetune --store synthetic-store --target amplitude_group --out runs/amp --epochs 8",
+    )
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    p.add_class_arguments(FinetuneConfig, fail_untyped=False)
+    return p
+
+
+def _evaluate_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Subject-level metrics of a trained run on a store, per split, with 95% "
+                       "bootstrap intervals; --baseline puts an FC baseline run beside it.",
+                       epilog="example: neurox evaluate runs/amp --store synthetic-store --baseline runs/amp-fc")
+    p.add_argument("run", help="run directory from neurox finetune")
+    p.add_argument("--store", required=True)
+    p.add_argument("--baseline", default=None, help="run directory from neurox baseline")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    return p
+
+
+def _predict_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Per-participant predictions of a trained run on a store (mean of window "
+                       "outputs), with each participant's split in the run.",
+                       epilog="example: neurox predict runs/amp --store other-store --out predictions.tsv")
+    p.add_argument("run")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch_size", type=int, default=4)
+    return p
+
+
 def build_parser() -> ArgumentParser:
     from neurox import __version__
 
@@ -100,6 +139,9 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("convert-swift", _convert_swift_parser(), help="published SwiFT checkpoint -> model dir")
     sub.add_subcommand("synth", _synth_parser(), help="synthetic cohort with planted effects")
     sub.add_subcommand("prepare", _prepare_parser(), help="fMRIPrep/BIDS NIfTI -> chunked store")
+    sub.add_subcommand("finetune", _finetune_parser(), help="train on a store's phenotypes")
+    sub.add_subcommand("evaluate", _evaluate_parser(), help="subject-level metrics of a run")
+    sub.add_subcommand("predict", _predict_parser(), help="per-participant predictions of a run")
     sub.add_subcommand("smoke", _smoke_parser(), help="forward+backward of the backbone on generated input")
     return parser
 
@@ -177,7 +219,54 @@ def cmd_prepare(args) -> int:
     return 0 if report.ok else 3
 
 
-COMMANDS = {"convert-swift": cmd_convert_swift, "synth": cmd_synth, "prepare": cmd_prepare, "smoke": cmd_smoke}
+def cmd_finetune(args) -> int:
+    from neurox.train.finetune import FinetuneConfig, finetune
+
+    fields = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if values.get("split_fractions") is not None:
+        values["split_fractions"] = tuple(values["split_fractions"])
+    run_dir = finetune(FinetuneConfig(**values))
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        print_metrics(json.loads(metrics.read_text()), title=f"{run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from neurox.io.atomic import write_text_atomic
+    from neurox.train.finetune import evaluate
+
+    results = {"model": evaluate(args.run, args.store, args.batch_size)}
+    if args.baseline:
+        from neurox.analysis.baseline import evaluate_baseline
+
+        results["fc_baseline"] = evaluate_baseline(args.baseline, args.store)
+    for name, splits in results.items():
+        print_metrics(splits, title=name)
+    if args.out:
+        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from neurox.train.finetune import predict
+
+    out = predict(args.run, args.store, args.out, args.batch_size)
+    print(f"wrote {out}")
+    return 0
+
+
+def print_metrics(splits: dict, title: str) -> None:
+    print(title)
+    for split, metrics in splits.items():
+        shown = [f"{k} {v:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
+                 f"{metrics.get(k + '_ci_high', float('nan')):.3f}]"
+                 for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high")) and k != "n_subjects"]
+        print(f"  {split} (n={metrics.get('n_subjects')}): " + "; ".join(shown))
+
+
+COMMANDS = {"finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict, "convert-swift": cmd_convert_swift, "synth": cmd_synth, "prepare": cmd_prepare, "smoke": cmd_smoke}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,270 @@
+"""The training loop: one loop for one CPU, one GPU, or many processes across nodes.
+
+A step is one optimiser update over the global batch (per-process batch x processes x gradient
+accumulation). The windows of an epoch and their order are a function of (seed, epoch), so a run
+resumed at step k of an epoch sees exactly the batches it would have seen. Checkpoints hold the
+model, optimiser, scheduler, position and RNG states, and are written atomically at the end of
+each epoch, every ``checkpoint_every`` steps, and when SIGTERM arrives (the signal a cluster sends
+before pre-emption), after which the run exits cleanly. A non-finite loss stops the run with the
+step and the batch's participants, leaving the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+from tqdm import tqdm
+
+from neurox.data.loader import ThreadedLoader, WindowDataset, as_model_input
+from neurox.io.atomic import write_atomic, write_text_atomic
+from neurox.train import distributed as dist_utils
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StepSampler(Sampler):
+    """This process's share of the items of steps ``start_step``.. of an epoch: step s covers items
+    [s G, (s + 1) G) of the epoch's order (G the global batch); process r takes its contiguous
+    slice of each micro-batch, so one process with batch G sees what N processes see together."""
+
+    def __init__(self, n_items: int, batch: int, world: int, rank: int, accumulation: int, start_step: int):
+        self.global_batch = batch * world * accumulation
+        self.steps = n_items // self.global_batch
+        self.batch, self.world, self.rank, self.accumulation = batch, world, rank, accumulation
+        self.start_step = start_step
+
+    def __iter__(self):
+        for step in range(self.start_step, self.steps):
+            for micro in range(self.accumulation):
+                first = step * self.global_batch + (micro * self.world + self.rank) * self.batch
+                yield from range(first, first + self.batch)
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.accumulation * self.batch
+
+
+def sharded_indices(n: int, world: int, rank: int) -> list[int]:
+    """Evaluation items for a process; padded (repeating the last item) so every process runs the
+    same number of batches, which sharded models need. Duplicates are dropped after gathering."""
+    per = math.ceil(n / world)
+    return [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    batch_size: int
+    accumulation: int
+    lr: float
+    weight_decay: float
+    warmup_fraction: float
+    clip_grad: float
+    precision: str
+    loader_workers: int
+    seed: int
+    checkpoint_every: int
+    max_steps: int | None = None
+
+
+class SigtermFlag:
+    """Set when SIGTERM arrives; the loop checks it between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if signal.getsignal(signal.SIGTERM) is not None:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def rng_states() -> dict[str, Any]:
+    """RNG states as tensors and plain data, so that checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached], "python": [version, list(internal), gauss]}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model, optimizer, model_state, optimizer_state) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+class Trainer:
+    """Fits ``model`` (already wrapped for parallelism) with ``loss_fn(outputs, labels)``."""
+
+    def __init__(self, model, loss_fn, settings: LoopSettings, env: dist_utils.Env, run_dir: Path,
+                 make_items, dataset_factory, evaluate_fn=None):
+        self.model, self.loss_fn, self.s, self.env, self.run_dir = model, loss_fn, settings, env, run_dir
+        self.make_items = make_items  # epoch -> list of items
+        self.dataset_factory = dataset_factory  # items -> WindowDataset
+        self.evaluate_fn = evaluate_fn  # () -> (score, metrics), called on every rank
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        n_items = len(make_items(0))
+        self.global_batch = settings.batch_size * env.world_size * settings.accumulation
+        self.steps_per_epoch = n_items // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n_items} training windows are fewer than one global batch ({self.global_batch}); "
+                             "lower --batch_size or --accumulation")
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        if settings.max_steps:
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        warmup = int(settings.warmup_fraction * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, warmup))
+        self.step = 0
+        self.best_score = -math.inf
+        self.history: list[dict] = []
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=settings.precision == "fp16")
+        self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        model_state, optimizer_state = full_state(self.model, self.optimizer)
+        if not self.env.is_main:
+            return
+        state = {"model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "step": self.step, "best_score": self.best_score,
+                 "history": self.history, "rng": rng_states(), "world_size": self.env.world_size}
+        write_atomic(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self) -> bool:
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_score, self.history = state["step"], state["best_score"], state["history"]
+        set_rng_states(state["rng"])
+        return True
+
+    # --- loop -------------------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.env.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self, on_best=None) -> str:
+        """Train to the end (or SIGTERM); returns "done" or "stopped"."""
+        s, env = self.s, self.env
+        autocast = torch.autocast(env.device.type, dtype=PRECISIONS[s.precision], enabled=s.precision != "fp32")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=not env.is_main, dynamic_ncols=True)
+        with SigtermFlag() as sigterm:
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                items = self.make_items(epoch)
+                dataset: WindowDataset = self.dataset_factory(items)
+                sampler = StepSampler(len(items), s.batch_size, env.world_size, env.rank, s.accumulation, in_epoch)
+                loader = ThreadedLoader(dataset, sampler, s.batch_size, s.loader_workers, drop_last=True)
+                self.model.train()
+                micro, loss_sum, windows, started = 0, 0.0, 0, time.perf_counter()
+                for x, labels, index in loader:
+                    x = as_model_input(x, env.device)
+                    labels = labels.to(env.device)
+                    with autocast:
+                        loss = self.loss_fn(self.model(x), labels)
+                    if not torch.isfinite(loss).all():
+                        who = sorted({dataset.participant(int(i)) for i in index})
+                        raise NonFiniteLoss(f"loss is {loss.item()} at step {self.step + 1} (epoch {epoch}); batch "
+                                            f"participants: {', '.join(who)}; the last good checkpoint is "
+                                            f"{self.checkpoint_path}")
+                    self.scaler.scale(loss / s.accumulation).backward()
+                    loss_sum += loss.item()
+                    windows += x.shape[0]
+                    micro += 1
+                    if micro % s.accumulation:
+                        continue
+                    self.scaler.unscale_(self.optimizer)
+                    if s.clip_grad:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.clip_grad)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scheduler.step()
+                    self.step += 1
+                    rate = windows * env.world_size / (time.perf_counter() - started)
+                    record = {"step": self.step, "epoch": epoch, "loss": loss_sum / s.accumulation,
+                              "lr": self.scheduler.get_last_lr()[0], "windows_per_s": round(rate, 2)}
+                    self.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", win_s=f"{rate:.1f}")
+                    bar.update(1)
+                    loss_sum = 0.0
+                    end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+                    if end_of_epoch and self.evaluate_fn is not None:
+                        score, metrics = self.evaluate_fn()
+                        self.model.train()
+                        self.log({"step": self.step, "epoch": epoch, "val": metrics})
+                        if score > self.best_score:
+                            self.best_score = score
+                            if on_best is not None:
+                                on_best(self.step, metrics)
+                    stop = dist_utils.all_reduce_flag(sigterm.raised)
+                    if end_of_epoch or stop or (s.checkpoint_every and self.step % s.checkpoint_every == 0):
+                        self.save_checkpoint()
+                    if stop:
+                        bar.close()
+                        return "stopped"
+                    if self.step >= self.total_steps:
+                        break
+        bar.close()
+        return "done"
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")

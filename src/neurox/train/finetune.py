@@ -1,0 +1,421 @@
+"""``neurox finetune``, ``evaluate`` and ``predict``: a model trained on a store's phenotypes,
+evaluated honestly (participant splits, subject-level metrics with bootstrap intervals, test
+metrics from the best validation checkpoint).
+
+A run directory holds ``config.yaml`` (every resolved option), ``splits.tsv``, ``targets.json``,
+``metrics.jsonl`` (training log), ``checkpoints/last.pt``, ``model/`` (the best validation model, a
+model directory), ``metrics.json`` and ``predictions.tsv``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from neurox.config import InputContract, SwiFTConfig, preset
+from neurox.data.loader import (
+    Cohort,
+    ThreadedLoader,
+    Target,
+    WindowDataset,
+    as_model_input,
+    evaluation_items,
+    load_cohort,
+    load_splits,
+    save_splits,
+    split_participants,
+    standardise,
+    training_items,
+)
+from neurox.data.store import Store, write_tsv
+from neurox.io.atomic import write_text_atomic
+from neurox.models import SwiFT, build_head
+from neurox.train import distributed as dist_utils
+from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, sharded_indices, write_json
+from neurox.train.objectives import head_task, num_outputs, selection_score, subject_metrics, supervised_loss
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of a fine-tuning run (the YAML given to ``--config`` uses these names)."""
+
+    store: str = ""
+    target: str = ""  # a phenotype column, or several separated by commas
+    out: str = ""
+    task: str | None = None  # per target, comma-separated: binary, multiclass, regression (default: inferred)
+    preset: str = "demo"
+    init: str | None = None  # a model directory: its architecture and backbone weights
+    freeze: bool = False  # train the head only (a linear probe)
+    epochs: int = 10
+    batch_size: int = 4  # per process
+    accumulation: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    clip_grad: float = 1.0
+    precision: str = "fp32"  # fp32, bf16, fp16
+    strategy: str = "ddp"  # ddp or fsdp, with several processes
+    loader_workers: int = 2
+    grad_checkpointing: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    checkpoint_every: int = 0  # steps; 0: at epoch ends (and on SIGTERM)
+    max_steps: int | None = None
+    resume: bool = False
+    device: str = "auto"
+    n_boot: int = 1000
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.target.split(",") if t.strip()]
+
+    @property
+    def tasks(self) -> list[str | None] | None:
+        if not self.task:
+            return None
+        tasks = [t.strip() or None for t in self.task.split(",")]
+        if len(tasks) != len(self.targets):
+            raise ValueError(f"--task gives {len(tasks)} task(s) for {len(self.targets)} target(s)")
+        return tasks
+
+    def settings(self) -> LoopSettings:
+        return LoopSettings(self.epochs, self.batch_size, self.accumulation, self.lr, self.weight_decay,
+                            self.warmup_fraction, self.clip_grad, self.precision, self.loader_workers, self.seed,
+                            self.checkpoint_every, self.max_steps)
+
+
+# --- setting up --------------------------------------------------------------------------------
+
+
+def architecture(config: FinetuneConfig) -> SwiFTConfig:
+    if config.init:
+        from neurox.hub import read_config
+
+        return SwiFTConfig.from_dict(read_config(config.init)["model"])
+    return preset(config.preset)
+
+
+def check_fits_store(arch: SwiFTConfig, store: Store) -> None:
+    grid = tuple(store.info["grid"])
+    if tuple(arch.img_size[:3]) != grid:
+        raise ValueError(f"the model takes a {arch.img_size[:3]} grid but the store {store.root} holds {grid}; "
+                         "prepare the data with --like MODEL_DIR (or --voxel_size), or choose a matching preset")
+    if arch.in_chans != store.info.get("channels", 1):
+        raise ValueError(f"the model takes {arch.in_chans} channels, the store has {store.info.get('channels', 1)}")
+
+
+def build_model(config: FinetuneConfig, arch: SwiFTConfig, targets: list[Target]) -> SwiFT:
+    head = build_head(head_task(targets) if head_task(targets) != "mixed" else None, arch.num_features,
+                      num_outputs(targets))
+    model = SwiFT(arch, head)
+    if config.init:
+        from neurox.hub import load_pretrained
+
+        model.load_state_dict(load_pretrained(config.init, with_head=False).state_dict(), strict=False)
+    if config.freeze:
+        for name, param in model.named_parameters():
+            param.requires_grad = name.startswith("head.")
+    model.set_grad_checkpointing(config.grad_checkpointing)
+    return model
+
+
+def prepare_cohort(config: FinetuneConfig, store: Store, run_dir: Path, length: int) -> Cohort:
+    cohort = load_cohort(store, config.targets, config.tasks)
+    splits_file = run_dir / "splits.tsv"
+    if splits_file.is_file():
+        cohort.split = load_splits(splits_file)
+    else:
+        cohort.split = split_participants(cohort, config.seed, config.split_fractions)
+    standardise(cohort)
+    for name in ("train", "val"):
+        if not cohort.in_split(name):
+            raise ValueError(f"no participants in the {name} split; need more participants with {config.target}")
+    too_short = [r for r, n in cohort.n_frames.items() if n < length]
+    if len(too_short) == len(cohort.n_frames):
+        raise ValueError(f"every run is shorter than the model's window of {length} frames")
+    return cohort
+
+
+# --- inference ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[str], length: int, grid,
+                   env: dist_utils.Env, batch_size: int, precision: str = "fp32", workers: int = 2):
+    """Outputs of every non-overlapping window of the participants' runs, gathered from every
+    process and computed once; returns (participant per window, outputs (windows, k))."""
+    items = evaluation_items(cohort, participants, length)
+    if not items:
+        return [], np.zeros((0, 1))
+    dataset = WindowDataset(store_root, cohort, items, length, grid)
+    mine = sharded_indices(len(items), env.world_size, env.rank)
+    loader = ThreadedLoader(dataset, mine, batch_size, workers)
+    autocast = torch.autocast(env.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    model.eval()
+    indices, outputs = [], []
+    for x, _, index in loader:
+        with autocast:
+            out = model(as_model_input(x, env.device)).float().cpu()
+        indices += index.tolist()
+        outputs.append(out.numpy())
+    local = (indices, np.concatenate(outputs) if outputs else np.zeros((0, 1)))
+    seen: dict[int, np.ndarray] = {}
+    for rank_indices, rank_outputs in dist_utils.all_gather_objects(local):
+        for i, out in zip(rank_indices, rank_outputs):
+            seen.setdefault(i, out)  # padding duplicates dropped
+    order = sorted(seen)
+    return [dataset.participant(i) for i in order], np.stack([seen[i] for i in order])
+
+
+def split_metrics(model, store_root, cohort, targets, split, length, grid, env, config) -> tuple[dict, list, np.ndarray]:
+    participants = cohort.in_split(split)
+    who, outputs = window_outputs(model, store_root, cohort, participants, length, grid, env, config.batch_size,
+                                  config.precision)
+    labels = {p: cohort.labels(p) for p in participants}
+    return subject_metrics(targets, who, outputs, labels, config.n_boot)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def finetune(config: FinetuneConfig) -> Path:
+    env = dist_utils.detect(config.device)
+    dist_utils.init(env)
+    try:
+        return _finetune(config, env)
+    finally:
+        dist_utils.shutdown()
+
+
+def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
+    if not config.store or not config.target or not config.out:
+        raise ValueError("finetune needs --store, --target and --out")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    run_dir = Path(config.out)
+    if run_dir.exists() and (run_dir / "checkpoints" / "last.pt").exists() and not config.resume:
+        raise ValueError(f"{run_dir} already holds a run; pass --resume true to continue it or choose another --out")
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    store = Store(config.store)
+    arch = architecture(config)
+    check_fits_store(arch, store)  # all of these fail before any training starts
+    length, grid = arch.img_size[3], arch.img_size[:3]
+    cohort = prepare_cohort(config, store, run_dir, length)
+    targets = cohort.targets
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {**dataclasses.asdict(config), "model": arch.to_dict(), "world_size": env.world_size,
+                    "device": str(env.device)}
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        save_splits(run_dir / "splits.tsv", cohort.split)
+        write_json(run_dir / "targets.json", {"targets": [t.to_dict() for t in targets],
+                                              "participants_left_out": cohort.left_out})
+    dist_utils.barrier()
+
+    model = build_model(config, arch, targets).to(env.device)
+    wrapped = dist_utils.wrap(model, env, config.strategy)
+    contract = InputContract.for_model(arch, tr=_store_tr(store), normalization=store.info["normalization"])
+
+    def evaluate():
+        metrics, _, _ = split_metrics(wrapped, store.root, cohort, targets, "val", length, grid, env, config)
+        return selection_score(targets, metrics), metrics
+
+    def save_best(step: int, metrics: dict):
+        state = _full_model_state(wrapped)  # a collective under FSDP: every process calls it
+        if env.is_main:
+            best = SwiFT(arch, build_head(model.head.task, arch.num_features, model.head.head.out_features))
+            best.load_state_dict(state)
+            from neurox.hub import save_pretrained
+
+            save_pretrained(best, run_dir / "model", contract=contract, card=_card(config, targets, step, metrics),
+                            source={"run": str(run_dir), "step": step})
+
+    trainer = Trainer(wrapped, lambda out, y: supervised_loss(out, y, targets), config.settings(), env, run_dir,
+                      lambda epoch: training_items(cohort, length, config.seed, epoch),
+                      lambda items: WindowDataset(store.root, cohort, items, length, grid), evaluate)
+    if config.resume and trainer.load_checkpoint() and env.is_main:
+        print(f"resumed {run_dir} at step {trainer.step} of {trainer.total_steps}")
+    outcome = trainer.fit(on_best=save_best)
+    if outcome == "stopped":
+        if env.is_main:
+            print(f"stopped by SIGTERM at step {trainer.step}; continue with --resume true")
+        return run_dir
+    dist_utils.barrier()
+    final_evaluation(run_dir, store, cohort, targets, length, grid, env, config)
+    return run_dir
+
+
+def _full_model_state(wrapped) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config) -> dict:
+    """Val and test metrics of the best validation model; predictions.tsv for both splits."""
+    from neurox.hub import load_pretrained
+
+    best = load_pretrained(run_dir / "model").to(env.device)
+    results, rows = {}, []
+    for split in ("val", "test"):
+        if not cohort.in_split(split):
+            continue
+        metrics, subjects, outputs = split_metrics(best, store.root, cohort, targets, split, length, grid, env,
+                                                   config)
+        results[split] = metrics
+        rows += prediction_rows(targets, cohort.values, split, subjects, outputs)
+    if env.is_main:
+        write_json(run_dir / "metrics.json", results)
+        write_predictions(run_dir / "predictions.tsv", targets, rows)
+    return results
+
+
+def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outputs) -> list[dict]:
+    """One row per participant: output (logit, or the value in the target's units), prediction, and
+    the true value where known."""
+    rows = []
+    for p, out in zip(subjects, outputs):
+        row = {"participant_id": p, "split": split}
+        known = truth.get(p)
+        if targets[0].task == "multiclass":
+            row[f"{targets[0].column}_predicted"] = targets[0].decode(out[None])[0]
+            row[f"{targets[0].column}_true"] = known[0] if known else ""
+            rows.append(row)
+            continue
+        for i, t in enumerate(targets):
+            value = float(out[i]) * t.std + t.mean if t.task == "regression" else float(out[i])
+            row[f"{t.column}_output"] = round(value, 6)
+            row[f"{t.column}_predicted"] = t.decode(out[None, i : i + 1])[0]
+            row[f"{t.column}_true"] = known[i] if known else ""
+        rows.append(row)
+    return rows
+
+
+def write_predictions(path: Path, targets, rows) -> None:
+    columns = ["participant_id", "split"]
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    write_tsv(path, rows, columns)
+
+
+def _store_tr(store: Store) -> float | None:
+    trs = {row["tr"] for row in store.manifest if row.get("tr")}
+    return float(trs.pop()) if len(trs) == 1 else None
+
+
+def _card(config, targets, step, metrics) -> dict:
+    return {
+        "data": f"store {config.store}",
+        "objective": f"supervised {', '.join(f'{t.column} ({t.task})' for t in targets)}; "
+                     f"{'linear probe' if config.freeze else 'fine-tuned'}"
+                     f"{' from ' + config.init if config.init else ' from scratch'}",
+        "metrics": f"validation at step {step}: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
+                                                                if not k.endswith(("_low", "_high"))}),
+    }
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a finished neurox run (no model/); train it with neurox finetune")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+    return config, targets, load_splits(run_dir / "splits.tsv")
+
+
+def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000) -> dict:
+    """Subject-level metrics of a run's model on a store, per split (participants the run never
+    saw form the split ``external``)."""
+    from neurox.hub import load_pretrained
+
+    run_dir = Path(run_dir)
+    config, targets, splits = load_run(run_dir)
+    store = Store(store_path)
+    model = load_pretrained(run_dir / "model")
+    check_fits_store(model.config, store)
+    cohort, _ = _cohort_with(store, targets, splits)
+    env = dist_utils.detect("cpu" if not torch.accelerator.is_available() else "auto")
+    model.to(env.device)
+    settings = FinetuneConfig(batch_size=batch_size, n_boot=n_boot)
+    results = {}
+    for split in ("train", "val", "test", "external"):
+        if cohort.in_split(split):
+            results[split], _, _ = split_metrics(model, store.root, cohort, targets, split, model.config.img_size[3],
+                                                 model.config.img_size[:3], env, settings)
+    return results
+
+
+def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_size: int = 4) -> Path:
+    """One row per participant of the store: the model's output and prediction per target."""
+    from neurox.hub import load_pretrained
+
+    run_dir = Path(run_dir)
+    _, targets, splits = load_run(run_dir)
+    store = Store(store_path)
+    model = load_pretrained(run_dir / "model")
+    check_fits_store(model.config, store)
+    cohort, truth = _cohort_with(store, targets, splits, require_values=False)
+    env = dist_utils.detect("cpu" if not torch.accelerator.is_available() else "auto")
+    model.to(env.device)
+    who, outputs = window_outputs(model, store.root, cohort, cohort.participants, model.config.img_size[3],
+                                  model.config.img_size[:3], env, batch_size)
+    from neurox.train.metrics import aggregate
+
+    subjects, subject_outputs = aggregate(who, outputs)
+    rows = []
+    for split in ("train", "val", "test", "external"):
+        members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
+        rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
+    write_predictions(Path(out), targets, rows)
+    return Path(out)
+
+
+def _cohort_with(store: Store, targets: list[Target], splits: dict[str, str],
+                 require_values: bool = True) -> tuple[Cohort, dict[str, list[str]]]:
+    """The store's participants under a run's fixed target encoding and split, and the true values
+    where known. Without ``require_values``, participants lacking a value are kept (for prediction)."""
+    runs: dict[str, list[str]] = {}
+    n_frames = {}
+    for row in store.manifest:
+        if row["status"] == "ok":
+            runs.setdefault(row["participant_id"], []).append(row["run_id"])
+            n_frames[row["run_id"]] = int(row["n_frames"])
+    table = {row["participant_id"]: row for row in store.phenotypes()}
+    values, truth, left_out = {}, {}, 0
+    for pid in sorted(runs):
+        raw = [str(table.get(pid, {}).get(t.column, "")).strip() for t in targets]
+        usable = all(_usable(t, v) for t, v in zip(targets, raw))
+        if usable:
+            truth[pid] = raw
+        elif require_values:
+            left_out += 1
+            continue
+        # encoded labels are needed for every window; unknown ones get a placeholder never scored
+        values[pid] = raw if usable else [t.classes[0] if t.classes else str(t.mean) for t in targets]
+    cohort = Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out)
+    cohort.split = {p: splits.get(p, "external") for p in values}
+    return cohort, truth
+
+
+def _usable(target: Target, value: str) -> bool:
+    if value in ("", "n/a", "NA", "nan"):
+        return False
+    if target.task == "regression":
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return value in target.classes

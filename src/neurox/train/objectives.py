@@ -1,0 +1,73 @@
+"""Supervised objectives and subject-level evaluation of their outputs.
+
+One head output column per binary or regression target (several targets train at once), or one
+column per class for a single multiclass target. Losses are summed over targets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neurox.data.loader import Target
+from neurox.train.metrics import aggregate, with_intervals
+
+
+def num_outputs(targets: list[Target]) -> int:
+    return targets[0].num_outputs if targets[0].task == "multiclass" else len(targets)
+
+
+def head_task(targets: list[Target]) -> str:
+    """The head's task as a model directory records it."""
+    tasks = {t.task for t in targets}
+    if len(targets) == 1:
+        return targets[0].task
+    return "regression" if tasks == {"regression"} else "binary" if tasks == {"binary"} else "mixed"
+
+
+def supervised_loss(outputs: torch.Tensor, labels: torch.Tensor, targets: list[Target]) -> torch.Tensor:
+    outputs = outputs.float()
+    if targets[0].task == "multiclass":
+        return F.cross_entropy(outputs, labels[:, 0].long())
+    losses = []
+    for i, target in enumerate(targets):
+        if target.task == "binary":
+            losses.append(F.binary_cross_entropy_with_logits(outputs[:, i], labels[:, i]))
+        else:
+            losses.append(F.mse_loss(outputs[:, i], labels[:, i]))
+    return torch.stack(losses).sum()
+
+
+def subject_metrics(targets: list[Target], participants: list[str], outputs: np.ndarray,
+                    labels: dict[str, np.ndarray], n_boot: int = 1000) -> tuple[dict, list[str], np.ndarray]:
+    """Aggregate window outputs per participant, then metrics per target (prefixed by the column
+    when there are several). Regression metrics are in the target's own units."""
+    subjects, subject_outputs = aggregate(participants, outputs)
+    subject_labels = np.stack([labels[p] for p in subjects])
+    result: dict[str, float] = {}
+    if targets[0].task == "multiclass":
+        result.update(with_intervals("multiclass", subject_labels[:, 0], subject_outputs, n_boot))
+        return result, subjects, subject_outputs
+    for i, target in enumerate(targets):
+        if target.task == "regression":
+            values = subject_labels[:, i] * target.std + target.mean
+            predicted = subject_outputs[:, i : i + 1] * target.std + target.mean
+            metrics = with_intervals("regression", values, predicted, n_boot)
+        else:
+            metrics = with_intervals("binary", subject_labels[:, i], subject_outputs[:, i : i + 1], n_boot)
+        n = metrics.pop("n_subjects")
+        prefix = "" if len(targets) == 1 else f"{target.column}."
+        result.update({f"{prefix}{k}": v for k, v in metrics.items()})
+        result["n_subjects"] = n
+    return result, subjects, subject_outputs
+
+
+def selection_score(targets: list[Target], metrics: dict) -> float:
+    """Higher is better: AUROC of the first classification target, else minus its MSE."""
+    first = targets[0]
+    prefix = "" if len(targets) == 1 else f"{first.column}."
+    if first.task == "regression":
+        return -metrics[f"{prefix}mse"]
+    value = metrics[f"{prefix}auroc"]
+    return value if np.isfinite(value) else metrics[f"{prefix}balanced_accuracy"]
