@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/neurox smoke --preset demo --out neurox-demo/model
+	$(BIN)/neurox demo --out neurox-demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks

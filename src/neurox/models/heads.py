@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TASKS = ("binary", "multiclass", "regression", "contrastive")
+TASKS = ("binary", "multilabel", "multiclass", "regression", "contrastive")
 
 
 class PooledLinearHead(nn.Module):
@@ -60,12 +60,15 @@ class ContrastiveProjection(nn.Module):
 
 
 def build_head(task: str | None, in_features: int, num_outputs: int = 1, hidden_dim: int | None = None) -> nn.Module:
-    """A head for ``task``: binary -> 1 logit; multiclass -> ``num_outputs`` logits (>= 3 classes);
+    """A head for ``task``: binary -> 1 logit; multilabel -> one logit per binary target;
+    multiclass -> ``num_outputs`` logits (>= 3 classes);
     regression -> ``num_outputs`` targets; contrastive -> a ``num_outputs``-dim unit embedding."""
     if task == "binary":
         if num_outputs != 1:
             raise ValueError("a binary head has one output (a logit); use task 'multiclass' for more classes")
         return PooledLinearHead(in_features, 1, hidden_dim, task)
+    if task == "multilabel":  # several binary targets, one logit each
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, task)
     if task == "multiclass":
         if num_outputs < 3:
             raise ValueError(f"a multiclass head needs at least 3 classes, got {num_outputs}; use 'binary'")

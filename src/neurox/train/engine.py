@@ -27,13 +27,14 @@ from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from neurox.data.loader import ThreadedLoader, WindowDataset, as_model_input
+from neurox.errors import UserFacingError
 from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.train import distributed as dist_utils
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserFacingError):
     pass
 
 
@@ -221,9 +222,10 @@ class Trainer:
                         loss = self.loss_fn(self.model(x), labels)
                     if not torch.isfinite(loss).all():
                         who = sorted({dataset.participant(int(i)) for i in index})
+                        last = (f"the last good checkpoint is {self.checkpoint_path}"
+                                if self.checkpoint_path.is_file() else "no checkpoint was written yet")
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {self.step + 1} (epoch {epoch}); batch "
-                                            f"participants: {', '.join(who)}; the last good checkpoint is "
-                                            f"{self.checkpoint_path}")
+                                            f"participants: {', '.join(who)}; {last}")
                     self.scaler.scale(loss / s.accumulation).backward()
                     loss_sum += loss.item()
                     windows += x.shape[0]

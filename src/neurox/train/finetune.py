@@ -21,8 +21,8 @@ import yaml
 from neurox.config import InputContract, SwiFTConfig, preset
 from neurox.data.loader import (
     Cohort,
-    ThreadedLoader,
     Target,
+    ThreadedLoader,
     WindowDataset,
     as_model_input,
     evaluation_items,
@@ -174,7 +174,8 @@ def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[s
     return [dataset.participant(i) for i in order], np.stack([seen[i] for i in order])
 
 
-def split_metrics(model, store_root, cohort, targets, split, length, grid, env, config) -> tuple[dict, list, np.ndarray]:
+def split_metrics(model, store_root, cohort, targets, split, length, grid, env,
+                  config) -> tuple[dict, list, np.ndarray]:
     participants = cohort.in_split(split)
     who, outputs = window_outputs(model, store_root, cohort, participants, length, grid, env, config.batch_size,
                                   config.precision)

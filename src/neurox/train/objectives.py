@@ -23,7 +23,7 @@ def head_task(targets: list[Target]) -> str:
     tasks = {t.task for t in targets}
     if len(targets) == 1:
         return targets[0].task
-    return "regression" if tasks == {"regression"} else "binary" if tasks == {"binary"} else "mixed"
+    return "regression" if tasks == {"regression"} else "multilabel" if tasks == {"binary"} else "mixed"
 
 
 def supervised_loss(outputs: torch.Tensor, labels: torch.Tensor, targets: list[Target]) -> torch.Tensor:

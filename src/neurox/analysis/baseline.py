@@ -1,0 +1,155 @@
+"""``neurox baseline``: functional connectivity + a linear model, on the same split as the model.
+
+Per participant, the Fisher-z correlation matrix of the atlas' parcel series (mean over runs);
+its upper triangle, standardised, goes into a cross-validated logistic regression (classes) or
+ridge regression (numbers) fitted on the training participants only; metrics are computed on the
+validation and test participants exactly as for the model (subject level, bootstrap intervals).
+The fitted coefficients are saved as plain arrays, so ``evaluate_baseline`` scores any store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from neurox.analysis.connectivity import participant_connectivity, upper_triangle
+from neurox.data.loader import Target, load_cohort, load_splits, save_splits, split_participants, standardise
+from neurox.data.store import Store
+from neurox.io.atomic import write_atomic, write_text_atomic
+from neurox.train.objectives import subject_metrics
+
+MODEL_FILE = "baseline.npz"
+
+
+@dataclasses.dataclass
+class BaselineConfig:
+    store: str = ""
+    target: str = ""  # a column, or several separated by commas (one linear model each)
+    out: str = ""
+    atlas: str = ""  # label NIfTI in MNI space
+    task: str | None = None
+    split_from: str | None = None  # a finetune run directory whose splits.tsv to use
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    kind: str = "fisher_z"
+    n_boot: int = 1000
+
+
+def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool):
+    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress)
+    return {p: upper_triangle(m) for p, m in matrices.items()}, labels
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
+    """Standardised features; LogisticRegressionCV or RidgeCV, cross-validated on these rows only."""
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x)
+    z = scaler.transform(x)
+    if task == "regression":
+        model = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit(z, y)
+        coef, intercept = model.coef_[None, :], np.atleast_1d(model.intercept_)
+    else:
+        smallest = int(np.bincount(y.astype(int)).min())
+        folds = max(2, min(5, smallest))
+        import warnings
+
+        with warnings.catch_warnings():  # scikit-learn 1.8 announces a change of attribute names
+            warnings.simplefilter("ignore", FutureWarning)
+            model = LogisticRegressionCV(Cs=10, cv=folds, max_iter=5000, random_state=seed).fit(z, y.astype(int))
+        coef, intercept = model.coef_, model.intercept_
+    return {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+
+
+def linear_outputs(params: dict, x: np.ndarray) -> np.ndarray:
+    z = (x - params["mean"]) / params["scale"]
+    return z @ params["coef"].T + params["intercept"]
+
+
+def baseline(config: BaselineConfig, progress: bool = True) -> Path:
+    if not (config.store and config.target and config.out and config.atlas):
+        raise ValueError("baseline needs --store, --target, --atlas and --out")
+    store = Store(config.store)
+    columns = [c.strip() for c in config.target.split(",") if c.strip()]
+    tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
+    cohort = load_cohort(store, columns, tasks)
+    if config.split_from:
+        splits = load_splits(Path(config.split_from) / "splits.tsv")
+        cohort.split = {p: splits[p] for p in cohort.participants if p in splits}
+    else:
+        cohort.split = split_participants(cohort, config.seed, config.split_fractions)
+    standardise(cohort)
+    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress)
+    train = [p for p in cohort.in_split("train") if p in features]
+    x_train = np.stack([features[p] for p in train])
+    y_train = np.stack([cohort.labels(p) for p in train])
+
+    params, outputs_by_target = {}, []
+    targets = cohort.targets
+    for i, target in enumerate(targets):
+        fitted = fit_linear(x_train, y_train[:, i], target.task, config.seed)
+        params.update({f"{target.column}.{k}": v for k, v in fitted.items()})
+        outputs_by_target.append(fitted)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, rows = {}, []
+    for split in ("val", "test"):
+        members = [p for p in cohort.in_split(split) if p in features]
+        if not members:
+            continue
+        x = np.stack([features[p] for p in members])
+        outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
+        metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
+                                                             {p: cohort.labels(p) for p in members}, config.n_boot)
+        results[split] = metrics
+        from neurox.train.finetune import prediction_rows
+
+        rows += prediction_rows(targets, cohort.values, split, subjects, subject_outputs)
+
+    from neurox.train.engine import write_json
+    from neurox.train.finetune import write_predictions
+
+    def save_arrays(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **params, atlas_labels=np.array(labels))
+
+    write_atomic(out / MODEL_FILE, save_arrays)
+    write_json(out / "targets.json", {"targets": [t.to_dict() for t in targets],
+                                      "participants_left_out": cohort.left_out})
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    save_splits(out / "splits.tsv", cohort.split)
+    write_json(out / "metrics.json", results)
+    write_predictions(out / "predictions.tsv", targets, rows)
+    return out
+
+
+def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000) -> dict:
+    """A baseline run's metrics on a store, per split (unseen participants: ``external``)."""
+    run_dir = Path(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+    splits = load_splits(run_dir / "splits.tsv")
+    stored = np.load(run_dir / MODEL_FILE)
+    params = [{k: stored[f"{t.column}.{k}"] for k in ("mean", "scale", "coef", "intercept")} for t in targets]
+    store = Store(store_path)
+    from neurox.train.finetune import _cohort_with
+
+    cohort, _ = _cohort_with(store, targets, splits)
+    features, labels = _features(store, config["atlas"], cohort.participants, config["kind"], progress=False)
+    if list(stored["atlas_labels"]) != labels:
+        raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
+    results = {}
+    for split in ("train", "val", "test", "external"):
+        members = [p for p in cohort.in_split(split) if p in features]
+        if members:
+            x = np.stack([features[p] for p in members])
+            outputs = np.concatenate([linear_outputs(f, x) for f in params], axis=1)
+            results[split], _, _ = subject_metrics(targets, members, outputs, {p: cohort.labels(p) for p in members},
+                                                   n_boot)
+    return results

@@ -1,0 +1,141 @@
+"""``neurox demo``: synth -> prepare -> finetune + FC baseline -> evaluate -> report, on a CPU.
+
+One multi-target model learns the three binary planted effects at once (amplitude first: it picks
+the best validation checkpoint and stratifies the split), and the FC baseline is fitted per target
+on the same participants. The report says plainly what a small model trained for minutes finds
+and what it does not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from neurox.io.atomic import write_text_atomic
+
+TARGETS = ("amplitude_group", "coupling_group", "order_group")
+WHAT = {
+    "amplitude_group": "local: one network fluctuates more",
+    "coupling_group": "distributed: two far-apart networks correlate more",
+    "order_group": "temporal order only: which network leads",
+}
+
+
+def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs: int = 10, seed: int = 0) -> Path:
+    from neurox.analysis.baseline import BaselineConfig, baseline
+    from neurox.data.prepare import prepare
+    from neurox.data.preprocess import PrepareOptions, TargetGrid
+    from neurox.data.synthetic import SynthOptions, synthesize
+    from neurox.train.finetune import FinetuneConfig, finetune
+
+    out = Path(out)
+    timings = {}
+
+    def step(name, fn):
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    cohort = step("synth", lambda: synthesize(out / "cohort", SynthOptions(
+        n_subjects=n_subjects, n_frames=n_frames, voxel_size_mm=4.0, seed=seed)))
+    store = out / "store"
+    report = step("prepare", lambda: prepare(cohort, store, PrepareOptions(grid=TargetGrid.default(4.0)), workers=2))
+    if not report.ok:
+        raise RuntimeError(f"prepare failed for {len(report.failed)} runs; see {store / 'failures.tsv'}")
+    run = out / "runs" / "swift"
+    if not (run / "metrics.json").is_file():
+        resume = (run / "checkpoints" / "last.pt").is_file()
+        step("finetune", lambda: finetune(FinetuneConfig(
+            store=str(store), target=",".join(TARGETS), out=str(run), preset="demo", epochs=epochs, batch_size=4,
+            lr=5e-4, seed=seed, loader_workers=2, resume=resume)))
+    atlas = next((cohort / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
+    fc = out / "runs" / "fc_baseline"
+    step("baseline", lambda: baseline(BaselineConfig(
+        store=str(store), target=",".join(TARGETS), out=str(fc), atlas=str(atlas), split_from=str(run), seed=seed),
+        progress=False))
+    model_metrics = json.loads((run / "metrics.json").read_text())
+    fc_metrics = json.loads((fc / "metrics.json").read_text())
+    curve = training_curve(run, out / "training_curve.png")
+    return write_report(out, model_metrics, fc_metrics, curve, timings, n_subjects, n_frames)
+
+
+def training_curve(run: Path, png: Path) -> Path | None:
+    """Training loss per step and validation AUROC (amplitude) per epoch."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    val = [(r["step"], r["val"].get(f"{TARGETS[0]}.auroc")) for r in records if "val" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(steps, losses, lw=0.8, color="tab:blue", label="training loss (sum of 3 targets)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    twin = ax.twinx()
+    twin.plot([s for s, _ in val], [v for _, v in val], "o-", color="tab:red", label="validation AUROC (amplitude)")
+    twin.set_ylim(0, 1.05)
+    twin.set_ylabel("AUROC")
+    fig.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def _cell(metrics: dict, target: str, name: str) -> str:
+    value = metrics.get(f"{target}.{name}")
+    if value is None:
+        return "n/a"
+    low, high = metrics.get(f"{target}.{name}_ci_low"), metrics.get(f"{target}.{name}_ci_high")
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def write_report(out: Path, model: dict, fc: dict, curve: Path | None, timings: dict, n_subjects: int,
+                 n_frames: int) -> Path:
+    test_model, test_fc = model.get("test", {}), fc.get("test", {})
+    lines = [
+        "# neurox demo report",
+        "",
+        f"Synthetic cohort: {n_subjects} participants, one run of {n_frames} frames each (TR 0.8 s, 4 mm MNI grid), "
+        f"split by participant 60/20/20 (test: {test_model.get('n_subjects')} participants).",
+        "Model: SwiFT `demo` preset trained from scratch on the three binary targets at once; test metrics from "
+        "the best validation checkpoint. Baseline: Fisher-z FC of the synthetic parcels + logistic regression, "
+        "fitted on the same training participants.",
+        "",
+        "| target (test, subject level) | what is planted | model AUROC [95% CI] | FC baseline AUROC [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for target in TARGETS:
+        lines.append(f"| {target} | {WHAT[target]} | {_cell(test_model, target, 'auroc')} | "
+                     f"{_cell(test_fc, target, 'auroc')} |")
+    amplitude = test_model.get(f"{TARGETS[0]}.auroc", float("nan"))
+    lines += [
+        "",
+        f"The model {'finds' if amplitude >= 0.8 else 'does not yet find'} the local amplitude effect "
+        f"(test AUROC {amplitude:.2f}). A small model trained from scratch for minutes on a few dozen participants "
+        "is not expected to find the coupling or the temporal-order effect, which the FC baseline's correlation "
+        "matrices see at once for coupling (and, having no notion of lag, cannot see for temporal order); "
+        "self-supervised pretraining on many scans is where that gap is attacked.",
+        "",
+        "Time per step (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+        "",
+        "Outputs:",
+        f"- cohort and ground truth: `{out / 'cohort'}`",
+        f"- store: `{out / 'store'}`",
+        f"- model run (metrics.json, predictions.tsv, model/): `{out / 'runs' / 'swift'}`",
+        f"- FC baseline run: `{out / 'runs' / 'fc_baseline'}`",
+    ]
+    if curve is not None:
+        lines.append(f"- training curve: `{curve}`")
+    path = out / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,231 @@
+"""Fine-tuning, evaluation and the engine: splits, metrics, distributed parity, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fakes import OPTIONS, bids_run, bold
+from safetensors.torch import load_file
+
+from neurox.cli import main
+from neurox.data.loader import load_cohort, split_participants
+from neurox.data.prepare import prepare
+from neurox.data.store import Store, read_tsv
+from neurox.train.engine import StepSampler
+from neurox.train.metrics import auroc, with_intervals
+
+N_SUBJECTS = 10
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cohort")
+    rows = ["participant_id\tgroup\tscore\tsite"]
+    for i in range(N_SUBJECTS):
+        group = i % 2
+        data = bold(n_frames=40, seed=i)
+        data[10:20, 20:30, 15:25] *= 1.0 + 0.05 * group  # a weak local effect
+        bids_run(root, f"{i:02d}", data=data)
+        rows.append(f"sub-{i:02d}\t{group}\t{i * 1.5 + 20}\t{['a', 'b', 'c'][i % 3]}")
+    rows.append("sub-99\t1\t3.0\ta")  # a participant without runs
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("store") / "store"
+    assert prepare(root, out, OPTIONS, progress=False).ok
+    return out
+
+
+def finetune_args(store: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--store", str(store), "--target", "group", "--out", str(out), "--epochs", "2",
+            "--batch_size", "2", "--n_boot", "50", "--loader_workers", "0", "--deterministic", "true", *extra]
+
+
+# --- splits, metrics, sampler ------------------------------------------------------------------------
+
+
+def test_no_participant_in_two_splits_and_classes_stratified(store):
+    cohort = load_cohort(Store(store), ["group"])
+    assert cohort.left_out == 0 and len(cohort.participants) == N_SUBJECTS  # sub-99 has no runs
+    split = split_participants(cohort, seed=0)
+    assert set(split) == set(cohort.participants)  # every participant exactly once
+    for name in ("train", "val", "test"):
+        members = [p for p, s in split.items() if s == name]
+        assert {cohort.values[p][0] for p in members} == {"0", "1"}, name  # both classes on each side
+    assert split == split_participants(cohort, seed=0) != split_participants(cohort, seed=1)
+
+
+def test_auroc_and_intervals():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = labels + rng.normal(0, 1, 200)
+    from sklearn.metrics import roc_auc_score
+
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.5, 0.5, 0.9])) == pytest.approx(0.875)  # ties
+    result = with_intervals("binary", labels, scores[:, None], n_boot=200)
+    assert result["auroc_ci_low"] < result["auroc"] < result["auroc_ci_high"]
+    assert result["n_subjects"] == 200
+
+
+def test_step_sampler_gives_each_process_its_part_of_the_global_batch():
+    one = list(StepSampler(24, batch=4, world=1, rank=0, accumulation=1, start_step=0))
+    two = [list(StepSampler(24, batch=2, world=2, rank=r, accumulation=1, start_step=0)) for r in range(2)]
+    for step in range(6):  # the same items per step, split between the processes
+        together = two[0][step * 2 : step * 2 + 2] + two[1][step * 2 : step * 2 + 2]
+        assert sorted(one[step * 4 : step * 4 + 4]) == sorted(together)
+    resumed = list(StepSampler(24, batch=4, world=1, rank=0, accumulation=1, start_step=2))
+    assert resumed == one[8:]
+
+
+# --- the commands ----------------------------------------------------------------------------------------
+
+
+def test_finetune_evaluate_predict(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run)) == 0
+    for name in ("config.yaml", "splits.tsv", "targets.json", "metrics.jsonl", "metrics.json", "predictions.tsv",
+                 "model/config.json", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"val", "test"}
+    assert {"auroc", "accuracy", "balanced_accuracy", "auroc_ci_low", "n_subjects"} <= set(metrics["test"])
+    predictions = read_tsv(run / "predictions.tsv")
+    splits = {row["participant_id"]: row["split"] for row in read_tsv(run / "splits.tsv")}
+    assert len(predictions) == metrics["val"]["n_subjects"] + metrics["test"]["n_subjects"]
+    assert all(splits[row["participant_id"]] == row["split"] for row in predictions)
+
+    assert main(["evaluate", str(run), "--store", str(store), "--out", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["model"]
+    assert evaluated["test"]["auroc"] == pytest.approx(metrics["test"]["auroc"])  # same best model, same windows
+    assert evaluated["train"]["n_subjects"] == sum(1 for s in splits.values() if s == "train")
+
+    assert main(["predict", str(run), "--store", str(store), "--out", str(tmp_path / "p.tsv")]) == 0
+    rows = read_tsv(tmp_path / "p.tsv")
+    assert len(rows) == N_SUBJECTS and {"group_output", "group_predicted", "group_true"} <= set(rows[0])
+
+
+def test_regression_and_several_targets(store, tmp_path):
+    run = tmp_path / "run"
+    args = finetune_args(store, run, "--epochs", "1")
+    args[args.index("group")] = "score,group"
+    assert main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    assert {"score.mae", "score.r2", "score.pearson_r", "group.auroc"} <= set(metrics)
+    targets = json.loads((run / "targets.json").read_text())["targets"]
+    train = [p for p, s in ((r["participant_id"], r["split"]) for r in read_tsv(run / "splits.tsv")) if s == "train"]
+    scores = [int(p[4:]) * 1.5 + 20 for p in train]
+    assert targets[0]["mean"] == pytest.approx(np.mean(scores))  # standardised on training participants only
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("--target", "age"), "no target column 'age'"),
+        (("--preset", "swift_paper"), "the model takes a (96, 96, 96) grid but the store"),
+        (("--task", "binary"), "has 3 distinct values; a binary target needs exactly 2"),
+    ],
+)
+def test_bad_input_is_one_clear_line_before_training(store, tmp_path, capsys, change, message):
+    args = finetune_args(store, tmp_path / "run")
+    if change[0] == "--task":
+        args[args.index("group")] = "site"
+    if change[0] in args:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += list(change)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_store_without_phenotypes(tmp_path, capsys):
+    path = bids_run(tmp_path / "d", "01")
+    prepare(path, tmp_path / "store", OPTIONS, progress=False)
+    assert main(finetune_args(tmp_path / "store", tmp_path / "run")) == 1
+    assert "has no phenotype table" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_step_and_participants(store, tmp_path, capsys):
+    assert main(finetune_args(store, tmp_path / "run", "--lr", "1e30", "--clip_grad", "0", "--warmup_fraction",
+                              "0")) == 1
+    err = capsys.readouterr().err
+    assert "at step" in err and "batch participants: sub-" in err
+
+
+def test_baseline_on_the_same_split(store, tmp_path):
+    run = tmp_path / "run"
+    main(finetune_args(store, run, "--epochs", "1"))
+    atlas = tmp_path / "atlas.nii.gz"
+    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
+    from fakes import save
+
+    save(atlas, labels)
+    assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
+                 str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "50"]) == 0
+    assert read_tsv(tmp_path / "fc" / "splits.tsv") == read_tsv(run / "splits.tsv")
+    fc = json.loads((tmp_path / "fc" / "metrics.json").read_text())
+    assert fc["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
+    assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
+
+
+# --- processes: distributed parity and SIGTERM resume ----------------------------------------------
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = finetune_args(store, one, "--device", "cpu")
+    subprocess.run([sys.executable, "-m", "neurox.cli", *base], check=True, env=_env(), capture_output=True)
+    args = finetune_args(store, two, "--device", "cpu")
+    args[args.index("--batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", "-m", "neurox.cli", *args], env=_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for split in ("val", "test"):
+        for name in ("auroc", "accuracy", "balanced_accuracy", "n_subjects"):
+            assert m1[split][name] == pytest.approx(m2[split][name], abs=1e-6), (split, name)
+    w1, w2 = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, reference)], check=True, env=_env(),
+                   capture_output=True)
+    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed)], env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = resumed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and '"step": 2,' in log.read_text():
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped by SIGTERM at step" in out
+    stopped_at = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 2 <= stopped_at < 8  # mid-run: the reference takes 8 steps
+    subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed), "--resume", "true"],
+                   check=True, env=_env(), capture_output=True)
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
