@@ -296,3 +296,20 @@ def test_like_applies_a_models_input_contract(tmp_path):
                 "--quiet", "true"]) == 0
     info = Store(tmp_path / "store").info
     assert info["grid"] == [48, 48, 48] and info["voxel_size_mm"] == 4.0  # the demo model's 4 mm grid
+
+
+def test_voxel_center_keeps_relative_amplitude(tmp_path):
+    data = bold()
+    region = data[10:20]
+    data[10:20] = np.where(region > 0, 1000 + (region - 1000) * 2.0, 0.0)  # a region fluctuating twice as much
+    path = save(tmp_path / "run.nii.gz", data)
+    prepare(path, tmp_path / "store", replace(OPTIONS, normalization="voxel_center"), progress=False)
+    store = Store(tmp_path / "store")
+    run_id = store.run_ids[0]
+    z = store.run(run_id).read(0, 24).astype(np.float64)
+    mask = store.mask(run_id)
+    assert np.abs(z[:, mask].mean(0)).max() < 1e-2  # the static anatomy is gone
+    assert np.sqrt((z[:, mask].var(0)).mean()) == pytest.approx(1.0, abs=1e-2)
+    assert np.all(z[:, ~mask] == 0)
+    loud, quiet = z[:, 14:24][:, mask[14:24]].std(0).mean(), z[:, 30:40][:, mask[30:40]].std(0).mean()
+    assert loud / quiet == pytest.approx(2.0, rel=0.1)  # target x 14..23 holds source x 10..19

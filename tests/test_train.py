@@ -187,11 +187,12 @@ def _env():
     return env
 
 
-def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, strategy):
     one, two = tmp_path / "one", tmp_path / "two"
     base = finetune_args(store, one, "--device", "cpu")
     subprocess.run([sys.executable, "-m", "neurox.cli", *base], check=True, env=_env(), capture_output=True)
-    args = finetune_args(store, two, "--device", "cpu")
+    args = finetune_args(store, two, "--device", "cpu", "--strategy", strategy)
     args[args.index("--batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29533", "-m", "neurox.cli", *args], env=_env(), capture_output=True,

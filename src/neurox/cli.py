@@ -55,9 +55,11 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--like", default=None, help="apply this model directory's input contract instead of the flags")
     p.add_argument("--voxel_size", type=float, default=2.0, help="target voxel size in mm (2, or 4 for small models)")
     p.add_argument("--grid", type=int, nargs=3, default=None, help="target grid (default 96^3 at 2 mm, 48^3 at 4 mm)")
-    p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore"], default="global_zscore",
+    p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore", "voxel_center"],
+                   default="global_zscore",
                    help="global_zscore: the published recipe (one z-score over in-brain voxels of the whole run, "
-                   "background set to the minimum); voxel_zscore: each voxel over time, background 0")
+                   "background set to the minimum); voxel_zscore: each voxel over time, background 0; "
+                   "voxel_center: each voxel's mean removed, one brain-wide temporal scale, background 0")
     p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")
     p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")
@@ -262,7 +264,9 @@ def cmd_finetune(args) -> int:
         values["split_fractions"] = tuple(values["split_fractions"])
     run_dir = finetune(FinetuneConfig(**values))
     metrics = run_dir / "metrics.json"
-    if metrics.is_file():
+    from neurox.train.distributed import detect
+
+    if metrics.is_file() and detect("cpu").is_main:
         print_metrics(json.loads(metrics.read_text()), title=f"{run_dir}")
     return 0
 

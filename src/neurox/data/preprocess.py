@@ -24,7 +24,7 @@ from neurox.data.store import pack_mask
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
 
-NORMALIZATIONS = ("global_zscore", "voxel_zscore")
+NORMALIZATIONS = ("global_zscore", "voxel_zscore", "voxel_center")
 # MNI152 brain centroid (mm); an input whose brain lies far from it is not in MNI space
 MNI_BRAIN_CENTROID = np.array([0.0, -22.0, 10.0])
 MNI_CENTROID_TOLERANCE_MM = 30.0
@@ -198,6 +198,17 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         stats = {"method": "global_zscore", "mean": float(mean), "std": std, "background": background}
         scale = np.float32(1.0 / std)
         shift = np.float32(mean)
+    elif options.normalization == "voxel_center":
+        # each voxel's temporal mean removed (the static anatomy), one scale for the whole brain:
+        # fluctuations keep their relative amplitude between regions
+        variance = np.maximum(total_sq / n - mean_image**2, 0.0)
+        temporal_std = float(np.sqrt(variance[mask].mean()))
+        if temporal_std == 0.0:
+            raise InputError(f"{spec.bold}: the signal inside the brain mask does not change over time")
+        background = 0.0
+        stats = {"method": "voxel_center", "temporal_std": temporal_std, "background": 0.0}
+        scale = np.float32(1.0 / temporal_std)
+        shift = mean_image.astype(np.float32)[..., None]
     else:
         voxel_std = np.sqrt(np.maximum(total_sq / n - mean_image**2, 0.0))
         voxel_std[voxel_std < 1e-6] = 1.0  # constant voxels (background) stay finite

@@ -39,8 +39,9 @@ EFFECTS = {
     "order_group": ("D", "E"),
     "lowfreq_score": ("F",),
 }
-BASELINE = 1000.0  # tissue intensity; BOLD fluctuations are about 1 % of it
-SIGNAL_GAIN = 10.0
+BASELINE = 1000.0  # tissue intensity
+SIGNAL_GAIN = 20.0  # network fluctuations of about 2 % of the baseline, as in grey matter at 3 T
+TISSUE_CONTRAST = 0.05  # spatial variation of the baseline across the brain (after bias correction)
 SPACE = {2.0: "MNI152NLin2009cAsym_res-2", 4.0: "MNI152NLin2009cAsym_res-4"}
 
 
@@ -249,7 +250,7 @@ def synthesize(out: str | Path, options: SynthOptions | None = None, progress: b
     from scipy.ndimage import gaussian_filter
 
     tissue = gaussian_filter(rng.standard_normal(mask.shape), sigma=3.0)
-    baseline = (BASELINE * (1.0 + 0.1 * tissue / (tissue.std() + 1e-12)) * mask).astype(np.float32)
+    baseline = (BASELINE * (1.0 + TISSUE_CONTRAST * tissue / (tissue.std() + 1e-12)) * mask).astype(np.float32)
     anatomy = {"labels": labels, "networks": networks, "baseline": baseline}
     participants = make_participants(options, rng)
 

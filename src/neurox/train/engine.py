@@ -169,6 +169,14 @@ class Trainer:
         self.history: list[dict] = []
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=settings.precision == "fp16")
         self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
+        self.tensorboard = None
+        if env.is_main:
+            try:  # TensorBoard when installed; metrics.jsonl always
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -199,6 +207,12 @@ class Trainer:
         if self.env.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tensorboard is not None:
+                flat = {**{k: v for k, v in record.items() if k not in ("step", "val")},
+                        **{f"val/{k}": v for k, v in record.get("val", {}).items()}}
+                for key, value in flat.items():
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        self.tensorboard.add_scalar(key, value, record["step"])
 
     def fit(self, on_best=None) -> str:
         """Train to the end (or SIGTERM); returns "done" or "stopped"."""
