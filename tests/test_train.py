@@ -230,3 +230,24 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
     assert a["step"] == b["step"]
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+
+
+@pytest.mark.parametrize(
+    "variables,expected",
+    [
+        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (3, 8, 1)),  # torchrun
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (5, 16, 1)),  # srun
+        ({"PMI_RANK": "7", "PMI_SIZE": "12", "PALS_LOCAL_RANKID": "3"}, (7, 12, 3)),  # mpiexec on PBS (Aurora)
+        ({}, (0, 1, 0)),  # a plain process
+    ],
+)
+def test_launcher_detection(monkeypatch, variables, expected):
+    from neurox.train.distributed import LOCAL_VARS, RANK_VARS, SIZE_VARS, detect
+
+    for name in (*RANK_VARS, *SIZE_VARS, *LOCAL_VARS):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    env = detect("cpu")
+    assert (env.rank, env.world_size, env.local_rank) == expected
+    assert env.is_main == (expected[0] == 0)

@@ -159,7 +159,7 @@ def _demo_parser() -> ArgumentParser:
     p.add_argument("--out", default="neurox-demo")
     p.add_argument("--n_subjects", type=int, default=48)
     p.add_argument("--n_frames", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     return p
 

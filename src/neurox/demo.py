@@ -22,7 +22,7 @@ WHAT = {
 }
 
 
-def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs: int = 10, seed: int = 0) -> Path:
+def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs: int = 16, seed: int = 0) -> Path:
     from neurox.analysis.baseline import BaselineConfig, baseline
     from neurox.data.prepare import prepare
     from neurox.data.preprocess import PrepareOptions, TargetGrid
@@ -50,7 +50,8 @@ def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs:
         resume = (run / "checkpoints" / "last.pt").is_file()
         step("finetune", lambda: finetune(FinetuneConfig(
             store=str(store), target=",".join(TARGETS), out=str(run), preset="demo", epochs=epochs, batch_size=4,
-            lr=5e-4, seed=seed, loader_workers=2, resume=resume)))
+            # from scratch, 5e-4 and above collapsed to constant outputs after warm-up on this cohort
+            lr=1e-4, seed=seed, loader_workers=2, resume=resume)))
     atlas = next((cohort / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
     fc = out / "runs" / "fc_baseline"
     step("baseline", lambda: baseline(BaselineConfig(

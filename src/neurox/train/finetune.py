@@ -55,7 +55,7 @@ class FinetuneConfig:
     epochs: int = 10
     batch_size: int = 4  # per process
     accumulation: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-4  # from scratch on small cohorts, 5e-4 and above collapsed after warm-up
     weight_decay: float = 0.05
     warmup_fraction: float = 0.1
     clip_grad: float = 1.0
