@@ -203,7 +203,10 @@ def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, str
         for name in ("auroc", "accuracy", "balanced_accuracy", "n_subjects"):
             assert m1[split][name] == pytest.approx(m2[split][name], abs=1e-6), (split, name)
     w1, w2 = (load_file(str(d / "model" / "model.safetensors")) for d in (one, two))
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    # all-reduce sums gradients in another order than one process does; Adam divides by sqrt(v), which
+    # turns rounding-level differences of near-zero gradients into steps of up to lr (1e-4) each
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert worst < 1e-3, worst
 
 
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
@@ -251,3 +254,15 @@ def test_launcher_detection(monkeypatch, variables, expected):
     env = detect("cpu")
     assert (env.rank, env.world_size, env.local_rank) == expected
     assert env.is_main == (expected[0] == 0)
+
+
+def test_yaml_config_and_resolved_options_saved(store, tmp_path):
+    import yaml
+
+    config = tmp_path / "finetune.yaml"
+    config.write_text(yaml.safe_dump({"store": str(store), "target": "group", "out": str(tmp_path / "run"),
+                                      "epochs": 1, "batch_size": 2, "lr": 2e-4, "n_boot": 20, "loader_workers": 0}))
+    assert main(["finetune", "--config", str(config), "--seed", "3"]) == 0
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (resolved["lr"], resolved["seed"], resolved["epochs"]) == (2e-4, 3, 1)  # file, then flag
+    assert resolved["model"]["img_size"] == [48, 48, 48, 20] and resolved["world_size"] == 1

@@ -256,9 +256,11 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    import dataclasses
+
     from neurox.train.finetune import FinetuneConfig, finetune
 
-    fields = {f.name for f in __import__("dataclasses").fields(FinetuneConfig)}
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     if values.get("split_fractions") is not None:
         values["split_fractions"] = tuple(values["split_fractions"])

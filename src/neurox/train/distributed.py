@@ -9,7 +9,6 @@ CUDA, ROCm and Intel XPU nodes need no code change; without an accelerator it is
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -121,4 +120,4 @@ def all_reduce_flag(flag: bool) -> bool:
 
 
 __all__ = ["Env", "detect", "init", "shutdown", "wrap", "all_gather_objects", "broadcast_object", "barrier",
-           "all_reduce_flag", "pickle"]
+           "all_reduce_flag"]
