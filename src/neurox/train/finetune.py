@@ -217,6 +217,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume:  # a fresh run's log starts empty (an earlier attempt may have failed early)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         resolved = {**dataclasses.asdict(config), "model": arch.to_dict(), "world_size": env.world_size,
                     "device": str(env.device)}
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
