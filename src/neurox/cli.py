@@ -255,16 +255,21 @@ def cmd_prepare(args) -> int:
     return 0 if report.ok else 3
 
 
-def cmd_finetune(args) -> int:
+def config_from_args(cls, args):
+    """A config dataclass from parsed arguments (jsonargparse gives tuples back as lists)."""
     import dataclasses
 
-    from neurox.train.finetune import FinetuneConfig, finetune
-
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     if values.get("split_fractions") is not None:
         values["split_fractions"] = tuple(values["split_fractions"])
-    run_dir = finetune(FinetuneConfig(**values))
+    return cls(**values)
+
+
+def cmd_finetune(args) -> int:
+    from neurox.train.finetune import FinetuneConfig, finetune
+
+    run_dir = finetune(config_from_args(FinetuneConfig, args))
     metrics = run_dir / "metrics.json"
     from neurox.train.distributed import detect
 
@@ -307,15 +312,9 @@ def print_metrics(splits: dict, title: str) -> None:
 
 
 def cmd_baseline(args) -> int:
-    import dataclasses
-
     from neurox.analysis.baseline import BaselineConfig, baseline
 
-    fields = {f.name for f in dataclasses.fields(BaselineConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    if values.get("split_fractions") is not None:
-        values["split_fractions"] = tuple(values["split_fractions"])
-    out = baseline(BaselineConfig(**values))
+    out = baseline(config_from_args(BaselineConfig, args))
     print_metrics(json.loads((out / "metrics.json").read_text()), title=f"{out} (FC baseline)")
     return 0
 

@@ -102,6 +102,17 @@ class Cohort:
         return [p for p in self.participants if self.split.get(p) == name]
 
 
+def prepared_runs(store: Store) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Participant -> run ids, and run id -> frames, of the store's successfully prepared runs."""
+    runs: dict[str, list[str]] = {}
+    n_frames = {}
+    for row in store.manifest:
+        if row["status"] == "ok":
+            runs.setdefault(row["participant_id"], []).append(row["run_id"])
+            n_frames[row["run_id"]] = int(row["n_frames"])
+    return runs, n_frames
+
+
 def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None = None) -> Cohort:
     table = store.phenotypes()
     if not table:
@@ -111,12 +122,7 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
         if column not in table[0]:
             known = ", ".join(c for c in table[0] if c != "participant_id")
             raise ValueError(f"{store.root}: no target column {column!r} in participants.tsv (columns: {known})")
-    runs: dict[str, list[str]] = {}
-    n_frames = {}
-    for row in store.manifest:
-        if row["status"] == "ok":
-            runs.setdefault(row["participant_id"], []).append(row["run_id"])
-            n_frames[row["run_id"]] = int(row["n_frames"])
+    runs, n_frames = prepared_runs(store)
     values, left_out = {}, 0
     for row in table:
         pid = row["participant_id"]

@@ -28,6 +28,7 @@ from neurox.data.loader import (
     evaluation_items,
     load_cohort,
     load_splits,
+    prepared_runs,
     save_splits,
     split_participants,
     standardise,
@@ -389,12 +390,7 @@ def _cohort_with(store: Store, targets: list[Target], splits: dict[str, str],
                  require_values: bool = True) -> tuple[Cohort, dict[str, list[str]]]:
     """The store's participants under a run's fixed target encoding and split, and the true values
     where known. Without ``require_values``, participants lacking a value are kept (for prediction)."""
-    runs: dict[str, list[str]] = {}
-    n_frames = {}
-    for row in store.manifest:
-        if row["status"] == "ok":
-            runs.setdefault(row["participant_id"], []).append(row["run_id"])
-            n_frames[row["run_id"]] = int(row["n_frames"])
+    runs, n_frames = prepared_runs(store)
     table = {row["participant_id"]: row for row in store.phenotypes()}
     values, truth, left_out = {}, {}, 0
     for pid in sorted(runs):
