@@ -113,8 +113,7 @@ def check_fits_store(arch: SwiFTConfig, store: Store) -> None:
 
 
 def build_model(config: FinetuneConfig, arch: SwiFTConfig, targets: list[Target]) -> SwiFT:
-    head = build_head(head_task(targets) if head_task(targets) != "mixed" else None, arch.num_features,
-                      num_outputs(targets))
+    head = build_head(head_task(targets), arch.num_features, num_outputs(targets))
     model = SwiFT(arch, head)
     if config.init:
         from neurox.hub import load_pretrained
@@ -350,7 +349,7 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
     model = load_pretrained(run_dir / "model")
     check_fits_store(model.config, store)
     cohort, _ = _cohort_with(store, targets, splits)
-    env = dist_utils.detect("cpu" if not torch.accelerator.is_available() else "auto")
+    env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
     model.to(env.device)
     settings = FinetuneConfig(batch_size=batch_size, n_boot=n_boot)
     results = {}
@@ -371,7 +370,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     model = load_pretrained(run_dir / "model")
     check_fits_store(model.config, store)
     cohort, truth = _cohort_with(store, targets, splits, require_values=False)
-    env = dist_utils.detect("cpu" if not torch.accelerator.is_available() else "auto")
+    env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
     model.to(env.device)
     who, outputs = window_outputs(model, store.root, cohort, cohort.participants, model.config.img_size[3],
                                   model.config.img_size[:3], env, batch_size)

@@ -18,12 +18,12 @@ def num_outputs(targets: list[Target]) -> int:
     return targets[0].num_outputs if targets[0].task == "multiclass" else len(targets)
 
 
-def head_task(targets: list[Target]) -> str:
-    """The head's task as a model directory records it."""
+def head_task(targets: list[Target]) -> str | None:
+    """The head's task as a model directory records it (None for a mix of binary and regression)."""
     tasks = {t.task for t in targets}
     if len(targets) == 1:
         return targets[0].task
-    return "regression" if tasks == {"regression"} else "multilabel" if tasks == {"binary"} else "mixed"
+    return "regression" if tasks == {"regression"} else "multilabel" if tasks == {"binary"} else None
 
 
 def supervised_loss(outputs: torch.Tensor, labels: torch.Tensor, targets: list[Target]) -> torch.Tensor:
