@@ -150,6 +150,28 @@ def _baseline_parser() -> ArgumentParser:
     return p
 
 
+def _connectivity_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="Functional connectivity of a store: each run's parcel time series (an atlas NIfTI in MNI space, "
+        "resampled onto the store grid by nearest neighbour) and each participant's correlation matrix (mean over "
+        "runs), written as arrays with participant ids and parcel labels, plus a group-mean matrix plot.",
+        epilog="example: neurox connectivity --store synthetic-store --atlas "
+        "synthetic-cohort/ground_truth/atlas-synthetic_space-MNI152NLin2009cAsym_res-4_dseg.nii.gz "
+        "--group_by coupling_group --out fc",
+    )
+    p.add_argument("--store", required=True)
+    p.add_argument("--atlas", required=True, help="3D label NIfTI in MNI space (Schaefer, the synthetic parcels...)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--kind", choices=["plain", "fisher_z", "partial"], default="fisher_z",
+                   help="Pearson correlation, its Fisher z, or partial correlation (from the precision matrix)")
+    p.add_argument("--names", default=None, help="TSV with index and name columns (default: found beside the atlas)")
+    p.add_argument("--participants", nargs="+", default=None, help="only these participants (default: all)")
+    p.add_argument("--group_by", default=None, help="a phenotype column: a group-mean matrix per value, and a plot "
+                   "of each and their difference")
+    p.add_argument("--quiet", type=bool, default=False)
+    return p
+
+
 def _demo_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="The whole path on a synthetic cohort: synth -> prepare -> finetune + FC baseline -> evaluate -> "
@@ -177,6 +199,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("evaluate", _evaluate_parser(), help="subject-level metrics of a run")
     sub.add_subcommand("predict", _predict_parser(), help="per-participant predictions of a run")
     sub.add_subcommand("baseline", _baseline_parser(), help="FC + linear model on the same split")
+    sub.add_subcommand("connectivity", _connectivity_parser(), help="parcel series and connectivity matrices")
     sub.add_subcommand("demo", _demo_parser(), help="synth -> prepare -> finetune + baseline -> report")
     sub.add_subcommand("smoke", _smoke_parser(), help="forward+backward of the backbone on generated input")
     return parser
@@ -319,6 +342,15 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_connectivity(args) -> int:
+    from neurox.analysis.connectivity import connectivity
+
+    out = connectivity(args.store, args.atlas, args.out, kind=args.kind, participants=args.participants,
+                       group_by=args.group_by, names_tsv=args.names, progress=not args.quiet)
+    print(f"wrote {out / 'connectivity.npz'}, {out / 'parcel_series.npz'} and {out / 'group_mean.png'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from neurox.demo import run_demo
 
@@ -330,7 +362,8 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {
     "synth": cmd_synth, "prepare": cmd_prepare, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
-    "predict": cmd_predict, "baseline": cmd_baseline, "demo": cmd_demo, "convert-swift": cmd_convert_swift,
+    "predict": cmd_predict, "baseline": cmd_baseline, "demo": cmd_demo,
+    "connectivity": cmd_connectivity, "convert-swift": cmd_convert_swift,
     "smoke": cmd_smoke,
 }
 

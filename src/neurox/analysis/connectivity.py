@@ -74,26 +74,169 @@ def correlation_matrix(series: np.ndarray, kind: str = "fisher_z") -> np.ndarray
     return corr
 
 
-def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str],
-                             kind: str = "fisher_z", progress: bool = True) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Participant -> connectivity matrix (the mean over the participant's runs, in Fisher-z space
-    when ``kind`` is fisher_z)."""
-    from tqdm import tqdm
-
+def store_atlas(store: Store, atlas_path: str | Path) -> tuple[np.ndarray, list[int]]:
+    """The atlas on the store's grid (every run of a store shares one grid and affine)."""
     grid = tuple(store.info["grid"])
     affine = np.array(store.run(store.run_ids[0]).attributes["affine"])
-    atlas, labels = atlas_on_grid(atlas_path, grid, affine)
+    return atlas_on_grid(atlas_path, grid, affine)
+
+
+def participant_runs(store: Store, participants: list[str] | None = None) -> dict[str, list[str]]:
     runs: dict[str, list[str]] = {}
     for row in store.manifest:
-        if row["status"] == "ok" and row["participant_id"] in participants:
+        if row["status"] == "ok" and (participants is None or row["participant_id"] in participants):
             runs.setdefault(row["participant_id"], []).append(row["run_id"])
+    return runs
+
+
+def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str] | None,
+                             kind: str = "fisher_z", progress: bool = True, series_out: dict | None = None
+                             ) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Participant -> connectivity matrix (the mean over the participant's runs, in Fisher-z space
+    when ``kind`` is fisher_z). ``series_out``, when given, receives run id -> (frames, parcels).
+    A run that cannot be read is reported on one line and left out; the others go on."""
+    import sys
+
+    from tqdm import tqdm
+
+    atlas, labels = store_atlas(store, atlas_path)
+    runs = participant_runs(store, participants)
     matrices = {}
     for p in tqdm(sorted(runs), desc="connectivity", unit="participant", disable=not progress):
-        per_run = [correlation_matrix(np.nan_to_num(parcel_series(store, r, atlas, labels)), kind) for r in runs[p]]
-        matrices[p] = np.mean(per_run, axis=0)
+        per_run = []
+        for run_id in runs[p]:
+            try:
+                series = np.nan_to_num(parcel_series(store, run_id, atlas, labels))
+            except (OSError, ValueError, KeyError) as err:
+                print(f"neurox: {store.root / run_id}: cannot read the run ({err}); left out", file=sys.stderr)
+                continue
+            if series_out is not None:
+                series_out[run_id] = series.astype(np.float32)
+            per_run.append(correlation_matrix(series, kind))
+        if per_run:
+            matrices[p] = np.mean(per_run, axis=0)
     return matrices, labels
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:
     i, j = np.triu_indices(matrix.shape[0], k=1)
     return matrix[i, j]
+
+
+# --- the `neurox connectivity` command ---------------------------------------------------------
+
+
+def atlas_names(atlas_path: str | Path, labels: list[int], names_tsv: str | Path | None = None) -> list[str]:
+    """Parcel names from a TSV with ``index`` and ``name`` columns: the one given, else one beside the
+    atlas with its name (``X.nii.gz`` -> ``X.tsv``) or its BIDS stem without space/res entities
+    (``atlas-A_space-MNI_res-2_dseg.nii.gz`` -> ``atlas-A_dseg.tsv``); else the label numbers."""
+    from neurox.data.store import read_tsv
+
+    atlas_path = Path(atlas_path)
+    stem = atlas_path.name.removesuffix(".gz").removesuffix(".nii")
+    bids_stem = "_".join(part for part in stem.split("_") if not part.startswith(("space-", "res-", "den-")))
+    candidates = [Path(names_tsv)] if names_tsv else [atlas_path.with_name(stem + ".tsv"),
+                                                      atlas_path.with_name(bids_stem + ".tsv")]
+    for path in candidates:
+        rows = read_tsv(path)
+        if rows and {"index", "name"} <= set(rows[0]):
+            table = {int(float(r["index"])): r["name"] for r in rows}
+            return [table.get(label, str(label)) for label in labels]
+        if names_tsv:
+            raise ValueError(f"{path}: a parcel names table needs 'index' and 'name' columns")
+    return [str(label) for label in labels]
+
+
+def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",
+                 participants: list[str] | None = None, group_by: str | None = None,
+                 names_tsv: str | Path | None = None, progress: bool = True) -> Path:
+    """Parcel series per run and a connectivity matrix per participant, written to ``out``:
+
+    - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
+      ``names``, ``kind``, ``group_mean`` (and ``group_mean_<value>`` per value of ``group_by``);
+    - ``parcel_series.npz``: one (frames, parcels) array per run id, with ``labels``;
+    - ``participants.tsv`` (the store's phenotypes of the participants included), ``parcels.tsv``;
+    - ``group_mean.png``: the group-mean matrix (one panel per group and their difference with ``group_by``).
+    """
+    from neurox.data.store import write_tsv
+    from neurox.io.atomic import write_atomic
+
+    if kind not in ("plain", "fisher_z", "partial"):
+        raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z or partial")
+    store = Store(store_path)
+    if not Path(atlas).is_file():
+        raise FileNotFoundError(f"{atlas}: no such atlas file")
+    phenotypes = {row["participant_id"]: row for row in store.phenotypes()}
+    if group_by and phenotypes and group_by not in next(iter(phenotypes.values())):
+        raise ValueError(f"{store.root / 'participants.tsv'} has no column {group_by!r} to group by")
+    if group_by and not phenotypes:
+        raise ValueError(f"{store.root}: no participants.tsv, so nothing to group by")
+    if participants:
+        unknown = sorted(set(participants) - set(participant_runs(store)))
+        if unknown:
+            raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
+    series: dict[str, np.ndarray] = {}
+    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, series_out=series)
+    if not matrices:
+        raise ValueError(f"{store.root}: no participant's runs could be read")
+    names = atlas_names(atlas, labels, names_tsv)
+    subjects = sorted(matrices)
+    stack = np.stack([matrices[p] for p in subjects]).astype(np.float32)
+    arrays = {"matrices": stack, "participants": np.array(subjects), "labels": np.array(labels),
+              "names": np.array(names), "kind": np.array(kind), "group_mean": stack.mean(0)}
+    groups = {}
+    if group_by:
+        for value in sorted({phenotypes.get(p, {}).get(group_by, "") for p in subjects} - {"", "n/a"}):
+            members = [i for i, p in enumerate(subjects) if phenotypes.get(p, {}).get(group_by) == value]
+            groups[value] = stack[members].mean(0)
+            arrays[f"group_mean_{value}"] = groups[value]
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def savez(data):
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **data)
+        return write
+
+    write_atomic(out / "connectivity.npz", savez(arrays))
+    write_atomic(out / "parcel_series.npz", savez({**series, "labels": np.array(labels)}))
+    write_tsv(out / "parcels.tsv", [{"index": i, "label": label, "name": name}
+                                    for i, (label, name) in enumerate(zip(labels, names))], ["index", "label", "name"])
+    columns = ["participant_id"] + [c for c in next(iter(phenotypes.values()), {}) if c != "participant_id"]
+    write_tsv(out / "participants.tsv", [phenotypes.get(p, {"participant_id": p}) for p in subjects], columns)
+    plot_matrices(out / "group_mean.png", stack.mean(0), groups, names, kind, group_by)
+    return out
+
+
+def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], names: list[str], kind: str,
+                  group_by: str | None) -> Path | None:
+    """The group-mean matrix, or with groups one panel per group and the difference of the last two."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from neurox.io.atomic import write_atomic
+
+    panels = [("group mean", mean)]
+    if len(groups) >= 2:
+        panels = [(f"{group_by} = {value}", matrix) for value, matrix in groups.items()]
+        (a, ma), (b, mb) = list(groups.items())[-2:]
+        panels.append((f"{b} - {a}", mb - ma))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    for ax, (title, matrix) in zip(axes[0], panels):
+        limit = float(np.abs(matrix).max()) or 1.0
+        image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(title, fontsize=9)
+        if len(names) <= 50:
+            ax.set_xticks(range(len(names)), names, rotation=90, fontsize=4)
+            ax.set_yticks(range(len(names)), names, fontsize=4)
+        fig.colorbar(image, ax=ax, fraction=0.046, label=kind.replace("_", "-"))
+    fig.tight_layout()
+    write_atomic(png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return png
