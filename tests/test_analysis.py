@@ -1,17 +1,24 @@
-"""``neurox connectivity``: parcel series and matrices from a store, and the planted coupling recovered."""
+"""Analysis commands: connectivity (planted coupling recovered), explain (a known-answer model), embed."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import fakes
+import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from fakes import OPTIONS, as_las, bids_run
 
+from neurox.analysis.explain import ExplainOptions, attribute, participant_map, to_source_grid
 from neurox.cli import main
+from neurox.data.loader import fit_to_grid
 from neurox.data.prepare import prepare
 from neurox.data.preprocess import PrepareOptions, TargetGrid
-from neurox.data.store import read_tsv
+from neurox.data.store import Store, read_tsv
 from neurox.data.synthetic import SynthOptions, synthesize
 
 
@@ -88,3 +95,110 @@ def test_connectivity_bad_input_is_one_line(synthetic, tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and "none.nii.gz" in lines[0] and "no_such_column" in lines[1] and "sub-77" in lines[2]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --- explain ------------------------------------------------------------------------------------
+
+
+class KnownLinearModel(torch.nn.Module):
+    """output = sum(x * W): Integrated Gradients from a zero baseline must give exactly x * W."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)  # (C, X, Y, Z, T)
+        self.config = SimpleNamespace(img_size=tuple(weight.shape[1:]))
+
+    def forward(self, x):
+        return (x * self.weight).flatten(1).sum(1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def las_store(tmp_path_factory) -> Path:
+    """A store prepared from one left-right flipped (LAS) run of 16 frames."""
+    root = tmp_path_factory.mktemp("las")
+    ras = bids_run(root / "ras", "01", n_frames=16, seed=4)
+    las = root / "bids" / "sub-01" / "func" / ras.name
+    as_las(ras, las)
+    as_las(ras.with_name(ras.name.replace("desc-preproc_bold", "desc-brain_mask")),
+           las.with_name(las.name.replace("desc-preproc_bold", "desc-brain_mask")))
+    (las.parent / ras.with_suffix("").with_suffix(".json").name).write_text('{"RepetitionTime": 2.0}')
+    assert prepare(root / "bids", root / "store", OPTIONS, progress=False).ok
+    return root / "store"
+
+
+def test_attribution_of_a_known_linear_model_lands_on_the_right_voxels(las_store, tmp_path):
+    store = Store(las_store)
+    run_id = store.run_ids[0]
+    attrs = store.run(run_id).attributes
+    # the model sees a 40^3 centre crop of the 48^3 store grid, 8 frames; weights on two voxels
+    weight = torch.zeros(1, 40, 40, 40, 8)
+    voxels = {(10, 20, 18): 1.5, (30, 12, 25): -2.0}
+    for (i, j, k), w in voxels.items():
+        weight[0, i, j, k, :] = w
+    model = KnownLinearModel(weight)
+    options = ExplainOptions(n_steps=4, reduce="signed", batch_size=2)
+    windows = [store.read_frames(run_id, s, 8) for s in (0, 8)]
+    x = torch.from_numpy(np.stack([fit_to_grid(w, (40, 40, 40)) for w in windows])).float().permute(0, 1, 3, 4, 5, 2)
+    assert torch.allclose(attribute(model, x, 0, options), x * weight, atol=1e-5)
+
+    volume = participant_map(model, store, [run_id], 0, options)
+    assert volume.shape == (48, 48, 48)
+    source = attrs["source"]
+    native = to_source_grid(volume, np.array(attrs["affine"]), source["shape"], np.array(source["affine"]))
+    assert native.shape == tuple(source["shape"][:3])
+    expected = {}
+    for (i, j, k), w in voxels.items():
+        # model voxel -> store voxel (crop offset 4) -> MNI mm -> voxel of the LAS original, computed by hand
+        store_voxel = np.array([i, j, k]) + 4
+        world = np.array(attrs["affine"])[:3, :3] @ store_voxel + np.array(attrs["affine"])[:3, 3]
+        src = np.round(np.linalg.inv(np.array(source["affine"])) @ [*world, 1])[:3].astype(int)
+        x_values = x[:, 0, i, j, k, :].sum(-1).mean().item()  # mean over windows of the frames' sum
+        expected[tuple(src)] = w * x_values
+    assert {tuple(v) for v in np.argwhere(native != 0)} == set(expected)
+    for src, value in expected.items():
+        assert native[src] == pytest.approx(value, rel=1e-4)
+    # left-right: the LAS file's first axis runs right to left, so x index = 39 - RAS index
+    ras_src = {(int(np.round((np.array(attrs["affine"])[0, 3] + 4 * (i + 4) - fakes.AFFINE[0, 3]) / 4)), j, k)
+               for (i, j, k) in voxels}
+    assert {s[0] for s in expected} == {fakes.SHAPE[0] - 1 - r[0] for r in ras_src}
+
+
+def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
+    cohort, store = synthetic
+    run = tmp_path / "run"
+    assert main(["finetune", "--store", str(store), "--target", "amplitude_group", "--out", str(run), "--epochs",
+                 "1", "--max_steps", "2", "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0"]) == 0
+    out = tmp_path / "explain"
+    args = ["explain", str(run), "--store", str(store), "--out", str(out), "--subject", "sub-01", "sub-02",
+            "--group_by", "amplitude_group", "--n_steps", "2", "--noise_samples", "1", "--quiet", "true"]
+    assert main(args) == 0
+    summary = json.loads((out / "explain.json").read_text())
+    assert summary["participants"] == ["sub-01", "sub-02"] and "all" in summary["groups"]
+    native = nib.load(str(out / "sub-01_attribution.nii.gz"))
+    source = nib.load(str(next((cohort / "sub-01" / "func").glob("*desc-preproc_bold.nii.gz"))))
+    assert native.shape == source.shape[:3] and np.allclose(native.affine, source.affine)
+    assert (np.asarray(native.dataobj) >= 0).all() and np.asarray(native.dataobj).max() > 0  # abs, squared
+    assert (out / "group-all_attribution.png").stat().st_size > 5_000
+    stamp = (out / "sub-01_attribution.nii.gz").stat().st_mtime_ns
+    assert main(args) == 0  # a re-run resumes: existing maps are kept
+    assert (out / "sub-01_attribution.nii.gz").stat().st_mtime_ns == stamp
+
+    assert main(["explain", str(run), "--store", str(store), "--out", str(out), "--target", "nope"]) == 1
+    assert "not 'nope'" in capsys.readouterr().err
+
+    table = tmp_path / "emb.parquet"
+    assert main(["embed", str(run), "--store", str(store), "--out", str(table), "--color_by", "amplitude_group",
+                 "--quiet", "true"]) == 0
+    import pyarrow.parquet as pq
+
+    participants = pq.read_table(table).to_pydict()
+    assert participants["participant_id"] == [f"sub-{i:02d}" for i in range(1, 9)]
+    assert set(participants["split"]) <= {"train", "val", "test"} and "amplitude_group" in participants
+    windows = pq.read_table(tmp_path / "emb_windows.parquet").to_pydict()
+    assert len(windows["participant_id"]) == 8 * 10  # 200 frames: 10 windows of 20 each
+    first = np.array([windows[f"e{i}"][0] for i in range(96)])
+    mean = np.mean([[windows[f"e{i}"][w] for i in range(96)] for w in range(10)], axis=0)
+    assert np.allclose([participants[f"e{i}"][0] for i in range(96)], mean, atol=1e-5) and first.std() > 0
+    assert (tmp_path / "emb_pca.png").stat().st_size > 5_000
+    assert main(["embed", str(run), "--store", str(store), "--out", str(tmp_path / "e.tsv")]) == 0
+    assert read_tsv(tmp_path / "e.tsv")[0]["participant_id"] == "sub-01"

@@ -172,6 +172,56 @@ def _connectivity_parser() -> ArgumentParser:
     return p
 
 
+def _explain_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="Which voxels drove a trained model's output: Integrated Gradients (optionally with a "
+        "SmoothGrad-squared noise tunnel) over every window of the chosen participants, reduced over time into a "
+        "3D map per participant (NIfTI on the participant's original grid and on the store's MNI grid), group "
+        "maps (all, and per class or quantile of --group_by) with glass-brain PNGs. Needs captum. Participants "
+        "whose maps exist are skipped, so an interrupted run resumes.",
+        epilog="example: neurox explain runs/amp --store synthetic-store --split test --group_by amplitude_group "
+        "--out explain/amp",
+    )
+    p.add_argument("run", help="run directory from neurox finetune")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--subject", nargs="+", default=None, help="these participants")
+    p.add_argument("--split", choices=["train", "val", "test", "external"], default=None,
+                   help="participants of this split of the run")
+    p.add_argument("--where", default=None, help="COLUMN=VALUE: participants with this phenotype value")
+    p.add_argument("--group_by", default=None, help="a phenotype column: one group map per class (or quantile)")
+    p.add_argument("--quantiles", type=int, default=4, help="groups of a numeric --group_by column")
+    p.add_argument("--target", default=None, help="the run's target column to explain (default: its first)")
+    p.add_argument("--class_value", default=None, help="multiclass: the class to explain (default: the first)")
+    p.add_argument("--n_steps", type=int, default=16, help="Integrated Gradients steps")
+    p.add_argument("--noise_samples", type=int, default=0, help="> 0: SmoothGrad-squared with this many samples")
+    p.add_argument("--noise_std", type=float, default=0.1, help="noise, as a fraction of the window's std")
+    p.add_argument("--baseline", choices=["zero", "temporal_mean"], default="zero",
+                   help="the reference input: zeros, or each voxel's mean over the window (no fluctuation)")
+    p.add_argument("--reduce", choices=["abs", "signed"], default="abs", help="sum over time of |attribution| or of it")
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", type=bool, default=False)
+    return p
+
+
+def _embed_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="Per-window and per-participant embeddings (the backbone's output averaged over space and time) "
+        "with participant ids, split and phenotypes, as TSV or Parquet, and a PCA plot coloured by a column.",
+        epilog="example: neurox embed runs/amp --store synthetic-store --out embeddings.tsv --color_by amplitude_group",
+    )
+    p.add_argument("model", help="run directory from neurox finetune, or a model directory")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True, help="table of participants (.tsv or .parquet); the windows' table and "
+                   "the PCA plot go beside it")
+    p.add_argument("--color_by", default=None, help="phenotype column (or 'split') to colour the PCA plot by")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", type=bool, default=False)
+    return p
+
+
 def _demo_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="The whole path on a synthetic cohort: synth -> prepare -> finetune + FC baseline -> evaluate -> "
@@ -200,6 +250,8 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("predict", _predict_parser(), help="per-participant predictions of a run")
     sub.add_subcommand("baseline", _baseline_parser(), help="FC + linear model on the same split")
     sub.add_subcommand("connectivity", _connectivity_parser(), help="parcel series and connectivity matrices")
+    sub.add_subcommand("explain", _explain_parser(), help="attribution maps (NIfTI, PNG) of a trained run")
+    sub.add_subcommand("embed", _embed_parser(), help="window and participant embeddings, PCA plot")
     sub.add_subcommand("demo", _demo_parser(), help="synth -> prepare -> finetune + baseline -> report")
     sub.add_subcommand("smoke", _smoke_parser(), help="forward+backward of the backbone on generated input")
     return parser
@@ -351,6 +403,29 @@ def cmd_connectivity(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from neurox.analysis.explain import ExplainOptions, explain
+
+    options = ExplainOptions(target=args.target, class_value=args.class_value, n_steps=args.n_steps,
+                             noise_samples=args.noise_samples, noise_std=args.noise_std, baseline=args.baseline,
+                             reduce=args.reduce, batch_size=args.batch_size)
+    out = explain(args.run, args.store, args.out, options, subjects=args.subject, split=args.split, where=args.where,
+                  group_by=args.group_by, quantiles=args.quantiles, device=args.device, progress=not args.quiet)
+    summary = json.loads((out / "explain.json").read_text())
+    print(f"wrote maps of {len(summary['participants'])} participant(s) and {len(summary['groups'])} group(s) "
+          f"to {out}" + (f"; {len(summary['failed'])} failed" if summary["failed"] else ""))
+    return 0 if not summary["failed"] else 3
+
+
+def cmd_embed(args) -> int:
+    from neurox.analysis.embed import embed
+
+    paths = embed(args.model, args.store, args.out, color_by=args.color_by, batch_size=args.batch_size,
+                  device=args.device, progress=not args.quiet)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from neurox.demo import run_demo
 
@@ -363,7 +438,7 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "synth": cmd_synth, "prepare": cmd_prepare, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
     "predict": cmd_predict, "baseline": cmd_baseline, "demo": cmd_demo,
-    "connectivity": cmd_connectivity, "convert-swift": cmd_convert_swift,
+    "connectivity": cmd_connectivity, "explain": cmd_explain, "embed": cmd_embed, "convert-swift": cmd_convert_swift,
     "smoke": cmd_smoke,
 }
 

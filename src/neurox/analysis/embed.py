@@ -1,0 +1,169 @@
+"""``neurox embed``: each window's and each participant's representation in a model.
+
+The embedding of a window is the backbone's output averaged over space and time (what the heads
+see); a participant's is the mean over their windows. Tables carry the participant ids, the run
+and window start, the split of the run (for a finetune run) and every phenotype column, then
+``e0 .. e{C-1}``: TSV, or Parquet when the file name ends in ``.parquet`` (needs pyarrow). A PNG
+of the first two principal components, coloured by a chosen column, goes beside the table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neurox.data.loader import fit_to_grid
+from neurox.data.store import Store
+
+
+def load_model(path: str | Path):
+    """A finetune run directory (its ``model/``) or a model directory; (model, splits)."""
+    from neurox.hub import load_pretrained
+
+    path = Path(path)
+    if (path / "model" / "config.json").is_file():
+        from neurox.data.loader import load_splits
+
+        splits = load_splits(path / "splits.tsv") if (path / "splits.tsv").is_file() else {}
+        return load_pretrained(path / "model", with_head=False), splits
+    if (path / "config.json").is_file():
+        return load_pretrained(path, with_head=False), {}
+    raise FileNotFoundError(f"{path}: neither a neurox run (with model/) nor a model directory (with config.json)")
+
+
+@torch.no_grad()
+def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int = 4, progress: bool = True):
+    """(rows of (run_id, start), embeddings (windows, C)) for every non-overlapping window."""
+    from tqdm import tqdm
+
+    length, grid = model.config.img_size[3], model.config.img_size[:3]
+    device = next(model.parameters()).device
+    windows = [(r, s) for r in run_ids for s in range(0, store.run(r).n_frames - length + 1, length)]
+    out = []
+    for i in tqdm(range(0, len(windows), batch_size), desc="embed", unit="batch", disable=not progress):
+        chunk = windows[i : i + batch_size]
+        x = np.stack([fit_to_grid(store.read_frames(r, s, length), grid) for r, s in chunk])
+        x = torch.from_numpy(x).to(device).float().permute(0, 1, 3, 4, 5, 2)
+        out.append(model.forward_features(x).float().mean(dim=(2, 3, 4, 5)).cpu().numpy())
+    return windows, (np.concatenate(out) if out else np.zeros((0, model.num_features), dtype=np.float32))
+
+
+def write_table(path: Path, columns: list[str], rows: list[list]) -> Path:
+    """TSV, or Parquet for a ``.parquet`` name; written atomically."""
+    from neurox.io.atomic import write_atomic
+
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError(f"{path}: writing Parquet needs pyarrow (pip install pyarrow); or name the file .tsv") \
+                from None
+        table = pa.table({c: [row[i] for row in rows] for i, c in enumerate(columns)})
+        write_atomic(path, lambda tmp: pq.write_table(table, str(tmp)))
+        return path
+    lines = ["\t".join(columns)] + ["\t".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row)
+                                    for row in rows]
+    write_atomic(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return path
+
+
+def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first two principal components of the rows, and the fraction of variance each explains."""
+    centred = x - x.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    variance = s**2 / max((s**2).sum(), 1e-12)
+    components = centred @ vt[:2].T
+    if components.shape[1] < 2:
+        components = np.pad(components, ((0, 0), (0, 2 - components.shape[1])))
+    return components, variance[:2]
+
+
+def plot_pca(png: Path, points: np.ndarray, variance: np.ndarray, labels: list[str], column: str | None) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    from neurox.io.atomic import write_atomic
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    try:
+        values = np.array([float(v) for v in labels])
+        image = ax.scatter(points[:, 0], points[:, 1], c=values, cmap="viridis", s=18)
+        fig.colorbar(image, ax=ax, label=column)
+    except ValueError:  # classes, or missing values: one colour per value
+        for value in sorted(set(labels)):
+            chosen = np.array([v == value for v in labels])
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=18, label=f"{column} = {value}" if column else value)
+        if column:
+            ax.legend(fontsize=8)
+    ax.set_xlabel(f"PC1 ({100 * variance[0]:.0f}% of variance)")
+    ax.set_ylabel(f"PC2 ({100 * (variance[1] if len(variance) > 1 else 0):.0f}% of variance)")
+    ax.set_title("participants in the model's representation", fontsize=9)
+    fig.tight_layout()
+    write_atomic(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return png
+
+
+def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color_by: str | None = None,
+          batch_size: int = 4, device: str = "auto", progress: bool = True) -> dict[str, Path]:
+    """Write ``out`` (one row per participant), ``<out stem>_windows<suffix>`` (one row per window)
+    and ``<out stem>_pca.png``; return their paths."""
+    from neurox.analysis.connectivity import participant_runs
+    from neurox.train.distributed import detect
+    from neurox.train.finetune import check_fits_store
+
+    out = Path(out)
+    if out.suffix not in (".tsv", ".parquet"):
+        raise ValueError(f"{out}: name the output .tsv or .parquet")
+    model, splits = load_model(model_path)
+    store = Store(store_path)
+    check_fits_store(model.config, store)
+    table = {row["participant_id"]: row for row in store.phenotypes()}
+    phenotype_columns = [c for c in next(iter(table.values()), {}) if c != "participant_id"]
+    if color_by and color_by not in phenotype_columns and color_by != "split":
+        raise ValueError(f"--color_by {color_by!r}: not a column of {store.root / 'participants.tsv'} (nor 'split')")
+    model.to(detect(device).device).eval()
+    runs = participant_runs(store)
+    windows, vectors = [], []
+    for pid in sorted(runs):
+        try:
+            rows, emb = window_embeddings(model, store, runs[pid], batch_size, progress=False)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"neurox embed: {pid}: {err}; left out", file=sys.stderr)
+            continue
+        windows += [(pid, r, s) for r, s in rows]
+        vectors.append(emb)
+        if progress:
+            print(f"\rembed: {len(windows)} windows", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    if not windows:
+        raise ValueError(f"{store.root}: no window could be embedded")
+    vectors = np.concatenate(vectors)
+    dims = [f"e{i}" for i in range(vectors.shape[1])]
+
+    def info(pid: str) -> list:
+        return [splits.get(pid, "external" if splits else "")] + [table.get(pid, {}).get(c, "") for c in
+                                                                    phenotype_columns]
+
+    window_rows = [[pid, r, s, *info(pid), *map(float, v)] for (pid, r, s), v in zip(windows, vectors)]
+    window_path = out.with_name(out.name.removesuffix(out.suffix) + "_windows" + out.suffix)
+    write_table(window_path, ["participant_id", "run_id", "start", "split", *phenotype_columns, *dims], window_rows)
+    participants = sorted({w[0] for w in windows})
+    who = np.array([w[0] for w in windows])
+    means = np.stack([vectors[who == p].mean(0) for p in participants])
+    write_table(out, ["participant_id", "n_windows", "split", *phenotype_columns, *dims],
+                [[p, int((who == p).sum()), *info(p), *map(float, m)] for p, m in zip(participants, means)])
+    points, variance = pca_2d(means)
+    labels = [(info(p)[0] if color_by == "split" else table.get(p, {}).get(color_by, "")) if color_by else "all"
+              for p in participants]
+    png = plot_pca(out.with_name(out.name.removesuffix(out.suffix) + "_pca.png"), points, variance, labels, color_by)
+    return {"participants": out, "windows": window_path, **({"pca": png} if png else {})}

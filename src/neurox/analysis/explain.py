@@ -1,0 +1,307 @@
+"""``neurox explain``: which voxels drove a trained model's output, as NIfTI maps.
+
+Integrated Gradients (captum) of one output of the model, optionally under a SmoothGrad-squared
+noise tunnel, over every non-overlapping window of each chosen participant. Each window's
+attribution ``(C, X, Y, Z, T)`` is reduced to a 3D map (absolute values summed over channels and
+time by default: a voxel whose fluctuations matter counts whatever their sign at each frame),
+then averaged over the participant's windows. The map is taken back from the model grid to the
+store grid (the inverse of the centre crop or pad of the loader), and from the store grid onto
+the participant's original image grid through the original affine (orientation and crop box
+honoured). Group maps, the mean over participants of a class or quantile, are in the store's
+MNI grid, with a glass-brain PNG.
+
+Outputs in ``--out``: ``<participant>_attribution.nii.gz`` (the original grid),
+``<participant>_space-store_attribution.nii.gz`` (the store's MNI grid), ``group-<name>_attribution.nii.gz``
+and ``.png``, ``explain.json`` (what was computed). A participant whose maps exist is not
+recomputed, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neurox.data.loader import fit_to_grid
+from neurox.data.store import Store
+
+REDUCTIONS = ("abs", "signed")
+BASELINES = ("zero", "temporal_mean")
+
+
+@dataclass
+class ExplainOptions:
+    target: str | None = None  # the output to explain: a target column of the run (default: its first)
+    class_value: str | None = None  # multiclass: the class whose logit to explain (default: the first)
+    n_steps: int = 16  # Integrated Gradients path steps
+    noise_samples: int = 0  # > 0: SmoothGrad-squared noise tunnel with this many noisy copies
+    noise_std: float = 0.1  # noise as a fraction of each window's standard deviation
+    baseline: str = "zero"  # zero, or temporal_mean (each voxel's mean over the window: no fluctuation)
+    reduce: str = "abs"  # abs or signed sum over channels and time
+    batch_size: int = 2  # windows at a time; IG steps are run in chunks of this size too
+
+    def __post_init__(self):
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"unknown --reduce {self.reduce!r}; choose {' or '.join(REDUCTIONS)}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"unknown --baseline {self.baseline!r}; choose {' or '.join(BASELINES)}")
+        if self.n_steps < 2 or self.batch_size < 1 or self.noise_samples < 0:
+            raise ValueError("--n_steps must be >= 2, --batch_size >= 1, --noise_samples >= 0")
+
+
+def _captum():
+    try:
+        import captum.attr
+    except ImportError:
+        raise ValueError("neurox explain needs captum: pip install 'neurox-lbm[analysis]'") from None
+    return captum.attr
+
+
+def attribute(model: torch.nn.Module, windows: torch.Tensor, output: int, options: ExplainOptions) -> torch.Tensor:
+    """Attribution of ``model(windows)[:, output]`` to each input value, same shape as ``windows``
+    ``(B, C, X, Y, Z, T)``."""
+    attr = _captum()
+    baseline = torch.zeros_like(windows) if options.baseline == "zero" else \
+        windows.mean(dim=-1, keepdim=True).expand_as(windows).contiguous()
+    method = attr.IntegratedGradients(model)
+    kwargs = dict(baselines=baseline, target=output, n_steps=options.n_steps,
+                  internal_batch_size=options.batch_size)
+    if options.noise_samples:
+        stdevs = float(options.noise_std * windows.std())
+        return attr.NoiseTunnel(method).attribute(windows, nt_type="smoothgrad_sq", nt_samples=options.noise_samples,
+                                                  nt_samples_batch_size=1, stdevs=stdevs, **kwargs)
+    return method.attribute(windows, **kwargs)
+
+
+def reduce_window(attribution: torch.Tensor, how: str) -> np.ndarray:
+    """(B, C, X, Y, Z, T) -> (B, X, Y, Z): summed over channels and time (of absolute values for abs)."""
+    values = attribution.abs() if how == "abs" else attribution
+    return values.sum(dim=(1, 5)).detach().cpu().double().numpy()
+
+
+def to_store_grid(volume: np.ndarray, store_grid) -> np.ndarray:
+    """The inverse of the loader's ``fit_to_grid``: a model-grid map back onto the store grid (what
+    was cropped off is 0, what was padded is dropped)."""
+    out = volume
+    for axis, size in enumerate(store_grid):
+        have = out.shape[axis]
+        if have > size:  # the loader padded: drop the pad
+            start = (have - size) // 2
+            out = np.take(out, range(start, start + size), axis=axis)
+        elif have < size:  # the loader cropped: put back in the middle
+            before = (size - have) // 2
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = (before, size - have - before)
+            out = np.pad(out, pad)
+    return out
+
+
+def to_source_grid(volume: np.ndarray, store_affine: np.ndarray, source_shape, source_affine: np.ndarray) -> np.ndarray:
+    """A store-grid map onto a participant's original image grid: each source voxel takes the
+    (trilinear; exact where the grids align) value at its world position; outside the store box, 0."""
+    from scipy.ndimage import map_coordinates
+
+    index = np.indices(tuple(source_shape[:3]), dtype=np.float64).reshape(3, -1)
+    matrix = np.linalg.inv(store_affine) @ np.asarray(source_affine, dtype=np.float64)
+    coords = matrix[:3, :3] @ index + matrix[:3, 3:4]
+    coords = np.where(np.abs(coords - np.round(coords)) < 1e-6, np.round(coords), coords)
+    values = map_coordinates(volume.astype(np.float64), coords, order=1, mode="constant", cval=0.0)
+    return values.reshape(tuple(source_shape[:3])).astype(np.float32)
+
+
+def participant_map(model, store: Store, run_ids: list[str], output: int, options: ExplainOptions,
+                    progress=None) -> np.ndarray:
+    """The mean over every window of the participant's runs of the reduced attribution, on the store grid."""
+    length, grid = model.config.img_size[3], model.config.img_size[:3]
+    device = next(model.parameters()).device
+    windows = [(r, s) for r in run_ids for s in range(0, store.run(r).n_frames - length + 1, length)]
+    total, count = None, 0
+    for i in range(0, len(windows), options.batch_size):
+        chunk = windows[i : i + options.batch_size]
+        x = np.stack([fit_to_grid(store.read_frames(r, s, length), grid) for r, s in chunk])  # (B, C, T, X, Y, Z)
+        x = torch.from_numpy(x).to(device).float().permute(0, 1, 3, 4, 5, 2).contiguous()
+        maps = reduce_window(attribute(model, x, output, options), options.reduce)
+        total = maps.sum(0) if total is None else total + maps.sum(0)
+        count += len(chunk)
+        if progress is not None:
+            progress.update(len(chunk))
+    return to_store_grid(total / count, tuple(store.info["grid"]))
+
+
+def save_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
+    """A float32 .nii.gz written atomically (same bytes for the same map: gzip mtime 0)."""
+    import gzip
+
+    import nibabel as nib
+
+    from neurox.io.atomic import write_atomic
+
+    image = nib.Nifti1Image(volume.astype(np.float32), np.asarray(affine, dtype=np.float64))
+    image.header.set_xyzt_units("mm")
+    data = gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def output_index(targets, options: ExplainOptions) -> tuple[int, str]:
+    """Which model output the chosen target (and class) is, and a name for it."""
+    names = [t.column for t in targets]
+    column = options.target or names[0]
+    if column not in names:
+        raise ValueError(f"the run predicts {', '.join(names)}, not {column!r}")
+    target = targets[names.index(column)]
+    if target.task == "multiclass":
+        value = options.class_value or target.classes[0]
+        if value not in target.classes:
+            raise ValueError(f"{column!r} has classes {', '.join(target.classes)}, not {value!r}")
+        return target.classes.index(value), f"{column}={value}"
+    return names.index(column), column
+
+
+def choose_participants(store: Store, splits: dict[str, str], subjects: list[str] | None, split: str | None,
+                        where: str | None) -> list[str]:
+    from neurox.analysis.connectivity import participant_runs
+
+    have = participant_runs(store)
+    chosen = sorted(have)
+    if subjects:
+        unknown = sorted(set(subjects) - set(have))
+        if unknown:
+            raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
+        chosen = sorted(subjects)
+    if split:
+        chosen = [p for p in chosen if splits.get(p, "external") == split]
+    if where:
+        column, _, value = where.partition("=")
+        table = {row["participant_id"]: row for row in store.phenotypes()}
+        if not value or (table and column not in next(iter(table.values()))):
+            raise ValueError(f"--where {where!r}: expected COLUMN=VALUE with a column of the store's participants.tsv")
+        chosen = [p for p in chosen if table.get(p, {}).get(column) == value]
+    if not chosen:
+        raise ValueError("no participant matches the selection (--subject / --split / --where)")
+    return chosen
+
+
+def groups_of(store: Store, participants: list[str], column: str | None, quantiles: int) -> dict[str, list[str]]:
+    """Group name -> participants: all of them, plus one group per class of ``column`` (or per quantile
+    when it is a number with many values)."""
+    groups = {"all": list(participants)}
+    if not column:
+        return groups
+    table = {row["participant_id"]: row for row in store.phenotypes()}
+    if not table or column not in next(iter(table.values())):
+        raise ValueError(f"{store.root / 'participants.tsv'} has no column {column!r} to group by")
+    values = {p: table.get(p, {}).get(column, "") for p in participants}
+    values = {p: v for p, v in values.items() if v not in ("", "n/a", "NA", "nan")}
+    try:
+        numbers = {p: float(v) for p, v in values.items()}
+    except ValueError:
+        numbers = None
+    if numbers is not None and len(set(numbers.values())) > 10:
+        edges = np.quantile(list(numbers.values()), np.linspace(0, 1, quantiles + 1))
+        for q in range(quantiles):
+            members = [p for p, v in numbers.items() if edges[q] <= v <= edges[q + 1] and
+                       (q == quantiles - 1 or v < edges[q + 1])]
+            groups[f"{column}-q{q + 1}of{quantiles}"] = members
+    else:
+        for value in sorted(set(values.values())):
+            groups[f"{column}-{value}"] = [p for p, v in values.items() if v == value]
+    return groups
+
+
+def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> Path | None:
+    """A glass-brain view of a map over the MNI template (nilearn), or nothing without nilearn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import nibabel as nib
+        from nilearn import plotting
+    except ImportError:
+        return None
+    from neurox.io.atomic import write_atomic
+
+    image = nib.Nifti1Image(volume.astype(np.float32), affine)
+    positive = volume[volume > 0]
+    threshold = float(np.percentile(positive, 80)) if positive.size else None
+    display = plotting.plot_glass_brain(image, threshold=threshold, colorbar=True, title=title,
+                                        plot_abs=False, cmap="hot" if volume.min() >= 0 else "RdBu_r")
+    write_atomic(png, lambda tmp: display.frame_axes.figure.savefig(tmp, dpi=110, format="png"))
+    display.close()
+    plt.close("all")
+    return png
+
+
+def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, options: ExplainOptions | None = None,
+            subjects: list[str] | None = None, split: str | None = None, where: str | None = None,
+            group_by: str | None = None, quantiles: int = 4, device: str = "auto", progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    from neurox.hub import load_pretrained
+    from neurox.train.distributed import detect
+    from neurox.train.finetune import check_fits_store, load_run
+
+    options = options or ExplainOptions()
+    _captum()
+    run_dir, out = Path(run_dir), Path(out)
+    _, targets, splits = load_run(run_dir)
+    output, output_name = output_index(targets, options)
+    store = Store(store_path)
+    model = load_pretrained(run_dir / "model")
+    check_fits_store(model.config, store)
+    participants = choose_participants(store, splits, subjects, split, where)
+    groups = groups_of(store, participants, group_by, quantiles)
+    model.to(detect(device).device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+
+    from neurox.analysis.connectivity import participant_runs
+
+    runs = participant_runs(store, participants)
+    store_affine = np.array(store.run(store.run_ids[0]).attributes["affine"])
+    length = model.config.img_size[3]
+    n_windows = sum(store.run(r).n_frames // length for p in participants for r in runs[p])
+    maps: dict[str, np.ndarray] = {}
+    failed = []
+    bar = tqdm(total=n_windows, desc="explain", unit="window", disable=not progress)
+    for pid in participants:
+        common = out / f"{pid}_space-store_attribution.nii.gz"
+        native = out / f"{pid}_attribution.nii.gz"
+        if common.is_file() and native.is_file():  # done by an earlier, interrupted run
+            import nibabel as nib
+
+            maps[pid] = np.asarray(nib.load(str(common)).dataobj, dtype=np.float64)
+            bar.update(sum(store.run(r).n_frames // length for r in runs[pid]))
+            continue
+        try:
+            volume = participant_map(model, store, runs[pid], output, options, bar)
+            source = store.run(runs[pid][0]).attributes["source"]
+            save_nifti(native, to_source_grid(volume, store_affine, source["shape"], np.array(source["affine"])),
+                       np.array(source["affine"]))
+            save_nifti(common, volume, store_affine)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"neurox explain: {pid}: {err}; left out", file=sys.stderr)
+            failed.append(pid)
+            continue
+        maps[pid] = volume
+    bar.close()
+    summary = {"run": str(run_dir), "store": str(store.root), "output": output_name, "method":
+               "integrated_gradients" + ("+smoothgrad_sq" if options.noise_samples else ""),
+               "options": asdict(options), "participants": sorted(maps), "failed": failed, "groups": {}}
+    for name, members in groups.items():
+        members = [p for p in members if p in maps]
+        if not members:
+            continue
+        mean = np.mean([maps[p] for p in members], axis=0)
+        save_nifti(out / f"group-{name}_attribution.nii.gz", mean, store_affine)
+        plot_map(out / f"group-{name}_attribution.png", mean, store_affine,
+                 f"{output_name}: {name} (n={len(members)})")
+        summary["groups"][name] = members
+    from neurox.io.atomic import write_text_atomic
+
+    write_text_atomic(out / "explain.json", json.dumps(summary, indent=2) + "\n")
+    return out
