@@ -20,7 +20,7 @@ from neurox.cli import main
 from neurox.data.loader import load_cohort, split_participants
 from neurox.data.prepare import prepare
 from neurox.data.store import Store, read_tsv
-from neurox.train.engine import StepSampler
+from neurox.train.engine import StepSampler, consolidated_state
 from neurox.train.metrics import auroc, with_intervals
 
 N_SUBJECTS = 10
@@ -92,7 +92,7 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(finetune_args(store, run)) == 0
     for name in ("config.yaml", "splits.tsv", "targets.json", "metrics.jsonl", "metrics.json", "predictions.tsv",
-                 "model/config.json", "checkpoints/last.pt"):
+                 "model/config.json", "checkpoints/last/trainer.pt"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"val", "test"}
@@ -224,12 +224,12 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
         time.sleep(0.01)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "stopped by SIGTERM at step" in out
-    stopped_at = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["step"]
+    stopped_at = consolidated_state(resumed / "checkpoints" / "last")["step"]
     assert 2 <= stopped_at < 8  # mid-run: the reference takes 8 steps
     subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed), "--resume", "true"],
                    check=True, env=_env(), capture_output=True)
-    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    a = consolidated_state(reference / "checkpoints" / "last")
+    b = consolidated_state(resumed / "checkpoints" / "last")
     assert a["step"] == b["step"]
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key

@@ -109,6 +109,26 @@ def _finetune_parser() -> ArgumentParser:
     return p
 
 
+def _pretrain_parser() -> ArgumentParser:
+    from jsonargparse import ActionConfigFile
+
+    from neurox.train.pretrain import PretrainConfig
+
+    p = ArgumentParser(
+        description="Self-supervised pretraining on one or many stores (no labels): contrastive (NT-Xent, instance "
+        "or local_temporal mode) or masked image modelling. Stores are sampled with --store_weight and must share "
+        "one input contract. Runs on one CPU, one GPU, or many processes and nodes (torchrun, srun, mpiexec; DDP "
+        "or --strategy fsdp); sharded checkpoints resume on any number of processes. Writes OUT/model, which "
+        "neurox finetune --init takes.",
+        epilog="example: neurox pretrain --store ukb-store --store hcp-store --store_weight [2,1] "
+        "--objective contrastive --out runs/pretrain --epochs 100",
+    )
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    p.add_argument("--store", action="append", default=[], help="a store; repeat it for several")
+    p.add_class_arguments(PretrainConfig, fail_untyped=False, skip={"store"})
+    return p
+
+
 def _evaluate_parser() -> ArgumentParser:
     p = ArgumentParser(description="Subject-level metrics of a trained run on a store, per split, with 95% "
                        "bootstrap intervals; --baseline puts an FC baseline run beside it.",
@@ -245,6 +265,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("convert-swift", _convert_swift_parser(), help="published SwiFT checkpoint -> model dir")
     sub.add_subcommand("synth", _synth_parser(), help="synthetic cohort with planted effects")
     sub.add_subcommand("prepare", _prepare_parser(), help="fMRIPrep/BIDS NIfTI -> chunked store")
+    sub.add_subcommand("pretrain", _pretrain_parser(), help="self-supervised pretraining on many stores")
     sub.add_subcommand("finetune", _finetune_parser(), help="train on a store's phenotypes")
     sub.add_subcommand("evaluate", _evaluate_parser(), help="subject-level metrics of a run")
     sub.add_subcommand("predict", _predict_parser(), help="per-participant predictions of a run")
@@ -353,6 +374,17 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from neurox.train.distributed import detect
+    from neurox.train.pretrain import PretrainConfig, pretrain
+
+    config = config_from_args(PretrainConfig, args)
+    run_dir = pretrain(config)
+    if detect("cpu").is_main and (run_dir / "model" / "config.json").is_file():
+        print(f"wrote {run_dir / 'model'} (fine-tune it with neurox finetune --init {run_dir / 'model'})")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from neurox.io.atomic import write_text_atomic
     from neurox.train.finetune import evaluate
@@ -436,7 +468,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {
-    "synth": cmd_synth, "prepare": cmd_prepare, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
+    "synth": cmd_synth, "prepare": cmd_prepare, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
     "predict": cmd_predict, "baseline": cmd_baseline, "demo": cmd_demo,
     "connectivity": cmd_connectivity, "explain": cmd_explain, "embed": cmd_embed, "convert-swift": cmd_convert_swift,
     "smoke": cmd_smoke,

@@ -47,7 +47,7 @@ def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs:
         raise RuntimeError(f"prepare failed for {len(report.failed)} runs; see {store / 'failures.tsv'}")
     run = out / "runs" / "swift"
     if not (run / "metrics.json").is_file():
-        resume = (run / "checkpoints" / "last.pt").is_file()
+        resume = checkpoint_exists(run)
         step("finetune", lambda: finetune(FinetuneConfig(
             store=str(store), target=",".join(TARGETS), out=str(run), preset="demo", epochs=epochs, batch_size=4,
             # from scratch, 5e-4 and above collapsed to constant outputs after warm-up on this cohort

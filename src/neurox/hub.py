@@ -81,7 +81,8 @@ def load_pretrained(model_dir: str | Path, with_head: bool = True, map_location:
     head_spec = config.get("head")
     head = None
     if with_head and head_spec and (model_dir / HEAD_FILE).is_file():
-        head = build_head(head_spec["task"], arch.num_features, head_spec["num_outputs"], head_spec.get("hidden_dim"))
+        head = build_head(head_spec["task"], arch.num_features, head_spec["num_outputs"], head_spec.get("hidden_dim"),
+                          head_spec.get("standardize", False))
     model = SwiFT(arch)
     load_checked(model, load_file(str(model_dir / MODEL_FILE), device=map_location), model_dir / MODEL_FILE)
     if head is not None:

@@ -22,19 +22,34 @@ class PooledLinearHead(nn.Module):
     """
 
     def __init__(self, in_features: int, num_outputs: int, hidden_dim: int | None = None,
-                 task: str | None = None):
+                 task: str | None = None, standardize: bool = False):
         super().__init__()
         self.task = task
+        self.standardize = standardize
+        if standardize:  # fixed statistics of the pooled features, set by ``calibrate``
+            self.register_buffer("feature_mean", torch.zeros(in_features))
+            self.register_buffer("feature_std", torch.ones(in_features))
         self.hidden = nn.Linear(in_features, hidden_dim) if hidden_dim else None
         self.head = nn.Linear(hidden_dim or in_features, num_outputs)
 
     def spec(self) -> dict:
         """What a model directory records to rebuild this head."""
         return {"task": self.task, "num_outputs": self.head.out_features,
-                "hidden_dim": None if self.hidden is None else self.hidden.out_features}
+                "hidden_dim": None if self.hidden is None else self.hidden.out_features,
+                "standardize": self.standardize}
+
+    @torch.no_grad()
+    def calibrate(self, pooled: torch.Tensor) -> None:
+        """Standardise with these pooled features' per-channel mean and std (a linear probe on a frozen
+        backbone: its features differ between participants by a small fraction of their size, which a
+        linear layer trained on raw features finds slowly, if at all; MAE's probe uses a BatchNorm alike)."""
+        self.feature_mean.copy_(pooled.mean(0))
+        self.feature_std.copy_(pooled.std(0).clamp_min(1e-6))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features.flatten(2).mean(-1)
+        if self.standardize:
+            x = (x - self.feature_mean) / self.feature_std
         if self.hidden is not None:
             x = self.hidden(x)
         return self.head(x)
@@ -59,26 +74,27 @@ class ContrastiveProjection(nn.Module):
         return F.normalize(x, dim=-1)
 
 
-def build_head(task: str | None, in_features: int, num_outputs: int = 1, hidden_dim: int | None = None) -> nn.Module:
+def build_head(task: str | None, in_features: int, num_outputs: int = 1, hidden_dim: int | None = None,
+               standardize: bool = False) -> nn.Module:
     """A head for ``task``: binary -> 1 logit; multilabel -> one logit per binary target;
     multiclass -> ``num_outputs`` logits (>= 3 classes);
     regression -> ``num_outputs`` targets; contrastive -> a ``num_outputs``-dim unit embedding."""
     if task == "binary":
         if num_outputs != 1:
             raise ValueError("a binary head has one output (a logit); use task 'multiclass' for more classes")
-        return PooledLinearHead(in_features, 1, hidden_dim, task)
+        return PooledLinearHead(in_features, 1, hidden_dim, task, standardize)
     if task == "multilabel":  # several binary targets, one logit each
-        return PooledLinearHead(in_features, num_outputs, hidden_dim, task)
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, task, standardize)
     if task == "multiclass":
         if num_outputs < 3:
             raise ValueError(f"a multiclass head needs at least 3 classes, got {num_outputs}; use 'binary'")
-        return PooledLinearHead(in_features, num_outputs, hidden_dim, task)
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, task, standardize)
     if task == "regression":
         if num_outputs < 1:
             raise ValueError("a regression head needs at least one target")
-        return PooledLinearHead(in_features, num_outputs, hidden_dim, task)
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, task, standardize)
     if task == "contrastive":
         return ContrastiveProjection(in_features, num_outputs, hidden_dim)
-    if task is None:  # a converted head whose task its checkpoint did not record
-        return PooledLinearHead(in_features, num_outputs, hidden_dim, None)
+    if task is None:  # a converted head whose task its checkpoint did not record (or a mixed one)
+        return PooledLinearHead(in_features, num_outputs, hidden_dim, None, standardize)
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

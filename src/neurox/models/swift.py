@@ -214,10 +214,16 @@ class SwiFT(nn.Module):
                 f"in multiples of the temporal patch {cfg.patch_size[3]}"
             )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, hidden: torch.Tensor | None = None,
+                         mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden`` (B, X', Y', Z', T') bool marks patch tokens replaced by ``mask_token`` (C,)
+        before the position embedding: masked image modelling."""
         self.check_input(x)
         b = x.shape[0]
-        x = self.pos_drop(self.patch_embed(x))  # (X, Y, Z, T, B, C)
+        x = self.patch_embed(x)  # (X, Y, Z, T, B, C)
+        if hidden is not None:
+            x = torch.where(hidden.permute(1, 2, 3, 4, 0)[..., None], mask_token.to(x.dtype), x)
+        x = self.pos_drop(x)
         grid = list(x.shape[:4])
         for i, stage in enumerate(self.layers):
             if i > 0:

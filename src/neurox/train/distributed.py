@@ -80,9 +80,10 @@ def wrap(model: nn.Module, env: Env, strategy: str = "ddp") -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for stage in model.layers:
-            for block in stage.blocks:
-                fully_shard(block)
+        from neurox.models.swift import SwinBlock
+
+        for block in [m for m in model.modules() if isinstance(m, SwinBlock)]:
+            fully_shard(block)
         fully_shard(model)
         return model
     raise ValueError(f"unknown strategy {strategy!r}; choose ddp or fsdp")

@@ -3,9 +3,11 @@
 A step is one optimiser update over the global batch (per-process batch x processes x gradient
 accumulation). The windows of an epoch and their order are a function of (seed, epoch), so a run
 resumed at step k of an epoch sees exactly the batches it would have seen. Checkpoints hold the
-model, optimiser, scheduler, position and RNG states, and are written atomically at the end of
-each epoch, every ``checkpoint_every`` steps, and when SIGTERM arrives (the signal a cluster sends
-before pre-emption), after which the run exits cleanly. A non-finite loss stops the run with the
+model, optimiser, scheduler, position and RNG states, and are written at the end of each epoch,
+every ``checkpoint_every`` steps, and when SIGTERM arrives (the signal a cluster sends before
+pre-emption), after which the run exits cleanly. They are ``torch.distributed.checkpoint``
+directories: every process writes its own shards (FSDP) in parallel, and a run resumes on any
+number of processes. A checkpoint is written beside the last one and swapped in when complete. A non-finite loss stops the run with the
 step and the batch's participants, leaving the last good checkpoint in place.
 """
 
@@ -26,7 +28,7 @@ import torch
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from neurox.data.loader import ThreadedLoader, WindowDataset, as_model_input
+from neurox.data.loader import ThreadedLoader, WindowDataset
 from neurox.errors import UserFacingError
 from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.train import distributed as dist_utils
@@ -128,22 +130,74 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def full_state(model, optimizer) -> tuple[dict, dict]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, optimizer, options=options)
+TRAINER_FILE = "trainer.pt"
 
 
-def load_full_state(model, optimizer, model_state, optimizer_state) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+def checkpoint_exists(run_dir: Path) -> bool:
+    return (Path(run_dir) / "checkpoints" / "last" / TRAINER_FILE).is_file()
 
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+def save_sharded(directory: Path, model, optimizer, trainer_state: dict, is_main: bool) -> None:
+    """Model and optimiser state as a ``torch.distributed.checkpoint`` directory (each process its
+    own shards), plus the loop's state from the main process; written to a temporary directory and
+    swapped in, so ``directory`` always holds a complete checkpoint."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist_utils.barrier()
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp),
+             no_dist=not torch.distributed.is_initialized())
+    dist_utils.barrier()
+    if is_main:
+        write_atomic(tmp / TRAINER_FILE, lambda path: torch.save(trainer_state, path))
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    dist_utils.barrier()
+
+
+def load_sharded(directory: Path, model, optimizer) -> dict:
+    """Load a checkpoint written by ``save_sharded`` on any number of processes; the loop's state back."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (directory / TRAINER_FILE).is_file():
+        old = directory.with_name(f".{directory.name}.old")  # a swap interrupted between its two renames
+        directory = old if (old / TRAINER_FILE).is_file() else directory
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory), no_dist=not torch.distributed.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
+
+
+def consolidated_state(directory: Path) -> dict:
+    """A sharded checkpoint as one plain dict (``model``, ``optimizer``, plus the loop's state), in
+    one process without a model: for inspection, tests and export."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.pt"
+        dcp_to_torch_save(str(directory), str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return {**state, **torch.load(Path(directory) / TRAINER_FILE, map_location="cpu", weights_only=True)}
 
 
 class Trainer:
-    """Fits ``model`` (already wrapped for parallelism) with ``loss_fn(outputs, labels)``."""
+    """Fits ``model`` (already wrapped for parallelism) with ``loss_fn(model, batch, labels)``, the
+    batch and labels as the dataset gives them, on the device."""
 
     def __init__(self, model, loss_fn, settings: LoopSettings, env: dist_utils.Env, run_dir: Path,
                  make_items, dataset_factory, evaluate_fn=None):
@@ -168,7 +222,7 @@ class Trainer:
         self.best_score = -math.inf
         self.history: list[dict] = []
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=settings.precision == "fp16")
-        self.checkpoint_path = run_dir / "checkpoints" / "last.pt"
+        self.checkpoint_path = run_dir / "checkpoints" / "last"
         self.tensorboard = None
         if env.is_main:
             try:  # TensorBoard when installed; metrics.jsonl always
@@ -181,19 +235,15 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> None:
-        model_state, optimizer_state = full_state(self.model, self.optimizer)
-        if not self.env.is_main:
-            return
-        state = {"model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "step": self.step, "best_score": self.best_score,
-                 "history": self.history, "rng": rng_states(), "world_size": self.env.world_size}
-        write_atomic(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                 "best_score": self.best_score, "history": self.history, "rng": rng_states(),
+                 "world_size": self.env.world_size}
+        save_sharded(self.checkpoint_path, self.model, self.optimizer, state, self.env.is_main)
 
     def load_checkpoint(self) -> bool:
-        if not self.checkpoint_path.is_file():
+        if not checkpoint_exists(self.run_dir):
             return False
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        load_full_state(self.model, self.optimizer, state["model"], state["optimizer"])
+        state = load_sharded(self.checkpoint_path, self.model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_score, self.history = state["step"], state["best_score"], state["history"]
@@ -230,14 +280,14 @@ class Trainer:
                 self.model.train()
                 micro, loss_sum, windows, started = 0, 0.0, 0, time.perf_counter()
                 for x, labels, index in loader:
-                    x = as_model_input(x, env.device)
-                    labels = labels.to(env.device)
+                    x = x.to(env.device, non_blocking=True)
+                    labels = labels.to(env.device, non_blocking=True)
                     with autocast:
-                        loss = self.loss_fn(self.model(x), labels)
+                        loss = self.loss_fn(self.model, x, labels)
                     if not torch.isfinite(loss).all():
                         who = sorted({dataset.participant(int(i)) for i in index})
                         last = (f"the last good checkpoint is {self.checkpoint_path}"
-                                if self.checkpoint_path.is_file() else "no checkpoint was written yet")
+                                if checkpoint_exists(self.run_dir) else "no checkpoint was written yet")
                         raise NonFiniteLoss(f"loss is {loss.item()} at step {self.step + 1} (epoch {epoch}); batch "
                                             f"participants: {', '.join(who)}; {last}")
                     self.scaler.scale(loss / s.accumulation).backward()

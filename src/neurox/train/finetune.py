@@ -3,7 +3,7 @@ evaluated honestly (participant splits, subject-level metrics with bootstrap int
 metrics from the best validation checkpoint).
 
 A run directory holds ``config.yaml`` (every resolved option), ``splits.tsv``, ``targets.json``,
-``metrics.jsonl`` (training log), ``checkpoints/last.pt``, ``model/`` (the best validation model, a
+``metrics.jsonl`` (training log), ``checkpoints/last/`` (a sharded checkpoint), ``model/`` (the best validation model, a
 model directory), ``metrics.json`` and ``predictions.tsv``.
 """
 
@@ -38,7 +38,7 @@ from neurox.data.store import Store, write_tsv
 from neurox.io.atomic import write_text_atomic
 from neurox.models import SwiFT, build_head
 from neurox.train import distributed as dist_utils
-from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, sharded_indices, write_json
+from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, checkpoint_exists, sharded_indices, write_json
 from neurox.train.objectives import head_task, num_outputs, selection_score, subject_metrics, supervised_loss
 
 
@@ -113,7 +113,8 @@ def check_fits_store(arch: SwiFTConfig, store: Store) -> None:
 
 
 def build_model(config: FinetuneConfig, arch: SwiFTConfig, targets: list[Target]) -> SwiFT:
-    head = build_head(head_task(targets), arch.num_features, num_outputs(targets))
+    # a linear probe (--freeze) standardises the frozen features with their training statistics
+    head = build_head(head_task(targets), arch.num_features, num_outputs(targets), standardize=config.freeze)
     model = SwiFT(arch, head)
     if config.init:
         from neurox.hub import load_pretrained
@@ -201,7 +202,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     if config.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     run_dir = Path(config.out)
-    if run_dir.exists() and (run_dir / "checkpoints" / "last.pt").exists() and not config.resume:
+    if checkpoint_exists(run_dir) and not config.resume:
         raise ValueError(f"{run_dir} already holds a run; pass --resume true to continue it or choose another --out")
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -228,6 +229,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     dist_utils.barrier()
 
     model = build_model(config, arch, targets).to(env.device)
+    if config.freeze and not config.resume:
+        calibrate_probe(model, store.root, cohort, length, grid, env, config)
     wrapped = dist_utils.wrap(model, env, config.strategy)
     contract = InputContract.for_model(arch, tr=_store_tr(store), normalization=store.info["normalization"])
 
@@ -238,14 +241,18 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     def save_best(step: int, metrics: dict):
         state = _full_model_state(wrapped)  # a collective under FSDP: every process calls it
         if env.is_main:
-            best = SwiFT(arch, build_head(model.head.task, arch.num_features, model.head.head.out_features))
+            best = SwiFT(arch, build_head(model.head.task, arch.num_features, model.head.head.out_features,
+                                          standardize=model.head.standardize))
             best.load_state_dict(state)
             from neurox.hub import save_pretrained
 
             save_pretrained(best, run_dir / "model", contract=contract, card=_card(config, targets, step, metrics),
                             source={"run": str(run_dir), "step": step})
 
-    trainer = Trainer(wrapped, lambda out, y: supervised_loss(out, y, targets), config.settings(), env, run_dir,
+    def loss_fn(model, x, labels):
+        return supervised_loss(model(as_model_input(x, env.device)), labels, targets)
+
+    trainer = Trainer(wrapped, loss_fn, config.settings(), env, run_dir,
                       lambda epoch: training_items(cohort, length, config.seed, epoch),
                       lambda items: WindowDataset(store.root, cohort, items, length, grid), evaluate)
     if config.resume and trainer.load_checkpoint() and env.is_main:
@@ -258,6 +265,22 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     dist_utils.barrier()
     final_evaluation(run_dir, store, cohort, targets, length, grid, env, config)
     return run_dir
+
+
+@torch.no_grad()
+def calibrate_probe(model: SwiFT, store_root: Path, cohort: Cohort, length: int, grid, env, config,
+                    max_windows: int = 512) -> None:
+    """Set a probe head's feature statistics from the training participants' windows (every process
+    computes its share; the statistics come from all of them)."""
+    items = training_items(cohort, length, config.seed, epoch=0)[:max_windows]
+    dataset = WindowDataset(store_root, cohort, items, length, grid)
+    model.eval()
+    pooled = []
+    for x, _, _ in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank), config.batch_size,
+                                  config.loader_workers):
+        pooled.append(model.forward_features(as_model_input(x, env.device)).flatten(2).mean(-1).float().cpu())
+    gathered = dist_utils.all_gather_objects(torch.cat(pooled))
+    model.head.calibrate(torch.cat(gathered).to(env.device))
 
 
 def _full_model_state(wrapped) -> dict:

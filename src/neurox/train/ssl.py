@@ -1,0 +1,191 @@
+"""Self-supervised objectives and the augmentations they use, all on whole batches on the device.
+
+- Contrastive (as published for SwiFT): NT-Xent on L2-normalised projections with cosine
+  similarity and a temperature (0.1). ``instance`` mode: the two windows of a participant are
+  positives, every other participant in the global batch (gathered from every process, gradients
+  flowing back) a negative. ``local_temporal`` mode: two augmented views of one window are
+  positives, the views of the participant's other window negatives.
+- Masked image modelling (as SwiFT's successors use it): ``token_mask`` is the one place that
+  decides what is hidden (a ratio of the 4D patch tokens); the backbone sees a learned mask token
+  there; a light linear decoder reconstructs every voxel of each masked patch from the last stage's
+  features, and the loss is the L1 error on masked voxels inside the brain.
+- ``augment``: one random affine per sample applied to every frame (``affine_grid`` /
+  ``grid_sample``), Gaussian noise drawn per frame, light Gaussian smoothing. It returns a new
+  tensor; the input batch is never changed in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+OBJECTIVES = ("contrastive", "mim")
+CONTRASTIVE_MODES = ("instance", "local_temporal")
+
+
+# --- contrastive ---------------------------------------------------------------------------------
+
+
+def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """Rows of every process in rank order; gradients flow back to each process's own rows."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z), dim=0)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """NT-Xent between paired rows of ``a`` and ``b`` (N, D), negatives every other row of both,
+    across every process. Rows need not be normalised (cosine similarity is taken here)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    offset = 0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        offset = dist.get_rank() * a.shape[0]
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    everything = torch.cat([all_a, all_b])  # (2 N_global, D)
+    n_global = all_a.shape[0]
+    local = torch.cat([a, b])  # (2 N, D)
+    logits = local @ everything.T / temperature
+    rows = torch.arange(a.shape[0], device=a.device) + offset
+    self_index = torch.cat([rows, rows + n_global])
+    positive = torch.cat([rows + n_global, rows])
+    logits = logits.masked_fill(F.one_hot(self_index, everything.shape[0]).bool(), float("-inf"))
+    return F.cross_entropy(logits, positive)
+
+
+def local_temporal_loss(views: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """``views`` (N, 4, D): two views of window 1, two of window 2, per participant. Each view's
+    positive is the other view of its window; the views of the other window are its negatives."""
+    v = F.normalize(views.float(), dim=-1)
+    sim = v @ v.transpose(1, 2) / temperature  # (N, 4, 4)
+    sim = sim.masked_fill(torch.eye(4, dtype=torch.bool, device=v.device), float("-inf"))
+    positive = torch.tensor([1, 0, 3, 2], device=v.device).expand(v.shape[0], 4)
+    return F.cross_entropy(sim.reshape(-1, 4), positive.reshape(-1))
+
+
+# --- masked image modelling -------------------------------------------------------------------------
+
+
+def token_mask(batch: int, grid, ratio: float, generator: torch.Generator | None = None,
+               device=None) -> torch.Tensor:
+    """(B, X', Y', Z', T') bool, True where the patch token is hidden: exactly ``round(ratio * L)``
+    tokens per sample, chosen uniformly."""
+    length = math.prod(grid)
+    hidden = int(round(ratio * length))
+    if not 0 < hidden < length:
+        raise ValueError(f"a mask ratio of {ratio} hides {hidden} of {length} tokens; choose it in (0, 1)")
+    scores = torch.rand(batch, length, generator=generator, device="cpu").to(device)
+    order = scores.argsort(dim=1)
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    mask.scatter_(1, order[:, :hidden], True)
+    return mask.view(batch, *grid)
+
+
+class MIMDecoder(nn.Module):
+    """A linear map from each last-stage token to every voxel of the patches it covers (the
+    SimMIM-style light decoder), rearranged back to the input layout."""
+
+    def __init__(self, in_features: int, patch_size, in_chans: int, upscale: int):
+        super().__init__()
+        self.patch_size, self.in_chans, self.upscale = tuple(patch_size), in_chans, upscale
+        sx, sy, sz, st = self.patch_size
+        self.proj = nn.Linear(in_features, upscale**3 * sx * sy * sz * st * in_chans)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C', X'', Y'', Z'', T') -> (B, C, X, Y, Z, T)."""
+        b, _, gx, gy, gz, gt = features.shape
+        sx, sy, sz, st = self.patch_size
+        u, c = self.upscale, self.in_chans
+        out = self.proj(features.permute(0, 2, 3, 4, 5, 1))  # (B, gx, gy, gz, gt, u^3 s... c)
+        out = out.view(b, gx, gy, gz, gt, u, u, u, sx, sy, sz, st, c)
+        # voxel x = (gx * u + ux) * sx + px, likewise y, z; t = gt * st + pt
+        out = out.permute(0, 12, 1, 5, 8, 2, 6, 9, 3, 7, 10, 4, 11)
+        return out.reshape(b, c, gx * u * sx, gy * u * sy, gz * u * sz, gt * st)
+
+
+def voxel_mask(token_hidden: torch.Tensor, patch_size) -> torch.Tensor:
+    """(B, X', Y', Z', T') token mask -> (B, 1, X, Y, Z, T) voxel mask."""
+    sx, sy, sz, st = patch_size
+    m = token_hidden[:, None]
+    for axis, size in zip(range(2, 6), (sx, sy, sz, st)):
+        m = m.repeat_interleave(size, dim=axis)
+    return m
+
+
+def mim_loss(reconstruction: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor,
+             brain: torch.Tensor) -> torch.Tensor:
+    """L1 on voxels that are hidden and inside the brain (``brain`` (B, 1, X, Y, Z, 1) or full)."""
+    weight = (hidden & brain).float()
+    return ((reconstruction.float() - target.float()).abs() * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+# --- augmentations ------------------------------------------------------------------------------------
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, rotate_deg: float = 8.0, scale: float = 0.05,
+            shift_voxels: float = 2.0, noise: float = 0.1, smooth_sigma: float = 0.5,
+            background: torch.Tensor | float | None = None) -> torch.Tensor:
+    """A new, augmented copy of ``x`` (B, C, X, Y, Z, T): per sample one random rotation, scaling and
+    translation for every frame (trilinear), outside-of-volume filled with the background value;
+    Gaussian noise with a std drawn per frame (up to ``noise`` x the sample's std); Gaussian smoothing
+    with a sigma drawn per sample (up to ``smooth_sigma`` voxels). Randomness comes from ``generator``
+    (CPU), so a run is reproducible whatever the device."""
+    b, c, sx, sy, sz, t = x.shape
+    device = x.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator).to(device)
+
+    fill = x.amin(dim=(1, 2, 3, 4, 5)) if background is None else torch.as_tensor(background, device=device).expand(b)
+    angles = (rand(b, 3) * 2 - 1) * math.radians(rotate_deg)
+    rotation = _rotation_matrices(angles) * (1 + (rand(b, 1, 1) * 2 - 1) * scale)
+    shift = (rand(b, 3) * 2 - 1) * shift_voxels * 2 / torch.tensor([sx, sy, sz], device=device)
+    theta = torch.cat([rotation, shift[:, :, None]], dim=2)  # (B, 3, 4), in (x, y, z) order
+    # grid_sample's 3D layout is (N, C, D, H, W) with grid (x, y, z) -> (W, H, D): put our X last
+    volumes = (x - fill.view(b, 1, 1, 1, 1, 1)).permute(0, 1, 5, 4, 3, 2).reshape(b, c * t, sz, sy, sx)
+    grid = F.affine_grid(theta.to(x.dtype), list(volumes.shape), align_corners=False)
+    moved = F.grid_sample(volumes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if smooth_sigma > 0:
+        moved = _smooth(moved, rand(b) * smooth_sigma)
+    out = moved.view(b, c, t, sz, sy, sx).permute(0, 1, 5, 4, 3, 2) + fill.view(b, 1, 1, 1, 1, 1)
+    if noise > 0:
+        level = rand(b, 1, 1, 1, 1, t) * noise * x.std(dim=(1, 2, 3, 4, 5)).view(b, 1, 1, 1, 1, 1)
+        out = out + level * torch.randn(out.shape, generator=generator).to(device, x.dtype)
+    return out
+
+
+def _rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
+    cx, cy, cz = torch.cos(angles).unbind(1)
+    sx, sy, sz = torch.sin(angles).unbind(1)
+    one, zero = torch.ones_like(cx), torch.zeros_like(cx)
+    rx = torch.stack([one, zero, zero, zero, cx, -sx, zero, sx, cx], 1).view(-1, 3, 3)
+    ry = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], 1).view(-1, 3, 3)
+    rz = torch.stack([cz, -sz, zero, sz, cz, zero, zero, zero, one], 1).view(-1, 3, 3)
+    return rz @ ry @ rx
+
+
+def _smooth(volumes: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian (3 taps) per sample with its own sigma; (B, K, D, H, W)."""
+    b, k = volumes.shape[:2]
+    taps = torch.arange(-1, 2, device=volumes.device, dtype=volumes.dtype)
+    weights = torch.exp(-(taps**2)[None] / (2 * sigma.to(volumes.dtype)[:, None].clamp_min(1e-3) ** 2))
+    weights = weights / weights.sum(1, keepdim=True)  # (B, 3)
+    out = volumes.reshape(1, b * k, *volumes.shape[2:])
+    for axis in range(3):
+        shape = [1, 1, 1]
+        shape[axis] = 3
+        kernel = weights.repeat_interleave(k, dim=0).view(b * k, 1, *shape)
+        out = F.conv3d(F.pad(out, _pad_for(axis), mode="replicate"), kernel, groups=b * k)
+    return out.view_as(volumes)
+
+
+def _pad_for(axis: int) -> tuple[int, ...]:
+    """F.pad's (W, W, H, H, D, D) padding of one tap on each side of ``axis`` (0 = D)."""
+    pad = [0] * 6
+    pad[4 - 2 * axis] = pad[5 - 2 * axis] = 1
+    return tuple(pad)
