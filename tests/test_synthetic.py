@@ -53,7 +53,7 @@ def test_layout_is_fmriprep_like_and_prepare_reads_it(cohort, tmp_path):
 
 
 def test_same_seed_same_bytes(cohort, tmp_path):
-    again = synthesize(tmp_path / "again", TINY, progress=False)
+    again = synthesize(tmp_path / "again", TINY, progress=False, workers=2)  # parallel: the same bytes
     assert digest(again) == digest(cohort)
     other = synthesize(tmp_path / "other", SynthOptions(**{**TINY.__dict__, "seed": 4}), progress=False)
     assert digest(other) != digest(cohort)

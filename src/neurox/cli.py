@@ -89,6 +89,7 @@ def _synth_parser() -> ArgumentParser:
     p.add_argument("--motion_spikes", type=bool, default=True)
     p.add_argument("--n_parcels", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="runs written in parallel (same bytes for any number)")
     p.add_argument("--quiet", type=bool, default=False)
     return p
 
@@ -242,6 +243,25 @@ def _embed_parser() -> ArgumentParser:
     return p
 
 
+def _probe_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        description="A linear probe of a frozen model: each participant's embedding (mean over windows), a "
+        "cross-validated logistic or ridge model fitted on the training participants, metrics on validation and "
+        "test participants with bootstrap intervals. --split_from RUN scores the same participants as that run.",
+        epilog="example: neurox probe runs/pretrain/model --store synthetic-store --target amplitude_group "
+        "--split_from runs/amp --out runs/probe",
+    )
+    p.add_argument("model", help="a model directory (pretrained, converted) or a finetune run")
+    p.add_argument("--store", required=True)
+    p.add_argument("--target", required=True, help="phenotype column(s), comma-separated")
+    p.add_argument("--out", default=None, help="folder for metrics.json and splits.tsv")
+    p.add_argument("--split_from", default=None, help="a finetune run whose splits.tsv to use")
+    p.add_argument("--seed", type=int, default=0, help="the split's seed when there is no --split_from")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    return p
+
+
 def _demo_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="The whole path on a synthetic cohort: synth -> prepare -> finetune + FC baseline -> evaluate -> "
@@ -272,6 +292,7 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("baseline", _baseline_parser(), help="FC + linear model on the same split")
     sub.add_subcommand("connectivity", _connectivity_parser(), help="parcel series and connectivity matrices")
     sub.add_subcommand("explain", _explain_parser(), help="attribution maps (NIfTI, PNG) of a trained run")
+    sub.add_subcommand("probe", _probe_parser(), help="closed-form linear probe of a frozen model")
     sub.add_subcommand("embed", _embed_parser(), help="window and participant embeddings, PCA plot")
     sub.add_subcommand("demo", _demo_parser(), help="synth -> prepare -> finetune + baseline -> report")
     sub.add_subcommand("smoke", _smoke_parser(), help="forward+backward of the backbone on generated input")
@@ -329,7 +350,7 @@ def cmd_synth(args) -> int:
     options = SynthOptions(n_subjects=args.n_subjects, n_runs=args.n_runs, n_frames=args.n_frames, tr=args.tr,
                            voxel_size_mm=args.voxel_size, effect_size=args.effect_size, noise=args.noise,
                            motion_spikes=args.motion_spikes, n_parcels=args.n_parcels, seed=args.seed)
-    out = synthesize(args.out, options, progress=not args.quiet)
+    out = synthesize(args.out, options, progress=not args.quiet, workers=args.workers)
     print(f"wrote {out} ({args.n_subjects} subjects; ground truth in {out / 'ground_truth'})")
     return 0
 
@@ -458,6 +479,15 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    from neurox.analysis.probe import probe
+
+    results = probe(args.model, args.store, args.target, out=args.out, split_from=args.split_from, seed=args.seed,
+                    batch_size=args.batch_size, device=args.device)
+    print_metrics(results, title=f"linear probe of {args.model}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from neurox.demo import run_demo
 
@@ -470,7 +500,8 @@ def cmd_demo(args) -> int:
 COMMANDS = {
     "synth": cmd_synth, "prepare": cmd_prepare, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
     "predict": cmd_predict, "baseline": cmd_baseline, "demo": cmd_demo,
-    "connectivity": cmd_connectivity, "explain": cmd_explain, "embed": cmd_embed, "convert-swift": cmd_convert_swift,
+    "connectivity": cmd_connectivity, "explain": cmd_explain, "embed": cmd_embed,
+    "probe": cmd_probe, "convert-swift": cmd_convert_swift,
     "smoke": cmd_smoke,
 }
 

@@ -236,8 +236,9 @@ def make_participants(options: SynthOptions, rng: np.random.Generator) -> list[d
              "coupling_group": coupling[i], "order_group": order[i], "lowfreq_score": score[i]} for i in range(n)]
 
 
-def synthesize(out: str | Path, options: SynthOptions | None = None, progress: bool = True) -> Path:
-    """Write the cohort to ``out``; returns it."""
+def synthesize(out: str | Path, options: SynthOptions | None = None, progress: bool = True, workers: int = 1) -> Path:
+    """Write the cohort to ``out`` (runs written by ``workers`` processes; every run's bytes depend only on
+    the seed, the participant and the run, so any number of workers writes the same files); returns it."""
     from tqdm import tqdm
 
     options = options or SynthOptions()
@@ -264,25 +265,40 @@ def synthesize(out: str | Path, options: SynthOptions | None = None, progress: b
     write_ground_truth(out / "ground_truth", labels, networks, affine, options)
 
     space = SPACE[options.voxel_size_mm]
-    shape = (*mask.shape, options.n_frames)
     jobs = [(p, r) for p in participants for r in range(1, options.n_runs + 1)]
-    for subject, run in tqdm(jobs, desc="synth", unit="run", disable=not progress):
-        sub = subject["participant_id"]
-        func = out / sub / "func"
-        stem = f"{sub}_task-rest_run-{run}"
-        run_rng = np.random.default_rng([options.seed, int(sub[4:]), run])
-        bold = func / f"{stem}_space-{space}_desc-preproc_bold.nii.gz"
-        if not bold.exists():
-            write_nifti_streaming(bold, affine, shape, options.tr, run_frames(run_rng, options, subject, anatomy))
-        write_image(func / f"{stem}_space-{space}_desc-brain_mask.nii.gz", mask.astype(np.uint8), affine)
-        write_text_atomic(func / f"{stem}_space-{space}_desc-preproc_bold.json",
-                          json.dumps({"RepetitionTime": options.tr, "SkullStripped": False}, indent=2) + "\n")
-        confound_rng = np.random.default_rng([options.seed, int(sub[4:]), run, 1])
-        fd = np.round(np.abs(confound_rng.normal(0.1, 0.05, options.n_frames)), 4)
-        fd[0] = 0
-        write_text_atomic(func / f"{stem}_desc-confounds_timeseries.tsv",
-                          "framewise_displacement\n" + "\n".join(["n/a"] + [str(v) for v in fd[1:]]) + "\n")
+    context = (out, options, anatomy, affine, mask, space)
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(write_run, context, subject, run) for subject, run in jobs]
+            for future in tqdm(futures, desc="synth", unit="run", disable=not progress):
+                future.result()
+    else:
+        for subject, run in tqdm(jobs, desc="synth", unit="run", disable=not progress):
+            write_run(context, subject, run)
     return out
+
+
+def write_run(context, subject: dict, run: int) -> None:
+    out, options, anatomy, affine, mask, space = context
+    shape = (*mask.shape, options.n_frames)
+    sub = subject["participant_id"]
+    func = out / sub / "func"
+    stem = f"{sub}_task-rest_run-{run}"
+    run_rng = np.random.default_rng([options.seed, int(sub[4:]), run])
+    bold = func / f"{stem}_space-{space}_desc-preproc_bold.nii.gz"
+    if not bold.exists():
+        write_nifti_streaming(bold, affine, shape, options.tr, run_frames(run_rng, options, subject, anatomy))
+    write_image(func / f"{stem}_space-{space}_desc-brain_mask.nii.gz", mask.astype(np.uint8), affine)
+    write_text_atomic(func / f"{stem}_space-{space}_desc-preproc_bold.json",
+                      json.dumps({"RepetitionTime": options.tr, "SkullStripped": False}, indent=2) + "\n")
+    confound_rng = np.random.default_rng([options.seed, int(sub[4:]), run, 1])
+    fd = np.round(np.abs(confound_rng.normal(0.1, 0.05, options.n_frames)), 4)
+    fd[0] = 0
+    write_text_atomic(func / f"{stem}_desc-confounds_timeseries.tsv",
+                      "framewise_displacement\n" + "\n".join(["n/a"] + [str(v) for v in fd[1:]]) + "\n")
 
 
 def write_ground_truth(folder: Path, labels, networks, affine, options: SynthOptions) -> None:

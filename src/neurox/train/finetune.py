@@ -53,6 +53,7 @@ class FinetuneConfig:
     preset: str = "demo"
     init: str | None = None  # a model directory: its architecture and backbone weights
     freeze: bool = False  # train the head only (a linear probe)
+    head_init: str = "random"  # random, or probe: fit the head in closed form first (LP-FT)
     epochs: int = 10
     batch_size: int = 4  # per process
     accumulation: int = 1
@@ -201,6 +202,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         raise ValueError("finetune needs --store, --target and --out")
     if config.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if config.head_init not in ("random", "probe"):
+        raise ValueError(f"unknown --head_init {config.head_init!r}; choose random or probe")
     run_dir = Path(config.out)
     if checkpoint_exists(run_dir) and not config.resume:
         raise ValueError(f"{run_dir} already holds a run; pass --resume true to continue it or choose another --out")
@@ -229,8 +232,12 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     dist_utils.barrier()
 
     model = build_model(config, arch, targets).to(env.device)
-    if config.freeze and not config.resume:
-        calibrate_probe(model, store.root, cohort, length, grid, env, config)
+    if (config.freeze or config.head_init == "probe") and not config.resume:
+        pooled, labels = training_features(model, store.root, cohort, length, grid, env, config)
+        if config.freeze:
+            model.head.calibrate(pooled.to(env.device))
+        else:
+            initialise_head(model, targets, pooled, labels, config.seed)
     wrapped = dist_utils.wrap(model, env, config.strategy)
     contract = InputContract.for_model(arch, tr=_store_tr(store), normalization=store.info["normalization"])
 
@@ -268,19 +275,46 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
 
 @torch.no_grad()
-def calibrate_probe(model: SwiFT, store_root: Path, cohort: Cohort, length: int, grid, env, config,
-                    max_windows: int = 512) -> None:
-    """Set a probe head's feature statistics from the training participants' windows (every process
-    computes its share; the statistics come from all of them)."""
+def training_features(model: SwiFT, store_root: Path, cohort: Cohort, length: int, grid, env, config,
+                      max_windows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled backbone features and labels of (up to ``max_windows``) training windows, from every
+    process's share."""
     items = training_items(cohort, length, config.seed, epoch=0)[:max_windows]
     dataset = WindowDataset(store_root, cohort, items, length, grid)
     model.eval()
-    pooled = []
-    for x, _, _ in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank), config.batch_size,
+    pooled, labels = [], []
+    for x, y, _ in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank), config.batch_size,
                                   config.loader_workers):
         pooled.append(model.forward_features(as_model_input(x, env.device)).flatten(2).mean(-1).float().cpu())
-    gathered = dist_utils.all_gather_objects(torch.cat(pooled))
-    model.head.calibrate(torch.cat(gathered).to(env.device))
+        labels.append(y)
+    gathered = dist_utils.all_gather_objects((torch.cat(pooled), torch.cat(labels)))
+    return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+
+
+def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, labels: torch.Tensor,
+                    seed: int) -> None:
+    """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): the head starts as the
+    cross-validated logistic or ridge model of the training windows' pooled features, its
+    standardisation folded into the weights, so fine-tuning starts from a head that already reads
+    the backbone instead of pulling the backbone towards a random one."""
+    from neurox.analysis.baseline import fit_linear
+
+    x, y = pooled.double().numpy(), labels.double().numpy()
+    weight, bias = torch.zeros_like(model.head.head.weight), torch.zeros_like(model.head.head.bias)
+    if targets[0].task == "multiclass":
+        fits = [(slice(None), fit_linear(x, y[:, 0], "multiclass", seed))]
+    else:
+        fits = [(slice(i, i + 1), fit_linear(x, y[:, i], t.task, seed)) for i, t in enumerate(targets)]
+    for rows, fit in fits:
+        coef = fit["coef"] / fit["scale"]
+        intercept = fit["intercept"] - coef @ fit["mean"]
+        if targets[0].task == "multiclass" and coef.shape[0] == 1:  # two classes present: one logit
+            coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+        weight[rows] = torch.as_tensor(coef, dtype=weight.dtype)
+        bias[rows] = torch.as_tensor(np.atleast_1d(intercept), dtype=bias.dtype)
+    with torch.no_grad():
+        model.head.head.weight.copy_(weight)
+        model.head.head.bias.copy_(bias)
 
 
 def _full_model_state(wrapped) -> dict:

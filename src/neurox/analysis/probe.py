@@ -1,0 +1,76 @@
+"""``neurox probe``: how much of a target a frozen model's representation holds, in closed form.
+
+The standard test of a self-supervised representation: each participant's embedding (the mean over
+their windows of the backbone's pooled output, as ``neurox embed`` computes it), a cross-validated
+logistic (classes) or ridge (numbers) model fitted on the training participants only (the same
+fitting as the FC baseline), metrics on the validation and test participants with bootstrap
+intervals. Pass ``--split_from RUN`` to use a finetune run's participants, so that a probe, a
+fine-tuned model and the FC baseline are scored on the same people. ``neurox finetune --init DIR
+--freeze true`` is the gradient-trained probe, for cohorts too large to embed at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from neurox.analysis.baseline import fit_linear, linear_outputs
+from neurox.analysis.connectivity import participant_runs
+from neurox.analysis.embed import load_model, window_embeddings
+from neurox.data.loader import load_cohort, load_splits, save_splits, split_participants, standardise
+from neurox.data.store import Store
+from neurox.io.atomic import write_text_atomic
+from neurox.train.objectives import subject_metrics
+
+
+def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4) -> dict[str, np.ndarray]:
+    runs = participant_runs(store, participants)
+    out = {}
+    for pid in sorted(runs):
+        _, emb = window_embeddings(model, store, runs[pid], batch_size, progress=False)
+        if len(emb):
+            out[pid] = emb.mean(0)
+    return out
+
+
+def probe(model_path: str | Path, store_path: str | Path, target: str, out: str | Path | None = None,
+          split_from: str | Path | None = None, seed: int = 0, batch_size: int = 4, device: str = "auto",
+          n_boot: int = 1000) -> dict:
+    """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given."""
+    from neurox.train.distributed import detect
+    from neurox.train.finetune import check_fits_store
+
+    model, _ = load_model(model_path)
+    store = Store(store_path)
+    check_fits_store(model.config, store)
+    columns = [c.strip() for c in target.split(",") if c.strip()]
+    cohort = load_cohort(store, columns)
+    if split_from:
+        splits = load_splits(Path(split_from) / "splits.tsv")
+        cohort.split = {p: splits[p] for p in cohort.participants if p in splits}
+    else:
+        cohort.split = split_participants(cohort, seed)
+    standardise(cohort)
+    model.to(detect(device).device).eval()
+    features = participant_embeddings(model, store, cohort.participants, batch_size)
+    train = [p for p in cohort.in_split("train") if p in features]
+    x_train = np.stack([features[p] for p in train])
+    y_train = np.stack([cohort.labels(p) for p in train])
+    fitted = [fit_linear(x_train, y_train[:, i], t.task, seed) for i, t in enumerate(cohort.targets)]
+    results = {}
+    for split in ("val", "test"):
+        members = [p for p in cohort.in_split(split) if p in features]
+        if members:
+            x = np.stack([features[p] for p in members])
+            outputs = np.concatenate([linear_outputs(f, x) for f in fitted], axis=1)
+            results[split], _, _ = subject_metrics(cohort.targets, members, outputs,
+                                                   {p: cohort.labels(p) for p in members}, n_boot)
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_splits(out / "splits.tsv", cohort.split)
+        write_text_atomic(out / "metrics.json", json.dumps({"model": str(model_path), "store": str(store.root),
+                                                             "target": target, **results}, indent=2) + "\n")
+    return results
