@@ -27,6 +27,7 @@ def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs:
     from neurox.data.prepare import prepare
     from neurox.data.preprocess import PrepareOptions, TargetGrid
     from neurox.data.synthetic import SynthOptions, synthesize
+    from neurox.train.engine import checkpoint_exists
     from neurox.train.finetune import FinetuneConfig, finetune
 
     out = Path(out)

@@ -7,8 +7,9 @@ model, optimiser, scheduler, position and RNG states, and are written at the end
 every ``checkpoint_every`` steps, and when SIGTERM arrives (the signal a cluster sends before
 pre-emption), after which the run exits cleanly. They are ``torch.distributed.checkpoint``
 directories: every process writes its own shards (FSDP) in parallel, and a run resumes on any
-number of processes. A checkpoint is written beside the last one and swapped in when complete. A non-finite loss stops the run with the
-step and the batch's participants, leaving the last good checkpoint in place.
+number of processes. A checkpoint is written beside the last one and swapped in when complete.
+A non-finite loss stops the run with the step and the batch's participants, leaving the last good
+checkpoint in place.
 """
 
 from __future__ import annotations
