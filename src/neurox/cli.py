@@ -498,8 +498,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {
-    "synth": cmd_synth, "prepare": cmd_prepare, "pretrain": cmd_pretrain, "finetune": cmd_finetune, "evaluate": cmd_evaluate,
-    "predict": cmd_predict, "baseline": cmd_baseline, "demo": cmd_demo,
+    "synth": cmd_synth, "prepare": cmd_prepare, "pretrain": cmd_pretrain, "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate, "predict": cmd_predict, "baseline": cmd_baseline, "demo": cmd_demo,
     "connectivity": cmd_connectivity, "explain": cmd_explain, "embed": cmd_embed,
     "probe": cmd_probe, "convert-swift": cmd_convert_swift,
     "smoke": cmd_smoke,
