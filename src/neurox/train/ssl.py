@@ -155,7 +155,9 @@ def augment(x: torch.Tensor, generator: torch.Generator, rotate_deg: float = 8.0
     out = moved.view(b, c, t, sz, sy, sx).permute(0, 1, 5, 4, 3, 2) + fill.view(b, 1, 1, 1, 1, 1)
     if noise > 0:
         level = rand(b, 1, 1, 1, 1, t) * noise * x.std(dim=(1, 2, 3, 4, 5)).view(b, 1, 1, 1, 1, 1)
-        out = out + level * torch.randn(out.shape, generator=generator).to(device, x.dtype)
+        # the bulk of the noise is drawn on the device, from a generator seeded by the CPU one
+        on_device = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        out = out + level * torch.randn(out.shape, generator=on_device, device=device, dtype=x.dtype)
     return out
 
 
