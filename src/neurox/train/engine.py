@@ -186,10 +186,12 @@ def consolidated_state(directory: Path) -> dict:
     """A sharded checkpoint as one plain dict (``model``, ``optimizer``, plus the loop's state), in
     one process without a model: for inspection, tests and export."""
     import tempfile
+    import warnings
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is ... a single process": it is
         path = Path(tmp) / "state.pt"
         dcp_to_torch_save(str(directory), str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)

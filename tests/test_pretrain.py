@@ -1,0 +1,233 @@
+"""Pretraining: the objectives and augmentations, many stores, FSDP2 across processes, resume, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fakes import OPTIONS, bids_run, bold
+from safetensors.torch import load_file
+
+from neurox.cli import main
+from neurox.data.prepare import prepare
+from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.train import ssl
+from neurox.train.engine import consolidated_state
+
+# --- objectives ---------------------------------------------------------------------------------------
+
+
+def test_nt_xent_equals_the_simclr_definition():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    sim = z @ z.T / 0.1
+    n = 5
+    losses = []
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        others = [j for j in range(2 * n) if j != i]
+        losses.append(-sim[i, positive] + torch.logsumexp(sim[i, others], 0))
+    assert torch.allclose(ssl.nt_xent(a, b, 0.1), torch.stack(losses).mean(), atol=1e-5)
+    # perfectly aligned pairs with orthogonal negatives: loss near zero
+    eye = torch.eye(5, 8)
+    assert ssl.nt_xent(eye, eye, 0.1).item() < 1e-3
+
+
+def test_local_temporal_positives_are_the_views_of_one_window():
+    window_1, window_2 = torch.randn(3, 16), torch.randn(3, 16)
+    aligned = torch.stack([window_1, window_1, window_2, window_2], dim=1)  # views equal within a window
+    crossed = torch.stack([window_1, window_2, window_1, window_2], dim=1)  # positives from different windows
+    assert ssl.local_temporal_loss(aligned).item() < ssl.local_temporal_loss(crossed).item()
+    assert ssl.local_temporal_loss(aligned).item() < 0.05
+
+
+def test_token_mask_hides_the_ratio_and_voxel_mask_follows_patches():
+    hidden = ssl.token_mask(3, (4, 4, 4, 5), 0.6, torch.Generator().manual_seed(1))
+    assert hidden.shape == (3, 4, 4, 4, 5) and (hidden.flatten(1).sum(1) == round(0.6 * 320)).all()
+    assert not torch.equal(hidden[0], hidden[1])  # each sample its own mask
+    voxels = ssl.voxel_mask(hidden, (2, 3, 2, 1))
+    assert voxels.shape == (3, 1, 8, 12, 8, 5)
+    assert torch.equal(voxels[:, 0, ::2, ::3, ::2, :], hidden)
+    with pytest.raises(ValueError, match="mask ratio"):
+        ssl.token_mask(1, (2, 2, 2, 1), 1.0)
+
+
+def test_mim_decoder_puts_each_token_on_the_voxels_it_covers():
+    decoder = ssl.MIMDecoder(in_features=6, patch_size=(2, 2, 2, 1), in_chans=1, upscale=2)
+    features = torch.zeros(1, 6, 2, 3, 2, 4)
+    features[0, :, 1, 2, 0, 3] = 1.0  # one last-stage token
+    torch.nn.init.zeros_(decoder.proj.bias)
+    out = decoder(features)
+    assert out.shape == (1, 1, 8, 12, 8, 4)
+    nonzero = out[0, 0].abs() > 0
+    covered = torch.zeros_like(nonzero)
+    covered[4:8, 8:12, 0:4, 3] = True  # token (1, 2, 0) covers 2 x 2 patches of 2 voxels per axis; frame 3
+    assert torch.equal(nonzero, covered)
+
+
+def test_mim_loss_counts_hidden_voxels_inside_the_brain_only():
+    target = torch.zeros(1, 1, 2, 2, 2, 1)
+    reconstruction = torch.ones_like(target)
+    hidden = torch.zeros_like(target, dtype=torch.bool)
+    hidden[..., 0, :, :, :] = True
+    brain = torch.zeros(1, 1, 2, 2, 2, 1, dtype=torch.bool)
+    brain[..., 0, 0, :, :] = True
+    reconstruction[..., 1, :, :, :] = 100.0  # visible: not counted
+    assert ssl.mim_loss(reconstruction, target, hidden, brain).item() == pytest.approx(1.0)
+
+
+def test_augment_returns_a_new_reproducible_tensor():
+    x = torch.randn(2, 1, 12, 12, 12, 4)
+    before = x.clone()
+    a = ssl.augment(x, torch.Generator().manual_seed(3))
+    b = ssl.augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(x, before) and torch.equal(a, b) and not torch.equal(a, x)
+    same = ssl.augment(x, torch.Generator().manual_seed(3), rotate_deg=0, scale=0, shift_voxels=0, noise=0,
+                       smooth_sigma=0)
+    assert torch.allclose(same, x, atol=1e-4)  # the identity affine moves nothing
+    # one affine for every frame: a static volume stays static after augmentation without noise
+    static = torch.randn(1, 1, 12, 12, 12, 1).expand(1, 1, 12, 12, 12, 4).contiguous()
+    moved = ssl.augment(static, torch.Generator().manual_seed(4), noise=0)
+    assert torch.allclose(moved[..., 0], moved[..., 3], atol=1e-5) and not torch.allclose(moved, static)
+
+
+# --- the command ---------------------------------------------------------------------------------------
+
+
+def _make_store(root: Path, n: int, options: PrepareOptions = OPTIONS, seed: int = 0) -> Path:
+    rows = ["participant_id\tgroup"]
+    for i in range(n):
+        bids_run(root / "bids", f"{i:02d}", data=bold(n_frames=40, seed=seed + i))
+        rows.append(f"sub-{i:02d}\t{i % 2}")
+    (root / "bids" / "participants.tsv").write_text("\n".join(rows) + "\n")
+    assert prepare(root / "bids", root / "store", options, progress=False).ok
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> tuple[Path, Path]:
+    return (_make_store(tmp_path_factory.mktemp("a"), 6), _make_store(tmp_path_factory.mktemp("b"), 4, seed=50))
+
+
+def pretrain_args(stores, out: Path, *extra: str) -> list[str]:
+    store_args = [a for s in stores for a in ("--store", str(s))]
+    return ["pretrain", *store_args, "--out", str(out), "--epochs", "1", "--batch_size", "2",
+            "--loader_workers", "0", *extra]
+
+
+@pytest.mark.parametrize("objective", [["--objective", "contrastive", "--contrastive_mode", "instance"],
+                                       ["--objective", "contrastive", "--contrastive_mode", "local_temporal"],
+                                       ["--objective", "mim", "--mask_ratio", "0.5"]])
+def test_pretrain_writes_a_model_that_finetune_takes(stores, tmp_path, objective):
+    out = tmp_path / "pre"
+    assert main(pretrain_args(stores, out, "--store_weight", "[1,3]", "--max_steps", "2", *objective)) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["input_contract"]["normalization"] == "global_zscore" and config["head"] is None
+    assert "self-supervised" in (out / "model" / "README.md").read_text()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    run = tmp_path / "probe"
+    assert main(["finetune", "--store", str(stores[0]), "--target", "group", "--out", str(run), "--epochs", "1",
+                 "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0", "--init", str(out / "model"),
+                 "--freeze", "true"]) == 0
+    backbone = load_file(str(out / "model" / "model.safetensors"))
+    probed = load_file(str(run / "model" / "model.safetensors"))
+    assert all(torch.equal(backbone[k], probed[k]) for k in backbone)  # frozen: the backbone is unchanged
+
+
+def test_weighted_sampling_follows_the_weights(stores):
+    from neurox.data.store import Store
+    from neurox.train.pretrain import ParticipantPairs, epoch_items
+
+    data = ParticipantPairs([Store(s) for s in stores], 20, (48, 48, 48), seed=0)
+    items = epoch_items(data, [1.0, 3.0], seed=0, epoch=0, per_epoch=4000)
+    share = np.mean([s == 1 for s, _ in items])
+    assert abs(share - 0.75) < 0.03
+    assert epoch_items(data, None, 0, 0, None) != epoch_items(data, None, 0, 1, None)  # reshuffled per epoch
+    assert sorted(epoch_items(data, None, 0, 0, None)) == data.participants()  # everyone once
+    data.items = items[:1]
+    pair, brain, _ = data[0]
+    assert pair.shape == (2, 1, 20, 48, 48, 48) and brain.dtype == torch.bool and brain.any()
+
+
+def test_stores_with_different_contracts_are_refused_in_one_line(stores, tmp_path, capsys):
+    other = _make_store(tmp_path, 2, PrepareOptions(grid=TargetGrid.default(4.0), min_frames=8,
+                                                    normalization="voxel_zscore"))
+    assert main(pretrain_args([stores[0], other], tmp_path / "pre")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "normalization" in err and str(other) in err
+    assert main(pretrain_args([stores[0]], tmp_path / "pre", "--store_weight", "[1,2]")) == 1
+    assert "one non-negative weight per store" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(stores, tmp_path, capsys):
+    out = tmp_path / "pre"
+    assert main(pretrain_args(stores, out, "--objective", "mim", "--lr", "1e30", "--clip_grad", "0",
+                              "--warmup_fraction", "0", "--checkpoint_every", "1", "--epochs", "3")) == 1
+    err = capsys.readouterr().err
+    assert "at step" in err and "batch participants: sub-" in err and "last good checkpoint" in err
+    assert consolidated_state(out / "checkpoints" / "last")["step"] >= 1  # loadable
+
+
+# --- processes -------------------------------------------------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_path):
+    two = tmp_path / "two"
+    args = pretrain_args(stores[:1], two, "--strategy", "fsdp", "--batch_size", "1", "--epochs", "10",
+                         "--max_steps", "3", "--checkpoint_every", "3", "--device", "cpu", "--augment", "false")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29541", "-m", "neurox.cli", *args], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = consolidated_state(two / "checkpoints" / "last")
+    assert state["step"] == 3 and state["world_size"] == 2
+    saved = load_file(str(two / "model" / "model.safetensors"))
+    assert all(torch.equal(state["model"][f"backbone.{k}"], v) for k, v in saved.items())
+    # the same run resumed on one process: the sharded checkpoint loads into the whole model
+    (two / "model" / "model.safetensors").unlink()
+    resumed = subprocess.run([sys.executable, "-m", "neurox.cli", *args, "--resume", "true"], env=_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout and "at step 3" in resumed.stdout
+    again = load_file(str(two / "model" / "model.safetensors"))
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+    # and it trains on from there
+    more = subprocess.run([sys.executable, "-m", "neurox.cli", *args[:-6], "--max_steps", "4", "--resume", "true",
+                           "--checkpoint_every", "3", "--device", "cpu", "--augment", "false"],
+                          env=_env(), capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert consolidated_state(two / "checkpoints" / "last")["step"] == 4
+
+
+def test_sigterm_mid_run_leaves_a_loadable_checkpoint(stores, tmp_path):
+    out = tmp_path / "pre"
+    args = pretrain_args(stores, out, "--epochs", "50", "--objective", "mim")
+    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *args], env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and '"step": 1,' in log.read_text():
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stopped by SIGTERM at step" in stdout
+    state = consolidated_state(out / "checkpoints" / "last")
+    assert 1 <= state["step"] < 250 and all(torch.isfinite(v).all() for v in state["model"].values())
