@@ -25,7 +25,7 @@ def test_save_and_load_round_trip(tmp_path):
         "README.md", "config.json", "head.safetensors", "model.safetensors"]
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["neurox_version"] == neurox.__version__
-    assert config["head"] == {"task": "regression", "num_outputs": 2, "hidden_dim": None}
+    assert config["head"] == {"task": "regression", "num_outputs": 2, "hidden_dim": None, "standardize": False}
     assert "synthetic cohort" in (tmp_path / "m" / "README.md").read_text()
 
     loaded = neurox.load_pretrained(tmp_path / "m").eval()
