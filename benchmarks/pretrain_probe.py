@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--explain_steps", type=int, default=8)
+    p.add_argument("--normalization", default="global_zscore", help="the store's normalisation (neurox prepare)")
     args = p.parse_args()
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "work"
@@ -101,7 +102,12 @@ def main() -> None:
                                           str(args.frames), "--voxel_size", "4", "--workers", str(args.workers),
                                           "--quiet", "true", log=log)
     report["timings_s"]["prepare"] = neurox("prepare", str(cohort), "--out", str(store), "--voxel_size", "4",
-                                            "--workers", str(args.workers), "--quiet", "true", log=log)
+                                            "--normalization", args.normalization, "--workers", str(args.workers),
+                                            "--quiet", "true", log=log)
+
+    def save() -> None:  # after every stage, so that a run cut short keeps what it measured
+        (out / "pretrain_probe.json").write_text(json.dumps(report, indent=2) + "\n")
+
     common = ["--precision", args.precision, "--device", args.device, "--loader_workers", str(args.workers)]
     probes = []
     for seed in args.seeds:
@@ -119,6 +125,8 @@ def main() -> None:
             metrics = json.loads((probe_dir / "metrics.json").read_text())["test"]
             probes.append({"seed": seed, "backbone": name, **{
                 t: metrics.get(f"{t}.auroc", metrics.get(f"{t}.pearson_r")) for t in TARGETS}})
+            report["probe_test"] = probes
+            save()
     report["probe_test"] = probes  # AUROC for the groups, Pearson r for lowfreq_score
     for name in ("pretrained", "random"):
         rows = [r for r in probes if r["backbone"] == name]
@@ -137,6 +145,7 @@ def main() -> None:
         report.setdefault("finetune", {})[name] = {
             "val_auroc_per_epoch": val_curve(run, "auroc"),
             "test": json.loads((run / "metrics.json").read_text())["test"].get("auroc")}
+        save()
     scratch_best = max(v for _, v in report["finetune"]["from_scratch"]["val_auroc_per_epoch"])
     reached = [s for s, v in report["finetune"]["from_pretrained"]["val_auroc_per_epoch"] if v >= scratch_best]
     report["finetune"]["scratch_best_val"] = scratch_best
@@ -154,7 +163,7 @@ def main() -> None:
     report["explain"] = {"run": best, "target": target, "attribution_auroc_vs_ground_truth": auroc_of_map(
         explained / "group-all_attribution.nii.gz", cohort / "ground_truth" / truth, store)}
     shutil.copy(explained / "group-all_attribution.png", out / f"attribution_{target}.png")
-    (out / "pretrain_probe.json").write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print(json.dumps(report, indent=2))
 
 

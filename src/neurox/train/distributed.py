@@ -65,6 +65,16 @@ def init(env: Env) -> None:
     dist.init_process_group(BACKENDS.get(env.device.type, "gloo"), rank=env.rank, world_size=env.world_size)
 
 
+def launch(run, config):
+    """``run(config, env)`` inside this process's group (joined first, left after, also on errors)."""
+    env = detect(config.device)
+    init(env)
+    try:
+        return run(config, env)
+    finally:
+        shutdown()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -120,5 +130,5 @@ def all_reduce_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
-__all__ = ["Env", "detect", "init", "shutdown", "wrap", "all_gather_objects", "broadcast_object", "barrier",
+__all__ = ["Env", "detect", "init", "launch", "shutdown", "wrap", "all_gather_objects", "broadcast_object", "barrier",
            "all_reduce_flag"]

@@ -182,6 +182,16 @@ def load_sharded(directory: Path, model, optimizer) -> dict:
     return torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
+def start_run(run_dir: Path, resume: bool, seed: int, deterministic: bool) -> None:
+    """Refuse to start over a run unless resuming it; seed every generator."""
+    if checkpoint_exists(run_dir) and not resume:
+        raise ValueError(f"{run_dir} already holds a run; pass --resume true to continue it or choose another --out")
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
 def consolidated_state(directory: Path) -> dict:
     """A sharded checkpoint as one plain dict (``model``, ``optimizer``, plus the loop's state), in
     one process without a model: for inspection, tests and export."""

@@ -38,7 +38,7 @@ from neurox.data.store import Store, write_tsv
 from neurox.io.atomic import write_text_atomic
 from neurox.models import SwiFT, build_head
 from neurox.train import distributed as dist_utils
-from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, checkpoint_exists, sharded_indices, write_json
+from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, sharded_indices, start_run, write_json
 from neurox.train.objectives import head_task, num_outputs, selection_score, subject_metrics, supervised_loss
 
 
@@ -189,12 +189,7 @@ def split_metrics(model, store_root, cohort, targets, split, length, grid, env,
 
 
 def finetune(config: FinetuneConfig) -> Path:
-    env = dist_utils.detect(config.device)
-    dist_utils.init(env)
-    try:
-        return _finetune(config, env)
-    finally:
-        dist_utils.shutdown()
+    return dist_utils.launch(_finetune, config)
 
 
 def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
@@ -205,12 +200,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     if config.head_init not in ("random", "probe"):
         raise ValueError(f"unknown --head_init {config.head_init!r}; choose random or probe")
     run_dir = Path(config.out)
-    if checkpoint_exists(run_dir) and not config.resume:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume true to continue it or choose another --out")
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
+    start_run(run_dir, config.resume, config.seed, config.deterministic)
 
     store = Store(config.store)
     arch = architecture(config)

@@ -31,7 +31,7 @@ from neurox.models import SwiFT
 from neurox.models.heads import ContrastiveProjection
 from neurox.train import distributed as dist_utils
 from neurox.train import ssl
-from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, checkpoint_exists
+from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, start_run
 
 CONTRACT_KEYS = ("grid", "voxel_size_mm", "normalization", "channels", "origin_mm")
 
@@ -192,7 +192,7 @@ class PretrainModel(nn.Module):
         else:
             self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
-            self.decoder = MIMDecoderFor(arch)
+            self.decoder = mim_decoder_for(arch)
 
     def views(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return ssl.augment(x, generator) if self.augment else x
@@ -223,7 +223,7 @@ class PretrainModel(nn.Module):
         return ssl.local_temporal_loss(z, self.temperature)
 
 
-def MIMDecoderFor(arch: SwiFTConfig) -> ssl.MIMDecoder:
+def mim_decoder_for(arch: SwiFTConfig) -> ssl.MIMDecoder:
     return ssl.MIMDecoder(arch.num_features, arch.patch_size, arch.in_chans, 2 ** (arch.num_stages - 1))
 
 
@@ -231,23 +231,13 @@ def MIMDecoderFor(arch: SwiFTConfig) -> ssl.MIMDecoder:
 
 
 def pretrain(config: PretrainConfig) -> Path:
-    env = dist_utils.detect(config.device)
-    dist_utils.init(env)
-    try:
-        return _pretrain(config, env)
-    finally:
-        dist_utils.shutdown()
+    return dist_utils.launch(_pretrain, config)
 
 
 def _pretrain(config: PretrainConfig, env: dist_utils.Env) -> Path:
     config.validate()
     run_dir = Path(config.out)
-    if checkpoint_exists(run_dir) and not config.resume:
-        raise ValueError(f"{run_dir} already holds a run; pass --resume true to continue it or choose another --out")
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
+    start_run(run_dir, config.resume, config.seed, config.deterministic)
     stores = [Store(s) for s in config.store]
     contract_info = check_contracts(stores)
     if config.init:
