@@ -174,6 +174,7 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads((out / "explain.json").read_text())
     assert summary["participants"] == ["sub-01", "sub-02"] and "all" in summary["groups"]
+    assert all(0.0 <= v <= 1.0 for v in summary["outside_brain_share"].values())
     native = nib.load(str(out / "sub-01_attribution.nii.gz"))
     source = nib.load(str(next((cohort / "sub-01" / "func").glob("*desc-preproc_bold.nii.gz"))))
     assert native.shape == source.shape[:3] and np.allclose(native.affine, source.affine)

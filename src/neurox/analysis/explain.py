@@ -132,6 +132,13 @@ def participant_map(model, store: Store, run_ids: list[str], output: int, option
     return to_store_grid(total / count, tuple(store.info["grid"]))
 
 
+def outside_brain_share(volume: np.ndarray, store: Store, run_id: str) -> float:
+    """The fraction of a map's total absolute attribution on voxels outside the run's brain mask: a
+    model that reads the background (a shortcut) shows it here."""
+    total = float(np.abs(volume).sum())
+    return float(np.abs(volume[~store.mask(run_id)]).sum()) / total if total > 0 else 0.0
+
+
 def save_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
     """A float32 .nii.gz written atomically (same bytes for the same map: gzip mtime 0)."""
     import gzip
@@ -291,7 +298,13 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     bar.close()
     summary = {"run": str(run_dir), "store": str(store.root), "output": output_name, "method":
                "integrated_gradients" + ("+smoothgrad_sq" if options.noise_samples else ""),
-               "options": asdict(options), "participants": sorted(maps), "failed": failed, "groups": {}}
+               "options": asdict(options), "participants": sorted(maps), "failed": failed, "groups": {},
+               "outside_brain_share": {p: outside_brain_share(maps[p], store, runs[p][0]) for p in sorted(maps)}}
+    shares = list(summary["outside_brain_share"].values())
+    if shares and np.mean(shares) > 0.5:
+        print(f"neurox explain: {100 * np.mean(shares):.0f}% of the attribution lies outside the brain mask: the model "
+              "may read a shortcut there (with global_zscore stores, the background value differs per run)",
+              file=sys.stderr)
     for name, members in groups.items():
         members = [p for p in members if p in maps]
         if not members:
