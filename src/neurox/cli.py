@@ -273,6 +273,8 @@ def _demo_parser() -> ArgumentParser:
     p.add_argument("--n_frames", type=int, default=100)
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore", "voxel_center"],
+                   default="global_zscore", help="of the prepared store (see neurox prepare --help)")
     return p
 
 
@@ -492,7 +494,7 @@ def cmd_demo(args) -> int:
     from neurox.demo import run_demo
 
     report = run_demo(args.out, n_subjects=args.n_subjects, n_frames=args.n_frames, epochs=args.epochs,
-                      seed=args.seed)
+                      seed=args.seed, normalization=args.normalization)
     print(report.read_text())
     return 0
 

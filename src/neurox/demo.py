@@ -22,7 +22,8 @@ WHAT = {
 }
 
 
-def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs: int = 16, seed: int = 0) -> Path:
+def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs: int = 16, seed: int = 0,
+             normalization: str = "global_zscore") -> Path:
     from neurox.analysis.baseline import BaselineConfig, baseline
     from neurox.data.prepare import prepare
     from neurox.data.preprocess import PrepareOptions, TargetGrid
@@ -43,7 +44,8 @@ def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs:
     cohort = step("synth", lambda: synthesize(out / "cohort", SynthOptions(
         n_subjects=n_subjects, n_frames=n_frames, voxel_size_mm=4.0, seed=seed)))
     store = out / "store"
-    report = step("prepare", lambda: prepare(cohort, store, PrepareOptions(grid=TargetGrid.default(4.0)), workers=2))
+    report = step("prepare", lambda: prepare(cohort, store, PrepareOptions(grid=TargetGrid.default(4.0),
+                                                                          normalization=normalization), workers=2))
     if not report.ok:
         raise RuntimeError(f"prepare failed for {len(report.failed)} runs; see {store / 'failures.tsv'}")
     run = out / "runs" / "swift"
@@ -61,7 +63,7 @@ def run_demo(out: str | Path, n_subjects: int = 48, n_frames: int = 100, epochs:
     model_metrics = json.loads((run / "metrics.json").read_text())
     fc_metrics = json.loads((fc / "metrics.json").read_text())
     curve = training_curve(run, out / "training_curve.png")
-    return write_report(out, model_metrics, fc_metrics, curve, timings, n_subjects, n_frames)
+    return write_report(out, model_metrics, fc_metrics, curve, timings, n_subjects, n_frames, normalization)
 
 
 def training_curve(run: Path, png: Path) -> Path | None:
@@ -102,13 +104,14 @@ def _cell(metrics: dict, target: str, name: str) -> str:
 
 
 def write_report(out: Path, model: dict, fc: dict, curve: Path | None, timings: dict, n_subjects: int,
-                 n_frames: int) -> Path:
+                 n_frames: int, normalization: str = "global_zscore") -> Path:
     test_model, test_fc = model.get("test", {}), fc.get("test", {})
     lines = [
         "# neurox demo report",
         "",
         f"Synthetic cohort: {n_subjects} participants, one run of {n_frames} frames each (TR 0.8 s, 4 mm MNI grid), "
-        f"split by participant 60/20/20 (test: {test_model.get('n_subjects')} participants).",
+        f"split by participant 60/20/20 (test: {test_model.get('n_subjects')} participants); store normalisation "
+        f"`{normalization}`.",
         "Model: SwiFT `demo` preset trained from scratch on the three binary targets at once; test metrics from "
         "the best validation checkpoint. Baseline: Fisher-z FC of the synthetic parcels + logistic regression, "
         "fitted on the same training participants.",
