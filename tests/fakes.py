@@ -4,6 +4,7 @@ with neurox's 4 mm target box, written as real NIfTI files."""
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -66,3 +67,10 @@ def as_las(path: Path, out: Path) -> Path:
 
 def gz_bytes(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a neurox subprocess in tests: one thread each, unbuffered, no GPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import OPTIONS, bids_run, bold
+from fakes import OPTIONS, bids_run, bold, subprocess_env
 from safetensors.torch import load_file
 
 from neurox.cli import main
@@ -23,6 +22,8 @@ from neurox.data.prepare import prepare
 from neurox.data.preprocess import PrepareOptions, TargetGrid
 from neurox.train import ssl
 from neurox.train.engine import consolidated_state
+
+ENV = subprocess_env()  # for neurox subprocesses
 
 # --- objectives ---------------------------------------------------------------------------------------
 
@@ -183,18 +184,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(stores, tmp_path, c
 # --- processes -------------------------------------------------------------------------------------------
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
 def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_path):
     two = tmp_path / "two"
     args = pretrain_args(stores[:1], two, "--strategy", "fsdp", "--batch_size", "1", "--epochs", "10",
                          "--max_steps", "3", "--checkpoint_every", "3", "--device", "cpu", "--augment", "false")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29541", "-m", "neurox.cli", *args], env=_env(), capture_output=True, text=True)
+                           "29541", "-m", "neurox.cli", *args], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     state = consolidated_state(two / "checkpoints" / "last")
     assert state["step"] == 3 and state["world_size"] == 2
@@ -202,7 +197,7 @@ def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_
     assert all(torch.equal(state["model"][f"backbone.{k}"], v) for k, v in saved.items())
     # the same run resumed on one process: the sharded checkpoint loads into the whole model
     (two / "model" / "model.safetensors").unlink()
-    resumed = subprocess.run([sys.executable, "-m", "neurox.cli", *args, "--resume", "true"], env=_env(),
+    resumed = subprocess.run([sys.executable, "-m", "neurox.cli", *args, "--resume", "true"], env=ENV,
                              capture_output=True, text=True)
     assert resumed.returncode == 0 and "resumed" in resumed.stdout and "at step 3" in resumed.stdout
     again = load_file(str(two / "model" / "model.safetensors"))
@@ -210,7 +205,7 @@ def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_
     # and it trains on from there
     more = subprocess.run([sys.executable, "-m", "neurox.cli", *args[:-6], "--max_steps", "4", "--resume", "true",
                            "--checkpoint_every", "3", "--device", "cpu", "--augment", "false"],
-                          env=_env(), capture_output=True, text=True)
+                          env=ENV, capture_output=True, text=True)
     assert more.returncode == 0, more.stderr[-2000:]
     assert consolidated_state(two / "checkpoints" / "last")["step"] == 4
 
@@ -218,7 +213,7 @@ def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_
 def test_sigterm_mid_run_leaves_a_loadable_checkpoint(stores, tmp_path):
     out = tmp_path / "pre"
     args = pretrain_args(stores, out, "--epochs", "50", "--objective", "mim")
-    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *args], env=_env(), stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *args], env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     log = out / "metrics.jsonl"
     deadline = time.time() + 120

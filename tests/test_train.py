@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import OPTIONS, bids_run, bold
+from fakes import OPTIONS, bids_run, bold, subprocess_env
 from safetensors.torch import load_file
 
 from neurox.cli import main
@@ -22,6 +21,8 @@ from neurox.data.prepare import prepare
 from neurox.data.store import Store, read_tsv
 from neurox.train.engine import StepSampler, consolidated_state
 from neurox.train.metrics import auroc, with_intervals
+
+ENV = subprocess_env()  # for neurox subprocesses
 
 N_SUBJECTS = 10
 
@@ -181,21 +182,15 @@ def test_baseline_on_the_same_split(store, tmp_path):
 # --- processes: distributed parity and SIGTERM resume ----------------------------------------------
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, strategy):
     one, two = tmp_path / "one", tmp_path / "two"
     base = finetune_args(store, one, "--device", "cpu")
-    subprocess.run([sys.executable, "-m", "neurox.cli", *base], check=True, env=_env(), capture_output=True)
+    subprocess.run([sys.executable, "-m", "neurox.cli", *base], check=True, env=ENV, capture_output=True)
     args = finetune_args(store, two, "--device", "cpu", "--strategy", strategy)
     args[args.index("--batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", "-m", "neurox.cli", *args], env=_env(), capture_output=True,
+                           "--master_port", "29533", "-m", "neurox.cli", *args], env=ENV, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
@@ -211,9 +206,9 @@ def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, str
 
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, reference)], check=True, env=_env(),
+    subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, reference)], check=True, env=ENV,
                    capture_output=True)
-    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed)], env=_env(),
+    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed)], env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = resumed / "metrics.jsonl"
     deadline = time.time() + 120
@@ -227,7 +222,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
     stopped_at = consolidated_state(resumed / "checkpoints" / "last")["step"]
     assert 2 <= stopped_at < 8  # mid-run: the reference takes 8 steps
     subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed), "--resume", "true"],
-                   check=True, env=_env(), capture_output=True)
+                   check=True, env=ENV, capture_output=True)
     a = consolidated_state(reference / "checkpoints" / "last")
     b = consolidated_state(resumed / "checkpoints" / "last")
     assert a["step"] == b["step"]

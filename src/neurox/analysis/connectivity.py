@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
 from neurox.io.nifti import read_volume_ras
 
@@ -81,14 +82,6 @@ def store_atlas(store: Store, atlas_path: str | Path) -> tuple[np.ndarray, list[
     return atlas_on_grid(atlas_path, grid, affine)
 
 
-def participant_runs(store: Store, participants: list[str] | None = None) -> dict[str, list[str]]:
-    runs: dict[str, list[str]] = {}
-    for row in store.manifest:
-        if row["status"] == "ok" and (participants is None or row["participant_id"] in participants):
-            runs.setdefault(row["participant_id"], []).append(row["run_id"])
-    return runs
-
-
 def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str] | None,
                              kind: str = "fisher_z", progress: bool = True, series_out: dict | None = None
                              ) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -100,7 +93,7 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
     from tqdm import tqdm
 
     atlas, labels = store_atlas(store, atlas_path)
-    runs = participant_runs(store, participants)
+    runs, _ = prepared_runs(store, participants)
     matrices = {}
     for p in tqdm(sorted(runs), desc="connectivity", unit="participant", disable=not progress):
         per_run = []
@@ -172,7 +165,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     if group_by and not phenotypes:
         raise ValueError(f"{store.root}: no participants.tsv, so nothing to group by")
     if participants:
-        unknown = sorted(set(participants) - set(participant_runs(store)))
+        unknown = sorted(set(participants) - set(prepared_runs(store)[0]))
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
     series: dict[str, np.ndarray] = {}
@@ -182,8 +175,9 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     names = atlas_names(atlas, labels, names_tsv)
     subjects = sorted(matrices)
     stack = np.stack([matrices[p] for p in subjects]).astype(np.float32)
+    mean = stack.mean(0)
     arrays = {"matrices": stack, "participants": np.array(subjects), "labels": np.array(labels),
-              "names": np.array(names), "kind": np.array(kind), "group_mean": stack.mean(0)}
+              "names": np.array(names), "kind": np.array(kind), "group_mean": mean}
     groups = {}
     if group_by:
         for value in sorted({phenotypes.get(p, {}).get(group_by, "") for p in subjects} - {"", "n/a"}):
@@ -206,7 +200,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                                     for i, (label, name) in enumerate(zip(labels, names))], ["index", "label", "name"])
     columns = ["participant_id"] + [c for c in next(iter(phenotypes.values()), {}) if c != "participant_id"]
     write_tsv(out / "participants.tsv", [phenotypes.get(p, {"participant_id": p}) for p in subjects], columns)
-    plot_matrices(out / "group_mean.png", stack.mean(0), groups, names, kind, group_by)
+    plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by)
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neurox.data.loader import fit_to_grid
+from neurox.data.loader import prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
 
 
@@ -41,12 +41,10 @@ def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int =
 
     length, grid = model.config.img_size[3], model.config.img_size[:3]
     device = next(model.parameters()).device
-    windows = [(r, s) for r in run_ids for s in range(0, store.run(r).n_frames - length + 1, length)]
+    windows = run_windows(store, run_ids, length)
     out = []
-    for i in tqdm(range(0, len(windows), batch_size), desc="embed", unit="batch", disable=not progress):
-        chunk = windows[i : i + batch_size]
-        x = np.stack([fit_to_grid(store.read_frames(r, s, length), grid) for r, s in chunk])
-        x = torch.from_numpy(x).to(device).float().permute(0, 1, 3, 4, 5, 2)
+    batches = window_batches(store, windows, length, grid, batch_size, device)
+    for _, x in tqdm(batches, total=-(-len(windows) // batch_size), desc="embed", unit="batch", disable=not progress):
         out.append(model.forward_features(x).float().mean(dim=(2, 3, 4, 5)).cpu().numpy())
     return windows, (np.concatenate(out) if out else np.zeros((0, model.num_features), dtype=np.float32))
 
@@ -116,7 +114,6 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
           batch_size: int = 4, device: str = "auto", progress: bool = True) -> dict[str, Path]:
     """Write ``out`` (one row per participant), ``<out stem>_windows<suffix>`` (one row per window)
     and ``<out stem>_pca.png``; return their paths."""
-    from neurox.analysis.connectivity import participant_runs
     from neurox.train.distributed import detect
     from neurox.train.finetune import check_fits_store
 
@@ -131,7 +128,7 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
     if color_by and color_by not in phenotype_columns and color_by != "split":
         raise ValueError(f"--color_by {color_by!r}: not a column of {store.root / 'participants.tsv'} (nor 'split')")
     model.to(detect(device).device).eval()
-    runs = participant_runs(store)
+    runs, _ = prepared_runs(store)
     windows, vectors = [], []
     for pid in sorted(runs):
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neurox.data.loader import fit_to_grid
+from neurox.data.loader import prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
 
 REDUCTIONS = ("abs", "signed")
@@ -118,13 +118,10 @@ def participant_map(model, store: Store, run_ids: list[str], output: int, option
     """The mean over every window of the participant's runs of the reduced attribution, on the store grid."""
     length, grid = model.config.img_size[3], model.config.img_size[:3]
     device = next(model.parameters()).device
-    windows = [(r, s) for r in run_ids for s in range(0, store.run(r).n_frames - length + 1, length)]
     total, count = None, 0
-    for i in range(0, len(windows), options.batch_size):
-        chunk = windows[i : i + options.batch_size]
-        x = np.stack([fit_to_grid(store.read_frames(r, s, length), grid) for r, s in chunk])  # (B, C, T, X, Y, Z)
-        x = torch.from_numpy(x).to(device).float().permute(0, 1, 3, 4, 5, 2).contiguous()
-        maps = reduce_window(attribute(model, x, output, options), options.reduce)
+    windows = run_windows(store, run_ids, length)
+    for chunk, x in window_batches(store, windows, length, grid, options.batch_size, device):
+        maps = reduce_window(attribute(model, x.contiguous(), output, options), options.reduce)
         total = maps.sum(0) if total is None else total + maps.sum(0)
         count += len(chunk)
         if progress is not None:
@@ -170,9 +167,7 @@ def output_index(targets, options: ExplainOptions) -> tuple[int, str]:
 
 def choose_participants(store: Store, splits: dict[str, str], subjects: list[str] | None, split: str | None,
                         where: str | None) -> list[str]:
-    from neurox.analysis.connectivity import participant_runs
-
-    have = participant_runs(store)
+    have, _ = prepared_runs(store)
     chosen = sorted(have)
     if subjects:
         unknown = sorted(set(subjects) - set(have))
@@ -246,6 +241,7 @@ def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> P
 def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, options: ExplainOptions | None = None,
             subjects: list[str] | None = None, split: str | None = None, where: str | None = None,
             group_by: str | None = None, quantiles: int = 4, device: str = "auto", progress: bool = True) -> Path:
+    import nibabel as nib
     from tqdm import tqdm
 
     from neurox.hub import load_pretrained
@@ -266,12 +262,10 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     for param in model.parameters():
         param.requires_grad_(False)
 
-    from neurox.analysis.connectivity import participant_runs
-
-    runs = participant_runs(store, participants)
+    runs, _ = prepared_runs(store, participants)
     store_affine = np.array(store.run(store.run_ids[0]).attributes["affine"])
     length = model.config.img_size[3]
-    n_windows = sum(store.run(r).n_frames // length for p in participants for r in runs[p])
+    n_windows = sum(len(run_windows(store, runs[p], length)) for p in participants)
     maps: dict[str, np.ndarray] = {}
     failed = []
     bar = tqdm(total=n_windows, desc="explain", unit="window", disable=not progress)
@@ -279,10 +273,8 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         common = out / f"{pid}_space-store_attribution.nii.gz"
         native = out / f"{pid}_attribution.nii.gz"
         if common.is_file() and native.is_file():  # done by an earlier, interrupted run
-            import nibabel as nib
-
             maps[pid] = np.asarray(nib.load(str(common)).dataobj, dtype=np.float64)
-            bar.update(sum(store.run(r).n_frames // length for r in runs[pid]))
+            bar.update(len(run_windows(store, runs[pid], length)))
             continue
         try:
             volume = participant_map(model, store, runs[pid], output, options, bar)

@@ -17,16 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from neurox.analysis.baseline import fit_linear, linear_outputs
-from neurox.analysis.connectivity import participant_runs
 from neurox.analysis.embed import load_model, window_embeddings
-from neurox.data.loader import load_cohort, load_splits, save_splits, split_participants, standardise
+from neurox.data.loader import load_cohort, load_splits, prepared_runs, save_splits, split_participants, standardise
 from neurox.data.store import Store
 from neurox.io.atomic import write_text_atomic
 from neurox.train.objectives import subject_metrics
 
 
 def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4) -> dict[str, np.ndarray]:
-    runs = participant_runs(store, participants)
+    runs, _ = prepared_runs(store, participants)
     out = {}
     for pid in sorted(runs):
         _, emb = window_embeddings(model, store, runs[pid], batch_size, progress=False)

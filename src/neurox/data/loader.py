@@ -102,12 +102,13 @@ class Cohort:
         return [p for p in self.participants if self.split.get(p) == name]
 
 
-def prepared_runs(store: Store) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """Participant -> run ids, and run id -> frames, of the store's successfully prepared runs."""
+def prepared_runs(store: Store, participants=None) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Participant -> run ids, and run id -> frames, of the store's successfully prepared runs (of
+    ``participants`` only, when given)."""
     runs: dict[str, list[str]] = {}
     n_frames = {}
     for row in store.manifest:
-        if row["status"] == "ok":
+        if row["status"] == "ok" and (participants is None or row["participant_id"] in participants):
             runs.setdefault(row["participant_id"], []).append(row["run_id"])
             n_frames[row["run_id"]] = int(row["n_frames"])
     return runs, n_frames
@@ -279,6 +280,20 @@ class ThreadedLoader:
 def as_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, C, T, X, Y, Z) float16 -> (B, C, X, Y, Z, T) float32 on ``device`` (a permuted view)."""
     return batch.to(device, non_blocking=True).float().permute(0, 1, 3, 4, 5, 2)
+
+
+def run_windows(store: Store, run_ids: list[str], length: int) -> list[tuple[str, int]]:
+    """Every non-overlapping window (run id, start) of these runs."""
+    return [(r, s) for r in run_ids for s in range(0, store.run(r).n_frames - length + 1, length)]
+
+
+def window_batches(store: Store, windows: list[tuple[str, int]], length: int, grid, batch_size: int,
+                   device: torch.device):
+    """(windows of the batch, model input (B, C, X, Y, Z, T) float on ``device``), batch by batch."""
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        x = np.stack([fit_to_grid(store.read_frames(r, s, length), grid) for r, s in chunk])
+        yield chunk, as_model_input(torch.from_numpy(x), device)
 
 
 def training_items(cohort: Cohort, length: int, seed: int, epoch: int) -> list[tuple[str, int]]:

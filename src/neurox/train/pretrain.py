@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from neurox.config import InputContract, SwiFTConfig, preset
-from neurox.data.loader import fit_to_grid
+from neurox.data.loader import fit_to_grid, prepared_runs
 from neurox.data.store import Store
 from neurox.io.atomic import write_text_atomic
 from neurox.models import SwiFT
@@ -115,13 +115,12 @@ class ParticipantPairs:
 
     def __init__(self, stores: list[Store], length: int, grid, seed: int):
         self.stores, self.length, self.grid, self.seed = stores, length, tuple(grid), seed
-        self.runs: list[dict[str, list[tuple[str, int]]]] = []
+        self.runs: list[dict[str, list[tuple[str, int]]]] = []  # per store: participant -> (run id, frames)
         for store in stores:
-            runs: dict[str, list[tuple[str, int]]] = {}
-            for row in store.manifest:
-                if row["status"] == "ok" and int(row["n_frames"]) >= length:
-                    runs.setdefault(row["participant_id"], []).append((row["run_id"], int(row["n_frames"])))
-            self.runs.append(runs)
+            run_ids, n_frames = prepared_runs(store)
+            long_enough = {p: [(r, n_frames[r]) for r in ids if n_frames[r] >= length] for p, ids in run_ids.items()}
+            self.runs.append({p: runs for p, runs in long_enough.items() if runs})
+        self._brains: dict[tuple[int, str], np.ndarray] = {}  # (store, run id) -> brain mask on the model grid
         if not any(self.runs):
             raise ValueError(f"no run in {', '.join(str(s.root) for s in stores)} has the {length} frames of one "
                              "window")
@@ -148,9 +147,15 @@ class ParticipantPairs:
             run_id, n = runs[k]
             start = int(rng.integers(0, n - self.length + 1))
             windows.append(fit_to_grid(self.stores[s].read_frames(run_id, start, self.length), self.grid))
-        mask = self.stores[s].mask(runs[picks[0]][0])
-        brain = fit_to_grid(mask[None, None].astype(np.float16), self.grid)[0, 0] > 0.5
-        return torch.from_numpy(np.stack(windows)), torch.from_numpy(brain), index
+        return torch.from_numpy(np.stack(windows)), torch.from_numpy(self.brain(s, runs[picks[0]][0])), index
+
+    def brain(self, store_index: int, run_id: str) -> np.ndarray:
+        """The run's brain mask on the model grid, unpacked once per run (not once per item)."""
+        key = (store_index, run_id)
+        if key not in self._brains:
+            mask = self.stores[store_index].mask(run_id)
+            self._brains[key] = fit_to_grid(mask[None, None].astype(np.float16), self.grid)[0, 0] > 0.5
+        return self._brains[key]
 
 
 def epoch_items(data: ParticipantPairs, weights: list[float] | None, seed: int, epoch: int,
@@ -313,7 +318,7 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     objective = (f"contrastive ({config.contrastive_mode}, NT-Xent, temperature {config.temperature})"
                  if config.objective == "contrastive" else f"masked image modelling (mask ratio {config.mask_ratio}, "
                                                           "L1 on masked in-brain voxels)")
-    n_participants = sum(len(_participants(s)) for s in stores)
+    n_participants = sum(len(prepared_runs(s)[0]) for s in stores)
     card = {"data": f"{n_participants} participants from {len(stores)} store(s): "
                     + ", ".join(str(s.root) for s in stores),
             "objective": f"self-supervised {objective}; {trainer.step} steps, global batch {trainer.global_batch}",
@@ -323,7 +328,3 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
                      "`neurox finetune --init DIR`, or probe with `--init DIR --freeze true`."}
     save_pretrained(backbone, run_dir / "model", contract=contract, card=card,
                     source={"run": str(run_dir), "step": trainer.step, "objective": config.objective})
-
-
-def _participants(store: Store) -> set[str]:
-    return {row["participant_id"] for row in store.manifest if row["status"] == "ok"}
