@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -74,3 +78,19 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
+
+
+def run_until_step_then_sigterm(args: list[str], run_dir: Path, step: int) -> tuple[int, str]:
+    """Start ``neurox ARGS`` in a process, send it SIGTERM once ``run_dir/metrics.jsonl`` logs
+    ``step``, and return its exit status and standard output."""
+    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *args], env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if log.is_file() and f'"step": {step},' in log.read_text():
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    stdout, _ = process.communicate(timeout=120)
+    return process.returncode, stdout

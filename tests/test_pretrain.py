@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import OPTIONS, bids_run, bold, subprocess_env
+from fakes import OPTIONS, bids_run, bold, run_until_step_then_sigterm, subprocess_env
 from safetensors.torch import load_file
 
 from neurox.cli import main
@@ -213,16 +211,7 @@ def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_
 def test_sigterm_mid_run_leaves_a_loadable_checkpoint(stores, tmp_path):
     out = tmp_path / "pre"
     args = pretrain_args(stores, out, "--epochs", "50", "--objective", "mim")
-    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *args], env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    log = out / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if log.is_file() and '"step": 1,' in log.read_text():
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    stdout, _ = process.communicate(timeout=120)
-    assert process.returncode == 0 and "stopped by SIGTERM at step" in stdout
+    returncode, stdout = run_until_step_then_sigterm(args, out, step=1)
+    assert returncode == 0 and "stopped by SIGTERM at step" in stdout
     state = consolidated_state(out / "checkpoints" / "last")
     assert 1 <= state["step"] < 250 and all(torch.isfinite(v).all() for v in state["model"].values())

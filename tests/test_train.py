@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fakes import OPTIONS, bids_run, bold, subprocess_env
+from fakes import OPTIONS, bids_run, bold, run_until_step_then_sigterm, subprocess_env
 from safetensors.torch import load_file
 
 from neurox.cli import main
@@ -208,17 +206,8 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, reference)], check=True, env=ENV,
                    capture_output=True)
-    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed)], env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = resumed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if log.is_file() and '"step": 2,' in log.read_text():
-            process.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    out, _ = process.communicate(timeout=120)
-    assert process.returncode == 0 and "stopped by SIGTERM at step" in out
+    returncode, out = run_until_step_then_sigterm(finetune_args(store, resumed), resumed, step=2)
+    assert returncode == 0 and "stopped by SIGTERM at step" in out
     stopped_at = consolidated_state(resumed / "checkpoints" / "last")["step"]
     assert 2 <= stopped_at < 8  # mid-run: the reference takes 8 steps
     subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed), "--resume", "true"],
