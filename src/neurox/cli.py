@@ -57,9 +57,10 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--grid", type=int, nargs=3, default=None, help="target grid (default 96^3 at 2 mm, 48^3 at 4 mm)")
     p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore", "voxel_center"],
                    default="global_zscore",
-                   help="global_zscore: the published recipe (one z-score over in-brain voxels of the whole run, "
-                   "background set to the minimum); voxel_zscore: each voxel over time, background 0; "
-                   "voxel_center: each voxel's mean removed, one brain-wide temporal scale, background 0")
+                   help="global_zscore: the published recipe, what published SwiFT checkpoints expect (one z-score "
+                   "over in-brain voxels of the whole run, background set to the minimum); voxel_zscore: each voxel "
+                   "over time, background 0; voxel_center: each voxel's mean removed, one brain-wide temporal scale, "
+                   "background 0 (recommended for training from scratch: see docs/training.md)")
     p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")
     p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")
@@ -265,16 +266,19 @@ def _probe_parser() -> ArgumentParser:
 def _demo_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="The whole path on a synthetic cohort: synth -> prepare -> finetune + FC baseline -> evaluate -> "
-        "a short report (metrics table, training curve, where the outputs are). About 6-8 minutes on 2 CPU cores.",
+        "a short report (metrics table, training curve, where the outputs are). About 8 minutes on 2 CPU cores.",
         epilog="example: neurox demo --out neurox-demo",
     )
     p.add_argument("--out", default="neurox-demo")
-    p.add_argument("--n_subjects", type=int, default=48)
-    p.add_argument("--n_frames", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--n_subjects", type=int, default=96)
+    p.add_argument("--n_frames", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore", "voxel_center"],
-                   default="global_zscore", help="of the prepared store (see neurox prepare --help)")
+                   default="voxel_center", help="of the prepared store (see neurox prepare --help)")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--workers", type=int, default=2, help="processes for synth and prepare")
     return p
 
 
@@ -494,7 +498,8 @@ def cmd_demo(args) -> int:
     from neurox.demo import run_demo
 
     report = run_demo(args.out, n_subjects=args.n_subjects, n_frames=args.n_frames, epochs=args.epochs,
-                      seed=args.seed, normalization=args.normalization)
+                      seed=args.seed, normalization=args.normalization, batch_size=args.batch_size, lr=args.lr,
+                      workers=args.workers)
     print(report.read_text())
     return 0
 
