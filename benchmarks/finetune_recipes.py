@@ -17,15 +17,12 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from pretrain_probe import auroc_of_map
+from pretrain_probe import auroc_of_map, neurox  # the shared helpers of the benchmark scripts
 
 TARGETS = ("amplitude_group", "coupling_group", "order_group")
 NORMALIZATIONS = {"gz": "global_zscore", "vc": "voxel_center"}
@@ -49,15 +46,6 @@ def recipe(name: str) -> dict:
 DEFAULT_RECIPES = ["gz_3t_b4", "gz_amp_b4", "vc_3t_b4", "vc_amp_b4", "gz_3t_b16_lr3e-4", "vc_3t_b16_lr3e-4",
                    "gz_3t_b4_lr3e-5", "vc_3t_b4_lr3e-5", "gz_3t_b16", "vc_3t_b16", "gz_3t_b16_lr1e-3",
                    "vc_3t_b16_lr1e-3", "gz_3t_b16_lr3e-4_win6000", "vc_3t_b16_lr3e-4_win6000"]
-
-
-def neurox(*args: str, log: Path) -> float:
-    started = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n$ neurox {' '.join(args)}\n")
-        f.flush()
-        subprocess.run([sys.executable, "-m", "neurox.cli", *args], check=True, stdout=f, stderr=subprocess.STDOUT)
-    return round(time.perf_counter() - started, 1)
 
 
 def summary(run: Path, targets: list[str]) -> dict:

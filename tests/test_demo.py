@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from neurox.cli import main
 
+# 6 training participants x 2 windows: one epoch of 3 batches of 4
+TINY_DEMO = ["demo", "--n_subjects", "10", "--n_frames", "40", "--epochs", "1", "--batch_size", "4"]
+
 
 def test_demo_end_to_end_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n_subjects", "10", "--n_frames", "40", "--epochs", "1"]) == 0
+    assert main(TINY_DEMO + ["--out", str(out)]) == 0
     report = (out / "report.md").read_text()
     for target in ("amplitude_group", "coupling_group", "order_group"):
         assert f"| {target} |" in report
@@ -17,4 +20,4 @@ def test_demo_end_to_end_writes_the_report(tmp_path, capsys):
     assert (out / "runs" / "fc_baseline" / "metrics.json").is_file()
     assert "# neurox demo report" in capsys.readouterr().out
     # a second call finds the finished run and does not train again
-    assert main(["demo", "--out", str(out), "--n_subjects", "10", "--n_frames", "40", "--epochs", "1"]) == 0
+    assert main(TINY_DEMO + ["--out", str(out)]) == 0
