@@ -84,46 +84,50 @@ def main() -> None:
             "synth", str(cohort), "--n_subjects", str(args.subjects), "--n_frames", str(args.frames), "--voxel_size",
             "4", "--workers", str(args.workers), "--quiet", "true", log=log)
     recipes = {name: recipe(name) for name in args.recipes}
-    for short, norm in NORMALIZATIONS.items():
-        if any(r["normalization"] == norm for r in recipes.values()):
-            report["timings_s"][f"prepare-{short}"] = neurox(
-                "prepare", str(cohort), "--out", str(work / f"store-{short}"), "--voxel_size", "4", "--normalization",
-                norm, "--workers", str(args.workers), "--quiet", "true", log=log)
+
+    def store_of(name: str) -> Path:  # one store per normalisation, named by the recipe's first part
+        return work / f"store-{name.split('_', 1)[0]}"
+
+    for short, name in {n.split("_", 1)[0]: n for n in recipes}.items():  # one recipe per store
+        report["timings_s"][f"prepare-{short}"] = neurox(
+            "prepare", str(cohort), "--out", str(store_of(name)), "--voxel_size", "4", "--normalization",
+            recipes[name]["normalization"], "--workers", str(args.workers), "--quiet", "true", log=log)
+    # the default 60% training split, 20-frame windows: enough to turn a window budget into epochs
     train_windows = round(args.subjects * 0.6) * (args.frames // 20)
 
-    lock = threading.Lock()
+    lock = threading.Lock()  # runs finish in several threads: one at a time updates and writes the report
 
-    def save() -> None:
-        with lock:
-            (out / "finetune_recipes.json").write_text(json.dumps(report, indent=2) + "\n")
+    def write() -> None:  # with the lock held
+        (out / "finetune_recipes.json").write_text(json.dumps(report, indent=2) + "\n")
 
     def one(name: str, seed: int) -> None:
         r = recipes[name]
         run = work / f"{name}-s{seed}"
         shutil.rmtree(run, ignore_errors=True)
         epochs = max(1, math.ceil(r.get("windows", args.windows) / train_windows))
-        short = next(k for k, v in NORMALIZATIONS.items() if v == r["normalization"])
-        seconds = neurox("finetune", "--store", str(work / f"store-{short}"), "--target", r["targets"], "--out",
+        seconds = neurox("finetune", "--store", str(store_of(name)), "--target", r["targets"], "--out",
                          str(run), "--epochs", str(epochs), "--batch_size", str(r["batch_size"]), "--lr", str(r["lr"]),
                          "--weight_decay", str(r["weight_decay"]), "--seed", str(seed), "--n_boot", "100",
                          "--device", args.device, "--loader_workers", "2", log=out / f"log-{name}-s{seed}.txt")
-        entry = {"recipe": r, "seed": seed, "epochs": epochs, "seconds": seconds,
+        entry = {"name": name, "recipe": r, "seed": seed, "epochs": epochs, "seconds": seconds,
                  **summary(run, r["targets"].split(","))}
-        report["runs"][f"{name}-s{seed}"] = entry
-        save()
+        with lock:
+            report["runs"][f"{name}-s{seed}"] = entry
+            write()
         if args.explain:
             truth = json.loads((cohort / "ground_truth" / "ground_truth.json").read_text())
             for target in r["targets"].split(","):
                 folder = work / f"explain-{name}-s{seed}-{target}"
                 shutil.rmtree(folder, ignore_errors=True)
-                neurox("explain", str(run), "--store", str(work / f"store-{short}"), "--split", "test", "--target",
+                neurox("explain", str(run), "--store", str(store_of(name)), "--split", "test", "--target",
                        target, "--out", str(folder), "--n_steps", "8", "--batch_size", "16", "--device", args.device,
                        "--quiet", "true", log=out / f"log-{name}-s{seed}.txt")
-                entry.setdefault("attribution_auroc_vs_ground_truth", {})[target] = auroc_of_map(
-                    folder / "group-all_attribution.nii.gz", cohort / "ground_truth" / truth[target]["map"],
-                    work / f"store-{short}")
+                score = auroc_of_map(folder / "group-all_attribution.nii.gz",
+                                     cohort / "ground_truth" / truth[target]["map"], store_of(name))
+                with lock:
+                    entry.setdefault("attribution_auroc_vs_ground_truth", {})[target] = score
+                    write()
                 shutil.copy(folder / "group-all_attribution.png", out / f"attribution-{name}-s{seed}-{target}.png")
-            save()
 
     jobs = [(name, seed) for seed in args.seeds for name in args.recipes]
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -131,14 +135,14 @@ def main() -> None:
             future.result()
     table = {}
     for name in args.recipes:
-        rows = [v for v in report["runs"].values() if v["recipe"] == recipes[name]]
+        rows = [v for v in report["runs"].values() if v["name"] == name]
         table[name] = {target: {
             "test_auroc_mean": float(np.mean([r["test_auroc_at_best_val"][target] for r in rows])),
             "best_val_auroc_mean": float(np.mean([max(x for x in r["val_auroc_per_epoch"][target] if x is not None)
                                                   for r in rows]))}
             for target in recipes[name]["targets"].split(",")}
     report["summary"] = table
-    save()
+    write()
     print(json.dumps(report, indent=2))
 
 
