@@ -177,6 +177,42 @@ def test_baseline_on_the_same_split(store, tmp_path):
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
 
 
+def test_fine_tuning_from_a_linear_probe(store, tmp_path):
+    """--head_init probe: the head starts as the closed-form probe of the standardised features; in
+    training it standardises with each batch's statistics, and the saved model's statistics are those
+    of its own (moved) backbone on the training windows."""
+    from neurox.analysis.baseline import fit_linear, linear_outputs
+    from neurox.hub import load_pretrained
+    from neurox.models import SwiFT, build_head
+    from neurox.train.distributed import detect
+    from neurox.train.finetune import FinetuneConfig, initialise_head, prepare_cohort, training_features
+
+    head = build_head("binary", 8, standardize=True)
+    head.batch_statistics = True
+    features = torch.randn(6, 8, 2, 1, 1, 1)
+    assert torch.allclose(head.train()(features), head(features + 5.0), atol=1e-4)  # batch statistics
+    assert not torch.allclose(head.eval()(features), head(features + 5.0))  # the fixed ones
+
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run, "--head_init", "probe", "--lr", "1e-3")) == 0
+    config = FinetuneConfig(store=str(store), target="group", out=str(run), batch_size=2, loader_workers=0)
+    cohort = prepare_cohort(config, Store(store), run, 20)
+    env = detect("cpu")
+    model = load_pretrained(run / "model").eval()
+    assert model.head.standardize
+    pooled, labels = training_features(model, store, cohort, 20, (48, 48, 48), env, config)
+    assert torch.allclose(model.head.feature_mean, pooled.mean(0), atol=1e-5)
+    assert torch.allclose(model.head.feature_std, pooled.std(0), atol=1e-5)
+
+    fresh = SwiFT(model.config, build_head("binary", model.num_features, standardize=True)).eval()
+    fresh.head.calibrate(pooled)
+    initialise_head(fresh, cohort.targets, pooled, labels, seed=0)
+    standardised = ((pooled - pooled.mean(0)) / pooled.std(0)).double().numpy()
+    expected = linear_outputs(fit_linear(standardised, labels[:, 0].double().numpy(), "binary", 0), standardised)
+    logits = fresh.head.head(torch.as_tensor(standardised, dtype=torch.float32))
+    assert np.allclose(logits.detach().numpy(), expected, atol=1e-4)
+
+
 # --- processes: distributed parity and SIGTERM resume ----------------------------------------------
 
 

@@ -279,6 +279,8 @@ def _demo_parser() -> ArgumentParser:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--workers", type=int, default=2, help="processes for synth and prepare")
+    p.add_argument("--head_init", choices=["random", "probe"], default="probe",
+                   help="probe: the head starts as a linear probe of the backbone's features (LP-FT)")
     return p
 
 
@@ -499,7 +501,7 @@ def cmd_demo(args) -> int:
 
     report = run_demo(args.out, n_subjects=args.n_subjects, n_frames=args.n_frames, epochs=args.epochs,
                       seed=args.seed, normalization=args.normalization, batch_size=args.batch_size, lr=args.lr,
-                      workers=args.workers)
+                      workers=args.workers, head_init=args.head_init)
     print(report.read_text())
     return 0
 

@@ -29,6 +29,11 @@ class PooledLinearHead(nn.Module):
         if standardize:  # fixed statistics of the pooled features, set by ``calibrate``
             self.register_buffer("feature_mean", torch.zeros(in_features))
             self.register_buffer("feature_std", torch.ones(in_features))
+        # While the backbone trains under a standardised head (fine-tuning from a linear probe), the
+        # features move under fixed statistics; in training, standardise with the batch's own instead
+        # (BatchNorm without the running average: fine-tuning recomputes the statistics before every
+        # evaluation). Not saved: it concerns training only.
+        self.batch_statistics = False
         self.hidden = nn.Linear(in_features, hidden_dim) if hidden_dim else None
         self.head = nn.Linear(hidden_dim or in_features, num_outputs)
 
@@ -49,7 +54,10 @@ class PooledLinearHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = features.flatten(2).mean(-1)
         if self.standardize:
-            x = (x - self.feature_mean) / self.feature_std
+            if self.training and self.batch_statistics and x.shape[0] > 1:
+                x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+            else:
+                x = (x - self.feature_mean) / self.feature_std
         if self.hidden is not None:
             x = self.hidden(x)
         return self.head(x)

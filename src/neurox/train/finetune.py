@@ -114,8 +114,12 @@ def check_fits_store(arch: SwiFTConfig, store: Store) -> None:
 
 
 def build_model(config: FinetuneConfig, arch: SwiFTConfig, targets: list[Target]) -> SwiFT:
-    # a linear probe (--freeze) standardises the frozen features with their training statistics
-    head = build_head(head_task(targets), arch.num_features, num_outputs(targets), standardize=config.freeze)
+    # a linear probe (--freeze) and fine-tuning from one (--head_init probe) standardise the pooled
+    # features with their training statistics: a random SwiFT's features differ between participants
+    # by a few percent of their size, which an unstandardised head reads only with huge weights
+    head = build_head(head_task(targets), arch.num_features, num_outputs(targets),
+                      standardize=config.freeze or config.head_init == "probe")
+    head.batch_statistics = config.head_init == "probe" and not config.freeze
     model = SwiFT(arch, head)
     if config.init:
         from neurox.hub import load_pretrained
@@ -222,16 +226,19 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     dist_utils.barrier()
 
     model = build_model(config, arch, targets).to(env.device)
-    if (config.freeze or config.head_init == "probe") and not config.resume:
+    if model.head.standardize and not config.resume:
         pooled, labels = training_features(model, store.root, cohort, length, grid, env, config)
-        if config.freeze:
-            model.head.calibrate(pooled.to(env.device))
-        else:
+        model.head.calibrate(pooled.to(env.device))
+        if config.head_init == "probe":
             initialise_head(model, targets, pooled, labels, config.seed)
     wrapped = dist_utils.wrap(model, env, config.strategy)
     contract = InputContract.for_model(arch, tr=_store_tr(store), normalization=store.info["normalization"])
 
     def evaluate():
+        if model.head.batch_statistics:  # the backbone moved: the statistics the evaluation uses, recomputed
+            pooled, _ = training_features(wrapped, store.root, cohort, length, grid, env, config, max_windows=128,
+                                          head=model.head)
+            model.head.calibrate(pooled.to(env.device))
         metrics, _, _ = split_metrics(wrapped, store.root, cohort, targets, "val", length, grid, env, config)
         return selection_score(targets, metrics), metrics
 
@@ -265,18 +272,24 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
 
 @torch.no_grad()
-def training_features(model: SwiFT, store_root: Path, cohort: Cohort, length: int, grid, env, config,
-                      max_windows: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def training_features(model, store_root: Path, cohort: Cohort, length: int, grid, env, config,
+                      max_windows: int = 512, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled backbone features and labels of (up to ``max_windows``) training windows, from every
-    process's share."""
+    process's share. ``model`` may be wrapped for several processes: the features are then read at
+    the input of ``head`` during a full forward pass, so sharded parameters are gathered as usual."""
     items = training_items(cohort, length, config.seed, epoch=0)[:max_windows]
     dataset = WindowDataset(store_root, cohort, items, length, grid)
-    model.eval()
+    head = head if head is not None else model.head
     pooled, labels = [], []
-    for x, y, _ in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank), config.batch_size,
-                                  config.loader_workers):
-        pooled.append(model.forward_features(as_model_input(x, env.device)).flatten(2).mean(-1).float().cpu())
-        labels.append(y)
+    hook = head.register_forward_hook(lambda _, args, __: pooled.append(args[0].flatten(2).mean(-1).float().cpu()))
+    model.eval()
+    try:
+        for x, y, _ in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank),
+                                      config.batch_size, config.loader_workers):
+            model(as_model_input(x, env.device))
+            labels.append(y)
+    finally:
+        hook.remove()
     gathered = dist_utils.all_gather_objects((torch.cat(pooled), torch.cat(labels)))
     return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
 
@@ -284,12 +297,14 @@ def training_features(model: SwiFT, store_root: Path, cohort: Cohort, length: in
 def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, labels: torch.Tensor,
                     seed: int) -> None:
     """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): the head starts as the
-    cross-validated logistic or ridge model of the training windows' pooled features, its
-    standardisation folded into the weights, so fine-tuning starts from a head that already reads
-    the backbone instead of pulling the backbone towards a random one."""
+    cross-validated logistic or ridge model of the training windows' standardised pooled features
+    (the head's own standardisation, already calibrated), so fine-tuning starts from a head that
+    already reads the backbone instead of pulling the backbone towards a random one."""
     from neurox.analysis.baseline import fit_linear
 
-    x, y = pooled.double().numpy(), labels.double().numpy()
+    head = model.head
+    x = ((pooled - head.feature_mean.cpu()) / head.feature_std.cpu()).double().numpy()
+    y = labels.double().numpy()
     weight, bias = torch.zeros_like(model.head.head.weight), torch.zeros_like(model.head.head.bias)
     if targets[0].task == "multiclass":
         fits = [(slice(None), fit_linear(x, y[:, 0], "multiclass", seed))]
