@@ -200,17 +200,21 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     env = detect("cpu")
     model = load_pretrained(run / "model").eval()
     assert model.head.standardize
-    pooled, labels = training_features(model, store, cohort, 20, (48, 48, 48), env, config)
+    pooled, labels, who = training_features(model, store, cohort, 20, (48, 48, 48), env, config)
     assert torch.allclose(model.head.feature_mean, pooled.mean(0), atol=1e-5)
     assert torch.allclose(model.head.feature_std, pooled.std(0), atol=1e-5)
 
     fresh = SwiFT(model.config, build_head("binary", model.num_features, standardize=True)).eval()
     fresh.head.calibrate(pooled)
-    initialise_head(fresh, cohort.targets, pooled, labels, seed=0)
-    standardised = ((pooled - pooled.mean(0)) / pooled.std(0)).double().numpy()
-    expected = linear_outputs(fit_linear(standardised, labels[:, 0].double().numpy(), "binary", 0), standardised)
-    logits = fresh.head.head(torch.as_tensor(standardised, dtype=torch.float32))
-    assert np.allclose(logits.detach().numpy(), expected, atol=1e-4)
+    initialise_head(fresh, cohort.targets, pooled, labels, who, seed=0)
+    # the closed-form probe of the training participants' mean standardised features
+    standardised = (pooled - pooled.mean(0)) / pooled.std(0)
+    participants = sorted(set(who))
+    assert set(participants) == set(cohort.in_split("train"))
+    means = torch.stack([standardised[[i for i, q in enumerate(who) if q == p]].mean(0) for p in participants])
+    y = np.array([float(cohort.values[p][0]) for p in participants])
+    expected = linear_outputs(fit_linear(means.double().numpy(), y, "binary", 0), means.double().numpy())
+    assert np.allclose(fresh.head.head(means).detach().numpy(), expected, atol=1e-4)
 
 
 # --- processes: distributed parity and SIGTERM resume ----------------------------------------------

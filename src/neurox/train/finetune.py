@@ -227,17 +227,17 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
     model = build_model(config, arch, targets).to(env.device)
     if model.head.standardize and not config.resume:
-        pooled, labels = training_features(model, store.root, cohort, length, grid, env, config)
+        pooled, labels, who = training_features(model, store.root, cohort, length, grid, env, config)
         model.head.calibrate(pooled.to(env.device))
         if config.head_init == "probe":
-            initialise_head(model, targets, pooled, labels, config.seed)
+            initialise_head(model, targets, pooled, labels, who, config.seed)
     wrapped = dist_utils.wrap(model, env, config.strategy)
     contract = InputContract.for_model(arch, tr=_store_tr(store), normalization=store.info["normalization"])
 
     def evaluate():
         if model.head.batch_statistics:  # the backbone moved: the statistics the evaluation uses, recomputed
-            pooled, _ = training_features(wrapped, store.root, cohort, length, grid, env, config, max_windows=128,
-                                          head=model.head)
+            pooled, _, _ = training_features(wrapped, store.root, cohort, length, grid, env, config,
+                                             max_windows=128, head=model.head)
             model.head.calibrate(pooled.to(env.device))
         metrics, _, _ = split_metrics(wrapped, store.root, cohort, targets, "val", length, grid, env, config)
         return selection_score(targets, metrics), metrics
@@ -273,38 +273,46 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
 @torch.no_grad()
 def training_features(model, store_root: Path, cohort: Cohort, length: int, grid, env, config,
-                      max_windows: int = 512, head=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled backbone features and labels of (up to ``max_windows``) training windows, from every
-    process's share. ``model`` may be wrapped for several processes: the features are then read at
+                      max_windows: int = 512, head=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Pooled backbone features, labels and participant ids of (up to ``max_windows``) training
+    windows, from every process's share. ``model`` may be wrapped for several processes: the features are then read at
     the input of ``head`` during a full forward pass, so sharded parameters are gathered as usual."""
     items = training_items(cohort, length, config.seed, epoch=0)[:max_windows]
     dataset = WindowDataset(store_root, cohort, items, length, grid)
     head = head if head is not None else model.head
-    pooled, labels = [], []
+    pooled, labels, who = [], [], []
     hook = head.register_forward_hook(lambda _, args, __: pooled.append(args[0].flatten(2).mean(-1).float().cpu()))
     model.eval()
     try:
-        for x, y, _ in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank),
-                                      config.batch_size, config.loader_workers):
+        for x, y, index in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank),
+                                          config.batch_size, config.loader_workers):
             model(as_model_input(x, env.device))
             labels.append(y)
+            who += [dataset.participant(int(i)) for i in index]
     finally:
         hook.remove()
-    gathered = dist_utils.all_gather_objects((torch.cat(pooled), torch.cat(labels)))
-    return torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+    gathered = dist_utils.all_gather_objects((torch.cat(pooled), torch.cat(labels), who))
+    return (torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
+            [p for g in gathered for p in g[2]])
 
 
 def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, labels: torch.Tensor,
-                    seed: int) -> None:
+                    who: list[str], seed: int) -> None:
     """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): the head starts as the
-    cross-validated logistic or ridge model of the training windows' standardised pooled features
-    (the head's own standardisation, already calibrated), so fine-tuning starts from a head that
-    already reads the backbone instead of pulling the backbone towards a random one."""
+    cross-validated logistic or ridge model of the training participants' mean standardised pooled
+    features (the head's own standardisation, already calibrated), so fine-tuning starts from a head
+    that already reads the backbone instead of pulling the backbone towards a random one. Fitted per
+    participant, not per window: a linear head's mean window output is its output on the mean
+    features, which is what subject-level evaluation scores, and a participant's mean holds a slow
+    effect that a single window samples noisily."""
     from neurox.analysis.baseline import fit_linear
 
     head = model.head
-    x = ((pooled - head.feature_mean.cpu()) / head.feature_std.cpu()).double().numpy()
-    y = labels.double().numpy()
+    standardised = (pooled - head.feature_mean.cpu()) / head.feature_std.cpu()
+    participants = sorted(set(who))
+    rows = {p: [i for i, q in enumerate(who) if q == p] for p in participants}
+    x = torch.stack([standardised[rows[p]].mean(0) for p in participants]).double().numpy()
+    y = torch.stack([labels[rows[p][0]] for p in participants]).double().numpy()
     weight, bias = torch.zeros_like(model.head.head.weight), torch.zeros_like(model.head.head.bias)
     if targets[0].task == "multiclass":
         fits = [(slice(None), fit_linear(x, y[:, 0], "multiclass", seed))]
