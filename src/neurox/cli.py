@@ -272,7 +272,7 @@ def _demo_parser() -> ArgumentParser:
     p.add_argument("--out", default="neurox-demo")
     p.add_argument("--n_subjects", type=int, default=96)
     p.add_argument("--n_frames", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore", "voxel_center"],
                    default="voxel_center", help="of the prepared store (see neurox prepare --help)")

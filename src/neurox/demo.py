@@ -30,7 +30,7 @@ WHAT = {
 }
 
 
-def run_demo(out: str | Path, n_subjects: int = 96, n_frames: int = 200, epochs: int = 4, seed: int = 0,
+def run_demo(out: str | Path, n_subjects: int = 96, n_frames: int = 200, epochs: int = 3, seed: int = 0,
              normalization: str = "voxel_center", batch_size: int = 16, lr: float = 1e-4, workers: int = 2,
              head_init: str = "probe") -> Path:
     from neurox.analysis.baseline import BaselineConfig, baseline

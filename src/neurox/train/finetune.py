@@ -304,15 +304,18 @@ def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, l
     that already reads the backbone instead of pulling the backbone towards a random one. Fitted per
     participant, not per window: a linear head's mean window output is its output on the mean
     features, which is what subject-level evaluation scores, and a participant's mean holds a slow
-    effect that a single window samples noisily."""
+    effect that a single window samples noisily. Each binary or regression output is then rescaled
+    to the windows it is trained on (one slope and offset, fitted on the training windows' outputs):
+    a direction fitted on means gives single windows overconfident outputs, and fine-tuning would
+    first spend its steps undoing that."""
     from neurox.analysis.baseline import fit_linear
 
     head = model.head
     standardised = (pooled - head.feature_mean.cpu()) / head.feature_std.cpu()
     participants = sorted(set(who))
-    rows = {p: [i for i, q in enumerate(who) if q == p] for p in participants}
-    x = torch.stack([standardised[rows[p]].mean(0) for p in participants]).double().numpy()
-    y = torch.stack([labels[rows[p][0]] for p in participants]).double().numpy()
+    members = {p: [i for i, q in enumerate(who) if q == p] for p in participants}
+    x = torch.stack([standardised[members[p]].mean(0) for p in participants]).double().numpy()
+    y = torch.stack([labels[members[p][0]] for p in participants]).double().numpy()
     weight, bias = torch.zeros_like(model.head.head.weight), torch.zeros_like(model.head.head.bias)
     if targets[0].task == "multiclass":
         fits = [(slice(None), fit_linear(x, y[:, 0], "multiclass", seed))]
@@ -323,11 +326,35 @@ def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, l
         intercept = fit["intercept"] - coef @ fit["mean"]
         if targets[0].task == "multiclass" and coef.shape[0] == 1:  # two classes present: one logit
             coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+        if targets[0].task != "multiclass":
+            column = rows.start
+            coef, intercept = _window_scale(standardised.double().numpy() @ coef.T + intercept,
+                                            labels[:, column].double().numpy(), targets[column].task, coef, intercept)
         weight[rows] = torch.as_tensor(coef, dtype=weight.dtype)
         bias[rows] = torch.as_tensor(np.atleast_1d(intercept), dtype=bias.dtype)
     with torch.no_grad():
         model.head.head.weight.copy_(weight)
         model.head.head.bias.copy_(bias)
+
+
+def _window_scale(outputs: np.ndarray, y: np.ndarray, task: str, coef, intercept):
+    """``coef`` and ``intercept`` times the slope, plus the offset, of the best 1D fit of the windows'
+    labels on their outputs (logistic for binary, least squares for regression); unchanged when the
+    slope is not positive (the participant-level direction does not hold for single windows)."""
+    z = outputs.reshape(-1)
+    if task == "regression":
+        slope = float(np.cov(z, y)[0, 1] / max(z.var(ddof=1), 1e-12))
+        offset = float(y.mean() - slope * z.mean())
+    else:
+        from sklearn.linear_model import LogisticRegression
+
+        if len(np.unique(y)) < 2:
+            return coef, intercept
+        fit = LogisticRegression(C=1e4, max_iter=1000).fit(z[:, None], y.astype(int))
+        slope, offset = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+    if not np.isfinite(slope) or slope <= 0:
+        return coef, intercept
+    return coef * slope, intercept * slope + offset
 
 
 def _full_model_state(wrapped) -> dict:
