@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from pretrain_probe import auroc_of_map, neurox  # the shared helpers of the benchmark scripts
+from pretrain_probe import auroc_of_map, neurox, val_curve  # the shared helpers of the benchmark scripts
 
 TARGETS = ("amplitude_group", "coupling_group", "order_group")
 NORMALIZATIONS = {"gz": "global_zscore", "vc": "voxel_center"}
@@ -49,9 +49,8 @@ DEFAULT_RECIPES = ["gz_3t_b4", "gz_amp_b4", "vc_3t_b4", "vc_amp_b4", "gz_3t_b16_
 
 
 def summary(run: Path, targets: list[str]) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     single = len(targets) == 1
-    curve = {t: [r["val"].get("auroc" if single else f"{t}.auroc") for r in records if "val" in r] for t in targets}
+    curve = {t: [v for _, v in val_curve(run, "auroc" if single else f"{t}.auroc")] for t in targets}
     test = json.loads((run / "metrics.json").read_text())["test"]
     return {"val_auroc_per_epoch": curve,
             "test_auroc_at_best_val": {t: test.get("auroc" if single else f"{t}.auroc") for t in targets}}

@@ -236,8 +236,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
     def evaluate():
         if model.head.batch_statistics:  # the backbone moved: the statistics the evaluation uses, recomputed
-            pooled, _, _ = training_features(wrapped, store.root, cohort, length, grid, env, config,
-                                             max_windows=128, head=model.head)
+            pooled, _, _ = training_features(wrapped, store.root, cohort, length, grid, env, config, max_windows=128)
             model.head.calibrate(pooled.to(env.device))
         metrics, _, _ = split_metrics(wrapped, store.root, cohort, targets, "val", length, grid, env, config)
         return selection_score(targets, metrics), metrics
@@ -273,13 +272,14 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
 @torch.no_grad()
 def training_features(model, store_root: Path, cohort: Cohort, length: int, grid, env, config,
-                      max_windows: int = 512, head=None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                      max_windows: int = 512) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Pooled backbone features, labels and participant ids of (up to ``max_windows``) training
-    windows, from every process's share. ``model`` may be wrapped for several processes: the features are then read at
-    the input of ``head`` during a full forward pass, so sharded parameters are gathered as usual."""
+    windows, from every process's share. ``model`` may be wrapped for several processes: the features
+    are read at the input of its head during a full forward pass, so sharded parameters are gathered
+    as usual."""
     items = training_items(cohort, length, config.seed, epoch=0)[:max_windows]
     dataset = WindowDataset(store_root, cohort, items, length, grid)
-    head = head if head is not None else model.head
+    head = getattr(model, "module", model).head  # DDP keeps the model as .module; FSDP2 shards it in place
     pooled, labels, who = [], [], []
     hook = head.register_forward_hook(lambda _, args, __: pooled.append(args[0].flatten(2).mean(-1).float().cpu()))
     model.eval()
@@ -316,7 +316,7 @@ def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, l
     members = {p: [i for i, q in enumerate(who) if q == p] for p in participants}
     x = torch.stack([standardised[members[p]].mean(0) for p in participants]).double().numpy()
     y = torch.stack([labels[members[p][0]] for p in participants]).double().numpy()
-    weight, bias = torch.zeros_like(model.head.head.weight), torch.zeros_like(model.head.head.bias)
+    weight, bias = torch.zeros_like(head.head.weight), torch.zeros_like(head.head.bias)
     if targets[0].task == "multiclass":
         fits = [(slice(None), fit_linear(x, y[:, 0], "multiclass", seed))]
     else:
@@ -333,8 +333,8 @@ def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, l
         weight[rows] = torch.as_tensor(coef, dtype=weight.dtype)
         bias[rows] = torch.as_tensor(np.atleast_1d(intercept), dtype=bias.dtype)
     with torch.no_grad():
-        model.head.head.weight.copy_(weight)
-        model.head.head.bias.copy_(bias)
+        head.head.weight.copy_(weight)
+        head.head.bias.copy_(bias)
 
 
 def _window_scale(outputs: np.ndarray, y: np.ndarray, task: str, coef, intercept):
