@@ -13,7 +13,7 @@ import pytest
 import torch
 from fakes import OPTIONS, as_las, bids_run
 
-from neurox.analysis.explain import ExplainOptions, attribute, participant_map, to_source_grid
+from neurox.analysis.explain import ExplainOptions, attribute, contrasts_of, participant_map, to_source_grid
 from neurox.cli import main
 from neurox.data.loader import fit_to_grid
 from neurox.data.prepare import prepare
@@ -163,26 +163,45 @@ def test_attribution_of_a_known_linear_model_lands_on_the_right_voxels(las_store
     assert {s[0] for s in expected} == {fakes.SHAPE[0] - 1 - r[0] for r in ras_src}
 
 
+def test_contrasts_between_groups():
+    two = {"all": ["a", "b", "c"], "g-0": ["a"], "g-1": ["b", "c"]}
+    assert contrasts_of(two, "g") == {"g-1-minus-0": (["b", "c"], ["a"])}
+    quantiles = {"all": list("abcd"), **{f"s-q{q}of4": [c] for q, c in zip(range(1, 5), "abcd")}}
+    assert contrasts_of(quantiles, "s") == {"s-q4of4-minus-q1of4": (["d"], ["a"])}
+    three = {"all": list("abc"), "d-x": ["a"], "d-y": ["b"], "d-z": ["c"]}
+    assert contrasts_of(three, "d")["d-y-minus-rest"] == (["b"], ["a", "c"]) and len(contrasts_of(three, "d")) == 3
+    assert contrasts_of({"all": ["a"]}, None) == {} and contrasts_of({"all": ["a"], "g-0": ["a"]}, "g") == {}
+
+
 def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     cohort, store = synthetic
     run = tmp_path / "run"
     assert main(["finetune", "--store", str(store), "--target", "amplitude_group", "--out", str(run), "--epochs",
                  "1", "--max_steps", "2", "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0"]) == 0
     out = tmp_path / "explain"
-    args = ["explain", str(run), "--store", str(store), "--out", str(out), "--subject", "sub-01", "sub-02",
+    group = {row["participant_id"]: row["amplitude_group"] for row in Store(store).phenotypes()}
+    pair = [min(p for p in group if group[p] == value) for value in ("0", "1")]  # one of each group
+    args = ["explain", str(run), "--store", str(store), "--out", str(out), "--subject", *pair,
             "--group_by", "amplitude_group", "--n_steps", "2", "--noise_samples", "1", "--quiet", "true"]
     assert main(args) == 0
     summary = json.loads((out / "explain.json").read_text())
-    assert summary["participants"] == ["sub-01", "sub-02"] and "all" in summary["groups"]
+    assert summary["participants"] == sorted(pair) and "all" in summary["groups"]
+    # the contrast map: group 1's mean minus group 0's, with its own PNG
+    assert summary["contrasts"] == {"amplitude_group-1-minus-0": {"plus": [pair[1]], "minus": [pair[0]]}}
+    volume = {name: np.asarray(nib.load(str(out / f"group-{name}_attribution.nii.gz")).dataobj)
+              for name in ("amplitude_group-0", "amplitude_group-1", "amplitude_group-1-minus-0")}
+    assert np.allclose(volume["amplitude_group-1-minus-0"], volume["amplitude_group-1"] - volume["amplitude_group-0"],
+                       atol=1e-6 * np.abs(volume["amplitude_group-1"]).max())
+    assert (out / "group-amplitude_group-1-minus-0_attribution.png").is_file()
     assert all(0.0 <= v <= 1.0 for v in summary["outside_brain_share"].values())
-    native = nib.load(str(out / "sub-01_attribution.nii.gz"))
-    source = nib.load(str(next((cohort / "sub-01" / "func").glob("*desc-preproc_bold.nii.gz"))))
+    native = nib.load(str(out / f"{pair[0]}_attribution.nii.gz"))
+    source = nib.load(str(next((cohort / pair[0] / "func").glob("*desc-preproc_bold.nii.gz"))))
     assert native.shape == source.shape[:3] and np.allclose(native.affine, source.affine)
     assert (np.asarray(native.dataobj) >= 0).all() and np.asarray(native.dataobj).max() > 0  # abs, squared
     assert (out / "group-all_attribution.png").stat().st_size > 5_000
-    stamp = (out / "sub-01_attribution.nii.gz").stat().st_mtime_ns
+    stamp = (out / f"{pair[0]}_attribution.nii.gz").stat().st_mtime_ns
     assert main(args) == 0  # a re-run resumes: existing maps are kept
-    assert (out / "sub-01_attribution.nii.gz").stat().st_mtime_ns == stamp
+    assert (out / f"{pair[0]}_attribution.nii.gz").stat().st_mtime_ns == stamp
 
     assert main(["explain", str(run), "--store", str(store), "--out", str(out), "--target", "nope"]) == 1
     assert "not 'nope'" in capsys.readouterr().err

@@ -214,6 +214,21 @@ def groups_of(store: Store, participants: list[str], column: str | None, quantil
     return groups
 
 
+def contrasts_of(groups: dict[str, list[str]], column: str | None) -> dict[str, tuple[list[str], list[str]]]:
+    """Contrast name -> (participants whose mean map is added, participants whose mean is subtracted).
+    Two classes: the second minus the first; quantiles: the top minus the bottom; more classes: each
+    class minus the others. Where an effect lies shows in these, not in a group's mean: attribution is
+    large wherever the signal is, in every group, and differs between groups where the effect is."""
+    parts = [name for name in groups if name != "all"]
+    if len(parts) < 2:
+        return {}
+    if len(parts) == 2 or all("-q" in name for name in parts):
+        first, last = parts[0], parts[-1]
+        return {f"{last}-minus-{first.removeprefix(f'{column}-')}": (groups[last], groups[first])}
+    return {f"{name}-minus-rest": (groups[name], [p for other in parts if other != name for p in groups[other]])
+            for name in parts}
+
+
 def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> Path | None:
     """A glass-brain view of a map over the MNI template (nilearn), or nothing without nilearn."""
     try:
@@ -291,6 +306,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     summary = {"run": str(run_dir), "store": str(store.root), "output": output_name, "method":
                "integrated_gradients" + ("+smoothgrad_sq" if options.noise_samples else ""),
                "options": asdict(options), "participants": sorted(maps), "failed": failed, "groups": {},
+               "contrasts": {},
                "outside_brain_share": {p: outside_brain_share(maps[p], store, runs[p][0]) for p in sorted(maps)}}
     shares = list(summary["outside_brain_share"].values())
     if shares and np.mean(shares) > 0.5:
@@ -306,6 +322,15 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         plot_map(out / f"group-{name}_attribution.png", mean, store_affine,
                  f"{output_name}: {name} (n={len(members)})")
         summary["groups"][name] = members
+    for name, (plus, minus) in contrasts_of(groups, group_by).items():
+        plus, minus = [p for p in plus if p in maps], [p for p in minus if p in maps]
+        if not plus or not minus:
+            continue
+        difference = np.mean([maps[p] for p in plus], axis=0) - np.mean([maps[p] for p in minus], axis=0)
+        save_nifti(out / f"group-{name}_attribution.nii.gz", difference, store_affine)
+        plot_map(out / f"group-{name}_attribution.png", difference, store_affine,
+                 f"{output_name}: {name} (n={len(plus)} vs {len(minus)})")
+        summary["contrasts"][name] = {"plus": plus, "minus": minus}
     from neurox.io.atomic import write_text_atomic
 
     write_text_atomic(out / "explain.json", json.dumps(summary, indent=2) + "\n")
