@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from pretrain_probe import auroc_of_map, neurox, val_curve  # the shared helpers of the benchmark scripts
+from pretrain_probe import explanation_scores, neurox, val_curve  # the shared helpers of the benchmark scripts
 
 TARGETS = ("amplitude_group", "coupling_group", "order_group")
 NORMALIZATIONS = {"gz": "global_zscore", "vc": "voxel_center"}
@@ -119,14 +119,14 @@ def main() -> None:
                 folder = work / f"explain-{name}-s{seed}-{target}"
                 shutil.rmtree(folder, ignore_errors=True)
                 neurox("explain", str(run), "--store", str(store_of(name)), "--split", "test", "--target",
-                       target, "--out", str(folder), "--n_steps", "8", "--batch_size", "16", "--device", args.device,
-                       "--quiet", "true", log=out / f"log-{name}-s{seed}.txt")
-                score = auroc_of_map(folder / "group-all_attribution.nii.gz",
-                                     cohort / "ground_truth" / truth[target]["map"], store_of(name))
+                       target, "--group_by", target, "--out", str(folder), "--n_steps", "8", "--batch_size", "16",
+                       "--device", args.device, "--quiet", "true", log=out / f"log-{name}-s{seed}.txt")
+                score = explanation_scores(folder, cohort / "ground_truth" / truth[target]["map"], store_of(name))
                 with lock:
                     entry.setdefault("attribution_auroc_vs_ground_truth", {})[target] = score
                     write()
-                shutil.copy(folder / "group-all_attribution.png", out / f"attribution-{name}-s{seed}-{target}.png")
+                for png in folder.glob("group-*_attribution.png"):
+                    shutil.copy(png, out / f"attribution-{name}-s{seed}-{target}_{png.name}")
 
     jobs = [(name, seed) for seed in args.seeds for name in args.recipes]
     with ThreadPoolExecutor(args.parallel) as pool:

@@ -68,6 +68,15 @@ def auroc_of_map(volume_path: Path, truth_path: Path, store: Path) -> float:
     return float(auroc((truth[brain] > 0).astype(int), values[brain]))
 
 
+def explanation_scores(folder: Path, truth_path: Path, store: Path) -> dict[str, float]:
+    """``auroc_of_map`` of an explain folder's mean map over all participants ("all") and of its
+    contrast between the groups of ``--group_by`` ("contrast")."""
+    contrasts = json.loads((folder / "explain.json").read_text())["contrasts"]
+    names = {"all": "all", **({"contrast": next(iter(contrasts))} if contrasts else {})}
+    return {key: auroc_of_map(folder / f"group-{name}_attribution.nii.gz", truth_path, store)
+            for key, name in names.items()}
+
+
 def val_curve(run: Path, key: str) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["val"].get(key)) for r in records if "val" in r]
@@ -157,12 +166,14 @@ def main() -> None:
     explained = work / "explain"
     shutil.rmtree(explained, ignore_errors=True)
     report["timings_s"]["explain"] = neurox(
-        "explain", str(runs[best]), "--store", str(store), "--split", "test", "--out", str(explained), "--n_steps",
-        str(args.explain_steps), "--batch_size", "8", "--device", args.device, "--quiet", "true", log=log)
+        "explain", str(runs[best]), "--store", str(store), "--split", "test", "--group_by", target, "--out",
+        str(explained), "--n_steps", str(args.explain_steps), "--batch_size", "8", "--device", args.device, "--quiet",
+        "true", log=log)
     truth = json.loads((cohort / "ground_truth" / "ground_truth.json").read_text())[target]["map"]
-    report["explain"] = {"run": best, "target": target, "attribution_auroc_vs_ground_truth": auroc_of_map(
-        explained / "group-all_attribution.nii.gz", cohort / "ground_truth" / truth, store)}
-    shutil.copy(explained / "group-all_attribution.png", out / f"attribution_{target}.png")
+    report["explain"] = {"run": best, "target": target, "attribution_auroc_vs_ground_truth": explanation_scores(
+        explained, cohort / "ground_truth" / truth, store)}
+    for png in explained.glob("group-*_attribution.png"):
+        shutil.copy(png, out / f"attribution_{target}_{png.name}")
     save()
     print(json.dumps(report, indent=2))
 

@@ -199,8 +199,8 @@ def _explain_parser() -> ArgumentParser:
         description="Which voxels drove a trained model's output: Integrated Gradients (optionally with a "
         "SmoothGrad-squared noise tunnel) over every window of the chosen participants, reduced over time into a "
         "3D map per participant (NIfTI on the participant's original grid and on the store's MNI grid), group "
-        "maps (all, and per class or quantile of --group_by) with glass-brain PNGs. Needs captum. Participants "
-        "whose maps exist are skipped, so an interrupted run resumes.",
+        "maps (all, and per class or quantile of --group_by) and the contrast between groups, with glass-brain "
+        "PNGs. Needs captum. Participants whose maps exist are skipped, so an interrupted run resumes.",
         epilog="example: neurox explain runs/amp --store synthetic-store --split test --group_by amplitude_group "
         "--out explain/amp",
     )
@@ -211,7 +211,8 @@ def _explain_parser() -> ArgumentParser:
     p.add_argument("--split", choices=["train", "val", "test", "external"], default=None,
                    help="participants of this split of the run")
     p.add_argument("--where", default=None, help="COLUMN=VALUE: participants with this phenotype value")
-    p.add_argument("--group_by", default=None, help="a phenotype column: one group map per class (or quantile)")
+    p.add_argument("--group_by", default=None, help="a phenotype column: one group map per class (or quantile) "
+                   "and their contrast (second minus first class, top minus bottom quantile)")
     p.add_argument("--quantiles", type=int, default=4, help="groups of a numeric --group_by column")
     p.add_argument("--target", default=None, help="the run's target column to explain (default: its first)")
     p.add_argument("--class_value", default=None, help="multiclass: the class to explain (default: the first)")

@@ -7,12 +7,13 @@ time by default: a voxel whose fluctuations matter counts whatever their sign at
 then averaged over the participant's windows. The map is taken back from the model grid to the
 store grid (the inverse of the centre crop or pad of the loader), and from the store grid onto
 the participant's original image grid through the original affine (orientation and crop box
-honoured). Group maps, the mean over participants of a class or quantile, are in the store's
-MNI grid, with a glass-brain PNG.
+honoured). Group maps, the mean over participants of a class or quantile, and contrast maps,
+the difference between groups (where an effect lies), are in the store's MNI grid, with a
+glass-brain PNG.
 
 Outputs in ``--out``: ``<participant>_attribution.nii.gz`` (the original grid),
 ``<participant>_space-store_attribution.nii.gz`` (the store's MNI grid), ``group-<name>_attribution.nii.gz``
-and ``.png``, ``explain.json`` (what was computed). A participant whose maps exist is not
+and ``.png`` (groups and contrasts), ``explain.json`` (what was computed). A participant whose maps exist is not
 recomputed, so an interrupted run resumes.
 """
 
