@@ -13,7 +13,14 @@ import pytest
 import torch
 from fakes import OPTIONS, as_las, bids_run
 
-from neurox.analysis.explain import ExplainOptions, attribute, contrasts_of, participant_map, to_source_grid
+from neurox.analysis.explain import (
+    ExplainOptions,
+    attribute,
+    contrasts_of,
+    participant_map,
+    smooth_in_brain,
+    to_source_grid,
+)
 from neurox.cli import main
 from neurox.data.loader import fit_to_grid
 from neurox.data.prepare import prepare
@@ -171,6 +178,20 @@ def test_contrasts_between_groups():
     three = {"all": list("abc"), "d-x": ["a"], "d-y": ["b"], "d-z": ["c"]}
     assert contrasts_of(three, "d")["d-y-minus-rest"] == (["b"], ["a", "c"]) and len(contrasts_of(three, "d")) == 3
     assert contrasts_of({"all": ["a"]}, None) == {} and contrasts_of({"all": ["a"], "g-0": ["a"]}, "g") == {}
+
+
+def test_group_maps_are_smoothed_inside_the_brain_only():
+    brain = np.zeros((12, 12, 12), bool)
+    brain[2:10, 2:10, 2:10] = True
+    flat = np.where(brain, 3.0, 7.0)  # 7 outside must not leak in
+    assert np.allclose(smooth_in_brain(flat, brain, 8.0, 4.0)[brain], 3.0)
+    assert (smooth_in_brain(flat, brain, 8.0, 4.0)[~brain] == 0).all()
+    spike = np.zeros((12, 12, 12))
+    spike[5, 5, 5] = 1.0
+    smoothed = smooth_in_brain(spike, brain, 8.0, 4.0)
+    assert smoothed[5, 5, 5] < 1.0 and smoothed[5, 5, 6] > 0 and smoothed.argmax() == np.ravel_multi_index((5, 5, 5),
+                                                                                                           spike.shape)
+    assert smooth_in_brain(spike, brain, 0.0, 4.0) is spike
 
 
 def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):

@@ -222,6 +222,8 @@ def _explain_parser() -> ArgumentParser:
     p.add_argument("--baseline", choices=["zero", "temporal_mean"], default="zero",
                    help="the reference input: zeros, or each voxel's mean over the window (no fluctuation)")
     p.add_argument("--reduce", choices=["abs", "signed"], default="abs", help="sum over time of |attribution| or of it")
+    p.add_argument("--smooth_fwhm", type=float, default=6.0,
+                   help="mm: Gaussian smoothing inside the brain of the group and contrast maps (0: none)")
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", type=bool, default=False)
@@ -470,7 +472,7 @@ def cmd_explain(args) -> int:
 
     options = ExplainOptions(target=args.target, class_value=args.class_value, n_steps=args.n_steps,
                              noise_samples=args.noise_samples, noise_std=args.noise_std, baseline=args.baseline,
-                             reduce=args.reduce, batch_size=args.batch_size)
+                             reduce=args.reduce, batch_size=args.batch_size, smooth_fwhm=args.smooth_fwhm)
     out = explain(args.run, args.store, args.out, options, subjects=args.subject, split=args.split, where=args.where,
                   group_by=args.group_by, quantiles=args.quantiles, device=args.device, progress=not args.quiet)
     summary = json.loads((out / "explain.json").read_text())

@@ -44,14 +44,15 @@ class ExplainOptions:
     baseline: str = "zero"  # zero, or temporal_mean (each voxel's mean over the window: no fluctuation)
     reduce: str = "abs"  # abs or signed sum over channels and time
     batch_size: int = 2  # windows at a time; IG steps are run in chunks of this size too
+    smooth_fwhm: float = 6.0  # mm, Gaussian smoothing inside the brain of group and contrast maps (0: none)
 
     def __post_init__(self):
         if self.reduce not in REDUCTIONS:
             raise ValueError(f"unknown --reduce {self.reduce!r}; choose {' or '.join(REDUCTIONS)}")
         if self.baseline not in BASELINES:
             raise ValueError(f"unknown --baseline {self.baseline!r}; choose {' or '.join(BASELINES)}")
-        if self.n_steps < 2 or self.batch_size < 1 or self.noise_samples < 0:
-            raise ValueError("--n_steps must be >= 2, --batch_size >= 1, --noise_samples >= 0")
+        if self.n_steps < 2 or self.batch_size < 1 or self.noise_samples < 0 or self.smooth_fwhm < 0:
+            raise ValueError("--n_steps must be >= 2, --batch_size >= 1, --noise_samples >= 0, --smooth_fwhm >= 0")
 
 
 def _captum():
@@ -135,6 +136,19 @@ def outside_brain_share(volume: np.ndarray, store: Store, run_id: str) -> float:
     model that reads the background (a shortcut) shows it here."""
     total = float(np.abs(volume).sum())
     return float(np.abs(volume[~store.mask(run_id)]).sum()) / total if total > 0 else 0.0
+
+
+def smooth_in_brain(volume: np.ndarray, brain: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
+    """Gaussian smoothing that only mixes in-brain voxels (normalised convolution), 0 outside: a
+    group map's voxel noise averages out over the extent of a region, as in a group fMRI analysis."""
+    if fwhm_mm <= 0:
+        return volume
+    from scipy.ndimage import gaussian_filter
+
+    sigma = fwhm_mm / voxel_mm / np.sqrt(8 * np.log(2))
+    weight = gaussian_filter(brain.astype(np.float64), sigma)
+    smoothed = gaussian_filter(np.where(brain, volume, 0.0), sigma) / np.maximum(weight, 1e-6)
+    return np.where(brain, smoothed, 0.0)
 
 
 def save_nifti(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
@@ -244,8 +258,8 @@ def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> P
     from neurox.io.atomic import write_atomic
 
     image = nib.Nifti1Image(volume.astype(np.float32), affine)
-    positive = volume[volume > 0]
-    threshold = float(np.percentile(positive, 80)) if positive.size else None
+    magnitude = np.abs(volume[volume != 0])  # a contrast map has both signs: threshold on the magnitude
+    threshold = float(np.percentile(magnitude, 80)) if magnitude.size else None
     display = plotting.plot_glass_brain(image, threshold=threshold, colorbar=True, title=title,
                                         plot_abs=False, cmap="hot" if volume.min() >= 0 else "RdBu_r")
     write_atomic(png, lambda tmp: display.frame_axes.figure.savefig(tmp, dpi=110, format="png"))
@@ -314,11 +328,17 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         print(f"neurox explain: {100 * np.mean(shares):.0f}% of the attribution lies outside the brain mask: the model "
               "may read a shortcut there (with global_zscore stores, the background value differs per run)",
               file=sys.stderr)
+    brain = np.any([store.mask(runs[p][0]) for p in maps], axis=0) if maps else None
+
+    def group_mean(members: list[str]) -> np.ndarray:
+        mean = np.mean([maps[p] for p in members], axis=0)
+        return smooth_in_brain(mean, brain, options.smooth_fwhm, float(store.info["voxel_size_mm"]))
+
     for name, members in groups.items():
         members = [p for p in members if p in maps]
         if not members:
             continue
-        mean = np.mean([maps[p] for p in members], axis=0)
+        mean = group_mean(members)
         save_nifti(out / f"group-{name}_attribution.nii.gz", mean, store_affine)
         plot_map(out / f"group-{name}_attribution.png", mean, store_affine,
                  f"{output_name}: {name} (n={len(members)})")
@@ -327,7 +347,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         plus, minus = [p for p in plus if p in maps], [p for p in minus if p in maps]
         if not plus or not minus:
             continue
-        difference = np.mean([maps[p] for p in plus], axis=0) - np.mean([maps[p] for p in minus], axis=0)
+        difference = group_mean(plus) - group_mean(minus)
         save_nifti(out / f"group-{name}_attribution.nii.gz", difference, store_affine)
         plot_map(out / f"group-{name}_attribution.png", difference, store_affine,
                  f"{output_name}: {name} (n={len(plus)} vs {len(minus)})")
