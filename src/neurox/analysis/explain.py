@@ -20,6 +20,7 @@ recomputed, so an interrupted run resumes.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,11 +132,11 @@ def participant_map(model, store: Store, run_ids: list[str], output: int, option
     return to_store_grid(total / count, tuple(store.info["grid"]))
 
 
-def outside_brain_share(volume: np.ndarray, store: Store, run_id: str) -> float:
-    """The fraction of a map's total absolute attribution on voxels outside the run's brain mask: a
-    model that reads the background (a shortcut) shows it here."""
+def outside_brain_share(volume: np.ndarray, brain: np.ndarray) -> float:
+    """The fraction of a map's total absolute attribution on voxels outside the brain mask: a model
+    that reads the background (a shortcut) shows it here."""
     total = float(np.abs(volume).sum())
-    return float(np.abs(volume[~store.mask(run_id)]).sum()) / total if total > 0 else 0.0
+    return float(np.abs(volume[~brain]).sum()) / total if total > 0 else 0.0
 
 
 def smooth_in_brain(volume: np.ndarray, brain: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
@@ -237,7 +238,8 @@ def contrasts_of(groups: dict[str, list[str]], column: str | None) -> dict[str, 
     parts = [name for name in groups if name != "all"]
     if len(parts) < 2:
         return {}
-    if len(parts) == 2 or all("-q" in name for name in parts):
+    quantiles = re.compile(rf"{re.escape(str(column))}-q\d+of{len(parts)}")  # the names groups_of gives quantiles
+    if len(parts) == 2 or all(quantiles.fullmatch(name) for name in parts):
         first, last = parts[0], parts[-1]
         return {f"{last}-minus-{first.removeprefix(f'{column}-')}": (groups[last], groups[first])}
     return {f"{name}-minus-rest": (groups[name], [p for other in parts if other != name for p in groups[other]])
@@ -318,17 +320,18 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
             continue
         maps[pid] = volume
     bar.close()
+    masks = {p: store.mask(runs[p][0]) for p in maps}  # read once: for the shares and the group maps' brain
     summary = {"run": str(run_dir), "store": str(store.root), "output": output_name, "method":
                "integrated_gradients" + ("+smoothgrad_sq" if options.noise_samples else ""),
                "options": asdict(options), "participants": sorted(maps), "failed": failed, "groups": {},
                "contrasts": {},
-               "outside_brain_share": {p: outside_brain_share(maps[p], store, runs[p][0]) for p in sorted(maps)}}
+               "outside_brain_share": {p: outside_brain_share(maps[p], masks[p]) for p in sorted(maps)}}
     shares = list(summary["outside_brain_share"].values())
     if shares and np.mean(shares) > 0.5:
         print(f"neurox explain: {100 * np.mean(shares):.0f}% of the attribution lies outside the brain mask: the model "
               "may read a shortcut there (with global_zscore stores, the background value differs per run)",
               file=sys.stderr)
-    brain = np.any([store.mask(runs[p][0]) for p in maps], axis=0) if maps else None
+    brain = np.any(list(masks.values()), axis=0) if masks else None
 
     def group_mean(members: list[str]) -> np.ndarray:
         mean = np.mean([maps[p] for p in members], axis=0)
