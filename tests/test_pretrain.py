@@ -62,6 +62,15 @@ def test_token_mask_hides_the_ratio_and_voxel_mask_follows_patches():
         ssl.token_mask(1, (2, 2, 2, 1), 1.0)
 
 
+def test_tube_mask_hides_the_same_places_in_every_frame():
+    hidden = ssl.token_mask(2, (4, 4, 4, 5), 0.5, torch.Generator().manual_seed(1), shape="tube")
+    assert hidden.shape == (2, 4, 4, 4, 5)
+    assert (hidden == hidden[..., :1]).all()  # a hidden place is hidden in every frame
+    assert (hidden[..., 0].flatten(1).sum(1) == 32).all() and not torch.equal(hidden[0], hidden[1])
+    with pytest.raises(ValueError, match="mask shape"):
+        ssl.token_mask(1, (2, 2, 2, 1), 0.5, shape="block")
+
+
 def test_mim_decoder_puts_each_token_on_the_voxels_it_covers():
     decoder = ssl.MIMDecoder(in_features=6, patch_size=(2, 2, 2, 1), in_chans=1, upscale=2)
     features = torch.zeros(1, 6, 2, 3, 2, 4)
@@ -127,7 +136,8 @@ def pretrain_args(stores, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("objective", [["--objective", "contrastive", "--contrastive_mode", "instance"],
                                        ["--objective", "contrastive", "--contrastive_mode", "local_temporal"],
-                                       ["--objective", "mim", "--mask_ratio", "0.5"]])
+                                       ["--objective", "mim", "--mask_ratio", "0.5"],
+                                       ["--objective", "mim", "--mask_shape", "tube"]])
 def test_pretrain_writes_a_model_that_finetune_takes(stores, tmp_path, objective):
     out = tmp_path / "pre"
     assert main(pretrain_args(stores, out, "--store_weight", "[1,3]", "--max_steps", "2", *objective)) == 0

@@ -48,6 +48,7 @@ class PretrainConfig:
     temperature: float = 0.1
     projection_dim: int = 128
     mask_ratio: float = 0.6
+    mask_shape: str = "random"  # random (4D tokens) or tube (spatial positions, every frame)
     augment: bool = True
     preset: str = "demo"
     init: str | None = None  # continue from a model directory's backbone
@@ -85,6 +86,8 @@ class PretrainConfig:
                              f"{', '.join(ssl.CONTRASTIVE_MODES)}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"--mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_shape not in ssl.MASK_SHAPES:
+            raise ValueError(f"unknown --mask_shape {self.mask_shape!r}; choose one of {', '.join(ssl.MASK_SHAPES)}")
         if self.store_weight is not None and (len(self.store_weight) != len(self.store)
                                               or min(self.store_weight) < 0 or sum(self.store_weight) <= 0):
             raise ValueError(f"--store_weight needs one non-negative weight per store ({len(self.store)}), "
@@ -189,7 +192,8 @@ class PretrainModel(nn.Module):
     def __init__(self, backbone: SwiFT, config: PretrainConfig):
         super().__init__()
         self.backbone, self.objective = backbone, config.objective
-        self.mode, self.temperature, self.ratio = config.contrastive_mode, config.temperature, config.mask_ratio
+        self.mode, self.temperature = config.contrastive_mode, config.temperature
+        self.ratio, self.mask_shape = config.mask_ratio, config.mask_shape
         self.augment = config.augment
         arch = backbone.config
         if config.objective == "contrastive":
@@ -212,7 +216,7 @@ class PretrainModel(nn.Module):
         first, second = x[:, 0], x[:, 1]
         if self.objective == "mim":
             arch = self.backbone.config
-            hidden = ssl.token_mask(b, arch.patch_grid, self.ratio, generator, x.device)
+            hidden = ssl.token_mask(b, arch.patch_grid, self.ratio, generator, x.device, self.mask_shape)
             source = self.views(first, generator)
             features = self.backbone.forward_features(source, hidden, self.mask_token)
             reconstruction = self.decoder(features)
@@ -316,8 +320,9 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     contract = InputContract.for_model(arch, tr=_store_tr(stores[0]), normalization=info["normalization"])
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     objective = (f"contrastive ({config.contrastive_mode}, NT-Xent, temperature {config.temperature})"
-                 if config.objective == "contrastive" else f"masked image modelling (mask ratio {config.mask_ratio}, "
-                                                          "L1 on masked in-brain voxels)")
+                 if config.objective == "contrastive" else
+                 f"masked image modelling ({config.mask_shape} mask, ratio {config.mask_ratio}, "
+                 "L1 on masked in-brain voxels)")
     n_participants = sum(len(prepared_runs(s)[0]) for s in stores)
     card = {"data": f"{n_participants} participants from {len(stores)} store(s): "
                     + ", ".join(str(s.root) for s in stores),

@@ -6,7 +6,8 @@
   flowing back) a negative. ``local_temporal`` mode: two augmented views of one window are
   positives, the views of the participant's other window negatives.
 - Masked image modelling (as SwiFT's successors use it): ``token_mask`` is the one place that
-  decides what is hidden (a ratio of the 4D patch tokens); the backbone sees a learned mask token
+  decides what is hidden (a ratio of the 4D patch tokens, or of the spatial positions in every
+  frame: ``tube``); the backbone sees a learned mask token
   there; a light linear decoder reconstructs every voxel of each masked patch from the last stage's
   features, and the loss is the L1 error on masked voxels inside the brain.
 - ``augment``: one random affine per sample applied to every frame (``affine_grid`` /
@@ -25,6 +26,7 @@ from torch import nn
 
 OBJECTIVES = ("contrastive", "mim")
 CONTRASTIVE_MODES = ("instance", "local_temporal")
+MASK_SHAPES = ("random", "tube")
 
 
 # --- contrastive ---------------------------------------------------------------------------------
@@ -72,10 +74,16 @@ def local_temporal_loss(views: torch.Tensor, temperature: float = 0.1) -> torch.
 
 
 def token_mask(batch: int, grid, ratio: float, generator: torch.Generator | None = None,
-               device=None) -> torch.Tensor:
-    """(B, X', Y', Z', T') bool, True where the patch token is hidden: exactly ``round(ratio * L)``
-    tokens per sample, chosen uniformly."""
-    length = math.prod(grid)
+               device=None, shape: str = "random") -> torch.Tensor:
+    """(B, X', Y', Z', T') bool, True where the patch token is hidden. ``random``: exactly
+    ``round(ratio * L)`` of the L tokens per sample, chosen uniformly. ``tube``: that ratio of the
+    spatial positions, hidden in every frame of the window (as VideoMAE masks video): BOLD changes
+    slowly from frame to frame, so a token hidden in one frame alone is recovered from the same place
+    a frame earlier or later, while a hidden tube must be inferred from other regions."""
+    if shape not in MASK_SHAPES:
+        raise ValueError(f"unknown mask shape {shape!r}; choose one of {', '.join(MASK_SHAPES)}")
+    drawn = list(grid) if shape == "random" else list(grid[:3])
+    length = math.prod(drawn)
     hidden = int(round(ratio * length))
     if not 0 < hidden < length:
         raise ValueError(f"a mask ratio of {ratio} hides {hidden} of {length} tokens; choose it in (0, 1)")
@@ -83,7 +91,9 @@ def token_mask(batch: int, grid, ratio: float, generator: torch.Generator | None
     order = scores.argsort(dim=1)
     mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
     mask.scatter_(1, order[:, :hidden], True)
-    return mask.view(batch, *grid)
+    if shape == "random":
+        return mask.view(batch, *grid)
+    return mask.view(batch, *drawn, 1).expand(batch, *grid).contiguous()
 
 
 class MIMDecoder(nn.Module):

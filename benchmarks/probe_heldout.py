@@ -1,0 +1,109 @@
+"""Frozen linear probes of pretrained and randomly initialised backbones, on participants none of them saw.
+
+Each backbone embeds every participant of the store once (the mean over their windows of the pooled
+backbone output, as ``neurox probe`` and ``neurox embed`` do). The probe (``neurox probe``'s fitting:
+standardised features, cross-validated logistic or ridge regression) is then scored by repeated
+stratified k-fold cross-validation over all participants: every participant is a test participant
+once per repeat, and every backbone is scored on the same folds, so the differences between
+backbones are paired. Prints one JSON document (and writes it to --out): per backbone and target,
+the AUROC (classes) or Pearson r (numbers) of each repeat's out-of-fold predictions, their mean and
+standard deviation, and per pretrained backbone the mean paired difference to the random ones.
+
+    python benchmarks/probe_heldout.py --store heldout-store --model mim=runs/mim/model --random 0 1 2 \\
+        --targets amplitude_group,coupling_group,order_group,lowfreq_score --folds 5 --repeats 5 --out probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repeats: int) -> list[float]:
+    """One score per repeat: AUROC (binary) or Pearson r (regression) of the out-of-fold outputs."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from neurox.analysis.baseline import fit_linear, linear_outputs
+
+    scores = []
+    for repeat in range(repeats):
+        splitter = (KFold if task == "regression" else StratifiedKFold)(folds, shuffle=True, random_state=repeat)
+        predicted = np.zeros(len(y))
+        for train, test in splitter.split(x, y if task != "regression" else None):
+            fitted = fit_linear(x[train], y[train], task, repeat)
+            out = linear_outputs(fitted, x[test])
+            predicted[test] = out[:, -1] if task != "regression" else out[:, 0]
+        if task == "regression":
+            scores.append(float(np.corrcoef(predicted, y)[0, 1]))
+        else:
+            scores.append(float(roc_auc_score(y.astype(int), predicted)))
+    return scores
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True, help="store of participants the backbones never saw")
+    p.add_argument("--model", action="append", default=[], help="NAME=MODEL_DIR of a pretrained backbone (repeat)")
+    p.add_argument("--random", type=int, nargs="*", default=[0, 1, 2], help="seeds of random backbones")
+    p.add_argument("--preset", default="demo", help="architecture of the random backbones")
+    p.add_argument("--targets", default="amplitude_group,coupling_group,order_group,lowfreq_score")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--work", default="probe-heldout-work", help="where the random backbones are written")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+
+    import torch
+    from pretrain_probe import random_model
+
+    from neurox.analysis.embed import load_model
+    from neurox.analysis.probe import participant_embeddings
+    from neurox.data.loader import load_cohort
+    from neurox.data.store import Store
+
+    store = Store(args.store)
+    cohort = load_cohort(store, [c.strip() for c in args.targets.split(",") if c.strip()])
+    backbones = [tuple(m.split("=", 1)) for m in args.model]
+    work = Path(args.work)
+    backbones += [(f"random-{s}", str(random_model(work / f"random-{s}", s, args.preset))) for s in args.random]
+    result = {"store": str(store.root), "participants": len(cohort.participants), "folds": args.folds,
+              "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "backbones": {}}
+    for name, path in backbones:
+        started = time.perf_counter()
+        model, _ = load_model(path)
+        model.eval()
+        features = participant_embeddings(model, store, cohort.participants, args.batch_size)
+        who = [pid for pid in cohort.participants if pid in features]
+        x = np.stack([features[pid] for pid in who])
+        y = np.stack([cohort.labels(pid) for pid in who])
+        scores = {t.column: out_of_fold_scores(x, y[:, i], t.task, args.folds, args.repeats)
+                  for i, t in enumerate(cohort.targets)}
+        result["backbones"][name] = {"path": str(path), "seconds": round(time.perf_counter() - started, 1),
+                                     "scores": scores,
+                                     "mean": {t: round(float(np.mean(s)), 3) for t, s in scores.items()},
+                                     "sd": {t: round(float(np.std(s)), 3) for t, s in scores.items()}}
+        print(json.dumps({name: result["backbones"][name]["mean"]}), file=sys.stderr, flush=True)
+    randoms = [b for name, b in result["backbones"].items() if name.startswith("random-")]
+    for name, b in result["backbones"].items():
+        if not name.startswith("random-") and randoms:
+            b["minus_random"] = {t: round(float(np.mean([np.mean(np.array(s) - np.array(r["scores"][t]))
+                                                         for r in randoms])), 3) for t, s in b["scores"].items()}
+            b["above_every_random"] = {t: bool(all(np.mean(s) > np.mean(r["scores"][t]) for r in randoms))
+                                       for t, s in b["scores"].items()}
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
