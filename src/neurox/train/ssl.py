@@ -6,10 +6,10 @@
   flowing back) a negative. ``local_temporal`` mode: two augmented views of one window are
   positives, the views of the participant's other window negatives.
 - Masked image modelling (as SwiFT's successors use it): ``token_mask`` is the one place that
-  decides what is hidden (a ratio of the 4D patch tokens, or of the spatial positions in every
-  frame: ``tube``); the backbone sees a learned mask token
-  there; a light linear decoder reconstructs every voxel of each masked patch from the last stage's
-  features, and the loss is the L1 error on masked voxels inside the brain.
+  decides what is hidden (a ratio of the 4D patch tokens, or with ``tube`` of the spatial positions,
+  in every frame); the backbone sees a learned mask token there; a light linear decoder reconstructs
+  every voxel of each masked patch from the last stage's features, and the loss is the L1 error on
+  masked voxels inside the brain.
 - ``augment``: one random affine per sample applied to every frame (``affine_grid`` /
   ``grid_sample``), Gaussian noise drawn per frame, light Gaussian smoothing. It returns a new
   tensor; the input batch is never changed in place.
