@@ -33,6 +33,8 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
 
     from neurox.analysis.baseline import fit_linear, linear_outputs
 
+    if task not in ("binary", "regression"):
+        raise ValueError(f"probe_heldout scores binary and numeric targets, not {task}")
     scores = []
     for repeat in range(repeats):
         splitter = (KFold if task == "regression" else StratifiedKFold)(folds, shuffle=True, random_state=repeat)
@@ -40,7 +42,7 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
         for train, test in splitter.split(x, y if task != "regression" else None):
             fitted = fit_linear(x[train], y[train], task, repeat)
             out = linear_outputs(fitted, x[test])
-            predicted[test] = out[:, -1] if task != "regression" else out[:, 0]
+            predicted[test] = out[:, 0]
         if task == "regression":
             scores.append(float(np.corrcoef(predicted, y)[0, 1]))
         else:
