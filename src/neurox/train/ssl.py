@@ -82,7 +82,7 @@ def token_mask(batch: int, grid, ratio: float, generator: torch.Generator | None
     a frame earlier or later, while a hidden tube must be inferred from other regions."""
     if shape not in MASK_SHAPES:
         raise ValueError(f"unknown mask shape {shape!r}; choose one of {', '.join(MASK_SHAPES)}")
-    drawn = list(grid) if shape == "random" else list(grid[:3])
+    drawn = tuple(grid) if shape == "random" else (*grid[:3], 1)  # a tube is drawn once, for every frame
     length = math.prod(drawn)
     hidden = int(round(ratio * length))
     if not 0 < hidden < length:
@@ -91,9 +91,7 @@ def token_mask(batch: int, grid, ratio: float, generator: torch.Generator | None
     order = scores.argsort(dim=1)
     mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
     mask.scatter_(1, order[:, :hidden], True)
-    if shape == "random":
-        return mask.view(batch, *grid)
-    return mask.view(batch, *drawn, 1).expand(batch, *grid).contiguous()
+    return mask.view(batch, *drawn).expand(batch, *grid).contiguous()
 
 
 class MIMDecoder(nn.Module):
