@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--work", default="probe-heldout-work", help="where the random backbones are written")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="where the backbones embed (auto: the accelerator if any)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -71,7 +72,9 @@ def main() -> None:
     from neurox.analysis.probe import participant_embeddings
     from neurox.data.loader import load_cohort
     from neurox.data.store import Store
+    from neurox.train.distributed import detect
 
+    device = detect(args.device).device
     store = Store(args.store)
     cohort = load_cohort(store, [c.strip() for c in args.targets.split(",") if c.strip()])
     backbones = [tuple(m.split("=", 1)) for m in args.model]
@@ -82,7 +85,7 @@ def main() -> None:
     for name, path in backbones:
         started = time.perf_counter()
         model, _ = load_model(path)
-        model.eval()
+        model.to(device).eval()
         features = participant_embeddings(model, store, cohort.participants, args.batch_size)
         who = [pid for pid in cohort.participants if pid in features]
         x = np.stack([features[pid] for pid in who])
