@@ -14,12 +14,14 @@ checkpoint in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,15 @@ def checkpoint_exists(run_dir: Path) -> bool:
     return (Path(run_dir) / "checkpoints" / "last" / TRAINER_FILE).is_file()
 
 
+@contextlib.contextmanager
+def single_process_quiet():
+    """Silence torch.distributed.checkpoint's warning that it saves or loads in one process, which a
+    single-process run does on purpose (some torch versions warn even with ``no_dist=True``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_sharded(directory: Path, model, optimizer, trainer_state: dict, is_main: bool) -> None:
     """Model and optimiser state as a ``torch.distributed.checkpoint`` directory (each process its
     own shards), plus the loop's state from the main process; written to a temporary directory and
@@ -153,8 +164,9 @@ def save_sharded(directory: Path, model, optimizer, trainer_state: dict, is_main
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist_utils.barrier()
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp),
-             no_dist=not torch.distributed.is_initialized())
+    with single_process_quiet():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp),
+                 no_dist=not torch.distributed.is_initialized())
     dist_utils.barrier()
     if is_main:
         write_atomic(tmp / TRAINER_FILE, lambda path: torch.save(trainer_state, path))
@@ -177,7 +189,8 @@ def load_sharded(directory: Path, model, optimizer) -> dict:
         directory = old if (old / TRAINER_FILE).is_file() else directory
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=not torch.distributed.is_initialized())
+    with single_process_quiet():
+        dcp.load(state, checkpoint_id=str(directory), no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
 
