@@ -225,3 +225,39 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(stores, tmp_path):
     assert returncode == 0 and "stopped by SIGTERM at step" in stdout
     state = consolidated_state(out / "checkpoints" / "last")
     assert 1 <= state["step"] < 250 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_transfer_benchmark_pairs_each_pretrained_run_with_its_scratch_run(tmp_path):
+    """benchmarks/pretrain_transfer.py: the step at which a pretrained run first reaches the best
+    validation score of the scratch run of the same fine-tuning seed (NaN epochs ignored, None when
+    never), and a job whose dependency failed is skipped rather than run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pretrain_transfer import Jobs, summarise_finetuning
+
+    curves = {"scratch-ft0": [float("nan"), 0.6, 0.8, 0.7], "mim0-ft0": [0.5, 0.85, 0.9, 0.9],
+              "mim1-ft0": [0.5, 0.6, 0.7, 0.75], "scratch-ft1": [0.5, 0.9, 0.6, 0.6], "mim0-ft1": [0.7, 0.8, 0.9, 0.95]}
+    runs = {}
+    for name, values in curves.items():
+        run = runs[name] = tmp_path / name
+        run.mkdir()
+        records = [{"step": 10 * (i + 1), "epoch": i, "val": {"auroc": v}} for i, v in enumerate(values)]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        (run / "metrics.json").write_text(json.dumps({"test": {"auroc": values[-1]}}))
+    out = summarise_finetuning(runs, "coupling_group")["runs"]
+    assert out["scratch-ft0"]["val_per_epoch"][0] == (20, 0.6)
+    assert out["mim0-ft0"]["scratch_best_val"] == 0.8 and out["mim0-ft0"]["scratch_first_step_at_best"] == 30
+    assert out["mim0-ft0"]["first_step_reaching_scratch_best"] == 20
+    assert out["mim1-ft0"]["first_step_reaching_scratch_best"] is None
+    assert out["mim0-ft1"]["scratch_best_val"] == 0.9 and out["mim0-ft1"]["first_step_reaching_scratch_best"] == 30
+
+    done = []
+    jobs = Jobs(tmp_path, parallel=2, on_done=done.append)
+    jobs.add("fails", [sys.executable, "-c", "raise SystemExit(3)"])
+    jobs.add("works", [sys.executable, "-c", "print('hello')"])
+    jobs.add("needs-fails", [sys.executable, "-c", "print('never')"], after=["fails"])
+    jobs.add("needs-works", [sys.executable, "-c", "print('after')"], after=["works"])
+    jobs.run()
+    assert jobs.status == {"fails": "failed (exit 3)", "works": "ok", "needs-fails": "skipped (fails did not succeed)",
+                           "needs-works": "ok"}
+    assert sorted(done) == ["fails", "needs-works", "works"]
+    assert "after" in (tmp_path / "needs-works.txt").read_text()
