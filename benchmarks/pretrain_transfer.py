@@ -33,6 +33,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from probe_heldout import compare_to_random  # noqa: E402
 
 
 def write_manifests(cohort: Path, halves: dict[str, Path]) -> None:
@@ -59,11 +60,12 @@ class Jobs:
         self.pending.append((name, command, after or []))
 
     def run(self) -> None:
-        running: dict[str, tuple[subprocess.Popen, float]] = {}
+        running: dict[str, tuple[subprocess.Popen, float, object]] = {}
         while self.pending or running:
-            for name, (proc, started) in list(running.items()):
+            for name, (proc, started, log) in list(running.items()):
                 if proc.poll() is not None:
                     del running[name]
+                    log.close()
                     self.seconds[name] = round(time.perf_counter() - started, 1)
                     self.status[name] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
                     print(f"{name}: {self.status[name]} in {self.seconds[name]} s", file=sys.stderr, flush=True)
@@ -80,7 +82,7 @@ class Jobs:
                     log.write("$ " + " ".join(command) + "\n")
                     log.flush()
                     running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
-                                     time.perf_counter())
+                                     time.perf_counter(), log)
             time.sleep(0.5)
 
 
@@ -124,19 +126,11 @@ def summarise_probes(files: list[Path]) -> dict:
     for f in files:
         if f.is_file():
             backbones.update(json.loads(f.read_text())["backbones"])
-    randoms = {n: b for n, b in backbones.items() if n.startswith("random-")}
-    out = {"mean": {n: b["mean"] for n, b in backbones.items()}, "sd_over_repeats": {n: b["sd"] for n, b in
-                                                                                    backbones.items()}}
-    for name, b in backbones.items():
-        if name.startswith("random-") or not randoms:
-            continue
-        out.setdefault("minus_random", {})[name] = {
-            t: round(float(np.mean([np.mean(np.array(s) - np.array(r["scores"][t])) for r in randoms.values()])), 3)
-            for t, s in b["scores"].items()}
-        out.setdefault("above_every_random", {})[name] = {
-            t: bool(all(np.mean(s) > np.mean(r["scores"][t]) for r in randoms.values()))
-            for t, s in b["scores"].items()}
-    return out
+    compare_to_random(backbones)
+    return {"mean": {n: b["mean"] for n, b in backbones.items()},
+            "sd_over_repeats": {n: b["sd"] for n, b in backbones.items()},
+            **{key: {n: b[key] for n, b in backbones.items() if key in b}
+               for key in ("minus_random", "above_every_random")}}
 
 
 def main() -> None:

@@ -50,6 +50,18 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
     return scores
 
 
+def compare_to_random(backbones: dict[str, dict]) -> None:
+    """Add to each pretrained backbone's entry its mean paired difference to the random ones
+    ("minus_random") and whether its mean beats every random one ("above_every_random"), per target."""
+    randoms = [b for name, b in backbones.items() if name.startswith("random-")]
+    for name, b in backbones.items():
+        if not name.startswith("random-") and randoms:
+            b["minus_random"] = {t: round(float(np.mean([np.mean(np.array(s) - np.array(r["scores"][t]))
+                                                         for r in randoms])), 3) for t, s in b["scores"].items()}
+            b["above_every_random"] = {t: bool(all(np.mean(s) > np.mean(r["scores"][t]) for r in randoms))
+                                       for t, s in b["scores"].items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="store of participants the backbones never saw")
@@ -97,13 +109,7 @@ def main() -> None:
                                      "mean": {t: round(float(np.mean(s)), 3) for t, s in scores.items()},
                                      "sd": {t: round(float(np.std(s)), 3) for t, s in scores.items()}}
         print(json.dumps({name: result["backbones"][name]["mean"]}), file=sys.stderr, flush=True)
-    randoms = [b for name, b in result["backbones"].items() if name.startswith("random-")]
-    for name, b in result["backbones"].items():
-        if not name.startswith("random-") and randoms:
-            b["minus_random"] = {t: round(float(np.mean([np.mean(np.array(s) - np.array(r["scores"][t]))
-                                                         for r in randoms])), 3) for t, s in b["scores"].items()}
-            b["above_every_random"] = {t: bool(all(np.mean(s) > np.mean(r["scores"][t]) for r in randoms))
-                                       for t, s in b["scores"].items()}
+    compare_to_random(result["backbones"])
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
