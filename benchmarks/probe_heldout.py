@@ -50,11 +50,44 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
     return scores
 
 
+def stage_embeddings(model, store, participants: list[str], batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per participant, the mean over their windows of each earlier stage's token-averaged output
+    ("stage-1", ...) beside the backbone's pooled output ("last", the last stage's), in one pass."""
+    from neurox.analysis.embed import window_embeddings
+    from neurox.data.loader import prepared_runs
+
+    captured: dict[int, list[np.ndarray]] = {}
+
+    def keep(index):
+        def hook(_module, _inputs, output):  # stage output: (tokens, batch, channels)
+            captured.setdefault(index, []).append(output.float().mean(0).cpu().numpy())
+        return hook
+
+    handles = [stage.register_forward_hook(keep(i)) for i, stage in enumerate(model.layers[:-1])]
+    runs, _ = prepared_runs(store, participants)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        for pid in sorted(runs):
+            captured.clear()
+            _, pooled = window_embeddings(model, store, runs[pid], batch_size, progress=False)
+            if len(pooled):
+                out[pid] = {"last": pooled.mean(0), **{f"stage-{i + 1}": np.concatenate(v).mean(0)
+                                                      for i, v in captured.items()}}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
 def compare_to_random(backbones: dict[str, dict]) -> None:
-    """Add to each pretrained backbone's entry its mean paired difference to the random ones
-    ("minus_random") and whether its mean beats every random one ("above_every_random"), per target."""
-    randoms = [b for name, b in backbones.items() if name.startswith("random-")]
+    """Add to each pretrained backbone's entry its mean paired difference to the random ones of the
+    same view ("name/stage-N" against "random-S/stage-N"), "minus_random", and whether its mean beats
+    every one of them, "above_every_random", per target."""
+    def view(name: str) -> str:
+        return name.split("/", 1)[1] if "/" in name else ""
+
     for name, b in backbones.items():
+        randoms = [r for n, r in backbones.items() if n.startswith("random-") and view(n) == view(name)]
         if not name.startswith("random-") and randoms:
             b["minus_random"] = {t: round(float(np.mean([np.mean(np.array(s) - np.array(r["scores"][t]))
                                                          for r in randoms])), 3) for t, s in b["scores"].items()}
@@ -74,6 +107,8 @@ def main() -> None:
     p.add_argument("--work", default="probe-heldout-work", help="where the random backbones are written")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--device", default="auto", help="where the backbones embed (auto: the accelerator if any)")
+    p.add_argument("--stages", choices=("last", "all"), default="last",
+                   help="all: also probe each stage's token-averaged output (backbone name/stage-N)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -98,17 +133,24 @@ def main() -> None:
         started = time.perf_counter()
         model, _ = load_model(path)
         model.to(device).eval()
-        features = participant_embeddings(model, store, cohort.participants, args.batch_size)
-        who = [pid for pid in cohort.participants if pid in features]
-        x = np.stack([features[pid] for pid in who])
-        y = np.stack([cohort.labels(pid) for pid in who])
-        scores = {t.column: out_of_fold_scores(x, y[:, i], t.task, args.folds, args.repeats)
-                  for i, t in enumerate(cohort.targets)}
-        result["backbones"][name] = {"path": str(path), "seconds": round(time.perf_counter() - started, 1),
-                                     "scores": scores,
-                                     "mean": {t: round(float(np.mean(s)), 3) for t, s in scores.items()},
-                                     "sd": {t: round(float(np.std(s)), 3) for t, s in scores.items()}}
-        print(json.dumps({name: result["backbones"][name]["mean"]}), file=sys.stderr, flush=True)
+        if args.stages == "last":
+            embeddings = {"": participant_embeddings(model, store, cohort.participants, args.batch_size)}
+        else:
+            by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size)
+            views = next(iter(by_pid.values())).keys() if by_pid else []
+            embeddings = {("" if v == "last" else f"/{v}"): {pid: f[v] for pid, f in by_pid.items()} for v in views}
+        seconds = round(time.perf_counter() - started, 1)
+        for suffix, features in embeddings.items():
+            who = [pid for pid in cohort.participants if pid in features]
+            x = np.stack([features[pid] for pid in who])
+            y = np.stack([cohort.labels(pid) for pid in who])
+            scores = {t.column: out_of_fold_scores(x, y[:, i], t.task, args.folds, args.repeats)
+                      for i, t in enumerate(cohort.targets)}
+            result["backbones"][name + suffix] = {
+                "path": str(path), "seconds": seconds, "scores": scores,
+                "mean": {t: round(float(np.mean(s)), 3) for t, s in scores.items()},
+                "sd": {t: round(float(np.std(s)), 3) for t, s in scores.items()}}
+            print(json.dumps({name + suffix: result["backbones"][name + suffix]["mean"]}), file=sys.stderr, flush=True)
     compare_to_random(result["backbones"])
     text = json.dumps(result, indent=1)
     if args.out:
