@@ -8,6 +8,8 @@ once per repeat, and every backbone is scored on the same folds, so the differen
 backbones are paired. Prints one JSON document (and writes it to --out): per backbone and target,
 the AUROC (classes) or Pearson r (numbers) of each repeat's out-of-fold predictions, their mean and
 standard deviation, and per pretrained backbone the mean paired difference to the random ones.
+With ``--stages all`` each earlier stage's token-averaged output is probed too ("NAME/stage-N",
+compared with the random backbones' same stage), from the same pass over the data.
 
     python benchmarks/probe_heldout.py --store heldout-store --model mim=runs/mim/model --random 0 1 2 \\
         --targets amplitude_group,coupling_group,order_group,lowfreq_score --folds 5 --repeats 5 --out probe.json
