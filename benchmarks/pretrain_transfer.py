@@ -33,6 +33,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from pretrain_probe import val_curve  # noqa: E402
 from probe_heldout import compare_to_random  # noqa: E402
 
 
@@ -86,26 +87,24 @@ class Jobs:
             time.sleep(0.5)
 
 
-def curve(run: Path, target: str) -> list[tuple[int, float]]:
-    """(step, validation score) after each epoch: AUROC for groups, Pearson r for numbers."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    out = []
-    for r in records:
-        val = r.get("val", {})
-        score = val.get("auroc", val.get("pearson_r", val.get(f"{target}.auroc")))
-        if score is not None and np.isfinite(score):  # NaN where the validation split has one class
-            out.append((r["step"], round(float(score), 4)))
-    return out
+def curve(run: Path) -> list[tuple[int, float]]:
+    """(step, validation score) after each epoch: AUROC for groups, Pearson r for numbers; NaN epochs
+    (a validation split with one class) left out."""
+    for key in ("auroc", "pearson_r"):
+        points = [(step, round(float(v), 4)) for step, v in val_curve(run, key) if v is not None and np.isfinite(v)]
+        if points:
+            return points
+    return []
 
 
-def summarise_finetuning(runs: dict[str, Path], target: str) -> dict:
+def summarise_finetuning(runs: dict[str, Path]) -> dict:
     """Per run its curve and test score; per pretrained run the first step reaching its scratch run's best."""
     out: dict = {"runs": {}}
     for name, run in runs.items():
         if (run / "metrics.json").is_file():
             test = json.loads((run / "metrics.json").read_text())["test"]
             score = test.get("auroc", test.get("pearson_r"))
-            out["runs"][name] = {"val_per_epoch": curve(run, target),
+            out["runs"][name] = {"val_per_epoch": curve(run),
                                  "test": round(score, 4) if score is not None and np.isfinite(score) else None}
     for name, entry in out["runs"].items():
         seed = name.rsplit("-ft", 1)[1]
@@ -179,7 +178,7 @@ def main() -> None:
                     "steps": len(losses), "first": round(float(np.mean(losses[:20])), 4),
                     "last": round(float(np.mean(losses[-20:])), 4)}
         report["probe_heldout"] = summarise_probes(sorted(work.glob("probe-*.json")))
-        report["finetune"] = summarise_finetuning(finetune_runs, args.target)
+        report["finetune"] = summarise_finetuning(finetune_runs)
         report["jobs"] = {"status": jobs.status, "seconds": jobs.seconds}
         (out / "pretrain_transfer.json").write_text(json.dumps(report, indent=1) + "\n")
 

@@ -52,9 +52,11 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
     return scores
 
 
-def stage_embeddings(model, store, participants: list[str], batch_size: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per participant, the mean over their windows of each earlier stage's token-averaged output
-    ("stage-1", ...) beside the backbone's pooled output ("last", the last stage's), in one pass."""
+def stage_embeddings(model, store, participants: list[str], batch_size: int,
+                     earlier: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """Per participant, the mean over their windows of the backbone's pooled output ("last", as
+    ``neurox probe`` embeds) and, with ``earlier``, of each earlier stage's token-averaged output
+    ("stage-1", ...), in one pass."""
     from neurox.analysis.embed import window_embeddings
     from neurox.data.loader import prepared_runs
 
@@ -65,7 +67,7 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int) -> 
             captured.setdefault(index, []).append(output.float().mean(0).cpu().numpy())
         return hook
 
-    handles = [stage.register_forward_hook(keep(i)) for i, stage in enumerate(model.layers[:-1])]
+    handles = [stage.register_forward_hook(keep(i)) for i, stage in enumerate(model.layers[:-1]) if earlier]
     runs, _ = prepared_runs(store, participants)
     out: dict[str, dict[str, np.ndarray]] = {}
     try:
@@ -118,7 +120,6 @@ def main() -> None:
     from pretrain_probe import random_model
 
     from neurox.analysis.embed import load_model
-    from neurox.analysis.probe import participant_embeddings
     from neurox.data.loader import load_cohort
     from neurox.data.store import Store
     from neurox.train.distributed import detect
@@ -135,12 +136,9 @@ def main() -> None:
         started = time.perf_counter()
         model, _ = load_model(path)
         model.to(device).eval()
-        if args.stages == "last":
-            embeddings = {"": participant_embeddings(model, store, cohort.participants, args.batch_size)}
-        else:
-            by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size)
-            views = next(iter(by_pid.values())).keys() if by_pid else []
-            embeddings = {("" if v == "last" else f"/{v}"): {pid: f[v] for pid, f in by_pid.items()} for v in views}
+        by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size, earlier=args.stages == "all")
+        views = next(iter(by_pid.values())).keys() if by_pid else []
+        embeddings = {("" if v == "last" else f"/{v}"): {pid: f[v] for pid, f in by_pid.items()} for v in views}
         seconds = round(time.perf_counter() - started, 1)
         for suffix, features in embeddings.items():
             who = [pid for pid in cohort.participants if pid in features]

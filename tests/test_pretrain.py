@@ -243,7 +243,7 @@ def test_transfer_benchmark_pairs_each_pretrained_run_with_its_scratch_run(tmp_p
         records = [{"step": 10 * (i + 1), "epoch": i, "val": {"auroc": v}} for i, v in enumerate(values)]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
         (run / "metrics.json").write_text(json.dumps({"test": {"auroc": values[-1]}}))
-    out = summarise_finetuning(runs, "coupling_group")["runs"]
+    out = summarise_finetuning(runs)["runs"]
     assert out["scratch-ft0"]["val_per_epoch"][0] == (20, 0.6)
     assert out["mim0-ft0"]["scratch_best_val"] == 0.8 and out["mim0-ft0"]["scratch_first_step_at_best"] == 30
     assert out["mim0-ft0"]["first_step_reaching_scratch_best"] == 20
