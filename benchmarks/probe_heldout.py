@@ -8,8 +8,10 @@ once per repeat, and every backbone is scored on the same folds, so the differen
 backbones are paired. Prints one JSON document (and writes it to --out): per backbone and target,
 the AUROC (classes) or Pearson r (numbers) of each repeat's out-of-fold predictions, their mean and
 standard deviation, and per pretrained backbone the mean paired difference to the random ones.
+Each backbone is also probed with statistics pooling ("NAME/mean_std": each feature's mean and its
+standard deviation over time, ``neurox probe --pool mean_std``), from the same pass over the data.
 With ``--stages all`` each earlier stage's token-averaged output is probed too ("NAME/stage-N",
-compared with the random backbones' same stage), from the same pass over the data.
+compared with the random backbones' same stage).
 
     python benchmarks/probe_heldout.py --store heldout-store --model mim=runs/mim/model --random 0 1 2 \\
         --targets amplitude_group,coupling_group,order_group,lowfreq_score --folds 5 --repeats 5 --out probe.json
@@ -55,9 +57,9 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
 def stage_embeddings(model, store, participants: list[str], batch_size: int,
                      earlier: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Per participant, the mean over their windows of the backbone's pooled output ("last", as
-    ``neurox probe`` embeds) and, with ``earlier``, of each earlier stage's token-averaged output
-    ("stage-1", ...), in one pass."""
-    from neurox.analysis.embed import window_embeddings
+    ``neurox probe`` embeds), its statistics pooling ("mean_std", as ``neurox probe --pool mean_std``)
+    and, with ``earlier``, each earlier stage's token-averaged output ("stage-1", ...), in one pass."""
+    from neurox.analysis.embed import participant_vector, window_embeddings
     from neurox.data.loader import prepared_runs
 
     captured: dict[int, list[np.ndarray]] = {}
@@ -73,10 +75,11 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
     try:
         for pid in sorted(runs):
             captured.clear()
-            _, pooled = window_embeddings(model, store, runs[pid], batch_size, progress=False)
-            if len(pooled):
-                out[pid] = {"last": pooled.mean(0), **{f"stage-{i + 1}": np.concatenate(v).mean(0)
-                                                      for i, v in captured.items()}}
+            _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True)
+            if len(series):
+                out[pid] = {"last": participant_vector(series, "mean"),
+                            "mean_std": participant_vector(series, "mean_std"),
+                            **{f"stage-{i + 1}": np.concatenate(v).mean(0) for i, v in captured.items()}}
     finally:
         for handle in handles:
             handle.remove()

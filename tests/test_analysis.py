@@ -243,3 +243,22 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert (tmp_path / "emb_pca.png").stat().st_size > 5_000
     assert main(["embed", str(run), "--store", str(store), "--out", str(tmp_path / "e.tsv")]) == 0
     assert read_tsv(tmp_path / "e.tsv")[0]["participant_id"] == "sub-01"
+
+    # the closed-form probe of the same run, on its own split, with statistics pooling
+    assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
+                 "--pool", "mean_std", "--out", str(tmp_path / "probe")]) == 0
+    metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert metrics["pool"] == "mean_std" and 0.0 <= metrics["test"]["auroc"] <= 1.0
+    assert read_tsv(tmp_path / "probe" / "splits.tsv") == read_tsv(run / "splits.tsv")
+
+
+def test_participant_vector_pools_every_frame_of_every_window():
+    from neurox.analysis.embed import participant_vector
+
+    series = np.random.default_rng(0).normal(size=(2, 3, 4))  # 2 windows, 3 channels, 4 frames
+    assert np.allclose(participant_vector(series, "mean"), series.mean(axis=(0, 2)))
+    pooled = participant_vector(series, "mean_std")
+    assert pooled.shape == (6,) and np.allclose(pooled[:3], series.mean(axis=(0, 2)))
+    assert np.allclose(pooled[3:], [np.concatenate([series[0, c], series[1, c]]).std() for c in range(3)])
+    with pytest.raises(ValueError, match="unknown pool"):
+        participant_vector(series, "max")

@@ -261,3 +261,25 @@ def test_transfer_benchmark_pairs_each_pretrained_run_with_its_scratch_run(tmp_p
                            "needs-works": "ok"}
     assert sorted(done) == ["fails", "needs-works", "works"]
     assert "after" in (tmp_path / "needs-works.txt").read_text()
+
+
+def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(stores, tmp_path):
+    """benchmarks/probe_heldout.py: every backbone is probed with mean and statistics pooling on the same
+    folds, and a named backbone is compared with the random ones readout by readout."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pretrain_probe import random_model
+
+    other = random_model(tmp_path / "other", 7, "demo")
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "probe_heldout.py"),
+                    "--store", str(stores[0]), "--model", f"other={other}", "--random", "0", "1", "--targets", "group",
+                    "--folds", "2", "--repeats", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+                   check=True, env=ENV, capture_output=True)
+    backbones = json.loads(out.read_text())["backbones"]
+    assert set(backbones) == {f"{b}{view}" for b in ("other", "random-0", "random-1") for view in ("", "/mean_std")}
+    assert all(len(b["scores"]["group"]) == 2 and all(0 <= s <= 1 for s in b["scores"]["group"])
+               for b in backbones.values())
+    for view in ("", "/mean_std"):  # the paired difference is to the random backbones' same readout
+        randoms = [np.mean(backbones[f"random-{s}{view}"]["scores"]["group"]) for s in (0, 1)]
+        mine = np.mean(backbones[f"other{view}"]["scores"]["group"])
+        assert backbones[f"other{view}"]["minus_random"]["group"] == pytest.approx(mine - np.mean(randoms), abs=1e-3)

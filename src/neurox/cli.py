@@ -249,7 +249,8 @@ def _embed_parser() -> ArgumentParser:
 
 def _probe_parser() -> ArgumentParser:
     p = ArgumentParser(
-        description="A linear probe of a frozen model: each participant's embedding (mean over windows), a "
+        description="A linear probe of a frozen model: each participant's embedding (mean over windows; with "
+        "--pool mean_std also each feature's standard deviation over time), a "
         "cross-validated logistic or ridge model fitted on the training participants, metrics on validation and "
         "test participants with bootstrap intervals. --split_from RUN scores the same participants as that run.",
         epilog="example: neurox probe runs/pretrain/model --store synthetic-store --target amplitude_group "
@@ -261,6 +262,9 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--out", default=None, help="folder for metrics.json and splits.tsv")
     p.add_argument("--split_from", default=None, help="a finetune run whose splits.tsv to use")
     p.add_argument("--seed", type=int, default=0, help="the split's seed when there is no --split_from")
+    p.add_argument("--pool", choices=["mean", "mean_std"], default="mean",
+                   help="mean: the representation averaged over space and time (what the heads see); mean_std: "
+                   "also each feature's standard deviation over time (statistics pooling)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--device", default="auto")
     return p
@@ -494,7 +498,7 @@ def cmd_probe(args) -> int:
     from neurox.analysis.probe import probe
 
     results = probe(args.model, args.store, args.target, out=args.out, split_from=args.split_from, seed=args.seed,
-                    batch_size=args.batch_size, device=args.device)
+                    pool=args.pool, batch_size=args.batch_size, device=args.device)
     print_metrics(results, title=f"linear probe of {args.model}")
     return 0
 

@@ -34,9 +34,14 @@ def load_model(path: str | Path):
     raise FileNotFoundError(f"{path}: neither a neurox run (with model/) nor a model directory (with config.json)")
 
 
+POOLS = ("mean", "mean_std")
+
+
 @torch.no_grad()
-def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int = 4, progress: bool = True):
-    """(rows of (run_id, start), embeddings (windows, C)) for every non-overlapping window."""
+def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int = 4, progress: bool = True,
+                      over_time: bool = False):
+    """(rows of (run_id, start), embeddings) for every non-overlapping window: the backbone's output
+    averaged over space and time (windows, C), or with ``over_time`` over space only (windows, C, T)."""
     from tqdm import tqdm
 
     length, grid = model.config.img_size[3], model.config.img_size[:3]
@@ -45,8 +50,25 @@ def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int =
     out = []
     batches = window_batches(store, windows, length, grid, batch_size, device)
     for _, x in tqdm(batches, total=-(-len(windows) // batch_size), desc="embed", unit="batch", disable=not progress):
-        out.append(model.forward_features(x).float().mean(dim=(2, 3, 4, 5)).cpu().numpy())
-    return windows, (np.concatenate(out) if out else np.zeros((0, model.num_features), dtype=np.float32))
+        spatial = model.forward_features(x).float().mean(dim=(2, 3, 4))  # (B, C, T)
+        out.append((spatial if over_time else spatial.mean(-1)).cpu().numpy())
+    if not out:
+        return windows, np.zeros((0, model.num_features, *((1,) if over_time else ())), dtype=np.float32)
+    return windows, np.concatenate(out)
+
+
+def participant_vector(series: np.ndarray, pool: str = "mean") -> np.ndarray:
+    """One participant's embedding from ``series`` (windows, C, T), their windows' spatially averaged
+    representation frame by frame. ``mean``: the mean over all frames (C,), what the heads see.
+    ``mean_std``: that and each channel's standard deviation over all frames of all windows (2C,),
+    the statistics pooling of speaker embeddings: a mean is linear in the features, so it cannot
+    show how strongly they fluctuate, which is what BOLD amplitude, coupling and spectral power are."""
+    frames = series.transpose(1, 0, 2).reshape(series.shape[1], -1)  # (C, windows x T)
+    if pool == "mean":
+        return frames.mean(1)
+    if pool == "mean_std":
+        return np.concatenate([frames.mean(1), frames.std(1)])
+    raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
 
 
 def write_table(path: Path, columns: list[str], rows: list[list]) -> Path:

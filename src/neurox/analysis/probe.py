@@ -1,7 +1,8 @@
 """``neurox probe``: how much of a target a frozen model's representation holds, in closed form.
 
 The standard test of a self-supervised representation: each participant's embedding (the mean over
-their windows of the backbone's pooled output, as ``neurox embed`` computes it), a cross-validated
+their windows of the backbone's pooled output, as ``neurox embed`` computes it; with ``pool="mean_std"``
+also each feature's standard deviation over time), a cross-validated
 logistic (classes) or ridge (numbers) model fitted on the training participants only (the same
 fitting as the FC baseline), metrics on the validation and test participants with bootstrap
 intervals. Pass ``--split_from RUN`` to use a finetune run's participants, so that a probe, a
@@ -17,27 +18,33 @@ from pathlib import Path
 import numpy as np
 
 from neurox.analysis.baseline import fit_linear, linear_outputs
-from neurox.analysis.embed import load_model, window_embeddings
+from neurox.analysis.embed import POOLS, load_model, participant_vector, window_embeddings
 from neurox.data.loader import load_cohort, load_splits, prepared_runs, save_splits, split_participants, standardise
 from neurox.data.store import Store
 from neurox.io.atomic import write_text_atomic
 from neurox.train.objectives import subject_metrics
 
 
-def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4) -> dict[str, np.ndarray]:
+def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4,
+                           pool: str = "mean") -> dict[str, np.ndarray]:
+    """Each participant's embedding (``participant_vector`` of their windows, pooled by ``pool``)."""
     runs, _ = prepared_runs(store, participants)
     out = {}
     for pid in sorted(runs):
-        _, emb = window_embeddings(model, store, runs[pid], batch_size, progress=False)
-        if len(emb):
-            out[pid] = emb.mean(0)
+        _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True)
+        if len(series):
+            out[pid] = participant_vector(series, pool)
     return out
 
 
 def probe(model_path: str | Path, store_path: str | Path, target: str, out: str | Path | None = None,
-          split_from: str | Path | None = None, seed: int = 0, batch_size: int = 4, device: str = "auto",
-          n_boot: int = 1000) -> dict:
-    """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given."""
+          split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", batch_size: int = 4,
+          device: str = "auto", n_boot: int = 1000) -> dict:
+    """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given. ``pool``:
+    ``mean`` (the representation averaged over space and time) or ``mean_std`` (and each feature's
+    standard deviation over time; see ``neurox.analysis.embed.participant_vector``)."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.train.distributed import detect
     from neurox.train.finetune import check_fits_store
 
@@ -53,7 +60,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         cohort.split = split_participants(cohort, seed)
     standardise(cohort)
     model.to(detect(device).device).eval()
-    features = participant_embeddings(model, store, cohort.participants, batch_size)
+    features = participant_embeddings(model, store, cohort.participants, batch_size, pool)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
@@ -70,6 +77,6 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_splits(out / "splits.tsv", cohort.split)
-        write_text_atomic(out / "metrics.json", json.dumps({"model": str(model_path), "store": str(store.root),
-                                                             "target": target, **results}, indent=2) + "\n")
+        summary = {"model": str(model_path), "store": str(store.root), "target": target, "pool": pool, **results}
+        write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return results
