@@ -43,6 +43,35 @@ def test_nt_xent_equals_the_simclr_definition():
     assert ssl.nt_xent(eye, eye, 0.1).item() < 1e-3
 
 
+def _nt_xent_in_process(rank: int, init_file: str, a: torch.Tensor, b: torch.Tensor, out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        mine_a = a[2 * rank:2 * rank + 2].clone().requires_grad_()
+        mine_b = b[2 * rank:2 * rank + 2].clone().requires_grad_()
+        loss = ssl.nt_xent(mine_a, mine_b, 0.1)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "a": mine_a.grad, "b": mine_b.grad}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nt_xent_across_two_processes_matches_the_whole_batch_with_its_gradients(tmp_path):
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    torch.multiprocessing.spawn(_nt_xent_in_process, args=(str(tmp_path / "init"), a, b, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    whole_a, whole_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    whole = ssl.nt_xent(whole_a, whole_b, 0.1)
+    whole.backward()
+    # every other process's rows are negatives: the mean of the two losses is the whole batch's loss,
+    # and the mean of their gradients (what DDP and FSDP apply) is the whole batch's gradient
+    assert torch.allclose(torch.stack([r["loss"] for r in ranks]).mean(), whole.detach(), atol=1e-6)
+    assert torch.allclose(torch.cat([r["a"] for r in ranks]) / 2, whole_a.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([r["b"] for r in ranks]) / 2, whole_b.grad, atol=1e-6)
+
+
 def test_local_temporal_positives_are_the_views_of_one_window():
     window_1, window_2 = torch.randn(3, 16), torch.randn(3, 16)
     aligned = torch.stack([window_1, window_1, window_2, window_2], dim=1)  # views equal within a window

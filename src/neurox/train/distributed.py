@@ -8,6 +8,7 @@ CUDA, ROCm and Intel XPU nodes need no code change; without an accelerator it is
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -70,14 +71,25 @@ def launch(run, config):
     env = detect(config.device)
     init(env)
     try:
-        return run(config, env)
-    finally:
-        shutdown()
+        result = run(config, env)
+    except BaseException:
+        shutdown(settle=False)  # the other processes may never reach a barrier
+        raise
+    shutdown()
+    return result
 
 
-def shutdown() -> None:
+def shutdown(settle: bool = True) -> None:
+    """Leave the process group. With ``settle``, first a barrier: gloo's waits for every earlier
+    collective of this process, and while the main thread waits there (without the GIL) the worker
+    threads release the tensors of finished collectives. A process that skipped it could reach
+    interpreter shutdown while a worker still had to release one, which aborts the process
+    ("terminate called without an active exception") after all its work was done."""
     if dist.is_initialized():
+        if settle:
+            dist.barrier()
         dist.destroy_process_group()
+    gc.collect()  # groups kept alive by reference cycles (FSDP's meshes) go now, not at interpreter exit
 
 
 def wrap(model: nn.Module, env: Env, strategy: str = "ddp") -> nn.Module:

@@ -32,13 +32,30 @@ MASK_SHAPES = ("random", "tube")
 # --- contrastive ---------------------------------------------------------------------------------
 
 
+class _GatherRows(torch.autograd.Function):
+    """Every process's rows (the same number each) in rank order. Backward: each process's loss
+    depends on every process's rows, so a process's rows get the sum of all processes' gradients for
+    them (an all-reduce, then its own slice: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
 def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
     """Rows of every process in rank order; gradients flow back to each process's own rows."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return z
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z), dim=0)
+    return _GatherRows.apply(z)
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
