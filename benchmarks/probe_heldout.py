@@ -11,7 +11,9 @@ standard deviation, and per pretrained backbone the mean paired difference to th
 Each backbone is also probed with statistics pooling ("NAME/mean_std": each feature's mean and its
 standard deviation over time, ``neurox probe --pool mean_std``), from the same pass over the data.
 With ``--stages all`` each earlier stage's token-averaged output is probed too ("NAME/stage-N",
-compared with the random backbones' same stage).
+compared with the random backbones' same stage); with ``--tokens`` the statistics of each token
+position of the last stage, not averaged over space ("NAME/tokens": per position and channel, the
+mean and standard deviation over every frame), which keeps what is local.
 
     python benchmarks/probe_heldout.py --store heldout-store --model mim=runs/mim/model --random 0 1 2 \\
         --targets amplitude_group,coupling_group,order_group,lowfreq_score --folds 5 --repeats 5 --out probe.json
@@ -55,10 +57,11 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
 
 
 def stage_embeddings(model, store, participants: list[str], batch_size: int,
-                     earlier: bool = False) -> dict[str, dict[str, np.ndarray]]:
+                     earlier: bool = False, tokens: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Per participant, the mean over their windows of the backbone's pooled output ("last", as
-    ``neurox probe`` embeds), its statistics pooling ("mean_std", as ``neurox probe --pool mean_std``)
-    and, with ``earlier``, each earlier stage's token-averaged output ("stage-1", ...), in one pass."""
+    ``neurox probe`` embeds), its statistics pooling ("mean_std", as ``neurox probe --pool mean_std``),
+    with ``earlier`` each earlier stage's token-averaged output ("stage-1", ...) and with ``tokens``
+    the last stage's per-position statistics ("tokens"), in one pass."""
     from neurox.analysis.embed import participant_vector, window_embeddings
     from neurox.data.loader import prepared_runs
 
@@ -69,17 +72,29 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
             captured.setdefault(index, []).append(output.float().mean(0).cpu().numpy())
         return hook
 
+    frames = model.config.img_size[3] // model.config.patch_size[3]
+    per_token: list[np.ndarray] = []
+
+    def keep_tokens(_module, _inputs, output):  # last stage: (positions x frames, batch, channels)
+        per_token.append(output.float().view(-1, frames, *output.shape[1:]).permute(2, 3, 0, 1).cpu().numpy())
+
     handles = [stage.register_forward_hook(keep(i)) for i, stage in enumerate(model.layers[:-1]) if earlier]
+    handles += [model.layers[-1].register_forward_hook(keep_tokens)] if tokens else []
     runs, _ = prepared_runs(store, participants)
     out: dict[str, dict[str, np.ndarray]] = {}
     try:
         for pid in sorted(runs):
             captured.clear()
+            per_token.clear()
             _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True)
             if len(series):
                 out[pid] = {"last": participant_vector(series, "mean"),
                             "mean_std": participant_vector(series, "mean_std"),
                             **{f"stage-{i + 1}": np.concatenate(v).mean(0) for i, v in captured.items()}}
+                if per_token:  # (windows, C, positions, T) -> (C, positions, every frame)
+                    series = np.concatenate(per_token).transpose(1, 2, 0, 3)
+                    series = series.reshape(*series.shape[:2], -1)
+                    out[pid]["tokens"] = np.concatenate([series.mean(-1).ravel(), series.std(-1).ravel()])
     finally:
         for handle in handles:
             handle.remove()
@@ -116,6 +131,8 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="where the backbones embed (auto: the accelerator if any)")
     p.add_argument("--stages", choices=("last", "all"), default="last",
                    help="all: also probe each stage's token-averaged output (backbone name/stage-N)")
+    p.add_argument("--tokens", action="store_true",
+                   help="also probe the last stage's per-position statistics (backbone name/tokens)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -139,7 +156,8 @@ def main() -> None:
         started = time.perf_counter()
         model, _ = load_model(path)
         model.to(device).eval()
-        by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size, earlier=args.stages == "all")
+        by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size,
+                                  earlier=args.stages == "all", tokens=args.tokens)
         views = next(iter(by_pid.values())).keys() if by_pid else []
         embeddings = {("" if v == "last" else f"/{v}"): {pid: f[v] for pid, f in by_pid.items()} for v in views}
         seconds = round(time.perf_counter() - started, 1)

@@ -302,13 +302,29 @@ def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(s
     out = tmp_path / "probe.json"
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "probe_heldout.py"),
                     "--store", str(stores[0]), "--model", f"other={other}", "--random", "0", "1", "--targets", "group",
-                    "--folds", "2", "--repeats", "2", "--work", str(tmp_path / "work"), "--out", str(out)],
+                    "--folds", "2", "--repeats", "2", "--work", str(tmp_path / "work"), "--tokens", "--out", str(out)],
                    check=True, env=ENV, capture_output=True)
     backbones = json.loads(out.read_text())["backbones"]
-    assert set(backbones) == {f"{b}{view}" for b in ("other", "random-0", "random-1") for view in ("", "/mean_std")}
+    assert set(backbones) == {f"{b}{view}" for b in ("other", "random-0", "random-1")
+                              for view in ("", "/mean_std", "/tokens")}
     assert all(len(b["scores"]["group"]) == 2 and all(0 <= s <= 1 for s in b["scores"]["group"])
                for b in backbones.values())
     for view in ("", "/mean_std"):  # the paired difference is to the random backbones' same readout
         randoms = [np.mean(backbones[f"random-{s}{view}"]["scores"]["group"]) for s in (0, 1)]
         mine = np.mean(backbones[f"other{view}"]["scores"]["group"])
         assert backbones[f"other{view}"]["minus_random"]["group"] == pytest.approx(mine - np.mean(randoms), abs=1e-3)
+    # per-position statistics: averaged over the positions, their means are the pooled mean readout
+    from probe_heldout import stage_embeddings
+
+    from neurox.analysis.embed import load_model
+    from neurox.data.loader import prepared_runs
+    from neurox.data.store import Store
+
+    model, _ = load_model(other)
+    store = Store(stores[0])
+    first = sorted(prepared_runs(store)[0])[0]
+    views = stage_embeddings(model.eval(), store, [first], 2, tokens=True)[first]
+    channels, positions = model.num_features, 8  # the demo architecture's last stage: 2 x 2 x 2
+    assert views["tokens"].shape == (2 * channels * positions,)
+    means = views["tokens"][: channels * positions].reshape(channels, positions)
+    assert np.allclose(means.mean(1), views["last"], atol=1e-5)
