@@ -13,7 +13,9 @@ standard deviation over time, ``neurox probe --pool mean_std``), from the same p
 With ``--stages all`` each earlier stage's token-averaged output is probed too ("NAME/stage-N",
 compared with the random backbones' same stage); with ``--tokens`` the statistics of each token
 position of the last stage, not averaged over space ("NAME/tokens": per position and channel, the
-mean and standard deviation over every frame), which keeps what is local.
+mean and standard deviation over every frame), which keeps what is local, and their time-directed
+coupling ("NAME/tokens_lagged": per channel and pair of positions, the antisymmetric part of the
+lag-one cross-covariance, which changes sign when which position leads reverses).
 
     python benchmarks/probe_heldout.py --store heldout-store --model mim=runs/mim/model --random 0 1 2 \\
         --targets amplitude_group,coupling_group,order_group,lowfreq_score --folds 5 --repeats 5 --out probe.json
@@ -95,10 +97,20 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
                     series = np.concatenate(per_token).transpose(1, 2, 0, 3)
                     series = series.reshape(*series.shape[:2], -1)
                     out[pid]["tokens"] = np.concatenate([series.mean(-1).ravel(), series.std(-1).ravel()])
+                    out[pid]["tokens_lagged"] = lead_lag(np.concatenate(per_token))
     finally:
         for handle in handles:
             handle.remove()
     return out
+
+
+def lead_lag(series: np.ndarray) -> np.ndarray:
+    """(windows, C, positions, T) -> per channel and pair of positions i < j, the antisymmetric part of
+    the lag-one cross-covariance within windows, mean over windows: positive when i leads j."""
+    x = series - series.mean(axis=(0, 3), keepdims=True)
+    lagged = np.einsum("wcit,wcjt->cij", x[..., :-1], x[..., 1:]) / (x.shape[0] * (x.shape[3] - 1))
+    upper = np.triu_indices(x.shape[2], k=1)
+    return (lagged - lagged.transpose(0, 2, 1))[:, upper[0], upper[1]].ravel()
 
 
 def compare_to_random(backbones: dict[str, dict]) -> None:

@@ -306,7 +306,7 @@ def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(s
                    check=True, env=ENV, capture_output=True)
     backbones = json.loads(out.read_text())["backbones"]
     assert set(backbones) == {f"{b}{view}" for b in ("other", "random-0", "random-1")
-                              for view in ("", "/mean_std", "/tokens")}
+                              for view in ("", "/mean_std", "/tokens", "/tokens_lagged")}
     assert all(len(b["scores"]["group"]) == 2 and all(0 <= s <= 1 for s in b["scores"]["group"])
                for b in backbones.values())
     for view in ("", "/mean_std"):  # the paired difference is to the random backbones' same readout
@@ -314,7 +314,7 @@ def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(s
         mine = np.mean(backbones[f"other{view}"]["scores"]["group"])
         assert backbones[f"other{view}"]["minus_random"]["group"] == pytest.approx(mine - np.mean(randoms), abs=1e-3)
     # per-position statistics: averaged over the positions, their means are the pooled mean readout
-    from probe_heldout import stage_embeddings
+    from probe_heldout import lead_lag, stage_embeddings
 
     from neurox.analysis.embed import load_model
     from neurox.data.loader import prepared_runs
@@ -328,3 +328,8 @@ def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(s
     assert views["tokens"].shape == (2 * channels * positions,)
     means = views["tokens"][: channels * positions].reshape(channels, positions)
     assert np.allclose(means.mean(1), views["last"], atol=1e-5)
+    assert views["tokens_lagged"].shape == (channels * positions * (positions - 1) // 2,)
+    # the time-directed readout: its sign says which of two positions leads
+    signal = np.random.default_rng(0).standard_normal((3, 1, 1, 21))
+    first_leads = np.concatenate([signal[..., 1:], signal[..., :-1]], axis=2)  # position 1 is position 0 a frame later
+    assert lead_lag(first_leads)[0] > 0 > lead_lag(first_leads[:, :, ::-1])[0]
