@@ -177,6 +177,20 @@ def test_baseline_on_the_same_split(store, tmp_path):
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
 
 
+def test_linear_fit_with_a_class_of_one_participant_fits_without_cross_validation_warnings():
+    import warnings
+
+    from neurox.analysis.baseline import fit_linear, linear_outputs
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 0, 1, 1, 1, 2])  # class 2: one participant, nothing to stratify folds on
+    x = rng.standard_normal((7, 4)) + y[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted = fit_linear(x, y, "multiclass", 0)
+    assert linear_outputs(fitted, x).argmax(1)[-1] == 2  # still a fitted model, class 2 included
+
+
 def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     """--head_init probe: the head starts as the closed-form probe of the standardised features; in
     training it standardises with each batch's statistics, and the saved model's statistics are those

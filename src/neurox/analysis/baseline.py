@@ -46,7 +46,7 @@ def _features(store: Store, atlas: str, participants: list[str], kind: str, prog
 
 def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
     """Standardised features; LogisticRegressionCV or RidgeCV, cross-validated on these rows only."""
-    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x)
@@ -55,13 +55,17 @@ def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
         model = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit(z, y)
         coef, intercept = model.coef_[None, :], np.atleast_1d(model.intercept_)
     else:
-        smallest = int(np.bincount(y.astype(int)).min())
-        folds = max(2, min(5, smallest))
+        counts = np.bincount(y.astype(int))
+        smallest = int(counts[counts > 0].min())
         import warnings
 
         with warnings.catch_warnings():  # scikit-learn 1.8 announces a change of attribute names
             warnings.simplefilter("ignore", FutureWarning)
-            model = LogisticRegressionCV(Cs=10, cv=folds, max_iter=5000, random_state=seed).fit(z, y.astype(int))
+            if smallest < 2:  # a class of one participant: no fold split can cross-validate the strength
+                model = LogisticRegression(max_iter=5000, random_state=seed).fit(z, y.astype(int))
+            else:
+                model = LogisticRegressionCV(Cs=10, cv=min(5, smallest), max_iter=5000,
+                                             random_state=seed).fit(z, y.astype(int))
         coef, intercept = model.coef_, model.intercept_
     return {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
 
