@@ -45,7 +45,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         dist.all_reduce(grad)
         rows = grad.shape[0] // dist.get_world_size()
         return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
