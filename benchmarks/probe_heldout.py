@@ -63,7 +63,7 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
     """Per participant, the mean over their windows of the backbone's pooled output ("last", as
     ``neurox probe`` embeds), its statistics pooling ("mean_std", as ``neurox probe --pool mean_std``),
     with ``earlier`` each earlier stage's token-averaged output ("stage-1", ...) and with ``tokens``
-    the last stage's per-position statistics ("tokens"), in one pass."""
+    the last stage's per-position statistics ("tokens") and their lead-lag ("tokens_lagged"), in one pass."""
     from neurox.analysis.embed import participant_vector, window_embeddings
     from neurox.data.loader import prepared_runs
 
@@ -94,9 +94,9 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
                             "mean_std": participant_vector(series, "mean_std"),
                             **{f"stage-{i + 1}": np.concatenate(v).mean(0) for i, v in captured.items()}}
                 if per_token:  # (windows, C, positions, T) -> (C, positions, every frame)
-                    series = np.concatenate(per_token).transpose(1, 2, 0, 3)
-                    series = series.reshape(*series.shape[:2], -1)
-                    out[pid]["tokens"] = np.concatenate([series.mean(-1).ravel(), series.std(-1).ravel()])
+                    positions = np.concatenate(per_token).transpose(1, 2, 0, 3)
+                    positions = positions.reshape(*positions.shape[:2], -1)
+                    out[pid]["tokens"] = np.concatenate([positions.mean(-1).ravel(), positions.std(-1).ravel()])
                     out[pid]["tokens_lagged"] = lead_lag(np.concatenate(per_token))
     finally:
         for handle in handles:
@@ -144,7 +144,8 @@ def main() -> None:
     p.add_argument("--stages", choices=("last", "all"), default="last",
                    help="all: also probe each stage's token-averaged output (backbone name/stage-N)")
     p.add_argument("--tokens", action="store_true",
-                   help="also probe the last stage's per-position statistics (backbone name/tokens)")
+                   help="also probe the last stage's per-position statistics and their lead-lag "
+                        "(backbone name/tokens, name/tokens_lagged)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
