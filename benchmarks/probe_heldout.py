@@ -74,7 +74,7 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
             captured.setdefault(index, []).append(output.float().mean(0).cpu().numpy())
         return hook
 
-    frames = model.config.img_size[3] // model.config.patch_size[3]
+    frames = model.config.patch_grid[3]  # the last stage keeps every frame token
     per_token: list[np.ndarray] = []
 
     def keep_tokens(_module, _inputs, output):  # last stage: (positions x frames, batch, channels)
