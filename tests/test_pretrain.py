@@ -113,6 +113,23 @@ def test_mim_decoder_puts_each_token_on_the_voxels_it_covers():
     assert torch.equal(nonzero, covered)
 
 
+def test_mim_decoder_layers_let_a_token_inform_the_voxels_of_others():
+    features = torch.randn(1, 32, 2, 3, 2, 4, generator=torch.Generator().manual_seed(0))
+    changed = features.clone()
+    changed[0, :, 1, 2, 0, 3] += 1.0  # one last-stage token, covering voxels [4:8, 8:12, 0:4] of frame 3
+    elsewhere = torch.ones(1, 1, 8, 12, 8, 4, dtype=torch.bool)
+    elsewhere[0, 0, 4:8, 8:12, 0:4, 3] = False
+    for depth, mixes in ((0, False), (2, True)):
+        torch.manual_seed(0)
+        decoder = ssl.MIMDecoder(32, (2, 2, 2, 1), 1, upscale=2, grid=(2, 3, 2, 4), depth=depth).eval()
+        with torch.no_grad():
+            before, after = decoder(features), decoder(changed)
+        assert before.shape == (1, 1, 8, 12, 8, 4)
+        assert bool((before != after)[elsewhere].any()) == mixes
+    with pytest.raises(ValueError, match="grid"):
+        ssl.MIMDecoder(32, (2, 2, 2, 1), 1, upscale=2, depth=1)
+
+
 def test_mim_loss_counts_hidden_voxels_inside_the_brain_only():
     target = torch.zeros(1, 1, 2, 2, 2, 1)
     reconstruction = torch.ones_like(target)
@@ -166,7 +183,7 @@ def pretrain_args(stores, out: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("objective", [["--objective", "contrastive", "--contrastive_mode", "instance"],
                                        ["--objective", "contrastive", "--contrastive_mode", "local_temporal"],
                                        ["--objective", "mim", "--mask_ratio", "0.5"],
-                                       ["--objective", "mim", "--mask_shape", "tube"]])
+                                       ["--objective", "mim", "--mask_shape", "tube", "--decoder_depth", "1"]])
 def test_pretrain_writes_a_model_that_finetune_takes(stores, tmp_path, objective):
     out = tmp_path / "pre"
     assert main(pretrain_args(stores, out, "--store_weight", "[1,3]", "--max_steps", "2", *objective)) == 0

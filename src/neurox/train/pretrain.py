@@ -49,6 +49,7 @@ class PretrainConfig:
     projection_dim: int = 128
     mask_ratio: float = 0.6
     mask_shape: str = "random"  # random (4D tokens) or tube (spatial positions, every frame)
+    decoder_depth: int = 0  # MIM: transformer layers before the linear voxel map (0: SimMIM's linear head)
     augment: bool = True
     preset: str = "demo"
     init: str | None = None  # continue from a model directory's backbone
@@ -86,6 +87,8 @@ class PretrainConfig:
                              f"{', '.join(ssl.CONTRASTIVE_MODES)}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"--mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.decoder_depth < 0:
+            raise ValueError(f"--decoder_depth must be 0 or more, got {self.decoder_depth}")
         if self.mask_shape not in ssl.MASK_SHAPES:
             raise ValueError(f"unknown --mask_shape {self.mask_shape!r}; choose one of {', '.join(ssl.MASK_SHAPES)}")
         if self.store_weight is not None and (len(self.store_weight) != len(self.store)
@@ -201,7 +204,7 @@ class PretrainModel(nn.Module):
         else:
             self.mask_token = nn.Parameter(torch.zeros(arch.embed_dim))
             nn.init.trunc_normal_(self.mask_token, std=0.02)
-            self.decoder = mim_decoder_for(arch)
+            self.decoder = mim_decoder_for(arch, config.decoder_depth)
 
     def views(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return ssl.augment(x, generator) if self.augment else x
@@ -232,8 +235,11 @@ class PretrainModel(nn.Module):
         return ssl.local_temporal_loss(z, self.temperature)
 
 
-def mim_decoder_for(arch: SwiFTConfig) -> ssl.MIMDecoder:
-    return ssl.MIMDecoder(arch.num_features, arch.patch_size, arch.in_chans, 2 ** (arch.num_stages - 1))
+def mim_decoder_for(arch: SwiFTConfig, depth: int = 0) -> ssl.MIMDecoder:
+    upscale = 2 ** (arch.num_stages - 1)
+    gx, gy, gz, gt = arch.patch_grid
+    return ssl.MIMDecoder(arch.num_features, arch.patch_size, arch.in_chans, upscale,
+                          (gx // upscale, gy // upscale, gz // upscale, gt), depth)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -319,9 +325,11 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     info = stores[0].info
     contract = InputContract.for_model(arch, tr=_store_tr(stores[0]), normalization=info["normalization"])
     losses = [r["loss"] for r in trainer.history if "loss" in r]
+    decoder = (f"decoder of {config.decoder_depth} transformer layers and a linear map" if config.decoder_depth
+               else "linear decoder")
     objective = (f"contrastive ({config.contrastive_mode}, NT-Xent, temperature {config.temperature})"
                  if config.objective == "contrastive" else
-                 f"masked image modelling ({config.mask_shape} mask, ratio {config.mask_ratio}, "
+                 f"masked image modelling ({config.mask_shape} mask, ratio {config.mask_ratio}, {decoder}, "
                  "L1 on masked in-brain voxels)")
     n_participants = sum(len(prepared_runs(s)[0]) for s in stores)
     card = {"data": f"{n_participants} participants from {len(stores)} store(s): "

@@ -7,9 +7,9 @@
   positives, the views of the participant's other window negatives.
 - Masked image modelling (as SwiFT's successors use it): ``token_mask`` is the one place that
   decides what is hidden (a ratio of the 4D patch tokens, or with ``tube`` of the spatial positions,
-  in every frame); the backbone sees a learned mask token there; a light linear decoder reconstructs
-  every voxel of each masked patch from the last stage's features, and the loss is the L1 error on
-  masked voxels inside the brain.
+  in every frame); the backbone sees a learned mask token there; a light decoder (linear, or a few
+  transformer layers then linear) reconstructs every voxel of each masked patch from the last
+  stage's features, and the loss is the L1 error on masked voxels inside the brain.
 - ``augment``: one random affine per sample applied to every frame (``affine_grid`` /
   ``grid_sample``), Gaussian noise drawn per frame, light Gaussian smoothing. It returns a new
   tensor; the input batch is never changed in place.
@@ -112,13 +112,29 @@ def token_mask(batch: int, grid, ratio: float, generator: torch.Generator | None
 
 
 class MIMDecoder(nn.Module):
-    """A linear map from each last-stage token to every voxel of the patches it covers (the
-    SimMIM-style light decoder), rearranged back to the input layout."""
+    """The light decoder: ``depth`` transformer layers over every last-stage token (none by default,
+    SimMIM's linear head), then a linear map from each token to every voxel of the patches it covers,
+    rearranged back to the input layout. Layers here take over part of the inpainting, so the
+    backbone's last stage need not be a linear code of the voxels (MAE found a deeper decoder gives a
+    better linear probe of the encoder for that reason)."""
 
-    def __init__(self, in_features: int, patch_size, in_chans: int, upscale: int):
+    def __init__(self, in_features: int, patch_size, in_chans: int, upscale: int, grid=None, depth: int = 0):
         super().__init__()
         self.patch_size, self.in_chans, self.upscale = tuple(patch_size), in_chans, upscale
         sx, sy, sz, st = self.patch_size
+        if depth:
+            if grid is None:
+                raise ValueError("a decoder with layers needs the last stage's token grid")
+            gx, gy, gz, gt = grid
+            # its own position (space, and time within the window): the layers mix tokens
+            self.place = nn.Parameter(torch.zeros(1, gx, gy, gz, 1, in_features))
+            self.time = nn.Parameter(torch.zeros(1, 1, 1, 1, gt, in_features))
+            nn.init.trunc_normal_(self.place, std=0.02)
+            nn.init.trunc_normal_(self.time, std=0.02)
+        heads = max(1, in_features // 32) if in_features % 32 == 0 else 1
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(in_features, heads, 4 * in_features, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(depth))
         self.proj = nn.Linear(in_features, upscale**3 * sx * sy * sz * st * in_chans)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -126,7 +142,13 @@ class MIMDecoder(nn.Module):
         b, _, gx, gy, gz, gt = features.shape
         sx, sy, sz, st = self.patch_size
         u, c = self.upscale, self.in_chans
-        out = self.proj(features.permute(0, 2, 3, 4, 5, 1))  # (B, gx, gy, gz, gt, u^3 s... c)
+        tokens = features.permute(0, 2, 3, 4, 5, 1)  # (B, gx, gy, gz, gt, C')
+        if self.layers:
+            flat = (tokens + self.place + self.time).reshape(b, gx * gy * gz * gt, -1)
+            for layer in self.layers:
+                flat = layer(flat)
+            tokens = flat.view(b, gx, gy, gz, gt, -1)
+        out = self.proj(tokens)  # (B, gx, gy, gz, gt, u^3 s... c)
         out = out.view(b, gx, gy, gz, gt, u, u, u, sx, sy, sz, st, c)
         # voxel x = (gx * u + ux) * sx + px, likewise y, z; t = gt * st + pt
         out = out.permute(0, 12, 1, 5, 8, 2, 6, 9, 3, 7, 10, 4, 11)
