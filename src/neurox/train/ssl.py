@@ -131,7 +131,7 @@ class MIMDecoder(nn.Module):
             self.time = nn.Parameter(torch.zeros(1, 1, 1, 1, gt, in_features))
             nn.init.trunc_normal_(self.place, std=0.02)
             nn.init.trunc_normal_(self.time, std=0.02)
-        heads = max(1, in_features // 32) if in_features % 32 == 0 else 1
+        heads = in_features // 32 if in_features % 32 == 0 else 1  # heads 32 wide where the width allows
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(in_features, heads, 4 * in_features, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True) for _ in range(depth))
