@@ -133,7 +133,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True, help="store of participants the backbones never saw")
     p.add_argument("--model", action="append", default=[], help="NAME=MODEL_DIR of a pretrained backbone (repeat)")
-    p.add_argument("--random", type=int, nargs="*", default=[0, 1, 2], help="seeds of random backbones")
+    p.add_argument("--random", type=int, nargs="*", default=[0, 1, 2],
+                   help="seeds of random backbones (default 0 1 2; --random alone: none)")
     p.add_argument("--preset", default="demo", help="architecture of the random backbones")
     p.add_argument("--targets", default="amplitude_group,coupling_group,order_group,lowfreq_score")
     p.add_argument("--folds", type=int, default=5)
