@@ -93,11 +93,11 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
                 out[pid] = {"last": participant_vector(series, "mean"),
                             "mean_std": participant_vector(series, "mean_std"),
                             **{f"stage-{i + 1}": np.concatenate(v).mean(0) for i, v in captured.items()}}
-                if per_token:  # (windows, C, positions, T) -> (C, positions, every frame)
-                    positions = np.concatenate(per_token).transpose(1, 2, 0, 3)
-                    positions = positions.reshape(*positions.shape[:2], -1)
+                if per_token:
+                    windows = np.concatenate(per_token)  # (windows, C, positions, T)
+                    positions = windows.transpose(1, 2, 0, 3).reshape(*windows.shape[1:3], -1)  # every frame
                     out[pid]["tokens"] = np.concatenate([positions.mean(-1).ravel(), positions.std(-1).ravel()])
-                    out[pid]["tokens_lagged"] = lead_lag(np.concatenate(per_token))
+                    out[pid]["tokens_lagged"] = lead_lag(windows)
     finally:
         for handle in handles:
             handle.remove()

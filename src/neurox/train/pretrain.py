@@ -236,10 +236,8 @@ class PretrainModel(nn.Module):
 
 
 def mim_decoder_for(arch: SwiFTConfig, depth: int = 0) -> ssl.MIMDecoder:
-    upscale = 2 ** (arch.num_stages - 1)
-    gx, gy, gz, gt = arch.patch_grid
-    return ssl.MIMDecoder(arch.num_features, arch.patch_size, arch.in_chans, upscale,
-                          (gx // upscale, gy // upscale, gz // upscale, gt), depth)
+    last = arch.num_stages - 1
+    return ssl.MIMDecoder(arch.num_features, arch.patch_size, arch.in_chans, 2**last, arch.stage_grid(last), depth)
 
 
 # --- the run ---------------------------------------------------------------------------------------------
