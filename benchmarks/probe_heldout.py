@@ -15,7 +15,10 @@ compared with the random backbones' same stage); with ``--tokens`` the statistic
 position of the last stage, not averaged over space ("NAME/tokens": per position and channel, the
 mean and standard deviation over every frame), which keeps what is local, and their time-directed
 coupling ("NAME/tokens_lagged": per channel and pair of positions, the antisymmetric part of the
-lag-one cross-covariance, which changes sign when which position leads reverses).
+lag-one cross-covariance, which changes sign when which position leads reverses). With ``--input`` the
+same statistics of the model input itself, no backbone: the windows averaged over each last-stage
+position ("input/tokens", "input/tokens_lagged") and over each patch ("input/patches": per patch the mean
+and standard deviation over every frame), what a linear probe reads from the data at those resolutions.
 
     python benchmarks/probe_heldout.py --store heldout-store --model mim=runs/mim/model --random 0 1 2 \\
         --targets amplitude_group,coupling_group,order_group,lowfreq_score --folds 5 --repeats 5 --out probe.json
@@ -104,6 +107,40 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
     return out
 
 
+def input_statistics(store, participants: list[str], config, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per participant, the readouts of ``stage_embeddings(tokens=True)`` computed on the model input
+    (the same windows) averaged over each last-stage position, and per patch the mean and standard
+    deviation over every frame: the data's own statistics at the backbone's resolutions."""
+    import torch
+    import torch.nn.functional as F
+
+    from neurox.data.loader import prepared_runs, run_windows, window_batches
+
+    length, grid = config.img_size[3], config.img_size[:3]
+    patch = tuple(config.patch_size[:3])
+    last = tuple(p * 2 ** (config.num_stages - 1) for p in patch)  # voxels under one last-stage position
+    runs, _ = prepared_runs(store, participants)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for pid in sorted(runs):
+        coarse, fine = [], []
+        for _, x in window_batches(store, run_windows(store, runs[pid], length), length, grid, batch_size,
+                                   torch.device("cpu")):
+            b, c, *_, t = x.shape
+            frames = x.permute(0, 5, 1, 2, 3, 4).reshape(b * t, c, *grid)  # (B x T, C, X, Y, Z)
+            for kernel, kept in ((last, coarse), (patch, fine)):
+                pooled = F.avg_pool3d(frames, kernel).reshape(b, t, c, -1).permute(0, 2, 3, 1)  # (B, C, P, T)
+                kept.append(pooled.numpy())
+        if not coarse:
+            continue
+        windows, patches = np.concatenate(coarse), np.concatenate(fine)
+        positions = windows.transpose(1, 2, 0, 3).reshape(*windows.shape[1:3], -1)
+        every = patches.transpose(1, 2, 0, 3).reshape(*patches.shape[1:3], -1)
+        out[pid] = {"tokens": np.concatenate([positions.mean(-1).ravel(), positions.std(-1).ravel()]),
+                    "tokens_lagged": lead_lag(windows),
+                    "patches": np.concatenate([every.mean(-1).ravel(), every.std(-1).ravel()])}
+    return out
+
+
 def lead_lag(series: np.ndarray) -> np.ndarray:
     """(windows, C, positions, T) -> per channel and pair of positions i < j, the antisymmetric part of
     the lag-one cross-covariance within windows, mean over windows: positive when i leads j."""
@@ -147,6 +184,9 @@ def main() -> None:
     p.add_argument("--tokens", action="store_true",
                    help="also probe the last stage's per-position statistics and their lead-lag "
                         "(backbone name/tokens, name/tokens_lagged)")
+    p.add_argument("--input", action="store_true",
+                   help="also probe the same statistics of the model input, no backbone (input/tokens, "
+                        "input/tokens_lagged, input/patches)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -154,6 +194,7 @@ def main() -> None:
     from pretrain_probe import random_model
 
     from neurox.analysis.embed import load_model
+    from neurox.config import preset
     from neurox.data.loader import load_cohort
     from neurox.data.store import Store
     from neurox.train.distributed import detect
@@ -166,12 +207,18 @@ def main() -> None:
     backbones += [(f"random-{s}", str(random_model(work / f"random-{s}", s, args.preset))) for s in args.random]
     result = {"store": str(store.root), "participants": len(cohort.participants), "folds": args.folds,
               "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "backbones": {}}
+    if args.input:
+        backbones.insert(0, ("input", backbones[0][1] if backbones else None))
     for name, path in backbones:
         started = time.perf_counter()
-        model, _ = load_model(path)
-        model.to(device).eval()
-        by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size,
-                                  earlier=args.stages == "all", tokens=args.tokens)
+        model, _ = load_model(path) if path else (None, None)
+        if name == "input":
+            config = model.config if model else preset(args.preset)
+            by_pid = input_statistics(store, cohort.participants, config, args.batch_size)
+        else:
+            model.to(device).eval()
+            by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size,
+                                      earlier=args.stages == "all", tokens=args.tokens)
         views = next(iter(by_pid.values())).keys() if by_pid else []
         embeddings = {("" if v == "last" else f"/{v}"): {pid: f[v] for pid, f in by_pid.items()} for v in views}
         seconds = round(time.perf_counter() - started, 1)

@@ -319,11 +319,13 @@ def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(s
     out = tmp_path / "probe.json"
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "probe_heldout.py"),
                     "--store", str(stores[0]), "--model", f"other={other}", "--random", "0", "1", "--targets", "group",
-                    "--folds", "2", "--repeats", "2", "--work", str(tmp_path / "work"), "--tokens", "--out", str(out)],
+                    "--folds", "2", "--repeats", "2", "--work", str(tmp_path / "work"), "--tokens", "--input",
+                    "--out", str(out)],
                    check=True, env=ENV, capture_output=True)
     backbones = json.loads(out.read_text())["backbones"]
     assert set(backbones) == {f"{b}{view}" for b in ("other", "random-0", "random-1")
-                              for view in ("", "/mean_std", "/tokens", "/tokens_lagged")}
+                              for view in ("", "/mean_std", "/tokens", "/tokens_lagged")} | {
+                               f"input/{view}" for view in ("tokens", "tokens_lagged", "patches")}
     assert all(len(b["scores"]["group"]) == 2 and all(0 <= s <= 1 for s in b["scores"]["group"])
                for b in backbones.values())
     for view in ("", "/mean_std"):  # the paired difference is to the random backbones' same readout
@@ -350,3 +352,30 @@ def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(s
     signal = np.random.default_rng(0).standard_normal((3, 1, 1, 21))
     first_leads = np.concatenate([signal[..., 1:], signal[..., :-1]], axis=2)  # position 1 is position 0 a frame later
     assert lead_lag(first_leads)[0] > 0 > lead_lag(first_leads[:, :, ::-1])[0]
+
+
+def test_heldout_probe_input_reference_is_the_windows_own_statistics(stores):
+    """probe_heldout --input: per-position and per-patch statistics of the model input itself, over the
+    same windows the backbones embed (the reference a backbone's readout is compared with)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from probe_heldout import input_statistics
+
+    from neurox.config import preset
+    from neurox.data.loader import prepared_runs, run_windows, window_batches
+    from neurox.data.store import Store
+
+    store, config = Store(stores[0]), preset("demo")
+    runs = prepared_runs(store)[0]
+    first = sorted(runs)[0]
+    views = input_statistics(store, [first], config, 2)[first]
+    length, grid = config.img_size[3], config.img_size[:3]
+    x = np.concatenate([b.numpy() for _, b in window_batches(store, run_windows(store, runs[first], length), length,
+                                                            grid, 2, torch.device("cpu"))])  # (W, 1, X, Y, Z, T)
+    assert views["tokens"].shape == (2 * 8,) and views["patches"].shape == (2 * 8**3,)  # 2^3 positions, 8^3 patches
+    assert views["tokens_lagged"].shape == (8 * 7 // 2,)
+    assert np.allclose(views["patches"][: 8**3].mean(), x.mean(), atol=1e-5)
+    corner = x[:, 0, :6, :6, :6, :].mean(axis=(1, 2, 3))  # the first patch's spatial mean, per window and frame
+    assert np.isclose(views["patches"][0], corner.mean(), atol=1e-5)
+    assert np.isclose(views["patches"][8**3], corner.std(), atol=1e-5)
+    left = x[:, 0, :24, :24, :24, :].mean(axis=(1, 2, 3))  # the first last-stage position
+    assert np.isclose(views["tokens"][8], left.std(), atol=1e-5)
