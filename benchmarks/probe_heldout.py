@@ -229,7 +229,7 @@ def main() -> None:
             scores = {t.column: out_of_fold_scores(x, y[:, i], t.task, args.folds, args.repeats)
                       for i, t in enumerate(cohort.targets)}
             result["backbones"][name + suffix] = {
-                "path": str(path), "seconds": seconds, "scores": scores,
+                "path": None if name == "input" else str(path), "seconds": seconds, "scores": scores,
                 "mean": {t: round(float(np.mean(s)), 3) for t, s in scores.items()},
                 "sd": {t: round(float(np.std(s)), 3) for t, s in scores.items()}}
             print(json.dumps({name + suffix: result["backbones"][name + suffix]["mean"]}), file=sys.stderr, flush=True)
