@@ -186,7 +186,7 @@ def main() -> None:
                         "(backbone name/tokens, name/tokens_lagged)")
     p.add_argument("--input", action="store_true",
                    help="also probe the same statistics of the model input, no backbone (input/tokens, "
-                        "input/tokens_lagged, input/patches)")
+                        "input/tokens_lagged, input/patches), at the first --model's resolutions, else --preset's")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
