@@ -98,13 +98,19 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
                             **{f"stage-{i + 1}": np.concatenate(v).mean(0) for i, v in captured.items()}}
                 if per_token:
                     windows = np.concatenate(per_token)  # (windows, C, positions, T)
-                    positions = windows.transpose(1, 2, 0, 3).reshape(*windows.shape[1:3], -1)  # every frame
-                    out[pid]["tokens"] = np.concatenate([positions.mean(-1).ravel(), positions.std(-1).ravel()])
+                    out[pid]["tokens"] = frame_statistics(windows)
                     out[pid]["tokens_lagged"] = lead_lag(windows)
     finally:
         for handle in handles:
             handle.remove()
     return out
+
+
+def frame_statistics(windows: np.ndarray) -> np.ndarray:
+    """(windows, C, positions, T) -> per channel and position, the mean and the standard deviation over
+    every frame of every window."""
+    frames = windows.transpose(1, 2, 0, 3).reshape(*windows.shape[1:3], -1)
+    return np.concatenate([frames.mean(-1).ravel(), frames.std(-1).ravel()])
 
 
 def input_statistics(store, participants: list[str], config, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
@@ -117,27 +123,22 @@ def input_statistics(store, participants: list[str], config, batch_size: int) ->
     from neurox.data.loader import prepared_runs, run_windows, window_batches
 
     length, grid = config.img_size[3], config.img_size[:3]
-    patch = tuple(config.patch_size[:3])
-    last = tuple(p * 2 ** (config.num_stages - 1) for p in patch)  # voxels under one last-stage position
+    last = config.stage_grid(config.num_stages - 1)
+    kernels = {"tokens": tuple(g // n for g, n in zip(grid, last)), "patches": tuple(config.patch_size[:3])}
     runs, _ = prepared_runs(store, participants)
     out: dict[str, dict[str, np.ndarray]] = {}
     for pid in sorted(runs):
-        coarse, fine = [], []
+        pooled: dict[str, list[np.ndarray]] = {view: [] for view in kernels}
         for _, x in window_batches(store, run_windows(store, runs[pid], length), length, grid, batch_size,
                                    torch.device("cpu")):
             b, c, *_, t = x.shape
             frames = x.permute(0, 5, 1, 2, 3, 4).reshape(b * t, c, *grid)  # (B x T, C, X, Y, Z)
-            for kernel, kept in ((last, coarse), (patch, fine)):
-                pooled = F.avg_pool3d(frames, kernel).reshape(b, t, c, -1).permute(0, 2, 3, 1)  # (B, C, P, T)
-                kept.append(pooled.numpy())
-        if not coarse:
-            continue
-        windows, patches = np.concatenate(coarse), np.concatenate(fine)
-        positions = windows.transpose(1, 2, 0, 3).reshape(*windows.shape[1:3], -1)
-        every = patches.transpose(1, 2, 0, 3).reshape(*patches.shape[1:3], -1)
-        out[pid] = {"tokens": np.concatenate([positions.mean(-1).ravel(), positions.std(-1).ravel()]),
-                    "tokens_lagged": lead_lag(windows),
-                    "patches": np.concatenate([every.mean(-1).ravel(), every.std(-1).ravel()])}
+            for view, kernel in kernels.items():  # -> (B, C, positions, T)
+                pooled[view].append(F.avg_pool3d(frames, kernel).reshape(b, t, c, -1).permute(0, 2, 3, 1).numpy())
+        if pooled["tokens"]:
+            windows = {view: np.concatenate(v) for view, v in pooled.items()}
+            out[pid] = {"tokens": frame_statistics(windows["tokens"]), "tokens_lagged": lead_lag(windows["tokens"]),
+                        "patches": frame_statistics(windows["patches"])}
     return out
 
 
@@ -194,9 +195,10 @@ def main() -> None:
     from pretrain_probe import random_model
 
     from neurox.analysis.embed import load_model
-    from neurox.config import preset
+    from neurox.config import SwiFTConfig, preset
     from neurox.data.loader import load_cohort
     from neurox.data.store import Store
+    from neurox.hub import read_config
     from neurox.train.distributed import detect
 
     device = detect(args.device).device
@@ -207,15 +209,15 @@ def main() -> None:
     backbones += [(f"random-{s}", str(random_model(work / f"random-{s}", s, args.preset))) for s in args.random]
     result = {"store": str(store.root), "participants": len(cohort.participants), "folds": args.folds,
               "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(), "backbones": {}}
-    if args.input:
-        backbones.insert(0, ("input", backbones[0][1] if backbones else None))
+    if args.input:  # the input's statistics at the first named backbone's resolutions, else --preset's
+        arch = SwiFTConfig.from_dict(read_config(backbones[0][1])["model"]) if backbones else preset(args.preset)
+        backbones.insert(0, ("input", None))
     for name, path in backbones:
         started = time.perf_counter()
-        model, _ = load_model(path) if path else (None, None)
-        if name == "input":
-            config = model.config if model else preset(args.preset)
-            by_pid = input_statistics(store, cohort.participants, config, args.batch_size)
+        if path is None:
+            by_pid = input_statistics(store, cohort.participants, arch, args.batch_size)
         else:
+            model, _ = load_model(path)
             model.to(device).eval()
             by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size,
                                       earlier=args.stages == "all", tokens=args.tokens)
@@ -229,7 +231,7 @@ def main() -> None:
             scores = {t.column: out_of_fold_scores(x, y[:, i], t.task, args.folds, args.repeats)
                       for i, t in enumerate(cohort.targets)}
             result["backbones"][name + suffix] = {
-                "path": None if name == "input" else str(path), "seconds": seconds, "scores": scores,
+                "path": path, "seconds": seconds, "scores": scores,
                 "mean": {t: round(float(np.mean(s)), 3) for t, s in scores.items()},
                 "sd": {t: round(float(np.std(s)), 3) for t, s in scores.items()}}
             print(json.dumps({name + suffix: result["backbones"][name + suffix]["mean"]}), file=sys.stderr, flush=True)
