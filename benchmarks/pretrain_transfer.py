@@ -38,8 +38,9 @@ from probe_heldout import compare_to_random  # noqa: E402
 
 
 def write_manifests(cohort: Path, halves: dict[str, Path]) -> None:
-    """participant_id, path, mask of the first and the second half of the cohort's participants."""
-    runs = sorted(cohort.glob("sub-*/func/*_desc-preproc_bold.nii.gz"), key=lambda f: f.name)
+    """participant_id, path, mask of the first and the second half of the cohort's participants. The
+    paths are absolute: ``neurox prepare`` reads relative ones from the manifest's folder."""
+    runs = sorted(cohort.resolve().glob("sub-*/func/*_desc-preproc_bold.nii.gz"), key=lambda f: f.name)
     half = len(runs) // 2
     for path, chosen in zip(halves.values(), (runs[:half], runs[half:])):
         rows = ["participant_id\tpath\tmask"] + [
@@ -141,12 +142,18 @@ def main() -> None:
     p.add_argument("--effect_size", type=float, default=1.0)
     p.add_argument("--objective", default="mim")
     p.add_argument("--mask_shape", default="random")
+    p.add_argument("--augment", default="true", choices=("true", "false"), help="pretraining augmentations")
+    p.add_argument("--decoder_depth", type=int, default=0, help="MIM decoder layers before the voxel map")
     p.add_argument("--steps", type=int, default=20, help="pretraining steps")
     p.add_argument("--batch", type=int, default=8, help="pretraining and fine-tuning batch")
     p.add_argument("--lr", type=float, default=3e-4, help="pretraining and fine-tuning peak learning rate")
     p.add_argument("--pretrain_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--random", type=int, nargs="+", default=[0, 1, 2], help="seeds of random backbones")
     p.add_argument("--targets", default="amplitude_group,coupling_group,order_group,lowfreq_score")
+    p.add_argument("--tokens", action="store_true",
+                   help="also probe the last stage per position and its lead-lag (probe_heldout.py --tokens)")
+    p.add_argument("--input", action="store_true",
+                   help="also probe the input's own statistics, no backbone (probe_heldout.py --input)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--target", default="coupling_group", help="the fine-tuning target")
@@ -204,11 +211,12 @@ def main() -> None:
               "--batch_size", str(args.batch), "--lr", str(args.lr)]
     probe = [sys.executable, str(HERE / "probe_heldout.py"), "--store", str(stores["heldout"]), "--targets",
              args.targets, "--folds", str(args.folds), "--repeats", str(args.repeats), "--device", args.device,
-             "--work", str(work / "random")]
+             "--work", str(work / "random"), *(["--tokens"] if args.tokens else [])]
     for seed in args.pretrain_seeds:
         jobs.add(f"pretrain-{seed}", neurox(
             "pretrain", "--store", str(stores["pretrain"]), "--out", str(work / f"pretrain-{seed}"), "--objective",
-            args.objective, "--mask_shape", args.mask_shape, "--epochs", "100000", "--max_steps", str(args.steps),
+            args.objective, "--mask_shape", args.mask_shape, "--augment", args.augment, "--decoder_depth",
+            str(args.decoder_depth), "--epochs", "100000", "--max_steps", str(args.steps),
             "--seed", str(seed), *common), after=["prepare-pretrain"])
 
     def finetune(name: str, seed: int, init: Path | None, after: list[str]) -> None:
@@ -220,7 +228,8 @@ def main() -> None:
 
     for seed in args.finetune_seeds:  # scratch runs first: they need no pretraining
         finetune("scratch", seed, None, ["prepare-pretrain"])
-    jobs.add("probe-random", [*probe, "--random", *map(str, args.random), "--out", str(work / "probe-random.json")],
+    jobs.add("probe-random", [*probe, "--random", *map(str, args.random), *(["--input"] if args.input else []),
+                              "--out", str(work / "probe-random.json")],
              after=["prepare-heldout"])
     for seed in args.pretrain_seeds:
         model = work / f"pretrain-{seed}" / "model"

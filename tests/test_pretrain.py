@@ -309,6 +309,28 @@ def test_transfer_benchmark_pairs_each_pretrained_run_with_its_scratch_run(tmp_p
     assert "after" in (tmp_path / "needs-works.txt").read_text()
 
 
+def test_transfer_manifests_name_absolute_paths_from_a_relative_cohort(tmp_path, monkeypatch):
+    """benchmarks/pretrain_transfer.py --out relative/dir: the manifests must not name paths relative to
+    the working directory, since ``neurox prepare`` reads relative paths from the manifest's folder."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from pretrain_transfer import write_manifests
+
+    from neurox.io.bids import read_manifest
+
+    for i in range(1, 5):
+        func = tmp_path / "work" / "cohort" / f"sub-{i:02d}" / "func"
+        func.mkdir(parents=True)
+        for kind in ("preproc_bold", "brain_mask"):
+            (func / f"sub-{i:02d}_task-rest_run-1_desc-{kind}.nii.gz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    halves = {"pretrain": Path("work/pretrain.tsv"), "heldout": Path("work/heldout.tsv")}
+    write_manifests(Path("work/cohort"), halves)
+    for half, expected in zip(halves.values(), (["sub-01", "sub-02"], ["sub-03", "sub-04"])):
+        rows = read_manifest(half)
+        assert [r.participant_id for r in rows] == expected
+        assert all(r.bold.is_file() and r.mask.is_file() for r in rows)
+
+
 def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(stores, tmp_path):
     """benchmarks/probe_heldout.py: every backbone is probed with mean and statistics pooling on the same
     folds, and a named backbone is compared with the random ones readout by readout."""
