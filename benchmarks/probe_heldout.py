@@ -66,7 +66,8 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
     """Per participant, the mean over their windows of the backbone's pooled output ("last", as
     ``neurox probe`` embeds), its statistics pooling ("mean_std", as ``neurox probe --pool mean_std``),
     with ``earlier`` each earlier stage's token-averaged output ("stage-1", ...) and with ``tokens``
-    the last stage's per-position statistics ("tokens") and their lead-lag ("tokens_lagged"), in one pass."""
+    the last stage's per-position statistics ("tokens", as ``neurox probe --pool tokens``) and their
+    lead-lag ("tokens_lagged"), in one pass."""
     from neurox.analysis.embed import participant_vector, window_embeddings
     from neurox.data.loader import prepared_runs
 
@@ -77,40 +78,25 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
             captured.setdefault(index, []).append(output.float().mean(0).cpu().numpy())
         return hook
 
-    frames = model.config.patch_grid[3]  # the last stage keeps every frame token
-    per_token: list[np.ndarray] = []
-
-    def keep_tokens(_module, _inputs, output):  # last stage: (positions x frames, batch, channels)
-        per_token.append(output.float().view(-1, frames, *output.shape[1:]).permute(2, 3, 0, 1).cpu().numpy())
-
     handles = [stage.register_forward_hook(keep(i)) for i, stage in enumerate(model.layers[:-1]) if earlier]
-    handles += [model.layers[-1].register_forward_hook(keep_tokens)] if tokens else []
     runs, _ = prepared_runs(store, participants)
     out: dict[str, dict[str, np.ndarray]] = {}
     try:
         for pid in sorted(runs):
             captured.clear()
-            per_token.clear()
-            _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True)
+            _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True,
+                                          per_position=tokens)
             if len(series):
                 out[pid] = {"last": participant_vector(series, "mean"),
                             "mean_std": participant_vector(series, "mean_std"),
                             **{f"stage-{i + 1}": np.concatenate(v).mean(0) for i, v in captured.items()}}
-                if per_token:
-                    windows = np.concatenate(per_token)  # (windows, C, positions, T)
-                    out[pid]["tokens"] = frame_statistics(windows)
-                    out[pid]["tokens_lagged"] = lead_lag(windows)
+                if tokens:
+                    out[pid]["tokens"] = participant_vector(series, "tokens")
+                    out[pid]["tokens_lagged"] = lead_lag(series)
     finally:
         for handle in handles:
             handle.remove()
     return out
-
-
-def frame_statistics(windows: np.ndarray) -> np.ndarray:
-    """(windows, C, positions, T) -> per channel and position, the mean and the standard deviation over
-    every frame of every window."""
-    frames = windows.transpose(1, 2, 0, 3).reshape(*windows.shape[1:3], -1)
-    return np.concatenate([frames.mean(-1).ravel(), frames.std(-1).ravel()])
 
 
 def input_statistics(store, participants: list[str], config, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
@@ -120,6 +106,7 @@ def input_statistics(store, participants: list[str], config, batch_size: int) ->
     import torch
     import torch.nn.functional as F
 
+    from neurox.analysis.embed import participant_vector
     from neurox.data.loader import prepared_runs, run_windows, window_batches
 
     length, grid = config.img_size[3], config.img_size[:3]
@@ -137,8 +124,9 @@ def input_statistics(store, participants: list[str], config, batch_size: int) ->
                 pooled[view].append(F.avg_pool3d(frames, kernel).reshape(b, t, c, -1).permute(0, 2, 3, 1).numpy())
         if pooled["tokens"]:
             windows = {view: np.concatenate(v) for view, v in pooled.items()}
-            out[pid] = {"tokens": frame_statistics(windows["tokens"]), "tokens_lagged": lead_lag(windows["tokens"]),
-                        "patches": frame_statistics(windows["patches"])}
+            out[pid] = {"tokens": participant_vector(windows["tokens"], "tokens"),
+                        "tokens_lagged": lead_lag(windows["tokens"]),
+                        "patches": participant_vector(windows["patches"], "tokens")}
     return out
 
 

@@ -250,6 +250,11 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     assert metrics["pool"] == "mean_std" and 0.0 <= metrics["test"]["auroc"] <= 1.0
     assert read_tsv(tmp_path / "probe" / "splits.tsv") == read_tsv(run / "splits.tsv")
+    # and per last-stage position
+    assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
+                 "--pool", "tokens", "--out", str(tmp_path / "probe-tokens")]) == 0
+    metrics = json.loads((tmp_path / "probe-tokens" / "metrics.json").read_text())
+    assert metrics["pool"] == "tokens" and 0.0 <= metrics["test"]["auroc"] <= 1.0
 
 
 def test_participant_vector_pools_every_frame_of_every_window():
@@ -262,3 +267,15 @@ def test_participant_vector_pools_every_frame_of_every_window():
     assert np.allclose(pooled[3:], [np.concatenate([series[0, c], series[1, c]]).std() for c in range(3)])
     with pytest.raises(ValueError, match="unknown pool"):
         participant_vector(series, "max")
+    with pytest.raises(ValueError, match="per-position"):
+        participant_vector(series, "tokens")
+
+    # per position (2 windows, 3 channels, 5 positions, 4 frames): mean and mean_std average over space
+    # first; tokens keeps each position
+    positions = np.random.default_rng(1).normal(size=(2, 3, 5, 4))
+    for pool in ("mean", "mean_std"):
+        assert np.allclose(participant_vector(positions, pool), participant_vector(positions.mean(2), pool))
+    tokens = participant_vector(positions, "tokens")
+    assert tokens.shape == (2 * 3 * 5,)
+    assert np.allclose(tokens[:15].reshape(3, 5), positions.mean(axis=(0, 3)))
+    assert np.isclose(tokens[15 + 5 * 2 + 3], np.concatenate([positions[0, 2, 3], positions[1, 2, 3]]).std())

@@ -250,7 +250,8 @@ def _embed_parser() -> ArgumentParser:
 def _probe_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="A linear probe of a frozen model: each participant's embedding (mean over windows; with "
-        "--pool mean_std also each feature's standard deviation over time), a "
+        "--pool mean_std also each feature's standard deviation over time; --pool tokens: both per last-stage "
+        "position), a "
         "cross-validated logistic or ridge model fitted on the training participants, metrics on validation and "
         "test participants with bootstrap intervals. --split_from RUN scores the same participants as that run.",
         epilog="example: neurox probe runs/pretrain/model --store synthetic-store --target amplitude_group "
@@ -262,9 +263,10 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--out", default=None, help="folder for metrics.json and splits.tsv")
     p.add_argument("--split_from", default=None, help="a finetune run whose splits.tsv to use")
     p.add_argument("--seed", type=int, default=0, help="the split's seed when there is no --split_from")
-    p.add_argument("--pool", choices=["mean", "mean_std"], default="mean",
+    p.add_argument("--pool", choices=["mean", "mean_std", "tokens"], default="mean",
                    help="mean: the representation averaged over space and time (what the heads see); mean_std: "
-                   "also each feature's standard deviation over time (statistics pooling)")
+                   "also each feature's standard deviation over time (statistics pooling); tokens: the mean and "
+                   "standard deviation over time of each feature at each last-stage position (keeps where)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--device", default="auto")
     return p

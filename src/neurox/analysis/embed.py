@@ -34,14 +34,16 @@ def load_model(path: str | Path):
     raise FileNotFoundError(f"{path}: neither a neurox run (with model/) nor a model directory (with config.json)")
 
 
-POOLS = ("mean", "mean_std")
+POOLS = ("mean", "mean_std", "tokens")
 
 
 @torch.no_grad()
 def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int = 4, progress: bool = True,
-                      over_time: bool = False):
+                      over_time: bool = False, per_position: bool = False):
     """(rows of (run_id, start), embeddings) for every non-overlapping window: the backbone's output
-    averaged over space and time (windows, C), or with ``over_time`` over space only (windows, C, T)."""
+    averaged over space and time (windows, C), with ``over_time`` over space only (windows, C, T), with
+    ``per_position`` not averaged at all (windows, C, positions, T), the last stage's positions in x, y, z
+    order."""
     from tqdm import tqdm
 
     length, grid = model.config.img_size[3], model.config.img_size[:3]
@@ -50,25 +52,40 @@ def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int =
     out = []
     batches = window_batches(store, windows, length, grid, batch_size, device)
     for _, x in tqdm(batches, total=-(-len(windows) // batch_size), desc="embed", unit="batch", disable=not progress):
-        spatial = model.forward_features(x).float().mean(dim=(2, 3, 4))  # (B, C, T)
-        out.append((spatial if over_time else spatial.mean(-1)).cpu().numpy())
+        features = model.forward_features(x).float()  # (B, C, X', Y', Z', T')
+        if per_position:
+            out.append(features.flatten(2, 4).cpu().numpy())
+        else:
+            spatial = features.mean(dim=(2, 3, 4))  # (B, C, T)
+            out.append((spatial if over_time else spatial.mean(-1)).cpu().numpy())
     if not out:
-        return windows, np.zeros((0, model.num_features, *((1,) if over_time else ())), dtype=np.float32)
+        shape = (1, 1) if per_position else (1,) if over_time else ()
+        return windows, np.zeros((0, model.num_features, *shape), dtype=np.float32)
     return windows, np.concatenate(out)
 
 
 def participant_vector(series: np.ndarray, pool: str = "mean") -> np.ndarray:
-    """One participant's embedding from ``series`` (windows, C, T), their windows' spatially averaged
-    representation frame by frame. ``mean``: the mean over all frames (C,), what the heads see.
+    """One participant's embedding from ``series``, their windows' representation frame by frame:
+    (windows, C, T) averaged over space, or (windows, C, positions, T) per position (which ``mean`` and
+    ``mean_std`` average over space first). ``mean``: the mean over all frames (C,), what the heads see.
     ``mean_std``: that and each channel's standard deviation over all frames of all windows (2C,),
     the statistics pooling of speaker embeddings: a mean is linear in the features, so it cannot
-    show how strongly they fluctuate, which is what BOLD amplitude, coupling and spectral power are."""
+    show how strongly they fluctuate, which is what BOLD amplitude, coupling and spectral power are.
+    ``tokens`` (per-position series only): per channel and position the mean and the standard deviation
+    over all frames (2 x C x positions), which also keeps where in the brain a feature fluctuates."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    if pool == "tokens":
+        if series.ndim != 4:
+            raise ValueError("pool 'tokens' needs per-position series (windows, C, positions, T)")
+        frames = series.transpose(1, 2, 0, 3).reshape(*series.shape[1:3], -1)  # (C, positions, windows x T)
+        return np.concatenate([frames.mean(-1).ravel(), frames.std(-1).ravel()])
+    if series.ndim == 4:
+        series = series.mean(2)
     frames = series.transpose(1, 0, 2).reshape(series.shape[1], -1)  # (C, windows x T)
     if pool == "mean":
         return frames.mean(1)
-    if pool == "mean_std":
-        return np.concatenate([frames.mean(1), frames.std(1)])
-    raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    return np.concatenate([frames.mean(1), frames.std(1)])
 
 
 def write_table(path: Path, columns: list[str], rows: list[list]) -> Path:

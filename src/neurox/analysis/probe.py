@@ -2,7 +2,8 @@
 
 The standard test of a self-supervised representation: each participant's embedding (the mean over
 their windows of the backbone's pooled output, as ``neurox embed`` computes it; with ``pool="mean_std"``
-also each feature's standard deviation over time), a cross-validated
+also each feature's standard deviation over time; with ``pool="tokens"`` both per last-stage position), a
+cross-validated
 logistic (classes) or ridge (numbers) model fitted on the training participants only (the same
 fitting as the FC baseline), metrics on the validation and test participants with bootstrap
 intervals. Pass ``--split_from RUN`` to use a finetune run's participants, so that a probe, a
@@ -31,7 +32,8 @@ def participant_embeddings(model, store: Store, participants: list[str], batch_s
     runs, _ = prepared_runs(store, participants)
     out = {}
     for pid in sorted(runs):
-        _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True)
+        _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True,
+                                      per_position=pool == "tokens")
         if len(series):
             out[pid] = participant_vector(series, pool)
     return out
@@ -41,8 +43,9 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
           split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", batch_size: int = 4,
           device: str = "auto", n_boot: int = 1000) -> dict:
     """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given. ``pool``:
-    ``mean`` (the representation averaged over space and time) or ``mean_std`` (and each feature's
-    standard deviation over time; see ``neurox.analysis.embed.participant_vector``)."""
+    ``mean`` (the representation averaged over space and time), ``mean_std`` (and each feature's
+    standard deviation over time) or ``tokens`` (both per last-stage position); see
+    ``neurox.analysis.embed.participant_vector``."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.train.distributed import detect
