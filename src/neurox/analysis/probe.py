@@ -2,10 +2,9 @@
 
 The standard test of a self-supervised representation: each participant's embedding (the mean over
 their windows of the backbone's pooled output, as ``neurox embed`` computes it; with ``pool="mean_std"``
-also each feature's standard deviation over time; with ``pool="tokens"`` both per last-stage position), a
-cross-validated
-logistic (classes) or ridge (numbers) model fitted on the training participants only (the same
-fitting as the FC baseline), metrics on the validation and test participants with bootstrap
+also each feature's standard deviation over time; with ``pool="tokens"`` both per last-stage position),
+a cross-validated logistic (classes) or ridge (numbers) model fitted on the training participants only
+(the same fitting as the FC baseline), metrics on the validation and test participants with bootstrap
 intervals. Pass ``--split_from RUN`` to use a finetune run's participants, so that a probe, a
 fine-tuned model and the FC baseline are scored on the same people. ``neurox finetune --init DIR
 --freeze true`` is the gradient-trained probe, for cohorts too large to embed at once.
