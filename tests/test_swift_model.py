@@ -70,6 +70,32 @@ def test_batch_elements_are_independent():
     assert torch.allclose(together[1:2], alone, atol=1e-5)
 
 
+def test_an_earlier_stage_is_its_own_output_before_merging_in_grid_order():
+    """``forward_features(x, stages=k)``: stage k's tokens at their places in its grid (what the patch
+    merging then concatenates in 2 x 2 x 2 groups), and all stages by default."""
+    from neurox.models.attention import merge_order
+
+    model = SwiFT(TINY).eval()
+    x = torch.randn(2, 1, *TINY.img_size)
+    seen = {}
+
+    def keep(_module, inputs, _output):  # returns None: a hook's return value would replace the output
+        seen.setdefault("merging", inputs[0])
+
+    model.layers[0].downsample.register_forward_hook(keep)
+    with torch.no_grad():
+        last = model.forward_features(x)
+        first = model.forward_features(x, stages=1)
+        assert torch.equal(model.forward_features(x, stages=2), last)
+    grid = TINY.stage_grid(0)
+    in_grid_order = torch.empty_like(seen["merging"])
+    in_grid_order[merge_order(grid)] = seen["merging"]  # the merging reads tokens in merge order
+    assert first.shape == (2, TINY.stage_dim(0), *grid)
+    assert torch.equal(first, in_grid_order.view(*grid, 2, -1).permute(4, 5, 0, 1, 2, 3))
+    with pytest.raises(ValueError, match="stages must be 1 to 2"):
+        model.forward_features(x, stages=3)
+
+
 def test_shorter_window_than_the_temporal_embedding():
     model = SwiFT(TINY)
     assert model.forward_features(torch.randn(1, 1, 24, 24, 24, 4)).shape[-1] == 4

@@ -124,6 +124,7 @@ class StagePlan:
     num_windows: list[int]
     steps: list[tuple[torch.Tensor, torch.Tensor] | None]  # into block b's order, from the previous
     exit: tuple[torch.Tensor, torch.Tensor] | None
+    grid_exit: tuple[torch.Tensor, torch.Tensor] | None  # out of the stage to grid order, merging or not
     masks: list[torch.Tensor | None]
     _cast_masks: dict = field(default_factory=dict)
 
@@ -142,8 +143,9 @@ class StagePlan:
             masks.append(None if mask is None else mask.to(device))
             num_windows.append(order.numel() // (window[0] * window[1] * window[2] * window[3]))
             previous = order
-        exit_step = _step(previous, merge_order(grid) if merge else identity, device)
-        return cls(num_windows, steps, exit_step, masks)
+        grid_exit = _step(previous, identity, device)
+        exit_step = _step(previous, merge_order(grid), device) if merge else grid_exit
+        return cls(num_windows, steps, exit_step, grid_exit, masks)
 
     def mask(self, block: int, dtype: torch.dtype) -> torch.Tensor | None:
         mask = self.masks[block]

@@ -151,8 +151,9 @@ class Stage(nn.Module):
             self._plans[key] = plan
         return plan
 
-    def forward(self, x: torch.Tensor, grid) -> torch.Tensor:
-        """x: (L, B, C) in grid order -> (L', B, C') in the next stage's grid order."""
+    def forward(self, x: torch.Tensor, grid, merge: bool = True) -> torch.Tensor:
+        """x: (L, B, C) in grid order -> (L', B, C') in the next stage's grid order; with ``merge``
+        False, (L, B, C) in this stage's grid order (the stage's own output, before patch merging)."""
         plan = self.plan(grid, x.device)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         for b, block in enumerate(self.blocks):
@@ -162,8 +163,9 @@ class Stage(nn.Module):
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
-        x = permute_tokens(x, plan.exit)
-        return x if self.downsample is None else self.downsample(x)
+        if self.downsample is None or not merge:
+            return permute_tokens(x, plan.grid_exit)
+        return self.downsample(permute_tokens(x, plan.exit))
 
 
 # --- model -----------------------------------------------------------------------------------
@@ -215,9 +217,11 @@ class SwiFT(nn.Module):
             )
 
     def forward_features(self, x: torch.Tensor, hidden: torch.Tensor | None = None,
-                         mask_token: torch.Tensor | None = None) -> torch.Tensor:
+                         mask_token: torch.Tensor | None = None, stages: int | None = None) -> torch.Tensor:
         """``hidden`` (B, X', Y', Z', T') bool marks patch tokens replaced by ``mask_token`` (C,)
-        before the position embedding: masked image modelling."""
+        before the position embedding: masked image modelling. ``stages``: run only the first
+        ``stages`` stages and return the last one's output before its patch merging, (B, C_k, X_k,
+        Y_k, Z_k, T), a finer representation than the last stage's (what a probe of local effects reads)."""
         self.check_input(x)
         b = x.shape[0]
         x = self.patch_embed(x)  # (X, Y, Z, T, B, C)
@@ -225,12 +229,15 @@ class SwiFT(nn.Module):
             x = torch.where(hidden.permute(1, 2, 3, 4, 0)[..., None], mask_token.to(x.dtype), x)
         x = self.pos_drop(x)
         grid = list(x.shape[:4])
-        for i, stage in enumerate(self.layers):
+        stages = self.config.num_stages if stages is None else stages
+        if not 1 <= stages <= self.config.num_stages:
+            raise ValueError(f"stages must be 1 to {self.config.num_stages}, not {stages}")
+        for i, stage in enumerate(self.layers[:stages]):
             if i > 0:
                 grid = [grid[0] // 2, grid[1] // 2, grid[2] // 2, grid[3]]
                 x = x.view(*grid, b, -1)
             x = self.pos_embeds[i](x)
-            x = stage(x.view(-1, b, x.shape[-1]), grid)
+            x = stage(x.view(-1, b, x.shape[-1]), grid, merge=i < stages - 1)
         return x.view(*grid, b, -1).permute(4, 5, 0, 1, 2, 3)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
