@@ -191,6 +191,34 @@ def test_linear_fit_with_a_class_of_one_participant_fits_without_cross_validatio
     assert linear_outputs(fitted, x).argmax(1)[-1] == 2  # still a fitted model, class 2 included
 
 
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
+def test_linear_fit_with_more_features_than_rows_is_the_fit_on_all_features(task):
+    """fit_linear fits wide embeddings in the rows' own basis: the same model as on the features."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    from neurox.analysis.baseline import fit_linear, linear_outputs
+
+    rng = np.random.default_rng(1)
+    y = np.arange(40) % (3 if task == "multiclass" else 2)
+    x = rng.standard_normal((40, 600)) + 0.3 * y[:, None] * (np.arange(600) < 30)
+    if task == "regression":
+        y = x[:, :30].sum(1) + rng.standard_normal(40)
+    test = rng.standard_normal((10, 600))
+    fitted = fit_linear(x, y, task, 0)
+    assert fitted["coef"].shape[1] == 600
+    z = StandardScaler().fit(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        full = (RidgeCV(alphas=np.logspace(-2, 5, 15)) if task == "regression"
+                else LogisticRegressionCV(Cs=10, cv=5, max_iter=5000, random_state=0)).fit(z.transform(x), y)
+    outputs = full.predict if task == "regression" else full.decision_function
+    expected = outputs(z.transform(test)).reshape(10, -1)
+    assert np.allclose(linear_outputs(fitted, test), expected, atol=1e-3 * np.abs(expected).max())
+
+
 def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     """--head_init probe: the head starts as the closed-form probe of the standardised features; in
     training it standardises with each batch's statistics, and the saved model's statistics are those

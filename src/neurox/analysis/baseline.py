@@ -45,12 +45,22 @@ def _features(store: Store, atlas: str, participants: list[str], kind: str, prog
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
-    """Standardised features; LogisticRegressionCV or RidgeCV, cross-validated on these rows only."""
+    """Standardised features; LogisticRegressionCV or RidgeCV, cross-validated on these rows only.
+
+    With more features than rows (a per-position embedding: thousands of features, a hundred
+    participants) the model is fitted in the rows' own basis, ``z = U S Vt`` -> ``z Vt.T`` (rows x rows),
+    and its weights mapped back through ``Vt``: an L2-penalised linear model's weights lie in the span
+    of its training rows (of any subset of them too, so the inner cross-validation is unchanged), and
+    ``Vt`` is orthonormal, so the penalty and every output are the same, at a fraction of the cost."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
+    basis = None
+    if z.shape[1] > z.shape[0]:
+        basis = np.linalg.svd(z, full_matrices=False)[2]  # (rows, features), orthonormal rows
+        z = z @ basis.T
     if task == "regression":
         model = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit(z, y)
         coef, intercept = model.coef_[None, :], np.atleast_1d(model.intercept_)
@@ -67,6 +77,8 @@ def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
                 model = LogisticRegressionCV(Cs=10, cv=min(5, smallest), max_iter=5000,
                                              random_state=seed).fit(z, y.astype(int))
         coef, intercept = model.coef_, model.intercept_
+    if basis is not None:
+        coef = coef @ basis
     return {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
 
 
