@@ -15,10 +15,13 @@ compared with the random backbones' same stage); with ``--tokens`` the statistic
 position of the last stage, not averaged over space ("NAME/tokens": per position and channel, the
 mean and standard deviation over every frame), which keeps what is local, and their time-directed
 coupling ("NAME/tokens_lagged": per channel and pair of positions, the antisymmetric part of the
-lag-one cross-covariance, which changes sign when which position leads reverses). With ``--input`` the
-same statistics of the model input itself, no backbone: the windows averaged over each last-stage
-position ("input/tokens", "input/tokens_lagged") and over each patch ("input/patches": per patch the mean
-and standard deviation over every frame), what a linear probe reads from the data at those resolutions.
+lag-one cross-covariance, which changes sign when which position leads reverses); with ``--tokens_stage
+N`` the same per-position statistics of stage N's output before its patch merging ("NAME/tokens-stage-N":
+finer positions, fewer channels). With ``--input`` the same statistics of the model input itself, no
+backbone: the windows averaged over each last-stage position ("input/tokens", "input/tokens_lagged"), over
+each patch ("input/patches": per patch the mean and standard deviation over every frame) and over each
+position of a ``--tokens_stage`` ("input/tokens-stage-N"), what a linear probe reads from the data at
+those resolutions.
 
     python benchmarks/probe_heldout.py --store heldout-store --model mim=runs/mim/model --random 0 1 2 \\
         --targets amplitude_group,coupling_group,order_group,lowfreq_score --folds 5 --repeats 5 --out probe.json
@@ -61,13 +64,14 @@ def out_of_fold_scores(x: np.ndarray, y: np.ndarray, task: str, folds: int, repe
     return scores
 
 
-def stage_embeddings(model, store, participants: list[str], batch_size: int,
-                     earlier: bool = False, tokens: bool = False) -> dict[str, dict[str, np.ndarray]]:
+def stage_embeddings(model, store, participants: list[str], batch_size: int, earlier: bool = False,
+                     tokens: bool = False, token_stages: tuple[int, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
     """Per participant, the mean over their windows of the backbone's pooled output ("last", as
     ``neurox probe`` embeds), its statistics pooling ("mean_std", as ``neurox probe --pool mean_std``),
     with ``earlier`` each earlier stage's token-averaged output ("stage-1", ...) and with ``tokens``
     the last stage's per-position statistics ("tokens", as ``neurox probe --pool tokens``) and their
-    lead-lag ("tokens_lagged"), in one pass."""
+    lead-lag ("tokens_lagged"), in one pass; and for each of ``token_stages`` that stage's per-position
+    statistics ("tokens-stage-N", as ``neurox probe --pool tokens --stage N``), one more pass each."""
     from neurox.analysis.embed import participant_vector, window_embeddings
     from neurox.data.loader import prepared_runs
 
@@ -93,16 +97,22 @@ def stage_embeddings(model, store, participants: list[str], batch_size: int,
                 if tokens:
                     out[pid]["tokens"] = participant_vector(series, "tokens")
                     out[pid]["tokens_lagged"] = lead_lag(series)
+                for stage in token_stages:
+                    _, finer = window_embeddings(model, store, runs[pid], batch_size, progress=False,
+                                                 over_time=True, per_position=True, stage=stage)
+                    out[pid][f"tokens-stage-{stage}"] = participant_vector(finer, "tokens")
     finally:
         for handle in handles:
             handle.remove()
     return out
 
 
-def input_statistics(store, participants: list[str], config, batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+def input_statistics(store, participants: list[str], config, batch_size: int,
+                     token_stages: tuple[int, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
     """Per participant, the readouts of ``stage_embeddings(tokens=True)`` computed on the model input
-    (the same windows) averaged over each last-stage position, and per patch the mean and standard
-    deviation over every frame: the data's own statistics at the backbone's resolutions."""
+    (the same windows) averaged over each last-stage position, per patch the mean and standard
+    deviation over every frame, and the same over each position of ``token_stages`` but the first (whose
+    positions are the patches): the data's own statistics at the backbone's resolutions."""
     import torch
     import torch.nn.functional as F
 
@@ -112,6 +122,9 @@ def input_statistics(store, participants: list[str], config, batch_size: int) ->
     length, grid = config.img_size[3], config.img_size[:3]
     last = config.stage_grid(config.num_stages - 1)
     kernels = {"tokens": tuple(g // n for g, n in zip(grid, last)), "patches": tuple(config.patch_size[:3])}
+    for stage in token_stages:
+        if stage > 1:
+            kernels[f"tokens-stage-{stage}"] = tuple(g // n for g, n in zip(grid, config.stage_grid(stage - 1)))
     runs, _ = prepared_runs(store, participants)
     out: dict[str, dict[str, np.ndarray]] = {}
     for pid in sorted(runs):
@@ -124,9 +137,8 @@ def input_statistics(store, participants: list[str], config, batch_size: int) ->
                 pooled[view].append(F.avg_pool3d(frames, kernel).reshape(b, t, c, -1).permute(0, 2, 3, 1).numpy())
         if pooled["tokens"]:
             windows = {view: np.concatenate(v) for view, v in pooled.items()}
-            out[pid] = {"tokens": participant_vector(windows["tokens"], "tokens"),
-                        "tokens_lagged": lead_lag(windows["tokens"]),
-                        "patches": participant_vector(windows["patches"], "tokens")}
+            out[pid] = {"tokens_lagged": lead_lag(windows["tokens"]),
+                        **{view: participant_vector(w, "tokens") for view, w in windows.items()}}
     return out
 
 
@@ -173,6 +185,9 @@ def main() -> None:
     p.add_argument("--tokens", action="store_true",
                    help="also probe the last stage's per-position statistics and their lead-lag "
                         "(backbone name/tokens, name/tokens_lagged)")
+    p.add_argument("--tokens_stage", type=int, nargs="*", default=[],
+                   help="also probe these stages' per-position statistics, before their patch merging "
+                        "(backbone name/tokens-stage-N; with --input, input/tokens-stage-N too)")
     p.add_argument("--input", action="store_true",
                    help="also probe the same statistics of the model input, no backbone (input/tokens, "
                         "input/tokens_lagged, input/patches), at the first --model's resolutions, else --preset's")
@@ -203,12 +218,13 @@ def main() -> None:
     for name, path in backbones:
         started = time.perf_counter()
         if path is None:
-            by_pid = input_statistics(store, cohort.participants, arch, args.batch_size)
+            by_pid = input_statistics(store, cohort.participants, arch, args.batch_size, tuple(args.tokens_stage))
         else:
             model, _ = load_model(path)
             model.to(device).eval()
             by_pid = stage_embeddings(model, store, cohort.participants, args.batch_size,
-                                      earlier=args.stages == "all", tokens=args.tokens)
+                                      earlier=args.stages == "all", tokens=args.tokens,
+                                      token_stages=tuple(args.tokens_stage))
         views = next(iter(by_pid.values())).keys() if by_pid else []
         embeddings = {("" if v == "last" else f"/{v}"): {pid: f[v] for pid, f in by_pid.items()} for v in views}
         seconds = round(time.perf_counter() - started, 1)

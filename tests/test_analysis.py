@@ -254,7 +254,20 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
                  "--pool", "tokens", "--out", str(tmp_path / "probe-tokens")]) == 0
     metrics = json.loads((tmp_path / "probe-tokens" / "metrics.json").read_text())
-    assert metrics["pool"] == "tokens" and 0.0 <= metrics["test"]["auroc"] <= 1.0
+    assert metrics["pool"] == "tokens" and metrics["stage"] == 3 and 0.0 <= metrics["test"]["auroc"] <= 1.0
+    # and per position of an earlier, finer stage: 4 x 4 x 4 positions of 48 channels in the demo model
+    assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
+                 "--pool", "tokens", "--stage", "2", "--out", str(tmp_path / "probe-stage-2")]) == 0
+    metrics = json.loads((tmp_path / "probe-stage-2" / "metrics.json").read_text())
+    assert metrics["stage"] == 2 and 0.0 <= metrics["test"]["auroc"] <= 1.0
+    from neurox.analysis.embed import load_model
+    from neurox.analysis.probe import participant_embeddings
+
+    model, _ = load_model(run)
+    vectors = participant_embeddings(model.eval(), Store(store), ["sub-01"], pool="tokens", stage=2)
+    assert vectors["sub-01"].shape == (2 * 48 * 4**3,)
+    assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--stage", "4"]) == 1
+    assert "--stage 4" in capsys.readouterr().err
 
 
 def test_participant_vector_pools_every_frame_of_every_window():

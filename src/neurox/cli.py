@@ -250,10 +250,10 @@ def _embed_parser() -> ArgumentParser:
 def _probe_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="A linear probe of a frozen model: each participant's embedding (mean over windows; with "
-        "--pool mean_std also each feature's standard deviation over time; --pool tokens: both per last-stage "
-        "position), a "
-        "cross-validated logistic or ridge model fitted on the training participants, metrics on validation and "
-        "test participants with bootstrap intervals. --split_from RUN scores the same participants as that run.",
+        "--pool mean_std also each feature's standard deviation over time; --pool tokens: both per position; "
+        "--stage: of an earlier stage), a cross-validated logistic or ridge model fitted on the training "
+        "participants, metrics on validation and test participants with bootstrap intervals. --split_from RUN "
+        "scores the same participants as that run.",
         epilog="example: neurox probe runs/pretrain/model --store synthetic-store --target amplitude_group "
         "--split_from runs/amp --out runs/probe",
     )
@@ -266,7 +266,10 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--pool", choices=["mean", "mean_std", "tokens"], default="mean",
                    help="mean: the representation averaged over space and time (what the heads see); mean_std: "
                    "also each feature's standard deviation over time (statistics pooling); tokens: the mean and "
-                   "standard deviation over time of each feature at each last-stage position (keeps where)")
+                   "standard deviation over time of each feature at each position (keeps where)")
+    p.add_argument("--stage", type=int, default=None,
+                   help="probe this stage's output (1 = the first, finest) instead of the last's, before its patch "
+                   "merging: with --pool tokens, local effects at a finer resolution")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--device", default="auto")
     return p
@@ -500,7 +503,7 @@ def cmd_probe(args) -> int:
     from neurox.analysis.probe import probe
 
     results = probe(args.model, args.store, args.target, out=args.out, split_from=args.split_from, seed=args.seed,
-                    pool=args.pool, batch_size=args.batch_size, device=args.device)
+                    pool=args.pool, batch_size=args.batch_size, device=args.device, stage=args.stage)
     print_metrics(results, title=f"linear probe of {args.model}")
     return 0
 

@@ -39,11 +39,11 @@ POOLS = ("mean", "mean_std", "tokens")
 
 @torch.no_grad()
 def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int = 4, progress: bool = True,
-                      over_time: bool = False, per_position: bool = False):
+                      over_time: bool = False, per_position: bool = False, stage: int | None = None):
     """(rows of (run_id, start), embeddings) for every non-overlapping window: the backbone's output
     averaged over space and time (windows, C), with ``over_time`` over space only (windows, C, T), with
-    ``per_position`` not averaged at all (windows, C, positions, T), the last stage's positions in x, y, z
-    order."""
+    ``per_position`` not averaged at all (windows, C, positions, T), the positions in x, y, z order.
+    ``stage`` (1-based, default the last): the output of that stage instead, before its patch merging."""
     from tqdm import tqdm
 
     length, grid = model.config.img_size[3], model.config.img_size[:3]
@@ -52,7 +52,7 @@ def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int =
     out = []
     batches = window_batches(store, windows, length, grid, batch_size, device)
     for _, x in tqdm(batches, total=-(-len(windows) // batch_size), desc="embed", unit="batch", disable=not progress):
-        features = model.forward_features(x).float()  # (B, C, X', Y', Z', T')
+        features = model.forward_features(x, stages=stage).float()  # (B, C, X', Y', Z', T')
         if per_position:
             out.append(features.flatten(2, 4).cpu().numpy())
         else:
@@ -60,7 +60,8 @@ def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int =
             out.append((spatial if over_time else spatial.mean(-1)).cpu().numpy())
     if not out:
         shape = (1, 1) if per_position else (1,) if over_time else ()
-        return windows, np.zeros((0, model.num_features, *shape), dtype=np.float32)
+        channels = model.config.stage_dim((stage or model.config.num_stages) - 1)
+        return windows, np.zeros((0, channels, *shape), dtype=np.float32)
     return windows, np.concatenate(out)
 
 

@@ -2,12 +2,13 @@
 
 The standard test of a self-supervised representation: each participant's embedding (the mean over
 their windows of the backbone's pooled output, as ``neurox embed`` computes it; with ``pool="mean_std"``
-also each feature's standard deviation over time; with ``pool="tokens"`` both per last-stage position),
-a cross-validated logistic (classes) or ridge (numbers) model fitted on the training participants only
-(the same fitting as the FC baseline), metrics on the validation and test participants with bootstrap
-intervals. Pass ``--split_from RUN`` to use a finetune run's participants, so that a probe, a
-fine-tuned model and the FC baseline are scored on the same people. ``neurox finetune --init DIR
---freeze true`` is the gradient-trained probe, for cohorts too large to embed at once.
+also each feature's standard deviation over time; with ``pool="tokens"`` both per position; with
+``stage`` an earlier stage's output instead of the last), a cross-validated logistic (classes) or ridge
+(numbers) model fitted on the training participants only (the same fitting as the FC baseline),
+metrics on the validation and test participants with bootstrap intervals. Pass ``--split_from RUN``
+to use a finetune run's participants, so that a probe, a fine-tuned model and the FC baseline are
+scored on the same people. ``neurox finetune --init DIR --freeze true`` is the gradient-trained
+probe, for cohorts too large to embed at once.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from neurox.train.objectives import subject_metrics
 
 
 def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4,
-                           pool: str = "mean") -> dict[str, np.ndarray]:
-    """Each participant's embedding (``participant_vector`` of their windows, pooled by ``pool``)."""
+                           pool: str = "mean", stage: int | None = None) -> dict[str, np.ndarray]:
+    """Each participant's embedding (``participant_vector`` of their windows, pooled by ``pool``), of
+    the last stage's output or of ``stage``'s."""
     runs, _ = prepared_runs(store, participants)
     out = {}
     for pid in sorted(runs):
         _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True,
-                                      per_position=pool == "tokens")
+                                      per_position=pool == "tokens", stage=stage)
         if len(series):
             out[pid] = participant_vector(series, pool)
     return out
@@ -40,17 +42,21 @@ def participant_embeddings(model, store: Store, participants: list[str], batch_s
 
 def probe(model_path: str | Path, store_path: str | Path, target: str, out: str | Path | None = None,
           split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", batch_size: int = 4,
-          device: str = "auto", n_boot: int = 1000) -> dict:
+          device: str = "auto", n_boot: int = 1000, stage: int | None = None) -> dict:
     """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given. ``pool``:
     ``mean`` (the representation averaged over space and time), ``mean_std`` (and each feature's
-    standard deviation over time) or ``tokens`` (both per last-stage position); see
-    ``neurox.analysis.embed.participant_vector``."""
+    standard deviation over time) or ``tokens`` (both per position); see
+    ``neurox.analysis.embed.participant_vector``. ``stage`` (1-based, default the last): probe that
+    stage's output, before its patch merging (finer positions, fewer channels)."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.train.distributed import detect
     from neurox.train.finetune import check_fits_store
 
     model, _ = load_model(model_path)
+    stages = model.config.num_stages
+    if stage is not None and not 1 <= stage <= stages:
+        raise ValueError(f"--stage {stage}: {model_path} has stages 1 to {stages}")
     store = Store(store_path)
     check_fits_store(model.config, store)
     columns = [c.strip() for c in target.split(",") if c.strip()]
@@ -62,7 +68,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         cohort.split = split_participants(cohort, seed)
     standardise(cohort)
     model.to(detect(device).device).eval()
-    features = participant_embeddings(model, store, cohort.participants, batch_size, pool)
+    features = participant_embeddings(model, store, cohort.participants, batch_size, pool, stage)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
@@ -79,6 +85,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_splits(out / "splits.tsv", cohort.split)
-        summary = {"model": str(model_path), "store": str(store.root), "target": target, "pool": pool, **results}
+        summary = {"model": str(model_path), "store": str(store.root), "target": target, "pool": pool,
+                   "stage": stage or stages, **results}
         write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return results
