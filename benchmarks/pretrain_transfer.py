@@ -152,6 +152,8 @@ def main() -> None:
     p.add_argument("--targets", default="amplitude_group,coupling_group,order_group,lowfreq_score")
     p.add_argument("--tokens", action="store_true",
                    help="also probe the last stage per position and its lead-lag (probe_heldout.py --tokens)")
+    p.add_argument("--tokens_stage", type=int, nargs="*", default=[],
+                   help="also probe these stages per position (probe_heldout.py --tokens_stage)")
     p.add_argument("--input", action="store_true",
                    help="also probe the input's own statistics, no backbone (probe_heldout.py --input)")
     p.add_argument("--folds", type=int, default=5)
@@ -159,6 +161,8 @@ def main() -> None:
     p.add_argument("--target", default="coupling_group", help="the fine-tuning target")
     p.add_argument("--finetune_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--finetune_epochs", type=int, default=4)
+    p.add_argument("--backbone_lr_scale", type=float, default=1.0,
+                   help="fine-tuning from a pretrained model: the backbone's learning rate as a fraction of --lr")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=2, help="synth and prepare processes")
@@ -211,7 +215,8 @@ def main() -> None:
               "--batch_size", str(args.batch), "--lr", str(args.lr)]
     probe = [sys.executable, str(HERE / "probe_heldout.py"), "--store", str(stores["heldout"]), "--targets",
              args.targets, "--folds", str(args.folds), "--repeats", str(args.repeats), "--device", args.device,
-             "--work", str(work / "random"), *(["--tokens"] if args.tokens else [])]
+             "--work", str(work / "random"), *(["--tokens"] if args.tokens else []),
+             *(["--tokens_stage", *map(str, args.tokens_stage)] if args.tokens_stage else [])]
     for seed in args.pretrain_seeds:
         jobs.add(f"pretrain-{seed}", neurox(
             "pretrain", "--store", str(stores["pretrain"]), "--out", str(work / f"pretrain-{seed}"), "--objective",
@@ -224,7 +229,8 @@ def main() -> None:
         jobs.add(f"finetune-{name}-ft{seed}", neurox(
             "finetune", "--store", str(stores["pretrain"]), "--target", args.target, "--out", str(run), "--epochs",
             str(args.finetune_epochs), "--seed", str(seed), "--n_boot", "200", *common,
-            *(["--init", str(init)] if init else [])), after=after)
+            *(["--init", str(init), "--backbone_lr_scale", str(args.backbone_lr_scale)] if init else [])),
+            after=after)
 
     for seed in args.finetune_seeds:  # scratch runs first: they need no pretraining
         finetune("scratch", seed, None, ["prepare-pretrain"])

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from neurox.cli import main
 from neurox.data.prepare import prepare
 from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.hub import HEAD_FILE
 from neurox.train import ssl
 from neurox.train.engine import consolidated_state
 
@@ -199,6 +200,30 @@ def test_pretrain_writes_a_model_that_finetune_takes(stores, tmp_path, objective
     backbone = load_file(str(out / "model" / "model.safetensors"))
     probed = load_file(str(run / "model" / "model.safetensors"))
     assert all(torch.equal(backbone[k], probed[k]) for k in backbone)  # frozen: the backbone is unchanged
+
+
+def test_fine_tuning_a_pretrained_backbone_at_a_fraction_of_the_learning_rate(stores, tmp_path, capsys):
+    """--backbone_lr_scale: the head trains at --lr, the backbone at that fraction of it (0: not at all)."""
+    out = tmp_path / "pre"
+    assert main(pretrain_args(stores, out, "--max_steps", "1", "--objective", "mim")) == 0
+    backbone = load_file(str(out / "model" / "model.safetensors"))
+
+    def finetune(name: str, *extra: str) -> tuple[dict, dict]:
+        run = tmp_path / name
+        assert main(["finetune", "--store", str(stores[0]), "--target", "group", "--out", str(run), "--epochs", "1",
+                     "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0", "--lr", "1e-3",
+                     "--init", str(out / "model"), *extra]) == 0
+        return load_file(str(run / "model" / "model.safetensors")), load_file(str(run / "model" / HEAD_FILE))
+
+    _, initial_head = finetune("untrained", "--lr", "0")
+    still, head = finetune("still", "--backbone_lr_scale", "0")
+    assert all(torch.equal(backbone[k], still[k]) for k in backbone)
+    assert not all(torch.equal(initial_head[k], head[k]) for k in head)  # the head did train
+    slower, _ = finetune("slower", "--backbone_lr_scale", "0.1")
+    assert not all(torch.equal(backbone[k], slower[k]) for k in backbone)
+    assert main(["finetune", "--store", str(stores[0]), "--target", "group", "--out", str(tmp_path / "x"),
+                 "--init", str(out / "model"), "--freeze", "true", "--backbone_lr_scale", "0.1"]) == 1
+    assert "no effect with --freeze" in capsys.readouterr().err
 
 
 def test_weighted_sampling_follows_the_weights(stores):

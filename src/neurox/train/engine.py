@@ -95,6 +95,7 @@ class LoopSettings:
     seed: int
     checkpoint_every: int
     max_steps: int | None = None
+    backbone_lr_scale: float = 1.0  # of every parameter not in the head: a gentler step for pretrained weights
 
 
 class SigtermFlag:
@@ -221,6 +222,19 @@ def consolidated_state(directory: Path) -> dict:
     return {**state, **torch.load(Path(directory) / TRAINER_FILE, map_location="cpu", weights_only=True)}
 
 
+def parameter_groups(model, settings: LoopSettings) -> list[dict]:
+    """The trainable parameters, as one group at ``lr``, or with ``backbone_lr_scale`` set, the head's at
+    ``lr`` and the rest at ``lr x backbone_lr_scale`` (discriminative fine-tuning: a pretrained backbone
+    moves less than a new head; the schedule scales both alike)."""
+    named = [(n.removeprefix("module."), p) for n, p in model.named_parameters() if p.requires_grad]
+    if settings.backbone_lr_scale == 1.0:
+        return [{"params": [p for _, p in named]}]
+    head = [p for n, p in named if n.startswith("head.")]
+    backbone = [p for n, p in named if not n.startswith("head.")]
+    groups = [{"params": head}, {"params": backbone, "lr": settings.lr * settings.backbone_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
 class Trainer:
     """Fits ``model`` (already wrapped for parallelism) with ``loss_fn(model, batch, labels)``, the
     batch and labels as the dataset gives them, on the device."""
@@ -231,8 +245,8 @@ class Trainer:
         self.make_items = make_items  # epoch -> list of items
         self.dataset_factory = dataset_factory  # items -> WindowDataset
         self.evaluate_fn = evaluate_fn  # () -> (score, metrics), called on every rank
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, settings), lr=settings.lr,
+                                           weight_decay=settings.weight_decay)
         n_items = len(make_items(0))
         self.global_batch = settings.batch_size * env.world_size * settings.accumulation
         self.steps_per_epoch = n_items // self.global_batch

@@ -54,6 +54,7 @@ class FinetuneConfig:
     init: str | None = None  # a model directory: its architecture and backbone weights
     freeze: bool = False  # train the head only (a linear probe)
     head_init: str = "random"  # random, or probe: fit the head in closed form first (LP-FT)
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate as a fraction of lr's (the head keeps lr)
     epochs: int = 10
     batch_size: int = 4  # per process
     accumulation: int = 1
@@ -90,7 +91,7 @@ class FinetuneConfig:
     def settings(self) -> LoopSettings:
         return LoopSettings(self.epochs, self.batch_size, self.accumulation, self.lr, self.weight_decay,
                             self.warmup_fraction, self.clip_grad, self.precision, self.loader_workers, self.seed,
-                            self.checkpoint_every, self.max_steps)
+                            self.checkpoint_every, self.max_steps, self.backbone_lr_scale)
 
 
 # --- setting up --------------------------------------------------------------------------------
@@ -203,6 +204,10 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if config.head_init not in ("random", "probe"):
         raise ValueError(f"unknown --head_init {config.head_init!r}; choose random or probe")
+    if not config.backbone_lr_scale >= 0:
+        raise ValueError(f"--backbone_lr_scale {config.backbone_lr_scale}: give a fraction of --lr, 0 or more")
+    if config.freeze and config.backbone_lr_scale != 1.0:
+        raise ValueError("--backbone_lr_scale has no effect with --freeze true (the backbone does not train)")
     run_dir = Path(config.out)
     start_run(run_dir, config.resume, config.seed, config.deterministic)
 
