@@ -389,9 +389,11 @@ def test_heldout_probe_benchmark_scores_both_readouts_against_random_backbones(s
     model, _ = load_model(other)
     store = Store(stores[0])
     first = sorted(prepared_runs(store)[0])[0]
-    views = stage_embeddings(model.eval(), store, [first], 2, tokens=True)[first]
+    views = stage_embeddings(model.eval(), store, [first], 2, tokens=True, token_stages=(2, 3))[first]
     channels, positions = model.num_features, 8  # the demo architecture's last stage: 2 x 2 x 2
     assert views["tokens"].shape == (2 * channels * positions,)
+    assert np.array_equal(views["tokens-stage-3"], views["tokens"])  # the last stage, asked for by number
+    assert views["tokens-stage-2"].shape == (2 * 48 * 4**3,)  # before its merging: 4 x 4 x 4 positions of 48
     means = views["tokens"][: channels * positions].reshape(channels, positions)
     assert np.allclose(means.mean(1), views["last"], atol=1e-5)
     assert views["tokens_lagged"].shape == (channels * positions * (positions - 1) // 2,)
@@ -414,7 +416,7 @@ def test_heldout_probe_input_reference_is_the_windows_own_statistics(stores):
     store, config = Store(stores[0]), preset("demo")
     runs = prepared_runs(store)[0]
     first = sorted(runs)[0]
-    views = input_statistics(store, [first], config, 2)[first]
+    views = input_statistics(store, [first], config, 2, token_stages=(1, 2))[first]
     length, grid = config.img_size[3], config.img_size[:3]
     x = np.concatenate([b.numpy() for _, b in window_batches(store, run_windows(store, runs[first], length), length,
                                                             grid, 2, torch.device("cpu"))])  # (W, 1, X, Y, Z, T)
@@ -426,3 +428,7 @@ def test_heldout_probe_input_reference_is_the_windows_own_statistics(stores):
     assert np.isclose(views["patches"][8**3], corner.std(), atol=1e-5)
     left = x[:, 0, :24, :24, :24, :].mean(axis=(1, 2, 3))  # the first last-stage position
     assert np.isclose(views["tokens"][8], left.std(), atol=1e-5)
+    assert "tokens-stage-1" not in views  # stage 1's positions are the patches
+    assert views["tokens-stage-2"].shape == (2 * 4**3,)
+    corner = x[:, 0, :12, :12, :12, :].mean(axis=(1, 2, 3))  # the first stage-2 position: 12^3 voxels
+    assert np.isclose(views["tokens-stage-2"][4**3], corner.std(), atol=1e-5)
