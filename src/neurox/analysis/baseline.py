@@ -50,8 +50,10 @@ def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
     With more features than rows (a per-position embedding: thousands of features, a hundred
     participants) the model is fitted in the rows' own basis, ``z = U S Vt`` -> ``z Vt.T`` (rows x rows),
     and its weights mapped back through ``Vt``: an L2-penalised linear model's weights lie in the span
-    of its training rows (of any subset of them too, so the inner cross-validation is unchanged), and
-    ``Vt`` is orthonormal, so the penalty and every output are the same, at a fraction of the cost."""
+    of its training rows (of any subset of them too, so the inner cross-validation fits the same models),
+    and ``Vt`` is orthonormal, so at each strength the penalty and every output are the same, at a
+    fraction of the cost. Where the inner folds score two strengths alike, the solvers' last digits can
+    tip the choice to the neighbouring one (benchmarks/probe_fit.py measures both)."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
     from sklearn.preprocessing import StandardScaler
 
