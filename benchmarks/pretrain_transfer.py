@@ -5,10 +5,10 @@
 2. ``neurox pretrain`` (no labels) on the first half, once per --pretrain_seeds.
 3. Frozen linear probes (``probe_heldout.py``) of every pretrained backbone and of randomly initialised
    ones (--random) on the held-out half, which no backbone saw; same folds for all (paired).
-4. ``neurox finetune`` on --target of the first half from scratch and from each pretrained model, once
-   per --finetune_seeds (a fine-tuning seed fixes the split, head and data order, so each pretrained run
-   is paired with the scratch run of its seed): validation score per epoch, and the first step at
-   which each pretrained run reaches its scratch run's best.
+4. ``neurox finetune`` on --target of the first half (``--finetune_store heldout``: of the second) from
+   scratch and from each pretrained model, once per --finetune_seeds (a fine-tuning seed fixes the split,
+   head and data order, so each pretrained run is paired with the scratch run of its seed): validation
+   score per epoch, and the first step at which each pretrained run reaches its scratch run's best.
 
 Jobs run --parallel at a time on the one device (small models leave a GPU mostly idle), each as
 soon as what it needs is done. Prints one JSON document and writes it to OUT/pretrain_transfer.json
@@ -159,6 +159,8 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--target", default="coupling_group", help="the fine-tuning target")
+    p.add_argument("--finetune_store", default="pretrain", choices=("pretrain", "heldout"),
+                   help="fine-tune on the half the backbones pretrained on (unlabelled) or on the half none saw")
     p.add_argument("--finetune_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--finetune_epochs", type=int, default=4)
     p.add_argument("--backbone_lr_scale", type=float, default=1.0,
@@ -227,13 +229,13 @@ def main() -> None:
     def finetune(name: str, seed: int, init: Path | None, after: list[str]) -> None:
         run = finetune_runs[f"{name}-ft{seed}"] = work / f"finetune-{name}-ft{seed}"
         jobs.add(f"finetune-{name}-ft{seed}", neurox(
-            "finetune", "--store", str(stores["pretrain"]), "--target", args.target, "--out", str(run), "--epochs",
+            "finetune", "--store", str(stores[args.finetune_store]), "--target", args.target, "--out", str(run), "--epochs",
             str(args.finetune_epochs), "--seed", str(seed), "--n_boot", "200", *common,
             *(["--init", str(init), "--backbone_lr_scale", str(args.backbone_lr_scale)] if init else [])),
             after=after)
 
     for seed in args.finetune_seeds:  # scratch runs first: they need no pretraining
-        finetune("scratch", seed, None, ["prepare-pretrain"])
+        finetune("scratch", seed, None, [f"prepare-{args.finetune_store}"])
     jobs.add("probe-random", [*probe, "--random", *map(str, args.random), *(["--input"] if args.input else []),
                               "--out", str(work / "probe-random.json")],
              after=["prepare-heldout"])
@@ -243,7 +245,7 @@ def main() -> None:
             *probe, "--random", "--model", f"{args.objective}-{seed}={model}", "--out",
             str(work / f"probe-{args.objective}-{seed}.json")], after=["prepare-heldout", f"pretrain-{seed}"])
         for ft in args.finetune_seeds:
-            finetune(f"{args.objective}{seed}", ft, model, [f"pretrain-{seed}"])
+            finetune(f"{args.objective}{seed}", ft, model, [f"pretrain-{seed}", f"prepare-{args.finetune_store}"])
     jobs.run()
     report["seconds"] = round(time.perf_counter() - started, 1)
     save()

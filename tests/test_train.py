@@ -227,7 +227,9 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     from neurox.hub import load_pretrained
     from neurox.models import SwiFT, build_head
     from neurox.train.distributed import detect
+    from neurox.data.loader import Target
     from neurox.train.finetune import FinetuneConfig, initialise_head, prepare_cohort, training_features
+    from neurox.train.objectives import selection_score
 
     head = build_head("binary", 8, standardize=True)
     head.batch_statistics = True
@@ -237,6 +239,13 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
 
     run = tmp_path / "run"
     assert main(finetune_args(store, run, "--head_init", "probe", "--lr", "1e-3")) == 0
+    # the probe alone is validated at step 0, before any training step, and is a candidate for model/
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "val" in records[0] and "loss" not in records[0]
+    targets = [Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
+    validated = [(r["step"], selection_score(targets, r["val"])) for r in records if "val" in r]
+    best_step = next(step for step, score in validated if score == max(score for _, score in validated))
+    assert json.loads((run / "model" / "config.json").read_text())["source"]["step"] == best_step
     config = FinetuneConfig(store=str(store), target="group", out=str(run), batch_size=2, loader_workers=0)
     cohort = prepare_cohort(config, Store(store), run, 20)
     env = detect("cpu")

@@ -304,6 +304,17 @@ class Trainer:
                     if isinstance(value, (int, float)) and math.isfinite(value):
                         self.tensorboard.add_scalar(key, value, record["step"])
 
+    def validate(self, on_best=None, epoch: int | None = None) -> None:
+        """One validation pass at the current step, logged; ``on_best(step, metrics)`` where its score is
+        the best so far. ``fit`` calls it after every epoch; before ``fit``, it scores the starting model."""
+        score, metrics = self.evaluate_fn()
+        self.model.train()
+        self.log({"step": self.step, **({"epoch": epoch} if epoch is not None else {}), "val": metrics})
+        if score > self.best_score:
+            self.best_score = score
+            if on_best is not None:
+                on_best(self.step, metrics)
+
     def fit(self, on_best=None) -> str:
         """Train to the end (or SIGTERM); returns "done" or "stopped"."""
         s, env = self.s, self.env
@@ -353,13 +364,7 @@ class Trainer:
                     loss_sum = 0.0
                     end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
                     if end_of_epoch and self.evaluate_fn is not None:
-                        score, metrics = self.evaluate_fn()
-                        self.model.train()
-                        self.log({"step": self.step, "epoch": epoch, "val": metrics})
-                        if score > self.best_score:
-                            self.best_score = score
-                            if on_best is not None:
-                                on_best(self.step, metrics)
+                        self.validate(on_best, epoch)
                     stop = dist_utils.all_reduce_flag(sigterm.raised)
                     if end_of_epoch or stop or (s.checkpoint_every and self.step % s.checkpoint_every == 0):
                         self.save_checkpoint()

@@ -240,7 +240,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     contract = InputContract.for_model(arch, tr=_store_tr(store), normalization=store.info["normalization"])
 
     def evaluate():
-        if model.head.batch_statistics:  # the backbone moved: the statistics the evaluation uses, recomputed
+        if model.head.batch_statistics and trainer.step > 0:  # the backbone moved: its statistics, recomputed
             pooled, _, _ = training_features(wrapped, store.root, cohort, length, grid, env, config, max_windows=128)
             model.head.calibrate(pooled.to(env.device))
         metrics, _, _ = split_metrics(wrapped, store.root, cohort, targets, "val", length, grid, env, config)
@@ -265,6 +265,9 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
                       lambda items: WindowDataset(store.root, cohort, items, length, grid), evaluate)
     if config.resume and trainer.load_checkpoint() and env.is_main:
         print(f"resumed {run_dir} at step {trainer.step} of {trainer.total_steps}")
+    if config.head_init == "probe" and trainer.step == 0:
+        # step 0: the linear probe alone, before any fine-tuning step; kept as model/ if no epoch beats it
+        trainer.validate(on_best=save_best)
     outcome = trainer.fit(on_best=save_best)
     if outcome == "stopped":
         if env.is_main:
