@@ -146,7 +146,8 @@ def main() -> None:
     p.add_argument("--decoder_depth", type=int, default=0, help="MIM decoder layers before the voxel map")
     p.add_argument("--steps", type=int, default=20, help="pretraining steps")
     p.add_argument("--batch", type=int, default=8, help="pretraining and fine-tuning batch")
-    p.add_argument("--lr", type=float, default=3e-4, help="pretraining and fine-tuning peak learning rate")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="pretraining (and, without --finetune_lr, fine-tuning) peak learning rate")
     p.add_argument("--pretrain_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--random", type=int, nargs="+", default=[0, 1, 2], help="seeds of random backbones")
     p.add_argument("--targets", default="amplitude_group,coupling_group,order_group,lowfreq_score")
@@ -163,6 +164,9 @@ def main() -> None:
                    help="fine-tune on the half the backbones pretrained on (unlabelled) or on the half none saw")
     p.add_argument("--finetune_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--finetune_epochs", type=int, default=4)
+    p.add_argument("--finetune_lr", type=float, default=None, help="fine-tuning peak learning rate (default: --lr)")
+    p.add_argument("--head_init", default="random", choices=("random", "probe"),
+                   help="fine-tuning head start (neurox finetune --head_init; probe: LP-FT, validated at step 0)")
     p.add_argument("--backbone_lr_scale", type=float, default=1.0,
                    help="fine-tuning from a pretrained model: the backbone's learning rate as a fraction of --lr")
     p.add_argument("--precision", default="fp32")
@@ -214,7 +218,7 @@ def main() -> None:
             "--voxel_size", "4", "--normalization", "voxel_center", "--workers", str(max(1, args.workers // 2)),
             "--quiet", "true"))
     common = ["--precision", args.precision, "--device", args.device, "--loader_workers", str(args.loader_workers),
-              "--batch_size", str(args.batch), "--lr", str(args.lr)]
+              "--batch_size", str(args.batch)]
     probe = [sys.executable, str(HERE / "probe_heldout.py"), "--store", str(stores["heldout"]), "--targets",
              args.targets, "--folds", str(args.folds), "--repeats", str(args.repeats), "--device", args.device,
              "--work", str(work / "random"), *(["--tokens"] if args.tokens else []),
@@ -224,13 +228,14 @@ def main() -> None:
             "pretrain", "--store", str(stores["pretrain"]), "--out", str(work / f"pretrain-{seed}"), "--objective",
             args.objective, "--mask_shape", args.mask_shape, "--augment", args.augment, "--decoder_depth",
             str(args.decoder_depth), "--epochs", "100000", "--max_steps", str(args.steps),
-            "--seed", str(seed), *common), after=["prepare-pretrain"])
+            "--seed", str(seed), "--lr", str(args.lr), *common), after=["prepare-pretrain"])
 
     def finetune(name: str, seed: int, init: Path | None, after: list[str]) -> None:
         run = finetune_runs[f"{name}-ft{seed}"] = work / f"finetune-{name}-ft{seed}"
         jobs.add(f"finetune-{name}-ft{seed}", neurox(
-            "finetune", "--store", str(stores[args.finetune_store]), "--target", args.target, "--out", str(run), "--epochs",
-            str(args.finetune_epochs), "--seed", str(seed), "--n_boot", "200", *common,
+            "finetune", "--store", str(stores[args.finetune_store]), "--target", args.target, "--out", str(run),
+            "--epochs", str(args.finetune_epochs), "--seed", str(seed), "--n_boot", "200", "--head_init",
+            args.head_init, "--lr", str(args.lr if args.finetune_lr is None else args.finetune_lr), *common,
             *(["--init", str(init), "--backbone_lr_scale", str(args.backbone_lr_scale)] if init else [])),
             after=after)
 

@@ -36,6 +36,18 @@ def test_save_and_load_round_trip(tmp_path):
     assert neurox.load_pretrained(tmp_path / "m", with_head=False).head is None
 
 
+def test_a_per_position_head_round_trips(tmp_path):
+    head = build_head("binary", TINY.num_features, standardize=True, pool="tokens", positions=8)
+    head.calibrate(torch.randn(10, head.feature_count))
+    model = SwiFT(TINY, head).eval()
+    neurox.save_pretrained(model, tmp_path / "m")
+    loaded = neurox.load_pretrained(tmp_path / "m").eval()
+    assert (loaded.head.pool, loaded.head.positions) == ("tokens", 8)
+    x = torch.randn(2, 1, *TINY.img_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
 def test_shape_mismatch_names_the_first_mismatching_tensor(tmp_path):
     state = {k: v for k, v in SwiFT(TINY).state_dict().items()}
     state["layers.0.blocks.1.attn.qkv.weight"] = torch.zeros(30, 12)

@@ -163,6 +163,30 @@ def test_heads():
         build_head("ranking", 24)
 
 
+def test_pooled_heads_read_what_the_probe_pools():
+    """--head_pool: mean_std and tokens are the readouts of neurox probe --pool, per window; a head reads
+    exactly its pooled features, and refuses features of another grid."""
+    from neurox.analysis.embed import participant_vector
+    from neurox.models.heads import pool_features
+
+    features = torch.randn(3, 24, 2, 2, 2, 8, dtype=torch.float64)
+    for pool in ("mean", "mean_std", "tokens"):  # one window: the probe's participant vector of that window
+        series = features[0].flatten(1, 3).numpy()[None]  # (windows, C, positions, T)
+        expected = participant_vector(series, pool)
+        assert torch.allclose(pool_features(features, pool)[0], torch.as_tensor(expected))
+    head = build_head("binary", 24, pool="tokens", positions=8).double().eval()
+    assert head.head.in_features == 2 * 24 * 8
+    assert head.spec()["pool"] == "tokens" and head.spec()["positions"] == 8
+    assert "pool" not in build_head("binary", 24).spec()  # earlier model directories read the same
+    assert torch.allclose(head(features), head.head(pool_features(features, "tokens")))
+    with pytest.raises(ValueError, match="different input grid"):
+        head(torch.randn(3, 24, 4, 2, 2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown head pool"):
+        build_head("binary", 24, pool="max")
+    with pytest.raises(ValueError, match="contrastive"):
+        build_head("contrastive", 24, 16, pool="tokens", positions=8)
+
+
 def test_torch_compile_matches_eager_in_one_graph():
     """The whole model compiles as one graph (no breaks), forward and backward."""
     model = SwiFT(TINY, build_head("binary", TINY.num_features))

@@ -224,10 +224,10 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     training it standardises with each batch's statistics, and the saved model's statistics are those
     of its own (moved) backbone on the training windows."""
     from neurox.analysis.baseline import fit_linear, linear_outputs
+    from neurox.data.loader import Target
     from neurox.hub import load_pretrained
     from neurox.models import SwiFT, build_head
     from neurox.train.distributed import detect
-    from neurox.data.loader import Target
     from neurox.train.finetune import FinetuneConfig, initialise_head, prepare_cohort, training_features
     from neurox.train.objectives import selection_score
 
@@ -268,6 +268,21 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     logits = fresh.head.head(means).detach().double().numpy()[:, 0]
     slope, offset = np.polyfit(expected, logits, 1)  # the same direction, rescaled to single windows
     assert slope > 0 and np.allclose(logits, slope * expected + offset, atol=1e-4)
+
+
+def test_fine_tuning_a_per_position_head(store, tmp_path):
+    """--head_pool tokens: the head reads each last-stage position's mean and standard deviation over the
+    window's frames, starts as their probe, and the saved model reads the same and evaluates."""
+    from neurox.hub import load_pretrained
+
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run, "--head_pool", "tokens", "--head_init", "probe")) == 0
+    model = load_pretrained(run / "model")
+    x, y, z, _ = model.config.stage_grid(model.config.num_stages - 1)
+    assert (model.head.pool, model.head.positions) == ("tokens", x * y * z)
+    assert model.head.feature_count == 2 * model.num_features * x * y * z
+    assert np.isfinite(json.loads((run / "metrics.json").read_text())["test"]["auroc"])
+    assert main(finetune_args(store, tmp_path / "bad", "--head_pool", "max")) == 1
 
 
 # --- processes: distributed parity and SIGTERM resume ----------------------------------------------

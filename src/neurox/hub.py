@@ -82,7 +82,8 @@ def load_pretrained(model_dir: str | Path, with_head: bool = True, map_location:
     head = None
     if with_head and head_spec and (model_dir / HEAD_FILE).is_file():
         head = build_head(head_spec["task"], arch.num_features, head_spec["num_outputs"], head_spec.get("hidden_dim"),
-                          head_spec.get("standardize", False))
+                          head_spec.get("standardize", False), head_spec.get("pool", "mean"),
+                          head_spec.get("positions", 1))
     model = SwiFT(arch)
     load_checked(model, load_file(str(model_dir / MODEL_FILE), device=map_location), model_dir / MODEL_FILE)
     if head is not None:

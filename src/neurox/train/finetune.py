@@ -37,6 +37,7 @@ from neurox.data.loader import (
 from neurox.data.store import Store, write_tsv
 from neurox.io.atomic import write_text_atomic
 from neurox.models import SwiFT, build_head
+from neurox.models.heads import HEAD_POOLS
 from neurox.train import distributed as dist_utils
 from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, sharded_indices, start_run, write_json
 from neurox.train.objectives import head_task, num_outputs, selection_score, subject_metrics, supervised_loss
@@ -54,6 +55,7 @@ class FinetuneConfig:
     init: str | None = None  # a model directory: its architecture and backbone weights
     freeze: bool = False  # train the head only (a linear probe)
     head_init: str = "random"  # random, or probe: fit the head in closed form first (LP-FT)
+    head_pool: str = "mean"  # what the head reads: mean (published), mean_std, or tokens (per position)
     backbone_lr_scale: float = 1.0  # the backbone's learning rate as a fraction of lr's (the head keeps lr)
     epochs: int = 10
     batch_size: int = 4  # per process
@@ -118,8 +120,10 @@ def build_model(config: FinetuneConfig, arch: SwiFTConfig, targets: list[Target]
     # a linear probe (--freeze) and fine-tuning from one (--head_init probe) standardise the pooled
     # features with their training statistics: a random SwiFT's features differ between participants
     # by a few percent of their size, which an unstandardised head reads only with huge weights
+    x, y, z, _ = arch.stage_grid(arch.num_stages - 1)
     head = build_head(head_task(targets), arch.num_features, num_outputs(targets),
-                      standardize=config.freeze or config.head_init == "probe")
+                      standardize=config.freeze or config.head_init == "probe", pool=config.head_pool,
+                      positions=x * y * z)
     head.batch_statistics = config.head_init == "probe" and not config.freeze
     model = SwiFT(arch, head)
     if config.init:
@@ -204,6 +208,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if config.head_init not in ("random", "probe"):
         raise ValueError(f"unknown --head_init {config.head_init!r}; choose random or probe")
+    if config.head_pool not in HEAD_POOLS:
+        raise ValueError(f"unknown --head_pool {config.head_pool!r}; choose one of {', '.join(HEAD_POOLS)}")
     if not config.backbone_lr_scale >= 0:
         raise ValueError(f"--backbone_lr_scale {config.backbone_lr_scale}: give a fraction of --lr, 0 or more")
     if config.freeze and config.backbone_lr_scale != 1.0:
@@ -250,7 +256,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         state = _full_model_state(wrapped)  # a collective under FSDP: every process calls it
         if env.is_main:
             best = SwiFT(arch, build_head(model.head.task, arch.num_features, model.head.head.out_features,
-                                          standardize=model.head.standardize))
+                                          standardize=model.head.standardize, pool=model.head.pool,
+                                          positions=model.head.positions))
             best.load_state_dict(state)
             from neurox.hub import save_pretrained
 
@@ -289,7 +296,7 @@ def training_features(model, store_root: Path, cohort: Cohort, length: int, grid
     dataset = WindowDataset(store_root, cohort, items, length, grid)
     head = getattr(model, "module", model).head  # DDP keeps the model as .module; FSDP2 shards it in place
     pooled, labels, who = [], [], []
-    hook = head.register_forward_hook(lambda _, args, __: pooled.append(args[0].flatten(2).mean(-1).float().cpu()))
+    hook = head.register_forward_hook(lambda _, args, __: pooled.append(head.pooled(args[0]).float().cpu()))
     model.eval()
     try:
         for x, y, index in ThreadedLoader(dataset, sharded_indices(len(items), env.world_size, env.rank),
