@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--finetune_lr", type=float, default=None, help="fine-tuning peak learning rate (default: --lr)")
     p.add_argument("--head_init", default="random", choices=("random", "probe"),
                    help="fine-tuning head start (neurox finetune --head_init; probe: LP-FT, validated at step 0)")
+    p.add_argument("--head_pool", default="mean", choices=("mean", "mean_std", "tokens"),
+                   help="what the fine-tuning head reads (neurox finetune --head_pool)")
     p.add_argument("--backbone_lr_scale", type=float, default=1.0,
                    help="fine-tuning from a pretrained model: the backbone's learning rate as a fraction of --lr")
     p.add_argument("--precision", default="fp32")
@@ -235,7 +237,8 @@ def main() -> None:
         jobs.add(f"finetune-{name}-ft{seed}", neurox(
             "finetune", "--store", str(stores[args.finetune_store]), "--target", args.target, "--out", str(run),
             "--epochs", str(args.finetune_epochs), "--seed", str(seed), "--n_boot", "200", "--head_init",
-            args.head_init, "--lr", str(args.lr if args.finetune_lr is None else args.finetune_lr), *common,
+            args.head_init, "--head_pool", args.head_pool, "--lr",
+            str(args.lr if args.finetune_lr is None else args.finetune_lr), *common,
             *(["--init", str(init), "--backbone_lr_scale", str(args.backbone_lr_scale)] if init else [])),
             after=after)
 
