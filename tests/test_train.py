@@ -228,7 +228,11 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     from neurox.hub import load_pretrained
     from neurox.models import SwiFT, build_head
     from neurox.train.distributed import detect
-    from neurox.train.finetune import FinetuneConfig, initialise_head, prepare_cohort, training_features
+    from neurox.analysis.probe import participant_embeddings
+    from neurox.data.loader import evaluation_items
+    from neurox.train.finetune import (FinetuneConfig, initialise_head, prepare_cohort, training_features,
+                                       window_outputs)
+    from neurox.train.metrics import aggregate
     from neurox.train.objectives import selection_score
 
     head = build_head("binary", 8, standardize=True)
@@ -251,11 +255,18 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     env = detect("cpu")
     model = load_pretrained(run / "model").eval()
     assert model.head.standardize
-    pooled, labels, who = training_features(model, store, cohort, 20, (48, 48, 48), env, config)
+    # the statistics of the windows it was last calibrated on: the probe's at step 0, later the training windows'
+    pooled, labels, who = training_features(model, store, cohort, 20, (48, 48, 48), env, config,
+                                            every_window=best_step == 0)
     assert torch.allclose(model.head.feature_mean, pooled.mean(0), atol=1e-5)
     assert torch.allclose(model.head.feature_std, pooled.std(0), atol=1e-5)
 
+    # the probe that starts the head reads every window of every training participant, as `neurox probe` does
+    pooled, labels, who = training_features(model, store, cohort, 20, (48, 48, 48), env, config, every_window=True)
+    owner = {run: p for p, runs in cohort.runs.items() for run in runs}
+    assert who == [owner[run] for run, _ in evaluation_items(cohort, cohort.in_split("train"), 20)]
     fresh = SwiFT(model.config, build_head("binary", model.num_features, standardize=True)).eval()
+    fresh.load_state_dict(model.state_dict(), strict=False)
     fresh.head.calibrate(pooled)
     initialise_head(fresh, cohort.targets, pooled, labels, who, seed=0)
     # the closed-form probe of the training participants' mean standardised features
@@ -268,6 +279,18 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     logits = fresh.head.head(means).detach().double().numpy()[:, 0]
     slope, offset = np.polyfit(expected, logits, 1)  # the same direction, rescaled to single windows
     assert slope > 0 and np.allclose(logits, slope * expected + offset, atol=1e-4)
+    # so at step 0 the head scores the held-out participants as `neurox probe` does, up to slope and offset
+    held_out = cohort.in_split("val") + cohort.in_split("test")
+    embeddings = participant_embeddings(fresh, Store(store), sorted(cohort.in_split("train")) + held_out)
+    train = sorted(cohort.in_split("train"))
+    probe_fit = fit_linear(np.stack([embeddings[p] for p in train]),
+                           np.array([float(cohort.values[p][0]) for p in train]), "binary", 0)
+    windows, outputs = window_outputs(fresh, store, cohort, held_out, 20, (48, 48, 48), env, 2)
+    subjects, head_scores = aggregate(windows, outputs)
+    probe_scores = linear_outputs(probe_fit, np.stack([embeddings[p] for p in subjects]))[:, 0]
+    slope, offset = np.polyfit(probe_scores, head_scores[:, 0], 1)
+    assert len(subjects) >= 3 and slope > 0
+    assert np.allclose(head_scores[:, 0], slope * probe_scores + offset, atol=1e-4)
 
 
 def test_fine_tuning_a_per_position_head(store, tmp_path):

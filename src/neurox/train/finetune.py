@@ -238,7 +238,10 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
     model = build_model(config, arch, targets).to(env.device)
     if model.head.standardize and not config.resume:
-        pooled, labels, who = training_features(model, store.root, cohort, length, grid, env, config)
+        # the probe that starts the head reads every window of every training participant, as `neurox
+        # probe` does: a mean over a few random windows holds too little of a slow effect (docs/training.md)
+        pooled, labels, who = training_features(model, store.root, cohort, length, grid, env, config,
+                                                every_window=config.head_init == "probe")
         model.head.calibrate(pooled.to(env.device))
         if config.head_init == "probe":
             initialise_head(model, targets, pooled, labels, who, config.seed)
@@ -287,15 +290,21 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
 @torch.no_grad()
 def training_features(model, store_root: Path, cohort: Cohort, length: int, grid, env, config,
-                      max_windows: int = 512) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Pooled backbone features, labels and participant ids of (up to ``max_windows``) training
-    windows, from every process's share. ``model`` may be wrapped for several processes: the features
-    are read at the input of its head during a full forward pass, so sharded parameters are gathered
-    as usual."""
-    items = training_items(cohort, length, config.seed, epoch=0)[:max_windows]
+                      max_windows: int = 512, every_window: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Pooled backbone features, labels and participant ids of (up to ``max_windows``) random training
+    windows, or with ``every_window`` of every non-overlapping window of every training participant,
+    from every process's share. ``model`` may be wrapped for several processes: the features are read
+    at the input of its head during a full forward pass, so sharded parameters are gathered as usual."""
+    if every_window:
+        items = evaluation_items(cohort, cohort.in_split("train"), length)
+        if env.is_main:
+            print(f"linear probe of the head: features of {len(items)} windows of "
+                  f"{len(cohort.in_split('train'))} training participants", flush=True)
+    else:
+        items = training_items(cohort, length, config.seed, epoch=0)[:max_windows]
     dataset = WindowDataset(store_root, cohort, items, length, grid)
     head = getattr(model, "module", model).head  # DDP keeps the model as .module; FSDP2 shards it in place
-    pooled, labels, who = [], [], []
+    pooled, labels, indices = [], [], []
     hook = head.register_forward_hook(lambda _, args, __: pooled.append(head.pooled(args[0]).float().cpu()))
     model.eval()
     try:
@@ -303,12 +312,16 @@ def training_features(model, store_root: Path, cohort: Cohort, length: int, grid
                                           config.batch_size, config.loader_workers):
             model(as_model_input(x, env.device))
             labels.append(y)
-            who += [dataset.participant(int(i)) for i in index]
+            indices += index.tolist()
     finally:
         hook.remove()
-    gathered = dist_utils.all_gather_objects((torch.cat(pooled), torch.cat(labels), who))
-    return (torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
-            [p for g in gathered for p in g[2]])
+    gathered = dist_utils.all_gather_objects((torch.cat(pooled), torch.cat(labels), indices))
+    features, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+    first = {}  # item -> its first row: the padding that evens out the processes' shares is dropped
+    for row, i in enumerate(i for g in gathered for i in g[2]):
+        first.setdefault(i, row)
+    rows = [first[i] for i in sorted(first)]
+    return features[rows], labels[rows], [dataset.participant(i) for i in sorted(first)]
 
 
 def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, labels: torch.Tensor,
@@ -327,8 +340,10 @@ def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, l
 
     head = model.head
     standardised = (pooled - head.feature_mean.cpu()) / head.feature_std.cpu()
-    participants = sorted(set(who))
-    members = {p: [i for i, q in enumerate(who) if q == p] for p in participants}
+    members: dict[str, list[int]] = {}
+    for row, p in enumerate(who):
+        members.setdefault(p, []).append(row)
+    participants = sorted(members)
     x = torch.stack([standardised[members[p]].mean(0) for p in participants]).double().numpy()
     y = torch.stack([labels[members[p][0]] for p in participants]).double().numpy()
     weight, bias = torch.zeros_like(head.head.weight), torch.zeros_like(head.head.bias)
