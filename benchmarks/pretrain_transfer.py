@@ -164,6 +164,8 @@ def main() -> None:
                    help="fine-tune on the half the backbones pretrained on (unlabelled) or on the half none saw")
     p.add_argument("--finetune_seeds", type=int, nargs="+", default=[0])
     p.add_argument("--finetune_epochs", type=int, default=4)
+    p.add_argument("--finetune_split", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the fine-tuning store's participants (neurox finetune --split_fractions)")
     p.add_argument("--finetune_lr", type=float, default=None, help="fine-tuning peak learning rate (default: --lr)")
     p.add_argument("--head_init", default="random", choices=("random", "probe"),
                    help="fine-tuning head start (neurox finetune --head_init; probe: LP-FT, validated at step 0)")
@@ -237,7 +239,8 @@ def main() -> None:
         jobs.add(f"finetune-{name}-ft{seed}", neurox(
             "finetune", "--store", str(stores[args.finetune_store]), "--target", args.target, "--out", str(run),
             "--epochs", str(args.finetune_epochs), "--seed", str(seed), "--n_boot", "200", "--head_init",
-            args.head_init, "--head_pool", args.head_pool, "--lr",
+            args.head_init, "--head_pool", args.head_pool, "--split_fractions",
+            "[" + ",".join(map(str, args.finetune_split)) + "]", "--lr",
             str(args.lr if args.finetune_lr is None else args.finetune_lr), *common,
             *(["--init", str(init), "--backbone_lr_scale", str(args.backbone_lr_scale)] if init else [])),
             after=after)

@@ -242,10 +242,12 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     assert not torch.allclose(head.eval()(features), head(features + 5.0))  # the fixed ones
 
     run = tmp_path / "run"
-    assert main(finetune_args(store, run, "--head_init", "probe", "--lr", "1e-3")) == 0
+    assert main(finetune_args(store, run, "--head_init", "probe", "--lr", "1e-3", "--val_every", "4")) == 0
     # the probe alone is validated at step 0, before any training step, and is a candidate for model/
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 0 and "val" in records[0] and "loss" not in records[0]
+    # then every 4 steps and at each epoch's end (6 steps an epoch: 6 training participants x 2 windows / 2)
+    assert [r["step"] for r in records if "val" in r] == [0, 4, 6, 8, 12]
     targets = [Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
     validated = [(r["step"], selection_score(targets, r["val"])) for r in records if "val" in r]
     best_step = next(step for step, score in validated if score == max(score for _, score in validated))
@@ -306,6 +308,7 @@ def test_fine_tuning_a_per_position_head(store, tmp_path):
     assert model.head.feature_count == 2 * model.num_features * x * y * z
     assert np.isfinite(json.loads((run / "metrics.json").read_text())["test"]["auroc"])
     assert main(finetune_args(store, tmp_path / "bad", "--head_pool", "max")) == 1
+    assert main(finetune_args(store, tmp_path / "bad", "--val_every", "-1")) == 1
 
 
 # --- processes: distributed parity and SIGTERM resume ----------------------------------------------

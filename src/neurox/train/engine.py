@@ -96,6 +96,7 @@ class LoopSettings:
     checkpoint_every: int
     max_steps: int | None = None
     backbone_lr_scale: float = 1.0  # of every parameter not in the head: a gentler step for pretrained weights
+    val_every: int = 0  # steps between validations besides each epoch's end; 0: at epoch ends only
 
 
 class SigtermFlag:
@@ -363,10 +364,13 @@ class Trainer:
                     bar.update(1)
                     loss_sum = 0.0
                     end_of_epoch = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-                    if end_of_epoch and self.evaluate_fn is not None:
+                    # a checkpoint follows every validation, so a resumed run knows the best score so far
+                    validated = self.evaluate_fn is not None and (
+                        end_of_epoch or bool(s.val_every and self.step % s.val_every == 0))
+                    if validated:
                         self.validate(on_best, epoch)
                     stop = dist_utils.all_reduce_flag(sigterm.raised)
-                    if end_of_epoch or stop or (s.checkpoint_every and self.step % s.checkpoint_every == 0):
+                    if end_of_epoch or validated or stop or (s.checkpoint_every and self.step % s.checkpoint_every == 0):
                         self.save_checkpoint()
                     if stop:
                         bar.close()

@@ -73,6 +73,7 @@ class FinetuneConfig:
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     checkpoint_every: int = 0  # steps; 0: at epoch ends (and on SIGTERM)
     max_steps: int | None = None
+    val_every: int = 0  # steps between validations besides each epoch's end (long epochs); 0: epoch ends only
     resume: bool = False
     device: str = "auto"
     n_boot: int = 1000
@@ -93,7 +94,7 @@ class FinetuneConfig:
     def settings(self) -> LoopSettings:
         return LoopSettings(self.epochs, self.batch_size, self.accumulation, self.lr, self.weight_decay,
                             self.warmup_fraction, self.clip_grad, self.precision, self.loader_workers, self.seed,
-                            self.checkpoint_every, self.max_steps, self.backbone_lr_scale)
+                            self.checkpoint_every, self.max_steps, self.backbone_lr_scale, self.val_every)
 
 
 # --- setting up --------------------------------------------------------------------------------
@@ -210,6 +211,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         raise ValueError(f"unknown --head_init {config.head_init!r}; choose random or probe")
     if config.head_pool not in HEAD_POOLS:
         raise ValueError(f"unknown --head_pool {config.head_pool!r}; choose one of {', '.join(HEAD_POOLS)}")
+    if config.val_every < 0:
+        raise ValueError(f"--val_every {config.val_every}: give a number of steps, or 0 for epoch ends only")
     if not config.backbone_lr_scale >= 0:
         raise ValueError(f"--backbone_lr_scale {config.backbone_lr_scale}: give a fraction of --lr, 0 or more")
     if config.freeze and config.backbone_lr_scale != 1.0:
