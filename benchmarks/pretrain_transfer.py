@@ -89,7 +89,7 @@ class Jobs:
 
 
 def curve(run: Path) -> list[tuple[int, float]]:
-    """(step, validation score) after each epoch: AUROC for groups, Pearson r for numbers; NaN epochs
+    """(step, validation score) at each validation: AUROC for groups, Pearson r for numbers; NaN ones
     (a validation split with one class) left out."""
     for key in ("auroc", "pearson_r"):
         points = [(step, round(float(v), 4)) for step, v in val_curve(run, key) if v is not None and np.isfinite(v)]
@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--finetune_split", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of the fine-tuning store's participants (neurox finetune --split_fractions)")
     p.add_argument("--finetune_lr", type=float, default=None, help="fine-tuning peak learning rate (default: --lr)")
+    p.add_argument("--val_every", type=int, default=0,
+                   help="fine-tuning: also validate every N steps within an epoch (neurox finetune --val_every)")
     p.add_argument("--head_init", default="random", choices=("random", "probe"),
                    help="fine-tuning head start (neurox finetune --head_init; probe: LP-FT, validated at step 0)")
     p.add_argument("--head_pool", default="mean", choices=("mean", "mean_std", "tokens"),
@@ -240,7 +242,7 @@ def main() -> None:
             "finetune", "--store", str(stores[args.finetune_store]), "--target", args.target, "--out", str(run),
             "--epochs", str(args.finetune_epochs), "--seed", str(seed), "--n_boot", "200", "--head_init",
             args.head_init, "--head_pool", args.head_pool, "--split_fractions",
-            "[" + ",".join(map(str, args.finetune_split)) + "]", "--lr",
+            "[" + ",".join(map(str, args.finetune_split)) + "]", "--val_every", str(args.val_every), "--lr",
             str(args.lr if args.finetune_lr is None else args.finetune_lr), *common,
             *(["--init", str(init), "--backbone_lr_scale", str(args.backbone_lr_scale)] if init else [])),
             after=after)

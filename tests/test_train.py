@@ -220,18 +220,17 @@ def test_linear_fit_with_more_features_than_rows_is_the_fit_on_all_features(task
 
 
 def test_fine_tuning_from_a_linear_probe(store, tmp_path):
-    """--head_init probe: the head starts as the closed-form probe of the standardised features; in
-    training it standardises with each batch's statistics, and the saved model's statistics are those
-    of its own (moved) backbone on the training windows."""
+    """--head_init probe: the head starts as the closed-form probe of the standardised features of every
+    window of every training participant, so at step 0 it scores held-out participants as `neurox probe`
+    does; in training it standardises with each batch's statistics, and the saved model's statistics are
+    those of its own (moved) backbone. --val_every validates within epochs too."""
     from neurox.analysis.baseline import fit_linear, linear_outputs
-    from neurox.data.loader import Target
+    from neurox.analysis.probe import participant_embeddings
+    from neurox.data.loader import Target, evaluation_items
     from neurox.hub import load_pretrained
     from neurox.models import SwiFT, build_head
     from neurox.train.distributed import detect
-    from neurox.analysis.probe import participant_embeddings
-    from neurox.data.loader import evaluation_items
-    from neurox.train.finetune import (FinetuneConfig, initialise_head, prepare_cohort, training_features,
-                                       window_outputs)
+    from neurox.train.finetune import FinetuneConfig, initialise_head, prepare_cohort, training_features, window_outputs
     from neurox.train.metrics import aggregate
     from neurox.train.objectives import selection_score
 

@@ -370,7 +370,8 @@ class Trainer:
                     if validated:
                         self.validate(on_best, epoch)
                     stop = dist_utils.all_reduce_flag(sigterm.raised)
-                    if end_of_epoch or validated or stop or (s.checkpoint_every and self.step % s.checkpoint_every == 0):
+                    periodic = bool(s.checkpoint_every and self.step % s.checkpoint_every == 0)
+                    if end_of_epoch or validated or stop or periodic:
                         self.save_checkpoint()
                     if stop:
                         bar.close()

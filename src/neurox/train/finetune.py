@@ -293,7 +293,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
 @torch.no_grad()
 def training_features(model, store_root: Path, cohort: Cohort, length: int, grid, env, config,
-                      max_windows: int = 512, every_window: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                      max_windows: int = 512, every_window: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Pooled backbone features, labels and participant ids of (up to ``max_windows``) random training
     windows, or with ``every_window`` of every non-overlapping window of every training participant,
     from every process's share. ``model`` may be wrapped for several processes: the features are read
