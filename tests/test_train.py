@@ -264,10 +264,10 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
 
     # the probe that starts the head reads every window of every training participant, as `neurox probe` does
     pooled, labels, who = training_features(model, store, cohort, 20, (48, 48, 48), env, config, every_window=True)
-    owner = {run: p for p, runs in cohort.runs.items() for run in runs}
-    assert who == [owner[run] for run, _ in evaluation_items(cohort, cohort.in_split("train"), 20)]
+    owner = {run_id: p for p, run_ids in cohort.runs.items() for run_id in run_ids}
+    assert who == [owner[run_id] for run_id, _ in evaluation_items(cohort, cohort.in_split("train"), 20)]
     fresh = SwiFT(model.config, build_head("binary", model.num_features, standardize=True)).eval()
-    fresh.load_state_dict(model.state_dict(), strict=False)
+    fresh.load_state_dict(model.state_dict())  # the same backbone, so that `neurox probe` below reads the same
     fresh.head.calibrate(pooled)
     initialise_head(fresh, cohort.targets, pooled, labels, who, seed=0)
     # the closed-form probe of the training participants' mean standardised features
