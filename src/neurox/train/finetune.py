@@ -177,13 +177,19 @@ def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[s
             out = model(as_model_input(x, env.device)).float().cpu()
         indices += index.tolist()
         outputs.append(out.numpy())
-    local = (indices, np.concatenate(outputs) if outputs else np.zeros((0, 1)))
-    seen: dict[int, np.ndarray] = {}
-    for rank_indices, rank_outputs in dist_utils.all_gather_objects(local):
-        for i, out in zip(rank_indices, rank_outputs):
-            seen.setdefault(i, out)  # padding duplicates dropped
-    order = sorted(seen)
-    return [dataset.participant(i) for i in order], np.stack([seen[i] for i in order])
+    gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None))
+    order, rows = first_rows([i for g in gathered for i in g[0]])
+    return [dataset.participant(i) for i in order], np.concatenate([g[1] for g in gathered if g[0]])[rows]
+
+
+def first_rows(indices: list[int]) -> tuple[list[int], list[int]]:
+    """The items of the processes' gathered shares in order, and each one's first row: the padding
+    that evens out the shares repeats items, which count once."""
+    first: dict[int, int] = {}
+    for row, i in enumerate(indices):
+        first.setdefault(i, row)
+    order = sorted(first)
+    return order, [first[i] for i in order]
 
 
 def split_metrics(model, store_root, cohort, targets, split, length, grid, env,
@@ -321,11 +327,8 @@ def training_features(model, store_root: Path, cohort: Cohort, length: int, grid
         hook.remove()
     gathered = dist_utils.all_gather_objects((torch.cat(pooled), torch.cat(labels), indices))
     features, labels = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
-    first = {}  # item -> its first row: the padding that evens out the processes' shares is dropped
-    for row, i in enumerate(i for g in gathered for i in g[2]):
-        first.setdefault(i, row)
-    rows = [first[i] for i in sorted(first)]
-    return features[rows], labels[rows], [dataset.participant(i) for i in sorted(first)]
+    order, rows = first_rows([i for g in gathered for i in g[2]])
+    return features[rows], labels[rows], [dataset.participant(i) for i in order]
 
 
 def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, labels: torch.Tensor,
