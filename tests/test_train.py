@@ -230,9 +230,10 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     from neurox.hub import load_pretrained
     from neurox.models import SwiFT, build_head
     from neurox.train.distributed import detect
-    from neurox.train.finetune import FinetuneConfig, initialise_head, prepare_cohort, training_features, window_outputs
+    from neurox.train.finetune import FinetuneConfig, initialise_head, prepare_cohort, training_features
     from neurox.train.metrics import aggregate
     from neurox.train.objectives import selection_score
+    from neurox.train.runs import window_outputs
 
     head = build_head("binary", 8, standardize=True)
     head.batch_statistics = True

@@ -428,7 +428,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from neurox.io.atomic import write_text_atomic
-    from neurox.train.finetune import evaluate
+    from neurox.train.runs import evaluate
 
     results = {"model": evaluate(args.run, args.store, args.batch_size)}
     if args.baseline:
@@ -443,7 +443,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from neurox.train.finetune import predict
+    from neurox.train.runs import predict
 
     out = predict(args.run, args.store, args.out, args.batch_size)
     print(f"wrote {out}")

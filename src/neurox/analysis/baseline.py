@@ -126,12 +126,12 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
                                                              {p: cohort.labels(p) for p in members}, config.n_boot)
         results[split] = metrics
-        from neurox.train.finetune import prediction_rows
+        from neurox.train.runs import prediction_rows
 
         rows += prediction_rows(targets, cohort.values, split, subjects, subject_outputs)
 
     from neurox.train.engine import write_json
-    from neurox.train.finetune import write_predictions
+    from neurox.train.runs import write_predictions
 
     def save_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -156,9 +156,9 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     stored = np.load(run_dir / MODEL_FILE)
     params = [{k: stored[f"{t.column}.{k}"] for k in ("mean", "scale", "coef", "intercept")} for t in targets]
     store = Store(store_path)
-    from neurox.train.finetune import _cohort_with
+    from neurox.train.runs import cohort_with
 
-    cohort, _ = _cohort_with(store, targets, splits)
+    cohort, _ = cohort_with(store, targets, splits)
     features, labels = _features(store, config["atlas"], cohort.participants, config["kind"], progress=False)
     if list(stored["atlas_labels"]) != labels:
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")

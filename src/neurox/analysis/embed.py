@@ -155,7 +155,7 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
     """Write ``out`` (one row per participant), ``<out stem>_windows<suffix>`` (one row per window)
     and ``<out stem>_pca.png``; return their paths."""
     from neurox.train.distributed import detect
-    from neurox.train.finetune import check_fits_store
+    from neurox.train.runs import check_fits_store
 
     out = Path(out)
     if out.suffix not in (".tsv", ".parquet"):

@@ -278,7 +278,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
 
     from neurox.hub import load_pretrained
     from neurox.train.distributed import detect
-    from neurox.train.finetune import check_fits_store, load_run
+    from neurox.train.runs import check_fits_store, load_run
 
     options = options or ExplainOptions()
     _captum()

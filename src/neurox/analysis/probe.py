@@ -51,7 +51,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.train.distributed import detect
-    from neurox.train.finetune import check_fits_store
+    from neurox.train.runs import check_fits_store
 
     model, _ = load_model(model_path)
     stages = model.config.num_stages

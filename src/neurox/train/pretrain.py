@@ -259,7 +259,7 @@ def _pretrain(config: PretrainConfig, env: dist_utils.Env) -> Path:
         arch = SwiFTConfig.from_dict(read_config(config.init)["model"])
     else:
         arch = preset(config.preset)
-    from neurox.train.finetune import check_fits_store
+    from neurox.train.runs import check_fits_store
 
     for store in stores:
         check_fits_store(arch, store)
@@ -316,12 +316,12 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     if not env.is_main:
         return
     from neurox.hub import save_pretrained
-    from neurox.train.finetune import _store_tr
+    from neurox.train.runs import store_tr
 
     backbone = SwiFT(arch)
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
     info = stores[0].info
-    contract = InputContract.for_model(arch, tr=_store_tr(stores[0]), normalization=info["normalization"])
+    contract = InputContract.for_model(arch, tr=store_tr(stores[0]), normalization=info["normalization"])
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     decoder = (f"decoder of {config.decoder_depth} transformer layers and a linear map" if config.decoder_depth
                else "linear decoder")

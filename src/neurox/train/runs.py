@@ -1,0 +1,205 @@
+"""A trained run read back, and the inference every command shares: the outputs of every window
+of a store's participants (gathered from every process), subject-level metrics per split, and
+``neurox evaluate`` and ``neurox predict``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from neurox.config import SwiFTConfig
+from neurox.data.loader import (
+    Cohort,
+    Target,
+    ThreadedLoader,
+    WindowDataset,
+    as_model_input,
+    evaluation_items,
+    load_splits,
+    prepared_runs,
+)
+from neurox.data.store import Store, write_tsv
+from neurox.train import distributed as dist_utils
+from neurox.train.engine import PRECISIONS, sharded_indices
+from neurox.train.objectives import subject_metrics
+
+
+def check_fits_store(arch: SwiFTConfig, store: Store) -> None:
+    """Refuse, in one line naming the store, a model whose grid or channels the store does not hold."""
+    grid = tuple(store.info["grid"])
+    if tuple(arch.img_size[:3]) != grid:
+        raise ValueError(f"the model takes a {arch.img_size[:3]} grid but the store {store.root} holds {grid}; "
+                         "prepare the data with --like MODEL_DIR (or --voxel_size), or choose a matching preset")
+    if arch.in_chans != store.info.get("channels", 1):
+        raise ValueError(f"the model takes {arch.in_chans} channels, the store has {store.info.get('channels', 1)}")
+
+
+@torch.no_grad()
+def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[str], length: int, grid,
+                   env: dist_utils.Env, batch_size: int, precision: str = "fp32", workers: int = 2):
+    """Outputs of every non-overlapping window of the participants' runs, gathered from every
+    process and computed once; returns (participant per window, outputs (windows, k))."""
+    items = evaluation_items(cohort, participants, length)
+    if not items:
+        return [], np.zeros((0, 1))
+    dataset = WindowDataset(store_root, cohort, items, length, grid)
+    mine = sharded_indices(len(items), env.world_size, env.rank)
+    loader = ThreadedLoader(dataset, mine, batch_size, workers)
+    autocast = torch.autocast(env.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    model.eval()
+    indices, outputs = [], []
+    for x, _, index in loader:
+        with autocast:
+            out = model(as_model_input(x, env.device)).float().cpu()
+        indices += index.tolist()
+        outputs.append(out.numpy())
+    gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None))
+    order, rows = first_rows([i for g in gathered for i in g[0]])
+    return [dataset.participant(i) for i in order], np.concatenate([g[1] for g in gathered if g[0]])[rows]
+
+
+def first_rows(indices: list[int]) -> tuple[list[int], list[int]]:
+    """The items of the processes' gathered shares in order, and each one's first row: the padding
+    that evens out the shares repeats items, which count once."""
+    first: dict[int, int] = {}
+    for row, i in enumerate(indices):
+        first.setdefault(i, row)
+    order = sorted(first)
+    return order, [first[i] for i in order]
+
+
+def split_metrics(model, store_root, cohort, targets, split, length, grid, env, batch_size: int,
+                  precision: str = "fp32", n_boot: int = 1000) -> tuple[dict, list, np.ndarray]:
+    """Subject-level metrics of one split, and each participant's mean output."""
+    participants = cohort.in_split(split)
+    who, outputs = window_outputs(model, store_root, cohort, participants, length, grid, env, batch_size, precision)
+    labels = {p: cohort.labels(p) for p in participants}
+    return subject_metrics(targets, who, outputs, labels, n_boot)
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "model" / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a finished neurox run (no model/); train it with neurox finetune")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+    return config, targets, load_splits(run_dir / "splits.tsv")
+
+
+def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000) -> dict:
+    """Subject-level metrics of a run's model on a store, per split (participants the run never
+    saw form the split ``external``)."""
+    from neurox.hub import load_pretrained
+
+    run_dir = Path(run_dir)
+    config, targets, splits = load_run(run_dir)
+    store = Store(store_path)
+    model = load_pretrained(run_dir / "model")
+    check_fits_store(model.config, store)
+    cohort, _ = cohort_with(store, targets, splits)
+    env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
+    model.to(env.device)
+    results = {}
+    for split in ("train", "val", "test", "external"):
+        if cohort.in_split(split):
+            results[split], _, _ = split_metrics(model, store.root, cohort, targets, split, model.config.img_size[3],
+                                                 model.config.img_size[:3], env, batch_size, n_boot=n_boot)
+    return results
+
+
+def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_size: int = 4) -> Path:
+    """One row per participant of the store: the model's output and prediction per target."""
+    from neurox.hub import load_pretrained
+
+    run_dir = Path(run_dir)
+    _, targets, splits = load_run(run_dir)
+    store = Store(store_path)
+    model = load_pretrained(run_dir / "model")
+    check_fits_store(model.config, store)
+    cohort, truth = cohort_with(store, targets, splits, require_values=False)
+    env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
+    model.to(env.device)
+    who, outputs = window_outputs(model, store.root, cohort, cohort.participants, model.config.img_size[3],
+                                  model.config.img_size[:3], env, batch_size)
+    from neurox.train.metrics import aggregate
+
+    subjects, subject_outputs = aggregate(who, outputs)
+    rows = []
+    for split in ("train", "val", "test", "external"):
+        members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
+        rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
+    write_predictions(Path(out), targets, rows)
+    return Path(out)
+
+
+def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outputs) -> list[dict]:
+    """One row per participant: output (logit, or the value in the target's units), prediction, and
+    the true value where known."""
+    rows = []
+    for p, out in zip(subjects, outputs):
+        row = {"participant_id": p, "split": split}
+        known = truth.get(p)
+        if targets[0].task == "multiclass":
+            row[f"{targets[0].column}_predicted"] = targets[0].decode(out[None])[0]
+            row[f"{targets[0].column}_true"] = known[0] if known else ""
+            rows.append(row)
+            continue
+        for i, t in enumerate(targets):
+            value = float(out[i]) * t.std + t.mean if t.task == "regression" else float(out[i])
+            row[f"{t.column}_output"] = round(value, 6)
+            row[f"{t.column}_predicted"] = t.decode(out[None, i : i + 1])[0]
+            row[f"{t.column}_true"] = known[i] if known else ""
+        rows.append(row)
+    return rows
+
+
+def write_predictions(path: Path, targets, rows) -> None:
+    columns = ["participant_id", "split"]
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    write_tsv(path, rows, columns)
+
+
+def cohort_with(store: Store, targets: list[Target], splits: dict[str, str],
+                 require_values: bool = True) -> tuple[Cohort, dict[str, list[str]]]:
+    """The store's participants under a run's fixed target encoding and split, and the true values
+    where known. Without ``require_values``, participants lacking a value are kept (for prediction)."""
+    runs, n_frames = prepared_runs(store)
+    table = {row["participant_id"]: row for row in store.phenotypes()}
+    values, truth, left_out = {}, {}, 0
+    for pid in sorted(runs):
+        raw = [str(table.get(pid, {}).get(t.column, "")).strip() for t in targets]
+        usable = all(usable_value(t, v) for t, v in zip(targets, raw))
+        if usable:
+            truth[pid] = raw
+        elif require_values:
+            left_out += 1
+            continue
+        # encoded labels are needed for every window; unknown ones get a placeholder never scored
+        values[pid] = raw if usable else [t.classes[0] if t.classes else str(t.mean) for t in targets]
+    cohort = Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out)
+    cohort.split = {p: splits.get(p, "external") for p in values}
+    return cohort, truth
+
+
+def usable_value(target: Target, value: str) -> bool:
+    if value in ("", "n/a", "NA", "nan"):
+        return False
+    if target.task == "regression":
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return value in target.classes
+
+
+def store_tr(store: Store) -> float | None:
+    """The store's repetition time when every run shares one, else None."""
+    trs = {row["tr"] for row in store.manifest if row.get("tr")}
+    return float(trs.pop()) if len(trs) == 1 else None
