@@ -13,7 +13,14 @@ def __getattr__(name):
         from neurox.models import SwiFT
 
         return SwiFT
+    if name in _COMMANDS:  # the commands, as functions: neurox.prepare(...), neurox.finetune(...)
+        from neurox import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'neurox' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_pretrained", "save_pretrained", "SwiFT"]
+_COMMANDS = ("synth", "prepare", "finetune", "pretrain", "evaluate", "predict", "baseline", "connectivity",
+             "explain", "embed", "probe", "demo", "convert_swift")
+
+__all__ = ["__version__", "load_pretrained", "save_pretrained", "SwiFT", *_COMMANDS]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
 from jsonargparse import ArgumentParser
+
+from neurox import api
 
 
 def _convert_swift_parser() -> ArgumentParser:
@@ -320,11 +323,10 @@ def build_parser() -> ArgumentParser:
 
 
 def cmd_convert_swift(args) -> int:
-    from neurox.models.convert import HPARAM_FIELDS, convert_swift
+    from neurox.models.convert import HPARAM_FIELDS
 
-    fields = set(HPARAM_FIELDS.values())
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    out = convert_swift(args.checkpoint, args.out_dir, overrides=overrides, task=args.task)
+    architecture = {k: args[k] for k in HPARAM_FIELDS.values() if args.get(k) is not None}
+    out = api.convert_swift(args.checkpoint, args.out_dir, task=args.task, **architecture)
     print(f"wrote {out} (load it with neurox.load_pretrained('{out}'))")
     return 0
 
@@ -364,52 +366,37 @@ def cmd_smoke(args) -> int:
     return 0
 
 
-def cmd_synth(args) -> int:
-    from neurox.data.synthetic import SynthOptions, synthesize
+def keywords(function, args) -> dict:
+    """The parsed options that ``function`` (one of ``neurox.api``) takes, by name."""
+    return {name: args[name] for name in inspect.signature(function).parameters if name in args}
 
-    options = SynthOptions(n_subjects=args.n_subjects, n_runs=args.n_runs, n_frames=args.n_frames, tr=args.tr,
-                           voxel_size_mm=args.voxel_size, effect_size=args.effect_size, noise=args.noise,
-                           motion_spikes=args.motion_spikes, n_parcels=args.n_parcels, seed=args.seed)
-    out = synthesize(args.out, options, progress=not args.quiet, workers=args.workers)
+
+def config_options(cls, args) -> dict:
+    """The parsed options that a config dataclass holds (for the commands configured by YAML too)."""
+    import dataclasses
+
+    return {f.name: args[f.name] for f in dataclasses.fields(cls) if f.name in args}
+
+
+def cmd_synth(args) -> int:
+    out = api.synth(**keywords(api.synth, args))
     print(f"wrote {out} ({args.n_subjects} subjects; ground truth in {out / 'ground_truth'})")
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from neurox.data.prepare import options_from_model, parse_shard, prepare
-    from neurox.data.preprocess import PrepareOptions, TargetGrid
-
-    if args.like:
-        options = options_from_model(args.like, resample=args.resample or None, tr=args.tr)
-    else:
-        options = PrepareOptions(grid=TargetGrid.default(args.voxel_size, args.grid),
-                                 normalization=args.normalization, resample=args.resample,
-                                 min_frames=args.min_frames, tr=args.tr)
-    report = prepare(args.input, args.out, options, participants=args.participants, workers=args.workers,
-                     shard=parse_shard(args.shard), fmt=args.format, progress=not args.quiet)
+    report = api.prepare(**keywords(api.prepare, args))
     print(f"{report.store}: {len(report.done)} prepared, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed" + (f" (see {report.store / 'failures.tsv'})" if report.failed else ""))
     return 0 if report.ok else 3
 
 
-def config_from_args(cls, args):
-    """A config dataclass from parsed arguments (jsonargparse gives tuples back as lists)."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    if values.get("split_fractions") is not None:
-        values["split_fractions"] = tuple(values["split_fractions"])
-    return cls(**values)
-
-
 def cmd_finetune(args) -> int:
-    from neurox.train.finetune import FinetuneConfig, finetune
-
-    run_dir = finetune(config_from_args(FinetuneConfig, args))
-    metrics = run_dir / "metrics.json"
     from neurox.train.distributed import detect
+    from neurox.train.finetune import FinetuneConfig
 
+    run_dir = api.finetune(**config_options(FinetuneConfig, args))
+    metrics = run_dir / "metrics.json"
     if metrics.is_file() and detect("cpu").is_main:
         print_metrics(json.loads(metrics.read_text()), title=f"{run_dir}")
     return 0
@@ -417,36 +404,22 @@ def cmd_finetune(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from neurox.train.distributed import detect
-    from neurox.train.pretrain import PretrainConfig, pretrain
+    from neurox.train.pretrain import PretrainConfig
 
-    config = config_from_args(PretrainConfig, args)
-    run_dir = pretrain(config)
+    run_dir = api.pretrain(**config_options(PretrainConfig, args))
     if detect("cpu").is_main and (run_dir / "model" / "config.json").is_file():
         print(f"wrote {run_dir / 'model'} (fine-tune it with neurox finetune --init {run_dir / 'model'})")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from neurox.io.atomic import write_text_atomic
-    from neurox.train.runs import evaluate
-
-    results = {"model": evaluate(args.run, args.store, args.batch_size)}
-    if args.baseline:
-        from neurox.analysis.baseline import evaluate_baseline
-
-        results["fc_baseline"] = evaluate_baseline(args.baseline, args.store)
-    for name, splits in results.items():
+    for name, splits in api.evaluate(**keywords(api.evaluate, args)).items():
         print_metrics(splits, title=name)
-    if args.out:
-        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from neurox.train.runs import predict
-
-    out = predict(args.run, args.store, args.out, args.batch_size)
-    print(f"wrote {out}")
+    print(f"wrote {api.predict(**keywords(api.predict, args))}")
     return 0
 
 
@@ -460,30 +433,21 @@ def print_metrics(splits: dict, title: str) -> None:
 
 
 def cmd_baseline(args) -> int:
-    from neurox.analysis.baseline import BaselineConfig, baseline
+    from neurox.analysis.baseline import BaselineConfig
 
-    out = baseline(config_from_args(BaselineConfig, args))
+    out = api.baseline(**config_options(BaselineConfig, args))
     print_metrics(json.loads((out / "metrics.json").read_text()), title=f"{out} (FC baseline)")
     return 0
 
 
 def cmd_connectivity(args) -> int:
-    from neurox.analysis.connectivity import connectivity
-
-    out = connectivity(args.store, args.atlas, args.out, kind=args.kind, participants=args.participants,
-                       group_by=args.group_by, names_tsv=args.names, progress=not args.quiet)
+    out = api.connectivity(**keywords(api.connectivity, args))
     print(f"wrote {out / 'connectivity.npz'}, {out / 'parcel_series.npz'} and {out / 'group_mean.png'}")
     return 0
 
 
 def cmd_explain(args) -> int:
-    from neurox.analysis.explain import ExplainOptions, explain
-
-    options = ExplainOptions(target=args.target, class_value=args.class_value, n_steps=args.n_steps,
-                             noise_samples=args.noise_samples, noise_std=args.noise_std, baseline=args.baseline,
-                             reduce=args.reduce, batch_size=args.batch_size, smooth_fwhm=args.smooth_fwhm)
-    out = explain(args.run, args.store, args.out, options, subjects=args.subject, split=args.split, where=args.where,
-                  group_by=args.group_by, quantiles=args.quantiles, device=args.device, progress=not args.quiet)
+    out = api.explain(**keywords(api.explain, args))
     summary = json.loads((out / "explain.json").read_text())
     print(f"wrote maps of {len(summary['participants'])} participant(s) and {len(summary['groups'])} group(s) "
           f"to {out}" + (f"; {len(summary['failed'])} failed" if summary["failed"] else ""))
@@ -491,30 +455,19 @@ def cmd_explain(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from neurox.analysis.embed import embed
-
-    paths = embed(args.model, args.store, args.out, color_by=args.color_by, batch_size=args.batch_size,
-                  device=args.device, progress=not args.quiet)
+    paths = api.embed(**keywords(api.embed, args))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def cmd_probe(args) -> int:
-    from neurox.analysis.probe import probe
-
-    results = probe(args.model, args.store, args.target, out=args.out, split_from=args.split_from, seed=args.seed,
-                    pool=args.pool, batch_size=args.batch_size, device=args.device, stage=args.stage)
+    results = api.probe(**keywords(api.probe, args))
     print_metrics(results, title=f"linear probe of {args.model}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from neurox.demo import run_demo
-
-    report = run_demo(args.out, n_subjects=args.n_subjects, n_frames=args.n_frames, epochs=args.epochs,
-                      seed=args.seed, normalization=args.normalization, batch_size=args.batch_size, lr=args.lr,
-                      workers=args.workers, head_init=args.head_init)
-    print(report.read_text())
+    print(api.demo(**keywords(api.demo, args)).read_text())
     return 0
 
 

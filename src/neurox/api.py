@@ -1,0 +1,177 @@
+"""The Python face of the ``neurox`` command: one function per command, taking the command's options
+as keyword arguments of the same names and defaults (``neurox prepare IN --out S --voxel_size 4`` is
+``neurox.prepare(IN, out=S, voxel_size=4)``). The command line calls these functions, so the two
+cannot drift apart; a test checks that every default agrees with the command's.
+
+Each returns what the command writes (a path, a report) or reports (metrics), instead of printing it.
+Imports are local so that ``import neurox`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def synth(out: str | Path, n_subjects: int = 40, n_runs: int = 1, n_frames: int = 120, tr: float = 0.8,
+          voxel_size: float = 2.0, effect_size: float = 1.0, noise: float = 1.0, motion_spikes: bool = True,
+          n_parcels: int = 40, seed: int = 0, workers: int = 1, quiet: bool = False) -> Path:
+    """Write a synthetic cohort with planted effects and their ground truth; returns its folder."""
+    from neurox.data.synthetic import SynthOptions, synthesize
+
+    options = SynthOptions(n_subjects=n_subjects, n_runs=n_runs, n_frames=n_frames, tr=tr, voxel_size_mm=voxel_size,
+                           effect_size=effect_size, noise=noise, motion_spikes=motion_spikes, n_parcels=n_parcels,
+                           seed=seed)
+    return synthesize(out, options, progress=not quiet, workers=workers)
+
+
+def prepare(input: str | Path, out: str | Path, participants: str | Path | None = None,
+            like: str | Path | None = None, voxel_size: float = 2.0, grid: list[int] | None = None,
+            normalization: str = "global_zscore", resample: bool = False, min_frames: int = 20,
+            tr: float | None = None, workers: int = 1, shard: str = "0/1", format: str = "zarr",
+            quiet: bool = False):
+    """Preprocess fMRI runs into a store; returns the report (``.done``, ``.skipped``, ``.failed``,
+    ``.ok``, ``.store``). A bad run is listed in ``failures.tsv`` and the rest go on."""
+    from neurox.data.prepare import options_from_model, parse_shard
+    from neurox.data.prepare import prepare as prepare_store
+    from neurox.data.preprocess import PrepareOptions, TargetGrid
+
+    if like:
+        options = options_from_model(like, resample=resample or None, tr=tr)
+    else:
+        options = PrepareOptions(grid=TargetGrid.default(voxel_size, grid), normalization=normalization,
+                                 resample=resample, min_frames=min_frames, tr=tr)
+    return prepare_store(input, out, options, participants=participants, workers=workers, shard=parse_shard(shard),
+                         fmt=format, progress=not quiet)
+
+
+def finetune(**options: Any) -> Path:
+    """Train on a store's phenotypes (the options of ``neurox finetune``, e.g. ``store=``, ``target=``,
+    ``out=``, ``init=``); returns the run directory."""
+    from neurox.train.finetune import FinetuneConfig
+    from neurox.train.finetune import finetune as run
+
+    return run(FinetuneConfig(**_tuples(options)))
+
+
+def pretrain(**options: Any) -> Path:
+    """Self-supervised pretraining (the options of ``neurox pretrain``; ``store=`` a list of stores);
+    returns the run directory, whose ``model/`` ``finetune(init=...)`` takes."""
+    from neurox.train.pretrain import PretrainConfig
+    from neurox.train.pretrain import pretrain as run
+
+    if isinstance(options.get("store"), (str, Path)):  # one store
+        options["store"] = [str(options["store"])]
+    return run(PretrainConfig(**_tuples(options)))
+
+
+def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = None, batch_size: int = 4,
+             out: str | Path | None = None) -> dict:
+    """Subject-level metrics with 95% intervals per split: ``{"model": {split: metrics}}``, and
+    ``"fc_baseline"`` beside it when a baseline run is given; written as JSON to ``out`` when given."""
+    import json
+
+    from neurox.io.atomic import write_text_atomic
+    from neurox.train.runs import evaluate as evaluate_run
+
+    results = {"model": evaluate_run(run, store, batch_size)}
+    if baseline:
+        from neurox.analysis.baseline import evaluate_baseline
+
+        results["fc_baseline"] = evaluate_baseline(baseline, store)
+    if out:
+        write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def predict(run: str | Path, store: str | Path, out: str | Path, batch_size: int = 4) -> Path:
+    """One row per participant of the store (output and prediction per target) written to ``out``."""
+    from neurox.train.runs import predict as predict_run
+
+    return predict_run(run, store, out, batch_size)
+
+
+def baseline(**options: Any) -> Path:
+    """The FC + linear baseline (the options of ``neurox baseline``); returns its run directory."""
+    from neurox.analysis.baseline import BaselineConfig
+    from neurox.analysis.baseline import baseline as run
+
+    return run(BaselineConfig(**options))
+
+
+def connectivity(store: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",
+                 names: str | Path | None = None, participants: list[str] | None = None,
+                 group_by: str | None = None, quiet: bool = False) -> Path:
+    """Parcel series and a connectivity matrix per participant, written to the folder ``out``."""
+    from neurox.analysis.connectivity import connectivity as run
+
+    return run(store, atlas, out, kind=kind, participants=participants, group_by=group_by, names_tsv=names,
+               progress=not quiet)
+
+
+def explain(run: str | Path, store: str | Path, out: str | Path, subject: list[str] | None = None,
+            split: str | None = None, where: str | None = None, group_by: str | None = None, quantiles: int = 4,
+            target: str | None = None, class_value: str | None = None, n_steps: int = 16, noise_samples: int = 0,
+            noise_std: float = 0.1, baseline: str = "zero", reduce: str = "abs", smooth_fwhm: float = 6.0,
+            batch_size: int = 2, device: str = "auto", quiet: bool = False) -> Path:
+    """Attribution maps (NIfTI and PNG) of a trained run for participants and groups, in ``out``."""
+    from neurox.analysis.explain import ExplainOptions
+    from neurox.analysis.explain import explain as run_explain
+
+    options = ExplainOptions(target=target, class_value=class_value, n_steps=n_steps, noise_samples=noise_samples,
+                             noise_std=noise_std, baseline=baseline, reduce=reduce, batch_size=batch_size,
+                             smooth_fwhm=smooth_fwhm)
+    return run_explain(run, store, out, options, subjects=subject, split=split, where=where, group_by=group_by,
+                       quantiles=quantiles, device=device, progress=not quiet)
+
+
+def embed(model: str | Path, store: str | Path, out: str | Path, color_by: str | None = None, batch_size: int = 4,
+          device: str = "auto", quiet: bool = False) -> dict[str, Path]:
+    """Participant and window embeddings and a PCA plot; returns their paths."""
+    from neurox.analysis.embed import embed as run
+
+    return run(model, store, out, color_by=color_by, batch_size=batch_size, device=device, progress=not quiet)
+
+
+def probe(model: str | Path, store: str | Path, target: str, out: str | Path | None = None,
+          split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", stage: int | None = None,
+          batch_size: int = 4, device: str = "auto") -> dict:
+    """A closed-form linear probe of a frozen model: metrics per split."""
+    from neurox.analysis.probe import probe as run
+
+    return run(model, store, target, out=out, split_from=split_from, seed=seed, pool=pool, batch_size=batch_size,
+               device=device, stage=stage)
+
+
+def demo(out: str | Path = "neurox-demo", n_subjects: int = 96, n_frames: int = 200, epochs: int = 3, seed: int = 0,
+         normalization: str = "voxel_center", batch_size: int = 16, lr: float = 1e-4, workers: int = 2,
+         head_init: str = "probe") -> Path:
+    """synth -> prepare -> finetune + FC baseline -> evaluate on a synthetic cohort; returns the report."""
+    from neurox.demo import run_demo
+
+    return run_demo(out, n_subjects=n_subjects, n_frames=n_frames, epochs=epochs, seed=seed,
+                    normalization=normalization, batch_size=batch_size, lr=lr, workers=workers, head_init=head_init)
+
+
+def convert_swift(checkpoint: str | Path, out_dir: str | Path, task: str | None = None, **architecture: Any) -> Path:
+    """A published SwiFT checkpoint as a model directory; ``architecture`` sets or overrides
+    hyper-parameters the checkpoint lacks (``img_size=[96, 96, 96, 20]``, ``depths=[2, 2, 6, 2]``, ...)."""
+    from neurox.models.convert import HPARAM_FIELDS
+    from neurox.models.convert import convert_swift as convert
+
+    unknown = sorted(set(architecture) - set(HPARAM_FIELDS.values()))
+    if unknown:
+        raise ValueError(f"unknown architecture setting(s) {', '.join(unknown)}; "
+                         f"choose among {', '.join(HPARAM_FIELDS.values())}")
+    return convert(checkpoint, out_dir, overrides={k: v for k, v in architecture.items() if v is not None},
+                   task=task)
+
+
+COMMANDS = {"synth": synth, "prepare": prepare, "finetune": finetune, "pretrain": pretrain, "evaluate": evaluate,
+            "predict": predict, "baseline": baseline, "connectivity": connectivity, "explain": explain,
+            "embed": embed, "probe": probe, "demo": demo, "convert-swift": convert_swift}
+
+
+def _tuples(options: dict) -> dict:
+    # YAML and the command line give sequences back as lists; the configs hold tuples
+    return {k: tuple(v) if isinstance(v, list) and k == "split_fractions" else v for k, v in options.items()}
