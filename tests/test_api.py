@@ -49,7 +49,7 @@ def test_top_level_names_are_the_api():
         neurox.nope  # noqa: B018
 
 
-def test_python_api_runs_prepare_finetune_evaluate_predict(tmp_path: Path):
+def test_python_api_runs_prepare_finetune_evaluate_predict(tmp_path: Path, capsys):
     root = tmp_path / "cohort"
     rows = ["participant_id\tgroup"]
     for i in range(8):
@@ -67,6 +67,9 @@ def test_python_api_runs_prepare_finetune_evaluate_predict(tmp_path: Path):
     run = neurox.finetune(store=str(tmp_path / "store"), target="group", out=str(tmp_path / "run"), epochs=1,
                           batch_size=2, n_boot=20, loader_workers=0, split_fractions=[0.5, 0.25, 0.25])
     assert (run / "model" / "config.json").is_file()
+    log = capsys.readouterr().err  # a batch job's log: whole lines, each validation with its intervals
+    assert "\r" not in log and "train: 0/" in log and "(done)" in log
+    assert "step 2: validation accuracy " in log and "auroc " in log and "n 2" in log
     results = neurox.evaluate(run, tmp_path / "store", out=tmp_path / "metrics.json")
     assert results["model"]["test"]["n_subjects"] == 2
     assert json.loads((tmp_path / "metrics.json").read_text()) == results

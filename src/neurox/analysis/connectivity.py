@@ -90,12 +90,12 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
     A run that cannot be read is reported on one line and left out; the others go on."""
     import sys
 
-    from tqdm import tqdm
+    from neurox.progress import progress as progress_display
 
     atlas, labels = store_atlas(store, atlas_path)
     runs, _ = prepared_runs(store, participants)
     matrices = {}
-    for p in tqdm(sorted(runs), desc="connectivity", unit="participant", disable=not progress):
+    for p in progress_display(sorted(runs), desc="connectivity", unit="participant", disable=not progress):
         per_run = []
         for run_id in runs[p]:
             try:

@@ -44,14 +44,15 @@ def window_embeddings(model, store: Store, run_ids: list[str], batch_size: int =
     averaged over space and time (windows, C), with ``over_time`` over space only (windows, C, T), with
     ``per_position`` not averaged at all (windows, C, positions, T), the positions in x, y, z order.
     ``stage`` (1-based, default the last): the output of that stage instead, before its patch merging."""
-    from tqdm import tqdm
+    from neurox.progress import progress as progress_display
 
     length, grid = model.config.img_size[3], model.config.img_size[:3]
     device = next(model.parameters()).device
     windows = run_windows(store, run_ids, length)
     out = []
     batches = window_batches(store, windows, length, grid, batch_size, device)
-    for _, x in tqdm(batches, total=-(-len(windows) // batch_size), desc="embed", unit="batch", disable=not progress):
+    for _, x in progress_display(batches, total=-(-len(windows) // batch_size), desc="embed", unit="batch",
+                                 disable=not progress):
         features = model.forward_features(x, stages=stage).float()  # (B, C, X', Y', Z', T')
         if per_position:
             out.append(features.flatten(2, 4).cpu().numpy())

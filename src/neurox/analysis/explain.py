@@ -274,9 +274,9 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
             subjects: list[str] | None = None, split: str | None = None, where: str | None = None,
             group_by: str | None = None, quantiles: int = 4, device: str = "auto", progress: bool = True) -> Path:
     import nibabel as nib
-    from tqdm import tqdm
 
     from neurox.hub import load_pretrained
+    from neurox.progress import progress as progress_display
     from neurox.train.distributed import detect
     from neurox.train.runs import check_fits_store, load_run
 
@@ -300,7 +300,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     n_windows = sum(len(run_windows(store, runs[p], length)) for p in participants)
     maps: dict[str, np.ndarray] = {}
     failed = []
-    bar = tqdm(total=n_windows, desc="explain", unit="window", disable=not progress)
+    bar = progress_display(total=n_windows, desc="explain", unit="window", disable=not progress)
     for pid in participants:
         common = out / f"{pid}_space-store_attribution.nii.gz"
         native = out / f"{pid}_attribution.nii.gz"

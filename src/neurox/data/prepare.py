@@ -14,12 +14,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from tqdm import tqdm
 
 from neurox import __version__
 from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
@@ -36,6 +33,7 @@ from neurox.data.store import (
 from neurox.io.atomic import write_text_atomic
 from neurox.io.bids import RunSpec, discover
 from neurox.io.nifti import InputError
+from neurox.progress import progress as progress_display
 
 FAILURE_SUFFIX = ".failed.json"
 # what every run of a store must share; a second prepare into the store must agree on these
@@ -105,7 +103,7 @@ def prepare(
         else:
             todo.append(spec)
 
-    bar = tqdm(total=len(todo), desc="prepare", unit="run", disable=not progress or not todo, file=sys.stderr)
+    bar = progress_display(total=len(todo), desc="prepare", unit="run", disable=not progress or not todo)
     try:
         if workers <= 1:
             for spec in todo:
@@ -142,7 +140,7 @@ def _record(report: PrepareReport, root: Path, spec: RunSpec, error: str | None,
         report.failed[spec.run_id] = error
         write_text_atomic(marker, json.dumps({"run_id": spec.run_id, "participant_id": spec.participant_id,
                                               "source": str(spec.bold), "error": error}))
-        tqdm.write(f"failed: {error}", file=sys.stderr)
+        bar.write(f"failed: {error}")
     bar.update(1)
 
 

@@ -239,7 +239,7 @@ def make_participants(options: SynthOptions, rng: np.random.Generator) -> list[d
 def synthesize(out: str | Path, options: SynthOptions | None = None, progress: bool = True, workers: int = 1) -> Path:
     """Write the cohort to ``out`` (runs written by ``workers`` processes; every run's bytes depend only on
     the seed, the participant and the run, so any number of workers writes the same files); returns it."""
-    from tqdm import tqdm
+    from neurox.progress import progress as progress_display
 
     options = options or SynthOptions()
     out = Path(out)
@@ -273,10 +273,10 @@ def synthesize(out: str | Path, options: SynthOptions | None = None, progress: b
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(write_run, context, subject, run) for subject, run in jobs]
-            for future in tqdm(futures, desc="synth", unit="run", disable=not progress):
+            for future in progress_display(futures, desc="synth", unit="run", disable=not progress):
                 future.result()
     else:
-        for subject, run in tqdm(jobs, desc="synth", unit="run", disable=not progress):
+        for subject, run in progress_display(jobs, desc="synth", unit="run", disable=not progress):
             write_run(context, subject, run)
     return out
 

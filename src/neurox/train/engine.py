@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Sampler
-from tqdm import tqdm
 
 from neurox.data.loader import ThreadedLoader, WindowDataset
 from neurox.errors import UserFacingError
 from neurox.io.atomic import write_atomic, write_text_atomic
+from neurox.progress import progress
 from neurox.train import distributed as dist_utils
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -262,6 +262,7 @@ class Trainer:
         self.step = 0
         self.best_score = -math.inf
         self.history: list[dict] = []
+        self.bar = None  # the progress display while fit runs: validation lines are written above it
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=settings.precision == "fp16")
         self.checkpoint_path = run_dir / "checkpoints" / "last"
         self.tensorboard = None
@@ -311,7 +312,14 @@ class Trainer:
         score, metrics = self.evaluate_fn()
         self.model.train()
         self.log({"step": self.step, **({"epoch": epoch} if epoch is not None else {}), "val": metrics})
-        if score > self.best_score:
+        best = score > self.best_score
+        if self.env.is_main:
+            line = f"step {self.step}: validation {summary(metrics)}" + (" (best so far)" if best else "")
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+        if best:
             self.best_score = score
             if on_best is not None:
                 on_best(self.step, metrics)
@@ -320,8 +328,8 @@ class Trainer:
         """Train to the end (or SIGTERM); returns "done" or "stopped"."""
         s, env = self.s, self.env
         autocast = torch.autocast(env.device.type, dtype=PRECISIONS[s.precision], enabled=s.precision != "fp32")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                   disable=not env.is_main, dynamic_ncols=True)
+        bar = self.bar = progress(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                                  disable=not env.is_main)
         with SigtermFlag() as sigterm:
             while self.step < self.total_steps:
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
@@ -375,11 +383,22 @@ class Trainer:
                         self.save_checkpoint()
                     if stop:
                         bar.close()
+                        self.bar = None
                         return "stopped"
                     if self.step >= self.total_steps:
                         break
         bar.close()
+        self.bar = None
         return "done"
+
+
+def summary(metrics: dict) -> str:
+    """``auroc 0.937 [0.890, 0.975], ..., n 96``: the metrics with their intervals, on one line."""
+    shown = [f"{k} {v:.3f}" + (f" [{metrics[k + '_ci_low']:.3f}, {metrics[k + '_ci_high']:.3f}]"
+                                if k + "_ci_low" in metrics and k + "_ci_high" in metrics else "")
+             for k, v in metrics.items()
+             if not k.endswith(("_ci_low", "_ci_high")) and k != "n_subjects" and isinstance(v, (int, float))]
+    return ", ".join(shown) + (f", n {metrics['n_subjects']}" if "n_subjects" in metrics else "")
 
 
 def write_json(path: Path, data: Any) -> None:
