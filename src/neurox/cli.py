@@ -189,6 +189,13 @@ def _connectivity_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--kind", choices=["plain", "fisher_z", "partial"], default="fisher_z",
                    help="Pearson correlation, its Fisher z, or partial correlation (from the precision matrix)")
+    p.add_argument("--confounds", choices=["none", "simple", "scrubbing", "compcor"], default="none",
+                   help="denoise each run's parcel series with its fMRIPrep confounds: simple (24 motion, WM, CSF, "
+                   "cosines), scrubbing (simple, and frames above --fd_threshold dropped), compcor (24 motion, 5 "
+                   "aCompCor, cosines); see docs/analysis.md")
+    p.add_argument("--fd_threshold", type=float, default=0.5, help="scrubbing: framewise displacement (mm) above "
+                   "which a frame is dropped")
+    p.add_argument("--global_signal", type=bool, default=False, help="regress the global signal too")
     p.add_argument("--names", default=None, help="TSV with index and name columns (default: found beside the atlas)")
     p.add_argument("--participants", nargs="+", default=None, help="only these participants (default: all)")
     p.add_argument("--group_by", default=None, help="a phenotype column: a group-mean matrix per value, and a plot "

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from neurox.analysis.connectivity import participant_connectivity, upper_triangle
+from neurox.data.confounds import Denoising
 from neurox.data.loader import Target, load_cohort, load_splits, save_splits, split_participants, standardise
 from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
@@ -37,10 +38,13 @@ class BaselineConfig:
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     kind: str = "fisher_z"
     n_boot: int = 1000
+    confounds: str = "none"  # denoising of each run's parcel series: none, simple, scrubbing or compcor
+    fd_threshold: float = 0.5  # mm of framewise displacement above which scrubbing drops a frame
+    global_signal: bool = False  # regress the global signal too
 
 
-def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool):
-    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress)
+def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool, denoising: Denoising):
+    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, denoising=denoising)
     return {p: upper_triangle(m) for p, m in matrices.items()}, labels
 
 
@@ -102,7 +106,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     else:
         cohort.split = split_participants(cohort, config.seed, config.split_fractions)
     standardise(cohort)
-    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress)
+    denoising = Denoising(config.confounds, config.fd_threshold, config.global_signal)
+    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress, denoising)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
@@ -159,7 +164,9 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     from neurox.train.runs import cohort_with
 
     cohort, _ = cohort_with(store, targets, splits)
-    features, labels = _features(store, config["atlas"], cohort.participants, config["kind"], progress=False)
+    denoising = Denoising(config.get("confounds", "none"), config.get("fd_threshold", 0.5),
+                          config.get("global_signal", False))  # as the run was fitted
+    features, labels = _features(store, config["atlas"], cohort.participants, config["kind"], False, denoising)
     if list(stored["atlas_labels"]) != labels:
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
     results = {}

@@ -7,13 +7,16 @@ parcel's series is the mean over its in-brain voxels, frame by frame.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 
+from neurox.data.confounds import Denoising
 from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
-from neurox.io.nifti import read_volume_ras
+from neurox.io.nifti import InputError, read_volume_ras
 
 
 def atlas_on_grid(atlas_path: str | Path, grid_shape, grid_affine: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -83,11 +86,12 @@ def store_atlas(store: Store, atlas_path: str | Path) -> tuple[np.ndarray, list[
 
 
 def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str] | None,
-                             kind: str = "fisher_z", progress: bool = True, series_out: dict | None = None
-                             ) -> tuple[dict[str, np.ndarray], list[int]]:
+                             kind: str = "fisher_z", progress: bool = True, series_out: dict | None = None,
+                             denoising: Denoising | None = None) -> tuple[dict[str, np.ndarray], list[int]]:
     """Participant -> connectivity matrix (the mean over the participant's runs, in Fisher-z space
-    when ``kind`` is fisher_z). ``series_out``, when given, receives run id -> (frames, parcels).
-    A run that cannot be read is reported on one line and left out; the others go on."""
+    when ``kind`` is fisher_z), from each run's series denoised as ``denoising`` says. ``series_out``,
+    when given, receives run id -> (frames, parcels), denoised. A run that cannot be read, or whose
+    confounds cannot denoise it, is reported on one line and left out; the others go on."""
     import sys
 
     from neurox.progress import progress as progress_display
@@ -103,6 +107,12 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
             except (OSError, ValueError, KeyError) as err:
                 print(f"neurox: {store.root / run_id}: cannot read the run ({err}); left out", file=sys.stderr)
                 continue
+            if denoising is not None:
+                try:
+                    series = denoising.apply(series, store.run(run_id).confounds(), f"run {run_id}")
+                except InputError as err:
+                    print(f"neurox: {err}; left out", file=sys.stderr)
+                    continue
             if series_out is not None:
                 series_out[run_id] = series.astype(np.float32)
             per_run.append(correlation_matrix(series, kind))
@@ -142,7 +152,8 @@ def atlas_names(atlas_path: str | Path, labels: list[int], names_tsv: str | Path
 
 def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",
                  participants: list[str] | None = None, group_by: str | None = None,
-                 names_tsv: str | Path | None = None, progress: bool = True) -> Path:
+                 names_tsv: str | Path | None = None, progress: bool = True,
+                 denoising: Denoising | None = None) -> Path:
     """Parcel series per run and a connectivity matrix per participant, written to ``out``:
 
     - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
@@ -169,7 +180,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
     series: dict[str, np.ndarray] = {}
-    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, series_out=series)
+    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, series_out=series,
+                                                denoising=denoising)
     if not matrices:
         raise ValueError(f"{store.root}: no participant's runs could be read")
     names = atlas_names(atlas, labels, names_tsv)
@@ -177,7 +189,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     stack = np.stack([matrices[p] for p in subjects]).astype(np.float32)
     mean = stack.mean(0)
     arrays = {"matrices": stack, "participants": np.array(subjects), "labels": np.array(labels),
-              "names": np.array(names), "kind": np.array(kind), "group_mean": mean}
+              "names": np.array(names), "kind": np.array(kind), "group_mean": mean,
+              "denoising": np.array(json.dumps(dataclasses.asdict(denoising or Denoising())))}
     groups = {}
     if group_by:
         for value in sorted({phenotypes.get(p, {}).get(group_by, "") for p in subjects} - {"", "n/a"}):
@@ -199,9 +212,24 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     write_tsv(out / "parcels.tsv", [{"index": i, "label": label, "name": name}
                                     for i, (label, name) in enumerate(zip(labels, names))], ["index", "label", "name"])
     columns = ["participant_id"] + [c for c in next(iter(phenotypes.values()), {}) if c != "participant_id"]
-    write_tsv(out / "participants.tsv", [phenotypes.get(p, {"participant_id": p}) for p in subjects], columns)
+    rows = [dict(phenotypes.get(p, {"participant_id": p})) for p in subjects]
+    motion = participant_motion(store)
+    if motion:  # beside the phenotypes: how much each participant moved, to check what FC differences follow
+        columns.append("mean_fd")
+        for row in rows:
+            row["mean_fd"] = motion.get(row["participant_id"], "")
+    write_tsv(out / "participants.tsv", rows, columns)
     plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by)
     return out
+
+
+def participant_motion(store: Store) -> dict[str, float]:
+    """Participant -> mean framewise displacement over their prepared runs, where the manifest has it."""
+    per_participant: dict[str, list[float]] = {}
+    for row in store.manifest:
+        if row.get("status") == "ok" and row.get("mean_fd") not in (None, ""):
+            per_participant.setdefault(row["participant_id"], []).append(float(row["mean_fd"]))
+    return {p: round(float(np.mean(v)), 4) for p, v in per_participant.items()}
 
 
 def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], names: list[str], kind: str,

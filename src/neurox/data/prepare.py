@@ -205,7 +205,7 @@ def write_manifest(root: Path, fmt: str) -> None:
             "participant_id": a["participant_id"], "session": a["session"], "run": a["run"], "run_id": a["run_id"],
             "path": str(path.relative_to(root)), "n_frames": a["n_frames"], "tr": a["tr"] or "",
             "shape": "x".join(str(s) for s in [*a["grid"], a["n_frames"]]), "status": "ok",
-            "source": a["source"]["path"],
+            **a.get("motion", {}), "source": a["source"]["path"],
         })
     done = {row["run_id"] for row in rows}
     for marker in sorted(runs.glob(f"*{FAILURE_SUFFIX}")):

@@ -20,6 +20,7 @@ import numpy as np
 
 from neurox import __version__
 from neurox.config import MNI_BOX_MM, MNI_BOX_ORIGIN_MM
+from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, read_confounds
 from neurox.data.store import pack_mask
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
@@ -149,6 +150,12 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         raise InputError(f"{spec.bold}: a {len(info.shape)}D image, not a 4D fMRI run")
     if info.n_frames < options.min_frames:
         raise InputError(f"{spec.bold}: {info.n_frames} frames, fewer than one window ({options.min_frames})")
+    confounds = {}  # checked before the frames are read: a table that does not fit fails the run at once
+    if spec.confounds is not None:
+        confounds = read_confounds(spec.confounds)
+        rows = len(next(iter(confounds.values()))) if confounds else info.n_frames
+        if rows != info.n_frames:
+            raise InputError(f"{spec.confounds}: {rows} rows for the {info.n_frames} frames of {spec.bold.name}")
     mapping = GridMapping(info, options.grid, options.resample)
     grid_shape = options.grid.shape
 
@@ -233,6 +240,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
 
     tr = spec.tr or _header_tr(info) or options.tr
     stat = spec.bold.stat()
+
     attributes = {
         "neurox_version": __version__,
         "participant_id": spec.participant_id,
@@ -258,9 +266,13 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
             "affine": info.affine.tolist(),
             "mask": str(spec.mask.resolve()) if spec.mask else None,
             "resampled": not mapping.aligned,
+            "confounds": str(spec.confounds.resolve()) if spec.confounds else None,
         },
+        # what the run's confounds say of its motion (quality control); the table is stored beside
+        "motion": motion_summary(confounds),
+        "confounds": sorted(confounds),
     }
-    writer.commit(attributes)
+    writer.commit(attributes, {CONFOUNDS_FILE: confounds_text(confounds)} if confounds else None)
     return PreparedRun(n, attributes)
 
 

@@ -36,7 +36,7 @@ from neurox.io.atomic import write_text_atomic
 STORE_FILE = "store.json"
 RUNS_DIR = "runs"
 MANIFEST_COLUMNS = ["participant_id", "session", "run", "run_id", "path", "n_frames", "tr", "shape", "status",
-                    "source"]
+                    "mean_fd", "max_fd", "source"]
 # Blosc-LZ4 with byte shuffle: float16 frames to about 0.3 of their size (the background is one
 # value; shuffling groups the exponent bytes) and decoded at ~6 GB/s, several times zstd's speed,
 # which is what keeps window reads ahead of training.
@@ -91,7 +91,8 @@ class RunWriter:
             self._array[self.frames_written : self.frames_written + n] = frames
         self.frames_written += n
 
-    def commit(self, attributes: dict[str, Any]) -> Path:
+    def commit(self, attributes: dict[str, Any], files: dict[str, str] | None = None) -> Path:
+        """Make the run appear, with ``files`` (name -> text: the run's confounds) inside its folder."""
         if self.frames_written != self.n_frames:
             raise ValueError(f"run {self.run_id}: {self.frames_written} of {self.n_frames} frames written")
         if self.fmt == "zarr":
@@ -105,6 +106,8 @@ class RunWriter:
             self._array.flush()
             del self._array
             (self.tmp / "attributes.json").write_text(json.dumps(attributes))
+        for name, text in (files or {}).items():
+            (self.tmp / name).write_text(text)
         remove(self.final)  # a stale run being redone
         os.replace(self.tmp, self.final)
         return self.final
@@ -189,6 +192,13 @@ class RunReader:
             self._array = np.load(path / "data.npy", mmap_mode="r")
             self.n_frames, *grid = self._array.shape
             self.grid = tuple(grid)
+
+    def confounds(self) -> dict[str, np.ndarray] | None:
+        """The run's confounds as ``prepare`` kept them (column -> one value per frame), or None."""
+        from neurox.data.confounds import CONFOUNDS_FILE, read_confounds
+
+        path = self.path / CONFOUNDS_FILE
+        return read_confounds(path) if path.is_file() else None
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Frames [start, start + length) as float16 (length, X, Y, Z)."""

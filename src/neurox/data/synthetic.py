@@ -29,6 +29,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from neurox.data.confounds import confounds_text
 from neurox.io.atomic import atomic_path, write_text_atomic
 
 N_NETWORKS = 8
@@ -160,8 +161,10 @@ def network_signals(rng, n: int, tr: float, subject: dict, effect_size: float) -
     return signals
 
 
-def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: int = 16):
-    """Yield blocks of frames (X, Y, Z, n) float32 of one run."""
+def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: int = 16, record: dict | None = None):
+    """Yield blocks of frames (X, Y, Z, n) float32 of one run. ``record``, when given, receives what the
+    run's confounds are made of: the spike frames, the global signal and the mean of each parcel in no
+    network, frame by frame."""
     from scipy.ndimage import gaussian_filter
 
     n, tr = options.n_frames, options.tr
@@ -180,6 +183,10 @@ def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: 
     drift = rng.normal(0, 5.0, size=mask.shape).astype(np.float32) * mask
     spikes = set(rng.choice(n, size=max(1, n // 60), replace=False).tolist()) if options.motion_spikes else set()
     noise_scale = 8.0 * options.noise
+    outside = sorted(set(range(1, options.n_parcels + 1)) - set(member))
+    if record is not None:
+        record.update(spikes=sorted(spikes), global_signal=np.zeros(n), outside=np.zeros((n, len(outside))))
+        sizes = np.maximum(np.bincount(labels[mask], minlength=options.n_parcels + 1)[outside], 1)
     for start in range(0, n, block):
         stop = min(start + block, n)
         out = np.empty((*mask.shape, stop - start), dtype=np.float32)
@@ -190,6 +197,10 @@ def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: 
             if t in spikes:
                 frame *= 1.02
             out[..., i] = np.where(mask, frame, 0.0)
+            if record is not None:
+                record["global_signal"][t] = frame[mask].mean()
+                sums = np.bincount(labels[mask], weights=frame[mask], minlength=options.n_parcels + 1)
+                record["outside"][t] = sums[outside] / sizes
         yield out
 
 
@@ -289,16 +300,57 @@ def write_run(context, subject: dict, run: int) -> None:
     stem = f"{sub}_task-rest_run-{run}"
     run_rng = np.random.default_rng([options.seed, int(sub[4:]), run])
     bold = func / f"{stem}_space-{space}_desc-preproc_bold.nii.gz"
-    if not bold.exists():
-        write_nifti_streaming(bold, affine, shape, options.tr, run_frames(run_rng, options, subject, anatomy))
+    confounds = func / f"{stem}_desc-confounds_timeseries.tsv"
+    if not (bold.exists() and confounds.exists()):  # the confounds are made beside the frames: both, or again
+        record: dict = {}
+        write_nifti_streaming(bold, affine, shape, options.tr, run_frames(run_rng, options, subject, anatomy,
+                                                                          record=record))
+        confound_rng = np.random.default_rng([options.seed, int(sub[4:]), run, 1])
+        write_text_atomic(confounds, confounds_text(synthetic_confounds(confound_rng, options, record)))
     write_image(func / f"{stem}_space-{space}_desc-brain_mask.nii.gz", mask.astype(np.uint8), affine)
     write_text_atomic(func / f"{stem}_space-{space}_desc-preproc_bold.json",
                       json.dumps({"RepetitionTime": options.tr, "SkullStripped": False}, indent=2) + "\n")
-    confound_rng = np.random.default_rng([options.seed, int(sub[4:]), run, 1])
-    fd = np.round(np.abs(confound_rng.normal(0.1, 0.05, options.n_frames)), 4)
-    fd[0] = 0
-    write_text_atomic(func / f"{stem}_desc-confounds_timeseries.tsv",
-                      "framewise_displacement\n" + "\n".join(["n/a"] + [str(v) for v in fd[1:]]) + "\n")
+
+
+def synthetic_confounds(rng, options: SynthOptions, record: dict) -> dict[str, np.ndarray]:
+    """The run's confounds in fMRIPrep's columns. Head motion is a slow random walk (about 0.1 mm of
+    framewise displacement a frame) that jumps at the frames where the run has a spike (1-2 mm), so that
+    scrubbing finds the spikes; the global signal is the in-brain mean; the synthetic brain has no
+    tissue classes, so ``white_matter``, ``csf`` and ``a_comp_cor_*`` come from the parcels in no network
+    (the means of their two halves, and their first five principal components); the cosine basis is
+    fMRIPrep's 128 s high-pass."""
+    n = options.n_frames
+    steps = np.concatenate([rng.normal(0, 0.02, (n, 3)), rng.normal(0, 0.0003, (n, 3))], axis=1)  # mm, radians
+    for t in record["spikes"]:
+        steps[t] += np.concatenate([rng.normal(0, 0.5, 3), rng.normal(0, 0.005, 3)])
+    steps[0] = 0
+    motion = np.cumsum(steps, axis=0)
+    table: dict[str, np.ndarray] = {}
+
+    def expanded(name: str, values: np.ndarray) -> None:
+        derivative = np.concatenate([[np.nan], np.diff(values)])
+        table.update({name: values, f"{name}_derivative1": derivative, f"{name}_power2": values**2,
+                      f"{name}_derivative1_power2": derivative**2})
+
+    for i, name in enumerate(("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")):
+        expanded(name, motion[:, i])
+    displacement = np.abs(np.diff(motion, axis=0))
+    fd = displacement[:, :3].sum(1) + 50 * displacement[:, 3:].sum(1)  # rotations on a 50 mm sphere (Power)
+    table["framewise_displacement"] = np.concatenate([[np.nan], fd])
+    outside = record["outside"]
+    half = max(outside.shape[1] // 2, 1)
+    expanded("global_signal", record["global_signal"])
+    expanded("white_matter", outside[:, :half].mean(1))
+    expanded("csf", outside[:, half:].mean(1) if outside.shape[1] > 1 else outside[:, 0])
+    centred = outside - outside.mean(0)
+    components = np.linalg.svd(centred, full_matrices=False)[0] if centred.size else np.zeros((n, 0))
+    for k in range(min(5, components.shape[1])):
+        table[f"a_comp_cor_{k:02d}"] = components[:, k]
+    n_cosines = int(np.floor(2 * n * options.tr / 128.0))
+    frames = np.arange(n)
+    for k in range(1, n_cosines + 1):
+        table[f"cosine{k - 1:02d}"] = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * frames + 1) * k / (2 * n))
+    return table
 
 
 def write_ground_truth(folder: Path, labels, networks, affine, options: SynthOptions) -> None:

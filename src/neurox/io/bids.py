@@ -101,8 +101,8 @@ def discover_bids(root: Path, space: str | None = None) -> list[RunSpec]:
 
 
 def read_manifest(path: Path) -> list[RunSpec]:
-    """A TSV with columns participant_id, path and optional session, run, mask; relative paths
-    are relative to the TSV."""
+    """A TSV with columns participant_id, path and optional session, run, mask, confounds (an fMRIPrep
+    confounds table; found beside an fMRIPrep-named run without it); relative paths are relative to the TSV."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if not rows:
@@ -118,6 +118,10 @@ def read_manifest(path: Path) -> list[RunSpec]:
             mask = (path.parent / mask).resolve() if not Path(mask).is_absolute() else Path(mask)
         spec = spec_for_bold(bold, mask=mask, participant_id=row["participant_id"],
                              session=row.get("session") or "", run=row.get("run") or "")
+        if row.get("confounds"):
+            confounds = Path(row["confounds"])
+            confounds = confounds if confounds.is_absolute() else (path.parent / confounds).resolve()
+            spec = replace(spec, confounds=confounds)
         run_id = "_".join(p for p in (row["participant_id"], _tag("ses", spec.session), _tag("run", spec.run)) if p)
         specs.append(replace(spec, run_id=re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)))
     return specs

@@ -1,0 +1,149 @@
+"""fMRIPrep confounds: what ``prepare`` keeps of them, and the denoising strategies of connectivity.
+
+``prepare`` keeps, per run, the columns the strategies below use (motion and its expansions, framewise
+displacement, DVARS, tissue and global signals, the first five anatomical CompCor components, the
+cosine drift basis, non-steady-state outliers) in the store, beside the frames they describe, and the
+run's mean and largest framewise displacement in ``manifest.tsv`` for quality control.
+
+A strategy names nuisance regressors, removed from each parcel's series by least squares with an
+intercept, and which frames to keep (after nilearn's ``load_confounds_strategy``, whose definitions it
+follows where it names the same thing):
+
+- ``simple``: the 24 motion parameters (6 rigid-body, their derivatives, the squares of both), white
+  matter and CSF, the cosine basis (fMRIPrep's 128 s high-pass), and each non-steady-state frame dropped;
+- ``scrubbing``: ``simple``, and every frame with framewise displacement above ``fd_threshold`` (mm)
+  dropped (censored) before the regression;
+- ``compcor``: the 24 motion parameters, the first five anatomical CompCor components and the cosine
+  basis, non-steady-state frames dropped;
+- ``global_signal=True`` adds the global signal to any of them (alone with ``none``).
+
+Removing regressors from a parcel's mean series equals removing them from each voxel and then
+averaging (least squares is linear), so denoising at the parcel level is exact and cheap.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neurox.io.nifti import InputError
+
+CONFOUNDS_FILE = "confounds.tsv"  # inside a run's folder in the store
+STRATEGIES = ("none", "simple", "scrubbing", "compcor")
+MOTION = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+MOTION_24 = tuple(f"{m}{suffix}" for m in MOTION for suffix in ("", "_derivative1", "_power2",
+                                                                     "_derivative1_power2"))
+KEPT = re.compile(r"^(trans_[xyz]|rot_[xyz]|csf|white_matter|global_signal)(_derivative1)?(_power2)?$"
+                  r"|^(framewise_displacement|dvars|std_dvars)$|^a_comp_cor_0[0-4]$|^cosine\d+$"
+                  r"|^non_steady_state_outlier\d+$")
+MIN_KEPT_FRACTION = 0.5  # a run with fewer of its frames left after scrubbing is left out
+
+
+@dataclass(frozen=True)
+class Denoising:
+    """How connectivity treats each run's series: ``strategy`` (see above), the scrubbing threshold in
+    mm of framewise displacement, and whether the global signal is regressed too."""
+
+    strategy: str = "none"
+    fd_threshold: float = 0.5
+    global_signal: bool = False
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown confounds strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not self.fd_threshold > 0:
+            raise ValueError(f"--fd_threshold {self.fd_threshold}: give a displacement in mm, above 0")
+
+    def apply(self, series: np.ndarray, table: dict[str, np.ndarray] | None, source: str) -> np.ndarray:
+        """The run's denoised series (its kept frames); a one-line ``InputError`` naming the run when
+        its confounds are missing, lack a column, or leave too few frames."""
+        if self.strategy == "none" and not self.global_signal:
+            return series
+        if table is None:
+            raise InputError(f"{source}: no confounds stored for --confounds {self.strategy} (the run was prepared "
+                             "without an fMRIPrep desc-confounds_timeseries.tsv beside it)")
+        design, keep = nuisance_design(table, self.strategy, self.fd_threshold, self.global_signal, source)
+        if keep.sum() < MIN_KEPT_FRACTION * len(keep):
+            raise InputError(f"{source}: only {int(keep.sum())} of {len(keep)} frames left after scrubbing at "
+                             f"{self.fd_threshold} mm")
+        return denoise(series, design, keep)
+
+
+def read_confounds(path: str | Path) -> dict[str, np.ndarray]:
+    """The kept columns of a confounds TSV, ``n/a`` as NaN (fMRIPrep writes it in the first row of
+    derivatives and framewise displacement)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the confounds table ({err})") from None
+    if not lines:
+        raise InputError(f"{path}: the confounds table is empty")
+    header = lines[0].split("\t")
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    table = {}
+    for i, name in enumerate(header):
+        if not KEPT.match(name):
+            continue
+        try:
+            table[name] = np.array([np.nan if r[i] in ("n/a", "") else float(r[i]) for r in rows])
+        except (ValueError, IndexError):
+            raise InputError(f"{path}: column {name!r} holds a value that is not a number") from None
+    return table
+
+
+def confounds_text(table: dict[str, np.ndarray]) -> str:
+    """The table as TSV (``n/a`` for NaN), as ``prepare`` stores it."""
+    names = list(table)
+    rows = ["\t".join(names)]
+    for t in range(len(next(iter(table.values()))) if table else 0):
+        rows.append("\t".join("n/a" if np.isnan(table[n][t]) else f"{table[n][t]:.8g}" for n in names))
+    return "\n".join(rows) + "\n"
+
+
+def motion_summary(table: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean and largest framewise displacement (mm) of a run, when its table has it."""
+    fd = table.get("framewise_displacement")
+    if fd is None or np.all(np.isnan(fd)):
+        return {}
+    return {"mean_fd": round(float(np.nanmean(fd)), 4), "max_fd": round(float(np.nanmax(fd)), 4)}
+
+
+def nuisance_design(table: dict[str, np.ndarray], strategy: str, fd_threshold: float = 0.5,
+                    global_signal: bool = False, source: str = "confounds") -> tuple[np.ndarray, np.ndarray]:
+    """The regressors (frames, k) of a strategy and the frames to keep (frames,) bool."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown confounds strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    n = len(next(iter(table.values()))) if table else 0
+    wanted = []
+    if strategy != "none":
+        wanted = list(MOTION_24) + sorted(c for c in table if c.startswith("cosine"))
+        wanted += ["white_matter", "csf"] if strategy != "compcor" else [f"a_comp_cor_0{i}" for i in range(5)]
+    wanted += ["global_signal"] if global_signal else []
+    missing = [c for c in wanted if c not in table]
+    if missing:
+        raise InputError(f"{source}: no column(s) {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
+                         f"for --confounds {strategy}")
+    keep = np.ones(n, dtype=bool)
+    for column in (c for c in table if c.startswith("non_steady_state_outlier") and strategy != "none"):
+        keep &= table[column] == 0
+    if strategy == "scrubbing":
+        if "framewise_displacement" not in table:
+            raise InputError(f"{source}: no framewise_displacement column for --confounds scrubbing")
+        keep &= ~(np.nan_to_num(table["framewise_displacement"]) > fd_threshold)
+    # derivatives are n/a in the first frame: 0 there, as fMRIPrep's users and nilearn fill them
+    design = np.nan_to_num(np.stack([table[c] for c in wanted], axis=1)) if wanted else np.zeros((n, 0))
+    return design, keep
+
+
+def denoise(series: np.ndarray, design: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The kept frames of ``series`` (frames, parcels) less their least-squares fit by ``design`` and
+    an intercept, fitted on the kept frames only (censored frames do not shape the fit)."""
+    y = series[keep]
+    x = np.column_stack([np.ones(len(y)), design[keep]])
+    x[:, 1:] -= x[:, 1:].mean(0)
+    coefficients, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return y - x @ coefficients

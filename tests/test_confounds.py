@@ -1,0 +1,129 @@
+"""Confounds: kept by prepare beside each run, motion in the manifest, denoising in connectivity and the
+FC baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fakes import AFFINE, OPTIONS, bids_run, brain_mask
+
+from neurox.analysis.baseline import BaselineConfig, baseline, evaluate_baseline
+from neurox.cli import main
+from neurox.data.confounds import MOTION_24, Denoising, read_confounds
+from neurox.data.prepare import prepare
+from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.data.store import Store, read_tsv
+from neurox.data.synthetic import SynthOptions, synthesize
+from neurox.io.nifti import InputError
+
+N_FRAMES = 200
+
+
+@pytest.fixture(scope="module")
+def cohort_and_store(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("confounds")
+    cohort = synthesize(root / "cohort", SynthOptions(n_subjects=6, n_frames=N_FRAMES, voxel_size_mm=4.0, seed=3),
+                        progress=False)
+    assert prepare(cohort, root / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False).ok
+    return cohort, root / "store"
+
+
+def source_table(cohort: Path, participant: str) -> dict[str, np.ndarray]:
+    return read_confounds(next((cohort / participant / "func").glob("*_desc-confounds_timeseries.tsv")))
+
+
+def test_prepare_keeps_the_confounds_and_the_motion_of_every_run(cohort_and_store):
+    cohort, store_path = cohort_and_store
+    store = Store(store_path)
+    row = next(r for r in store.manifest if r["participant_id"] == "sub-01")
+    kept = store.run(row["run_id"]).confounds()
+    source = source_table(cohort, "sub-01")
+    assert set(MOTION_24) <= set(kept) and {"framewise_displacement", "white_matter", "csf", "global_signal",
+                                            "a_comp_cor_04", "cosine01"} <= set(kept)
+    for name in ("trans_x", "framewise_displacement", "a_comp_cor_00"):
+        assert np.allclose(kept[name], source[name], equal_nan=True, rtol=1e-6, atol=1e-9), name
+    assert float(row["mean_fd"]) == pytest.approx(np.nanmean(source["framewise_displacement"]), abs=1e-4)
+    # the synthetic spikes are where the head jumps: framewise displacement above 1 mm at those frames only
+    assert float(row["max_fd"]) > 1.0 and np.sum(source["framewise_displacement"] > 0.5) == N_FRAMES // 60
+
+
+def test_a_confounds_table_that_does_not_fit_fails_its_run_alone(tmp_path, capsys):
+    root = tmp_path / "bids"
+    for sub in ("01", "02"):
+        bold = bids_run(root, sub, n_frames=24)
+        rows = 24 if sub == "01" else 20
+        bold.with_name(f"sub-{sub}_task-rest_run-1_desc-confounds_timeseries.tsv").write_text(
+            "framewise_displacement\ttrans_x\tunused\n" + "n/a\t0\t7\n" + "0.1\t0.01\t7\n" * (rows - 1))
+    report = prepare(root, tmp_path / "store", OPTIONS, progress=False)
+    assert len(report.done) == 1 and list(report.failed) == ["sub-02_task-rest_run-1"]
+    assert "20 rows for the 24 frames" in report.failed["sub-02_task-rest_run-1"]
+    assert "desc-confounds_timeseries.tsv" in capsys.readouterr().err
+    kept = Store(tmp_path / "store").run("sub-01_task-rest_run-1").confounds()
+    assert sorted(kept) == ["framewise_displacement", "trans_x"]  # only the columns a strategy uses
+
+
+def test_denoising_removes_a_shared_nuisance_and_scrubbing_drops_frames():
+    rng = np.random.default_rng(0)
+    n = 300
+    nuisance = rng.standard_normal(n)
+    series = rng.standard_normal((n, 4)) + 2.0 * nuisance[:, None]  # four parcels, correlated only by it
+    table = {name: 0.01 * rng.standard_normal(n) for name in MOTION_24}
+    table.update(white_matter=nuisance, csf=rng.standard_normal(n), global_signal=series.mean(1),
+                 framewise_displacement=np.abs(rng.normal(0.1, 0.03, n)))
+    table["framewise_displacement"][[10, 50, 51]] = 1.2
+    before = np.corrcoef(series.T)[np.triu_indices(4, 1)]
+    after = Denoising("simple").apply(series, table, "run x")
+    assert before.min() > 0.7 and np.abs(np.corrcoef(after.T)[np.triu_indices(4, 1)]).max() < 0.2
+    assert after.shape == (n, 4)
+    scrubbed = Denoising("scrubbing", fd_threshold=0.5).apply(series, table, "run x")
+    assert scrubbed.shape == (n - 3, 4)
+    with pytest.raises(InputError, match="run x: only .* frames left after scrubbing at 0.05 mm"):
+        Denoising("scrubbing", fd_threshold=0.05).apply(series, table, "run x")
+    with pytest.raises(InputError, match="run x: no column.*a_comp_cor_00.*--confounds compcor"):
+        Denoising("compcor").apply(series, table, "run x")
+    with pytest.raises(InputError, match="run x: no confounds stored"):
+        Denoising("simple").apply(series, None, "run x")
+    with pytest.raises(ValueError, match="unknown confounds strategy 'aroma'"):
+        Denoising("aroma")
+    assert Denoising().apply(series, None, "run x") is series  # none: the series as they are
+
+
+def test_connectivity_and_baseline_denoise_as_asked(cohort_and_store, tmp_path, capsys):
+    cohort, store = cohort_and_store
+    atlas = next((cohort / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
+    out = tmp_path / "fc"
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(out),
+                 "--confounds", "scrubbing", "--quiet", "true"]) == 0
+    data = np.load(out / "connectivity.npz")
+    assert json.loads(str(data["denoising"])) == {"strategy": "scrubbing", "fd_threshold": 0.5, "global_signal": False}
+    series = np.load(out / "parcel_series.npz")
+    run = next(k for k in series.files if k.startswith("sub-01"))
+    assert series[run].shape == (N_FRAMES - N_FRAMES // 60, 40)  # the spike frames are gone
+    fd = {r["participant_id"]: float(r["mean_fd"]) for r in read_tsv(out / "participants.tsv")}
+    assert fd["sub-01"] == pytest.approx(np.nanmean(source_table(cohort, "sub-01")["framewise_displacement"]), abs=1e-3)
+
+    config = BaselineConfig(store=str(store), target="coupling_group", out=str(tmp_path / "fc-base"), atlas=str(atlas),
+                            confounds="compcor", n_boot=20)
+    run_dir = baseline(config, progress=False)
+    fitted = json.loads((run_dir / "metrics.json").read_text())
+    again = evaluate_baseline(run_dir, store, n_boot=20)  # evaluated as it was fitted: with compcor
+    assert again["test"]["auroc"] == pytest.approx(fitted["test"]["auroc"])
+
+
+def test_denoising_a_store_without_confounds_says_so(tmp_path, capsys):
+    root = tmp_path / "bids"
+    for sub in ("01", "02"):
+        bids_run(root, sub, n_frames=24)
+    prepare(root, tmp_path / "store", OPTIONS, progress=False)
+    atlas = tmp_path / "atlas.nii.gz"
+    labels = (brain_mask() * (1 + (np.indices(brain_mask().shape)[0] > 20))).astype(np.int16)  # two parcels
+    nib.save(nib.Nifti1Image(labels, AFFINE), str(atlas))
+    assert main(["connectivity", "--store", str(tmp_path / "store"), "--atlas", str(atlas), "--out",
+                 str(tmp_path / "fc"), "--confounds", "simple", "--quiet", "true"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all("no confounds stored for --confounds simple" in line for line in err[:2])
+    assert "no participant's runs could be read" in err[2]
