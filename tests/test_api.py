@@ -42,6 +42,14 @@ def test_every_function_takes_its_commands_options_with_the_same_defaults(name):
             assert same(defaults[p.name], p.default), f"{name} --{p.name}: {defaults[p.name]!r} vs {p.default!r}"
 
 
+@pytest.mark.parametrize("name", [*sorted(api.COMMANDS), "smoke"])
+def test_every_option_of_every_command_says_what_it_is(name):
+    parser = getattr(cli, f"_{name.replace('-', '_')}_parser")()
+    undescribed = [a.dest for a in parser._actions if not a.help and a.dest != "help"]
+    assert not undescribed, f"neurox {name} --help says nothing of {undescribed}"
+    assert "example: neurox" in parser.format_help()
+
+
 def test_top_level_names_are_the_api():
     for name in neurox._COMMANDS:
         assert getattr(neurox, name) is getattr(api, name)

@@ -11,6 +11,26 @@ from jsonargparse import ArgumentParser
 from neurox import api
 
 
+def describe_options(parser: ArgumentParser, config_class) -> ArgumentParser:
+    """Each option's help from the comment on its field in the config dataclass: the comments readers
+    of the code see are the ones ``--help`` shows, one source for both."""
+    import io
+    import tokenize
+
+    comments, field = {}, None
+    for token in tokenize.generate_tokens(io.StringIO(inspect.getsource(config_class)).readline):
+        if token.type == tokenize.NAME and token.start[1] == 4 and field is None:
+            field = token.string  # a field's name starts its line, indented once
+        elif token.type == tokenize.COMMENT and field:
+            comments[field] = token.string.lstrip("# ").strip()
+        elif token.type in (tokenize.NEWLINE, tokenize.NL):
+            field = None
+    for action in parser._actions:
+        if action.dest in comments and not action.help:
+            action.help = comments[action.dest]
+    return parser
+
+
 def _convert_swift_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="Convert a published SwiFT checkpoint (Lightning .ckpt or safetensors) into a neurox "
@@ -26,8 +46,10 @@ def _convert_swift_parser() -> ArgumentParser:
                        ("patch_size", "int*4"), ("window_size", "int*4"), ("first_window_size", "int*4"),
                        ("depths", "int+"), ("num_heads", "int+"), ("c_multiplier", "int")):
         nargs = {"int*4": 4, "int+": "+", "int": None}[kind]
-        p.add_argument(f"--{name}", type=int, nargs=nargs, default=None)
-    p.add_argument("--last_layer_full_msa", type=bool, default=None)
+        p.add_argument(f"--{name}", type=int, nargs=nargs, default=None,
+                       help="architecture, where the checkpoint does not record it (or to override it)")
+    p.add_argument("--last_layer_full_msa", type=bool, default=None,
+                   help="architecture, where the checkpoint does not record it (or to override it)")
     return p
 
 
@@ -38,7 +60,7 @@ def _smoke_parser() -> ArgumentParser:
         epilog="example: neurox smoke --preset demo --batch 2",
     )
     p.add_argument("--preset", default="demo", help="model preset: demo or swift_paper")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="windows in the generated batch")
     p.add_argument("--out", default=None, help="also save the (random) model as a model directory here")
     return p
 
@@ -83,18 +105,20 @@ def _synth_parser() -> ArgumentParser:
         epilog="example: neurox synth synthetic-cohort --n_subjects 40 --n_frames 120 --voxel_size 4",
     )
     p.add_argument("out", help="folder to write")
-    p.add_argument("--n_subjects", type=int, default=40)
-    p.add_argument("--n_runs", type=int, default=1)
-    p.add_argument("--n_frames", type=int, default=120)
-    p.add_argument("--tr", type=float, default=0.8)
+    p.add_argument("--n_subjects", type=int, default=40, help="participants (half in each group of each effect)")
+    p.add_argument("--n_runs", type=int, default=1, help="runs per participant")
+    p.add_argument("--n_frames", type=int, default=120, help="frames per run")
+    p.add_argument("--tr", type=float, default=0.8, help="repetition time in seconds")
     p.add_argument("--voxel_size", type=float, default=2.0, help="2 (MNI 2 mm) or 4")
-    p.add_argument("--effect_size", type=float, default=1.0)
-    p.add_argument("--noise", type=float, default=1.0)
-    p.add_argument("--motion_spikes", type=bool, default=True)
-    p.add_argument("--n_parcels", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--effect_size", type=float, default=1.0, help="strength of every planted effect (0: none)")
+    p.add_argument("--noise", type=float, default=1.0, help="scale of the spatially smooth noise")
+    p.add_argument("--motion_spikes", type=bool, default=True, help="intensity spikes where the head jumps "
+                   "(about one frame in 60, in the confounds too)")
+    p.add_argument("--n_parcels", type=int, default=40,
+                   help="parcels of the atlas; the eight networks are made of bilateral pairs of them")
+    p.add_argument("--seed", type=int, default=0, help="the same options and seed give the same bytes")
     p.add_argument("--workers", type=int, default=1, help="runs written in parallel (same bytes for any number)")
-    p.add_argument("--quiet", type=bool, default=False)
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 
@@ -111,6 +135,7 @@ def _finetune_parser() -> ArgumentParser:
     )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     p.add_class_arguments(FinetuneConfig, fail_untyped=False)
+    describe_options(p, FinetuneConfig)
     return p
 
 
@@ -131,6 +156,7 @@ def _pretrain_parser() -> ArgumentParser:
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     p.add_argument("--store", action="append", default=[], help="a store; repeat it for several")
     p.add_class_arguments(PretrainConfig, fail_untyped=False, skip={"store"})
+    describe_options(p, PretrainConfig)
     return p
 
 
@@ -139,9 +165,9 @@ def _evaluate_parser() -> ArgumentParser:
                        "bootstrap intervals; --baseline puts an FC baseline run beside it.",
                        epilog="example: neurox evaluate runs/amp --store synthetic-store --baseline runs/amp-fc")
     p.add_argument("run", help="run directory from neurox finetune")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--baseline", default=None, help="run directory from neurox baseline")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     return p
 
@@ -150,10 +176,10 @@ def _predict_parser() -> ArgumentParser:
     p = ArgumentParser(description="Per-participant predictions of a trained run on a store (mean of window "
                        "outputs), with each participant's split in the run.",
                        epilog="example: neurox predict runs/amp --store other-store --out predictions.tsv")
-    p.add_argument("run")
-    p.add_argument("--store", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("run", help="run directory from neurox finetune")
+    p.add_argument("--store", required=True, help="a store from neurox prepare")
+    p.add_argument("--out", required=True, help="the table to write (TSV)")
+    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     return p
 
 
@@ -172,6 +198,7 @@ def _baseline_parser() -> ArgumentParser:
     )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     p.add_class_arguments(BaselineConfig, fail_untyped=False)
+    describe_options(p, BaselineConfig)
     return p
 
 
@@ -184,7 +211,7 @@ def _connectivity_parser() -> ArgumentParser:
         "synthetic-cohort/ground_truth/atlas-synthetic_space-MNI152NLin2009cAsym_res-4_dseg.nii.gz "
         "--group_by coupling_group --out fc",
     )
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--atlas", required=True, help="3D label NIfTI in MNI space (Schaefer, the synthetic parcels...)")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--kind", choices=["plain", "fisher_z", "partial"], default="fisher_z",
@@ -200,7 +227,7 @@ def _connectivity_parser() -> ArgumentParser:
     p.add_argument("--participants", nargs="+", default=None, help="only these participants (default: all)")
     p.add_argument("--group_by", default=None, help="a phenotype column: a group-mean matrix per value, and a plot "
                    "of each and their difference")
-    p.add_argument("--quiet", type=bool, default=False)
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 
@@ -215,7 +242,7 @@ def _explain_parser() -> ArgumentParser:
         "--out explain/amp",
     )
     p.add_argument("run", help="run directory from neurox finetune")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--subject", nargs="+", default=None, help="these participants")
     p.add_argument("--split", choices=["train", "val", "test", "external"], default=None,
@@ -234,9 +261,9 @@ def _explain_parser() -> ArgumentParser:
     p.add_argument("--reduce", choices=["abs", "signed"], default="abs", help="sum over time of |attribution| or of it")
     p.add_argument("--smooth_fwhm", type=float, default=6.0,
                    help="mm: Gaussian smoothing inside the brain of the group and contrast maps (0: none)")
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", type=bool, default=False)
+    p.add_argument("--batch_size", type=int, default=2, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 
@@ -247,13 +274,13 @@ def _embed_parser() -> ArgumentParser:
         epilog="example: neurox embed runs/amp --store synthetic-store --out embeddings.tsv --color_by amplitude_group",
     )
     p.add_argument("model", help="run directory from neurox finetune, or a model directory")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--out", required=True, help="table of participants (.tsv or .parquet); the windows' table and "
                    "the PCA plot go beside it")
     p.add_argument("--color_by", default=None, help="phenotype column (or 'split') to colour the PCA plot by")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", type=bool, default=False)
+    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 
@@ -268,7 +295,7 @@ def _probe_parser() -> ArgumentParser:
         "--split_from runs/amp --out runs/probe",
     )
     p.add_argument("model", help="a model directory (pretrained, converted) or a finetune run")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--target", required=True, help="phenotype column(s), comma-separated")
     p.add_argument("--out", default=None, help="folder for metrics.json and splits.tsv")
     p.add_argument("--split_from", default=None, help="a finetune run whose splits.tsv to use")
@@ -280,8 +307,8 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--stage", type=int, default=None,
                    help="probe this stage's output (1 = the first, finest) instead of the last's, before its patch "
                    "merging: with --pool tokens, local effects at a finer resolution")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
     return p
 
 
@@ -291,14 +318,14 @@ def _demo_parser() -> ArgumentParser:
         "a short report (metrics table, training curve, where the outputs are). About 7.5 minutes on 2 CPU cores.",
         epilog="example: neurox demo --out neurox-demo",
     )
-    p.add_argument("--out", default="neurox-demo")
-    p.add_argument("--n_subjects", type=int, default=96)
-    p.add_argument("--n_frames", type=int, default=200)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="neurox-demo", help="folder for the cohort, store, runs and report")
+    p.add_argument("--n_subjects", type=int, default=96, help="participants of the synthetic cohort")
+    p.add_argument("--n_frames", type=int, default=200, help="frames per run")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
+    p.add_argument("--seed", type=int, default=0, help="of the cohort and of the run")
     p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore", "voxel_center"],
                    default="voxel_center", help="of the prepared store (see neurox prepare --help)")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--workers", type=int, default=2, help="processes for synth and prepare")
     p.add_argument("--head_init", choices=["random", "probe"], default="probe",

@@ -28,16 +28,16 @@ MODEL_FILE = "baseline.npz"
 
 @dataclasses.dataclass
 class BaselineConfig:
-    store: str = ""
+    store: str = ""  # the store (from neurox prepare)
     target: str = ""  # a column, or several separated by commas (one linear model each)
-    out: str = ""
+    out: str = ""  # the run directory to write
     atlas: str = ""  # label NIfTI in MNI space
-    task: str | None = None
+    task: str | None = None  # per target, comma-separated: binary, multiclass, regression (default: inferred)
     split_from: str | None = None  # a finetune run directory whose splits.tsv to use
-    seed: int = 0
-    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    kind: str = "fisher_z"
-    n_boot: int = 1000
+    seed: int = 0  # the split's seed when there is no --split_from, and the fit's
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
+    kind: str = "fisher_z"  # the features: fisher_z, plain or partial correlation between parcels
+    n_boot: int = 1000  # bootstrap resamples of the participants for the 95% intervals
     confounds: str = "none"  # denoising of each run's parcel series: none, simple, scrubbing or compcor
     fd_threshold: float = 0.5  # mm of framewise displacement above which scrubbing drops a frame
     global_signal: bool = False  # regress the global signal too

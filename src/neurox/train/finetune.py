@@ -54,36 +54,36 @@ from neurox.train.runs import (
 class FinetuneConfig:
     """Every option of a fine-tuning run (the YAML given to ``--config`` uses these names)."""
 
-    store: str = ""
+    store: str = ""  # the store (from neurox prepare) to train on
     target: str = ""  # a phenotype column, or several separated by commas
-    out: str = ""
+    out: str = ""  # the run directory to write (or, with --resume, to continue)
     task: str | None = None  # per target, comma-separated: binary, multiclass, regression (default: inferred)
-    preset: str = "demo"
+    preset: str = "demo"  # architecture when there is no --init: demo (small, 4 mm) or swift_paper
     init: str | None = None  # a model directory: its architecture and backbone weights
     freeze: bool = False  # train the head only (a linear probe)
     head_init: str = "random"  # random, or probe: fit the head in closed form first (LP-FT)
     head_pool: str = "mean"  # what the head reads: mean (published), mean_std, or tokens (per position)
     backbone_lr_scale: float = 1.0  # the backbone's learning rate as a fraction of lr's (the head keeps lr)
-    epochs: int = 10
-    batch_size: int = 4  # per process
-    accumulation: int = 1
-    lr: float = 1e-4  # from scratch on small cohorts, 5e-4 and above collapsed after warm-up
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
-    clip_grad: float = 1.0
+    epochs: int = 10  # passes over the training participants' windows
+    batch_size: int = 4  # windows per process and step
+    accumulation: int = 1  # steps whose gradients add up before one update (a larger batch without memory)
+    lr: float = 1e-4  # peak learning rate (from scratch on small cohorts, 5e-4 and above collapsed after warm-up)
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay
+    warmup_fraction: float = 0.1  # of the steps, with the learning rate rising linearly; then cosine decay
+    clip_grad: float = 1.0  # largest gradient norm (0: no clipping)
     precision: str = "fp32"  # fp32, bf16, fp16
     strategy: str = "ddp"  # ddp or fsdp, with several processes
-    loader_workers: int = 2
-    grad_checkpointing: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    loader_workers: int = 2  # threads reading windows per process
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps
+    seed: int = 0  # fixes the split, the head's start and the order of the data
+    deterministic: bool = False  # deterministic kernels where torch has them (slower), for runs that repeat exactly
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
     checkpoint_every: int = 0  # steps; 0: at epoch ends (and on SIGTERM)
-    max_steps: int | None = None
+    max_steps: int | None = None  # stop after this many steps (the learning-rate schedule ends there)
     val_every: int = 0  # steps between validations besides each epoch's end (long epochs); 0: epoch ends only
-    resume: bool = False
-    device: str = "auto"
-    n_boot: int = 1000
+    resume: bool = False  # continue the run in --out from its last checkpoint
+    device: str = "auto"  # auto (the accelerator if any), cpu, cuda, xpu ...
+    n_boot: int = 1000  # bootstrap resamples of the participants for the 95% intervals
 
     @property
     def targets(self) -> list[str]:

@@ -41,36 +41,36 @@ class PretrainConfig:
     """Every option of a pretraining run (the YAML given to ``--config`` uses these names)."""
 
     store: list[str] = field(default_factory=list)  # one or more stores
-    out: str = ""
+    out: str = ""  # the run directory to write; the model goes to OUT/model
     store_weight: list[float] | None = None  # sampling weight per store (default: by participants)
     objective: str = "contrastive"  # contrastive or mim
     contrastive_mode: str = "instance"  # instance or local_temporal
-    temperature: float = 0.1
-    projection_dim: int = 128
-    mask_ratio: float = 0.6
+    temperature: float = 0.1  # contrastive: of the softmax over cosine similarities
+    projection_dim: int = 128  # contrastive: size of the projection the loss compares
+    mask_ratio: float = 0.6  # MIM: fraction of the tokens hidden
     mask_shape: str = "random"  # random (4D tokens) or tube (spatial positions, every frame)
     decoder_depth: int = 0  # MIM: transformer layers before the linear voxel map (0: SimMIM's linear head)
-    augment: bool = True
-    preset: str = "demo"
+    augment: bool = True  # random affine, noise and smoothing per sample, on the device
+    preset: str = "demo"  # architecture when there is no --init: demo (small, 4 mm) or swift_paper
     init: str | None = None  # continue from a model directory's backbone
-    epochs: int = 10
+    epochs: int = 10  # passes over the participants (or draws of --items_per_epoch)
     items_per_epoch: int | None = None  # participants drawn per epoch (default: all, once)
     batch_size: int = 4  # participants per process and step
-    accumulation: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.1
-    clip_grad: float = 1.0
-    precision: str = "fp32"
-    strategy: str = "ddp"
-    loader_workers: int = 2
-    grad_checkpointing: bool = False
-    seed: int = 0
-    deterministic: bool = False
-    checkpoint_every: int = 0
-    max_steps: int | None = None
-    resume: bool = False
-    device: str = "auto"
+    accumulation: int = 1  # steps whose gradients add up before one update (a larger batch without memory)
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.05  # AdamW's decoupled weight decay
+    warmup_fraction: float = 0.1  # of the steps, with the learning rate rising linearly; then cosine decay
+    clip_grad: float = 1.0  # largest gradient norm (0: no clipping)
+    precision: str = "fp32"  # fp32, bf16, fp16
+    strategy: str = "ddp"  # ddp (replicas) or fsdp (sharded), with several processes
+    loader_workers: int = 2  # threads reading windows per process
+    grad_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower steps
+    seed: int = 0  # fixes the draws of participants, windows, masks and augmentations
+    deterministic: bool = False  # deterministic kernels where torch has them (slower), for runs that repeat exactly
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at epoch ends (and on SIGTERM)
+    max_steps: int | None = None  # stop after this many steps (the learning-rate schedule ends there)
+    resume: bool = False  # continue the run in --out from its last checkpoint
+    device: str = "auto"  # auto (the accelerator if any), cpu, cuda, xpu ...
 
     def settings(self) -> LoopSettings:
         return LoopSettings(self.epochs, self.batch_size, self.accumulation, self.lr, self.weight_decay,
