@@ -14,11 +14,13 @@ from fakes import AFFINE, OPTIONS, bids_run, brain_mask
 from neurox.analysis.baseline import BaselineConfig, baseline, evaluate_baseline
 from neurox.cli import main
 from neurox.data.confounds import MOTION_24, Denoising, read_confounds
+from neurox.data.loader import Target
 from neurox.data.prepare import prepare
 from neurox.data.preprocess import PrepareOptions, TargetGrid
 from neurox.data.store import Store, read_tsv
 from neurox.data.synthetic import SynthOptions, synthesize
 from neurox.io.nifti import InputError
+from neurox.train.objectives import subject_metrics
 
 N_FRAMES = 200
 
@@ -26,7 +28,7 @@ N_FRAMES = 200
 @pytest.fixture(scope="module")
 def cohort_and_store(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("confounds")
-    cohort = synthesize(root / "cohort", SynthOptions(n_subjects=6, n_frames=N_FRAMES, voxel_size_mm=4.0, seed=3),
+    cohort = synthesize(root / "cohort", SynthOptions(n_subjects=10, n_frames=N_FRAMES, voxel_size_mm=4.0, seed=3),
                         progress=False)
     assert prepare(cohort, root / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False).ok
     return cohort, root / "store"
@@ -107,11 +109,29 @@ def test_connectivity_and_baseline_denoise_as_asked(cohort_and_store, tmp_path, 
     assert fd["sub-01"] == pytest.approx(np.nanmean(source_table(cohort, "sub-01")["framewise_displacement"]), abs=1e-3)
 
     config = BaselineConfig(store=str(store), target="coupling_group", out=str(tmp_path / "fc-base"), atlas=str(atlas),
-                            confounds="compcor", n_boot=20)
+                            confounds="compcor", n_boot=20, split_fractions=(0.75, 0.125, 0.125))
     run_dir = baseline(config, progress=False)
     fitted = json.loads((run_dir / "metrics.json").read_text())
     again = evaluate_baseline(run_dir, store, n_boot=20)  # evaluated as it was fitted: with compcor
     assert again["test"]["auroc"] == pytest.approx(fitted["test"]["auroc"])
+    for split, metrics in again.items():  # the motion check, where there are participants enough to correlate
+        assert ("mean_fd_r" in metrics) == (metrics["n_subjects"] >= 5), split
+    assert -1 <= again["train"]["mean_fd_r"] <= 1
+
+
+def test_the_motion_check_correlates_outputs_and_target_with_motion():
+    targets = [Target(column="age", task="regression", mean=50.0, std=10.0)]
+    people = [f"sub-{i}" for i in range(8)]
+    fd = {p: 0.1 + 0.05 * i for i, p in enumerate(people)}
+    outputs = np.array([[2.0 * fd[p]] for p in people])  # a model that reads motion
+    labels = {p: np.array([(-1.0) ** i], dtype=np.float32) for i, p in enumerate(people)}
+    metrics, _, _ = subject_metrics(targets, people, outputs, labels, n_boot=10, motion=fd)
+    assert metrics["mean_fd_r"] == pytest.approx(1.0)
+    assert abs(metrics["target_mean_fd_r"]) < 0.3
+    few, _, _ = subject_metrics(targets, people[:4], outputs[:4], labels, n_boot=10, motion=fd)
+    assert "mean_fd_r" not in few
+    none, _, _ = subject_metrics(targets, people, outputs, labels, n_boot=10)
+    assert "mean_fd_r" not in none
 
 
 def test_denoising_a_store_without_confounds_says_so(tmp_path, capsys):

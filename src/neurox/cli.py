@@ -458,12 +458,11 @@ def cmd_predict(args) -> int:
 
 
 def print_metrics(splits: dict, title: str) -> None:
+    from neurox.train.engine import summary
+
     print(title)
     for split, metrics in splits.items():
-        shown = [f"{k} {v:.3f} [{metrics.get(k + '_ci_low', float('nan')):.3f}, "
-                 f"{metrics.get(k + '_ci_high', float('nan')):.3f}]"
-                 for k, v in metrics.items() if not k.endswith(("_ci_low", "_ci_high")) and k != "n_subjects"]
-        print(f"  {split} (n={metrics.get('n_subjects')}): " + "; ".join(shown))
+        print(f"  {split}: " + summary(metrics))
 
 
 def cmd_baseline(args) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from neurox.analysis.connectivity import participant_connectivity, upper_triangle
-from neurox.data.confounds import Denoising
+from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import Target, load_cohort, load_splits, save_splits, split_participants, standardise
 from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
@@ -129,7 +129,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         x = np.stack([features[p] for p in members])
         outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
-                                                             {p: cohort.labels(p) for p in members}, config.n_boot)
+                                                             {p: cohort.labels(p) for p in members}, config.n_boot,
+                                                             motion=participant_motion(store))
         results[split] = metrics
         from neurox.train.runs import prediction_rows
 
@@ -176,5 +177,5 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
             x = np.stack([features[p] for p in members])
             outputs = np.concatenate([linear_outputs(f, x) for f in params], axis=1)
             results[split], _, _ = subject_metrics(targets, members, outputs, {p: cohort.labels(p) for p in members},
-                                                   n_boot)
+                                                   n_boot, motion=participant_motion(store))
     return results

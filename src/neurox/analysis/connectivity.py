@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurox.data.confounds import Denoising
+from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
 from neurox.io.nifti import InputError, read_volume_ras
@@ -221,15 +221,6 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     write_tsv(out / "participants.tsv", rows, columns)
     plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by)
     return out
-
-
-def participant_motion(store: Store) -> dict[str, float]:
-    """Participant -> mean framewise displacement over their prepared runs, where the manifest has it."""
-    per_participant: dict[str, list[float]] = {}
-    for row in store.manifest:
-        if row.get("status") == "ok" and row.get("mean_fd") not in (None, ""):
-            per_participant.setdefault(row["participant_id"], []).append(float(row["mean_fd"]))
-    return {p: round(float(np.mean(v)), 4) for p, v in per_participant.items()}
 
 
 def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], names: list[str], kind: str,

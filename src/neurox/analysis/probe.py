@@ -50,6 +50,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     stage's output, before its patch merging (finer positions, fewer channels)."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    from neurox.data.confounds import participant_motion
     from neurox.train.distributed import detect
     from neurox.train.runs import check_fits_store
 
@@ -80,7 +81,8 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
             x = np.stack([features[p] for p in members])
             outputs = np.concatenate([linear_outputs(f, x) for f in fitted], axis=1)
             results[split], _, _ = subject_metrics(cohort.targets, members, outputs,
-                                                   {p: cohort.labels(p) for p in members}, n_boot)
+                                                   {p: cohort.labels(p) for p in members}, n_boot,
+                                                   motion=participant_motion(store))
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

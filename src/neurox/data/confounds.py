@@ -147,3 +147,13 @@ def denoise(series: np.ndarray, design: np.ndarray, keep: np.ndarray) -> np.ndar
     x[:, 1:] -= x[:, 1:].mean(0)
     coefficients, *_ = np.linalg.lstsq(x, y, rcond=None)
     return y - x @ coefficients
+
+
+def participant_motion(store) -> dict[str, float]:
+    """Participant -> mean framewise displacement over their prepared runs, where the store's manifest
+    has it (runs prepared with their confounds)."""
+    per_participant: dict[str, list[float]] = {}
+    for row in store.manifest:
+        if row.get("status") == "ok" and row.get("mean_fd") not in (None, ""):
+            per_participant.setdefault(row["participant_id"], []).append(float(row["mean_fd"]))
+    return {p: round(float(np.mean(v)), 4) for p, v in per_participant.items()}

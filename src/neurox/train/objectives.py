@@ -40,15 +40,21 @@ def supervised_loss(outputs: torch.Tensor, labels: torch.Tensor, targets: list[T
 
 
 def subject_metrics(targets: list[Target], participants: list[str], outputs: np.ndarray,
-                    labels: dict[str, np.ndarray], n_boot: int = 1000) -> tuple[dict, list[str], np.ndarray]:
+                    labels: dict[str, np.ndarray], n_boot: int = 1000,
+                    motion: dict[str, float] | None = None) -> tuple[dict, list[str], np.ndarray]:
     """Aggregate window outputs per participant, then metrics per target (prefixed by the column
-    when there are several). Regression metrics are in the target's own units."""
+    when there are several). Regression metrics are in the target's own units. With ``motion``
+    (participant -> mean framewise displacement), the motion check beside them: ``mean_fd_r``, the
+    correlation of the participants' outputs with how much they moved, and ``target_mean_fd_r``, that
+    of the target itself: a model can score well by reading head motion where the target goes with it."""
     subjects, subject_outputs = aggregate(participants, outputs)
     subject_labels = np.stack([labels[p] for p in subjects])
     result: dict[str, float] = {}
     if targets[0].task == "multiclass":
         result.update(with_intervals("multiclass", subject_labels[:, 0], subject_outputs, n_boot))
         return result, subjects, subject_outputs
+    moved = [i for i, p in enumerate(subjects) if motion and p in motion]
+    fd = np.array([motion[subjects[i]] for i in moved]) if moved else None
     for i, target in enumerate(targets):
         if target.task == "regression":
             values = subject_labels[:, i] * target.std + target.mean
@@ -57,10 +63,22 @@ def subject_metrics(targets: list[Target], participants: list[str], outputs: np.
         else:
             metrics = with_intervals("binary", subject_labels[:, i], subject_outputs[:, i : i + 1], n_boot)
         n = metrics.pop("n_subjects")
+        if len(moved) >= MOTION_CHECK_MIN and np.ptp(fd) > 0:
+            metrics["mean_fd_r"] = _pearson(subject_outputs[moved, i], fd)
+            metrics["target_mean_fd_r"] = _pearson(subject_labels[moved, i], fd)
         prefix = "" if len(targets) == 1 else f"{target.column}."
         result.update({f"{prefix}{k}": v for k, v in metrics.items()})
         result["n_subjects"] = n
     return result, subjects, subject_outputs
+
+
+MOTION_CHECK_MIN = 5  # participants with a mean framewise displacement, for the motion check
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
 def selection_score(targets: list[Target], metrics: dict) -> float:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from neurox.config import SwiFTConfig
+from neurox.data.confounds import participant_motion
 from neurox.data.loader import (
     Cohort,
     Target,
@@ -79,7 +80,7 @@ def split_metrics(model, store_root, cohort, targets, split, length, grid, env, 
     participants = cohort.in_split(split)
     who, outputs = window_outputs(model, store_root, cohort, participants, length, grid, env, batch_size, precision)
     labels = {p: cohort.labels(p) for p in participants}
-    return subject_metrics(targets, who, outputs, labels, n_boot)
+    return subject_metrics(targets, who, outputs, labels, n_boot, motion=participant_motion(Store(store_root)))
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
