@@ -240,7 +240,6 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
 
     tr = spec.tr or _header_tr(info) or options.tr
     stat = spec.bold.stat()
-
     attributes = {
         "neurox_version": __version__,
         "participant_id": spec.participant_id,

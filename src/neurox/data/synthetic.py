@@ -314,7 +314,7 @@ def write_run(context, subject: dict, run: int) -> None:
 
 def synthetic_confounds(rng, options: SynthOptions, record: dict) -> dict[str, np.ndarray]:
     """The run's confounds in fMRIPrep's columns. Head motion is a slow random walk (about 0.1 mm of
-    framewise displacement a frame) that jumps at the frames where the run has a spike (1-2 mm), so that
+    framewise displacement a frame) that jumps at the frames where the run has a spike (1 mm or more), so that
     scrubbing finds the spikes; the global signal is the in-brain mean; the synthetic brain has no
     tissue classes, so ``white_matter``, ``csf`` and ``a_comp_cor_*`` come from the parcels in no network
     (the means of their two halves, and their first five principal components); the cosine basis is
@@ -322,7 +322,9 @@ def synthetic_confounds(rng, options: SynthOptions, record: dict) -> dict[str, n
     n = options.n_frames
     steps = np.concatenate([rng.normal(0, 0.02, (n, 3)), rng.normal(0, 0.0003, (n, 3))], axis=1)  # mm, radians
     for t in record["spikes"]:
-        steps[t] += np.concatenate([rng.normal(0, 0.5, 3), rng.normal(0, 0.005, 3)])
+        # at least 0.3 mm on each axis: framewise displacement of 0.9 mm or more, far above the walk's
+        jump = rng.choice([-1.0, 1.0], 3) * (0.3 + np.abs(rng.normal(0, 0.2, 3)))
+        steps[t] += np.concatenate([jump, rng.normal(0, 0.005, 3)])
     steps[0] = 0
     motion = np.cumsum(steps, axis=0)
     table: dict[str, np.ndarray] = {}
@@ -338,6 +340,8 @@ def synthetic_confounds(rng, options: SynthOptions, record: dict) -> dict[str, n
     fd = displacement[:, :3].sum(1) + 50 * displacement[:, 3:].sum(1)  # rotations on a 50 mm sphere (Power)
     table["framewise_displacement"] = np.concatenate([[np.nan], fd])
     outside = record["outside"]
+    if outside.shape[1] == 0:  # every parcel in a network: the global signal stands in
+        outside = record["global_signal"][:, None]
     half = max(outside.shape[1] // 2, 1)
     expanded("global_signal", record["global_signal"])
     expanded("white_matter", outside[:, :half].mean(1))
