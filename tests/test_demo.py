@@ -15,6 +15,7 @@ def test_demo_end_to_end_writes_the_report(tmp_path, capsys):
     for target in ("amplitude_group", "coupling_group", "order_group"):
         assert f"| {target} |" in report
     assert "FC baseline" in report and "voxel_center" in report and "training curve" in report
+    assert "model output ~ head motion (r)" in report and "the motion check" in report  # 2 test participants: n/a
     assert (out / "training_curve.png").stat().st_size > 5_000
     assert (out / "runs" / "swift" / "model" / "config.json").is_file()
     assert (out / "runs" / "fc_baseline" / "metrics.json").is_file()
