@@ -147,3 +147,23 @@ def test_denoising_a_store_without_confounds_says_so(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all("no confounds stored for --confounds simple" in line for line in err[:2])
     assert "no participant's runs could be read" in err[2]
+
+
+def test_preparing_again_adds_confounds_a_run_was_prepared_without(tmp_path, capsys):
+    root = tmp_path / "bids"
+    bolds = [bids_run(root, sub, n_frames=24) for sub in ("01", "02")]
+    assert prepare(root, tmp_path / "store", OPTIONS, progress=False).ok
+    store = Store(tmp_path / "store")
+    assert store.run("sub-01_task-rest_run-1").confounds() is None and store.manifest[0]["mean_fd"] == ""
+    frames = store.read_window("sub-01_task-rest_run-1", start=0, length=8)
+    for bold, rows in zip(bolds, (24, 23)):  # fMRIPrep's tables appear later; the second does not fit
+        bold.with_name(bold.name.split("_space-")[0] + "_desc-confounds_timeseries.tsv").write_text(
+            "framewise_displacement\n" + "n/a\n" + "0.2\n" * (rows - 1))
+    again = prepare(root, tmp_path / "store", OPTIONS, progress=False)
+    assert len(again.skipped) == 2 and not again.done and again.ok  # no frame prepared twice
+    assert "23 rows for the 24 frames" in capsys.readouterr().err
+    assert np.array_equal(store.read_window("sub-01_task-rest_run-1", start=0, length=8), frames)
+    assert store.run("sub-01_task-rest_run-1").confounds()["framewise_displacement"][1] == pytest.approx(0.2)
+    assert store.run("sub-02_task-rest_run-1").confounds() is None
+    fd = {row["run_id"]: row["mean_fd"] for row in store.manifest}
+    assert float(fd["sub-01_task-rest_run-1"]) == pytest.approx(0.2) and fd["sub-02_task-rest_run-1"] == ""

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neurox import __version__
+from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, read_confounds
 from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
 from neurox.data.store import (
     MANIFEST_COLUMNS,
@@ -100,6 +102,9 @@ def prepare(
             remove(stale)  # left by a crash or Ctrl-C
         if is_current(root, spec, fmt):
             report.skipped.append(spec.run_id)
+            error = add_missing_confounds(root, spec, fmt)
+            if error:  # the frames stay; the table that does not fit them is reported
+                print(f"neurox prepare: {error}; the run is kept without confounds", file=sys.stderr)
         else:
             todo.append(spec)
 
@@ -175,6 +180,34 @@ def is_current(root: Path, spec: RunSpec, fmt: str) -> bool:
     except OSError:
         return True  # the source is gone; what was prepared from it stays
     return source.get("size") == stat.st_size and source.get("mtime_ns") == stat.st_mtime_ns
+
+
+def add_missing_confounds(root: Path, spec: RunSpec, fmt: str) -> str | None:
+    """Give a finished run the confounds it was prepared without (by an earlier neurox, or before
+    fMRIPrep's table was there), without touching its frames; returns the one-line error of a table
+    that does not fit."""
+    if spec.confounds is None:
+        return None
+    path = run_path(root, spec.run_id, fmt)
+    if (path / CONFOUNDS_FILE).is_file():
+        return None
+    attributes_file = path / ("zarr.json" if fmt == "zarr" else "attributes.json")
+    meta = json.loads(attributes_file.read_text())
+    attributes = meta.get("attributes", meta)
+    try:
+        table = read_confounds(spec.confounds)
+    except InputError as err:
+        return str(err)
+    rows = len(next(iter(table.values()))) if table else attributes["n_frames"]
+    if rows != attributes["n_frames"]:
+        return f"{spec.confounds}: {rows} rows for the {attributes['n_frames']} frames of {spec.bold.name}"
+    if not table:
+        return None
+    write_text_atomic(path / CONFOUNDS_FILE, confounds_text(table))
+    attributes.update(motion=motion_summary(table), confounds=sorted(table))
+    attributes["source"]["confounds"] = str(spec.confounds.resolve())
+    write_text_atomic(attributes_file, json.dumps(meta))
+    return None
 
 
 def copy_participants(input_path, participants, root: Path) -> None:
