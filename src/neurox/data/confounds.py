@@ -95,6 +95,15 @@ def read_confounds(path: str | Path) -> dict[str, np.ndarray]:
     return table
 
 
+def run_confounds(path: Path, n_frames: int, bold_name: str) -> dict[str, np.ndarray]:
+    """The kept columns of a run's confounds table, refused in one line when its rows are not the run's frames."""
+    table = read_confounds(path)
+    rows = len(next(iter(table.values()))) if table else n_frames
+    if rows != n_frames:
+        raise InputError(f"{path}: {rows} rows for the {n_frames} frames of {bold_name}")
+    return table
+
+
 def confounds_text(table: dict[str, np.ndarray]) -> str:
     """The table as TSV (``n/a`` for NaN), as ``prepare`` stores it."""
     names = list(table)

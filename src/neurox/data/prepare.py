@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neurox import __version__
-from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, read_confounds
+from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, run_confounds
 from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
 from neurox.data.store import (
     MANIFEST_COLUMNS,
@@ -195,12 +195,9 @@ def add_missing_confounds(root: Path, spec: RunSpec, fmt: str) -> str | None:
     meta = json.loads(attributes_file.read_text())
     attributes = meta.get("attributes", meta)
     try:
-        table = read_confounds(spec.confounds)
+        table = run_confounds(spec.confounds, attributes["n_frames"], spec.bold.name)
     except InputError as err:
         return str(err)
-    rows = len(next(iter(table.values()))) if table else attributes["n_frames"]
-    if rows != attributes["n_frames"]:
-        return f"{spec.confounds}: {rows} rows for the {attributes['n_frames']} frames of {spec.bold.name}"
     if not table:
         return None
     write_text_atomic(path / CONFOUNDS_FILE, confounds_text(table))

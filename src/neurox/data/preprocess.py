@@ -20,7 +20,7 @@ import numpy as np
 
 from neurox import __version__
 from neurox.config import MNI_BOX_MM, MNI_BOX_ORIGIN_MM
-from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, read_confounds
+from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, run_confounds
 from neurox.data.store import pack_mask
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
@@ -152,10 +152,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         raise InputError(f"{spec.bold}: {info.n_frames} frames, fewer than one window ({options.min_frames})")
     confounds = {}  # checked before the frames are read: a table that does not fit fails the run at once
     if spec.confounds is not None:
-        confounds = read_confounds(spec.confounds)
-        rows = len(next(iter(confounds.values()))) if confounds else info.n_frames
-        if rows != info.n_frames:
-            raise InputError(f"{spec.confounds}: {rows} rows for the {info.n_frames} frames of {spec.bold.name}")
+        confounds = run_confounds(spec.confounds, info.n_frames, spec.bold.name)
     mapping = GridMapping(info, options.grid, options.resample)
     grid_shape = options.grid.shape
 
