@@ -114,6 +114,8 @@ def test_connectivity_and_baseline_denoise_as_asked(cohort_and_store, tmp_path, 
     fitted = json.loads((run_dir / "metrics.json").read_text())
     again = evaluate_baseline(run_dir, store, n_boot=20)  # evaluated as it was fitted: with compcor
     assert again["test"]["auroc"] == pytest.approx(fitted["test"]["auroc"])
+    predictions = read_tsv(run_dir / "predictions.tsv")
+    assert [float(r["mean_fd"]) for r in predictions] == [fd[r["participant_id"]] for r in predictions]
     for split, metrics in again.items():  # the motion check, where there are participants enough to correlate
         assert ("mean_fd_r" in metrics) == (metrics["n_subjects"] >= 5), split
     assert -1 <= again["train"]["mean_fd_r"] <= 1

@@ -134,7 +134,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     for split in ("train", "val", "test", "external"):
         members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
         rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
-    write_predictions(Path(out), targets, rows)
+    write_predictions(Path(out), targets, rows, store)
     return Path(out)
 
 
@@ -159,7 +159,12 @@ def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outpu
     return rows
 
 
-def write_predictions(path: Path, targets, rows) -> None:
+def write_predictions(path: Path, targets, rows, store: Store | None = None) -> None:
+    """predictions.tsv; with the store's motion, each participant's mean framewise displacement as the last
+    column, for analyses that account for it."""
+    motion = participant_motion(store) if store is not None else {}
+    if motion:
+        rows = [{**row, "mean_fd": motion.get(row["participant_id"], "")} for row in rows]
     columns = ["participant_id", "split"]
     for row in rows:
         columns += [c for c in row if c not in columns]
