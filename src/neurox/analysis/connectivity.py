@@ -157,9 +157,12 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     """Parcel series per run and a connectivity matrix per participant, written to ``out``:
 
     - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
-      ``names``, ``kind``, ``group_mean`` (and ``group_mean_<value>`` per value of ``group_by``);
-    - ``parcel_series.npz``: one (frames, parcels) array per run id, with ``labels``;
-    - ``participants.tsv`` (the store's phenotypes of the participants included), ``parcels.tsv``;
+      ``names``, ``kind``, ``denoising`` (JSON), ``group_mean`` (and ``group_mean_<value>`` per value of
+      ``group_by``);
+    - ``parcel_series.npz``: one (frames, parcels) array per run id (denoised, scrubbed frames dropped), with
+      ``labels``;
+    - ``participants.tsv`` (the store's phenotypes of the participants included, and their ``mean_fd``
+      where the store has it), ``parcels.tsv``;
     - ``group_mean.png``: the group-mean matrix (one panel per group and their difference with ``group_by``).
     """
     from neurox.data.store import write_tsv
