@@ -77,7 +77,8 @@ def test_python_api_runs_prepare_finetune_evaluate_predict(tmp_path: Path, capsy
     assert (run / "model" / "config.json").is_file()
     log = capsys.readouterr().err  # a batch job's log: whole lines, each validation with its intervals
     assert "\r" not in log and "train: 0/" in log and "(done)" in log
-    assert "step 2: validation accuracy " in log and "auroc " in log and "n 2" in log
+    assert "step 2: validation balanced_accuracy " in log and "auroc " in log and "n 2" in log
+    assert "validation accuracy" not in log  # the log's line shows the headline metrics; metrics.jsonl has all
     results = neurox.evaluate(run, tmp_path / "store", out=tmp_path / "metrics.json")
     assert results["model"]["test"]["n_subjects"] == 2
     assert json.loads((tmp_path / "metrics.json").read_text()) == results

@@ -314,7 +314,7 @@ class Trainer:
         self.log({"step": self.step, **({"epoch": epoch} if epoch is not None else {}), "val": metrics})
         best = score > self.best_score
         if self.env.is_main:
-            line = f"step {self.step}: validation {summary(metrics)}" + (" (best so far)" if best else "")
+            line = f"step {self.step}: validation {summary(metrics, HEADLINE)}" + (" (best so far)" if best else "")
             if self.bar is not None:
                 self.bar.write(line)
             else:
@@ -392,12 +392,18 @@ class Trainer:
         return "done"
 
 
-def summary(metrics: dict) -> str:
-    """``auroc 0.937 [0.890, 0.975], ..., n 96``: the metrics with their intervals, on one line."""
+# what a validation line in the log shows of each target (metrics.jsonl has them all)
+HEADLINE = ("auroc", "balanced_accuracy", "mae", "pearson_r", "mean_fd_r")
+
+
+def summary(metrics: dict, only: tuple[str, ...] | None = None) -> str:
+    """``auroc 0.937 [0.890, 0.975], ..., n 96``: the metrics (of the names in ``only``, when given, with or
+    without a target's prefix) with their intervals, on one line."""
     shown = [f"{k} {v:.3f}" + (f" [{metrics[k + '_ci_low']:.3f}, {metrics[k + '_ci_high']:.3f}]"
                                 if k + "_ci_low" in metrics and k + "_ci_high" in metrics else "")
              for k, v in metrics.items()
-             if not k.endswith(("_ci_low", "_ci_high")) and k != "n_subjects" and isinstance(v, (int, float))]
+             if not k.endswith(("_ci_low", "_ci_high")) and k != "n_subjects" and isinstance(v, (int, float))
+             and (only is None or k.rsplit(".", 1)[-1] in only)]
     return ", ".join(shown) + (f", n {metrics['n_subjects']}" if "n_subjects" in metrics else "")
 
 
