@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +14,7 @@ from fakes import AFFINE, OPTIONS, bids_run, brain_mask
 
 from neurox.analysis.baseline import BaselineConfig, baseline, evaluate_baseline
 from neurox.cli import main
-from neurox.data.confounds import MOTION_24, Denoising, read_confounds
+from neurox.data.confounds import MOTION_24, Denoising, motion_report, read_confounds
 from neurox.data.loader import Target
 from neurox.data.prepare import prepare
 from neurox.data.preprocess import PrepareOptions, TargetGrid
@@ -161,11 +162,23 @@ def test_preparing_again_adds_confounds_a_run_was_prepared_without(tmp_path, cap
     for bold, rows in zip(bolds, (24, 23)):  # fMRIPrep's tables appear later; the second does not fit
         bold.with_name(bold.name.split("_space-")[0] + "_desc-confounds_timeseries.tsv").write_text(
             "framewise_displacement\n" + "n/a\n" + "0.2\n" * (rows - 1))
-    again = prepare(root, tmp_path / "store", OPTIONS, progress=False)
-    assert len(again.skipped) == 2 and not again.done and again.ok  # no frame prepared twice
-    assert "23 rows for the 24 frames" in capsys.readouterr().err
+    assert main(["prepare", str(root), "--out", str(tmp_path / "store"), "--voxel_size", "4", "--min_frames", "8",
+                 "--quiet", "true"]) == 0
+    out, err = capsys.readouterr()
+    assert "0 prepared, 2 already done, 0 failed" in out  # no frame prepared twice
+    assert "head motion of 1 run(s): median mean framewise displacement 0.200 mm; 0 above 0.5 mm" in out
+    assert "23 rows for the 24 frames" in err
     assert np.array_equal(store.read_window("sub-01_task-rest_run-1", start=0, length=8), frames)
     assert store.run("sub-01_task-rest_run-1").confounds()["framewise_displacement"][1] == pytest.approx(0.2)
     assert store.run("sub-02_task-rest_run-1").confounds() is None
     fd = {row["run_id"]: row["mean_fd"] for row in store.manifest}
     assert float(fd["sub-01_task-rest_run-1"]) == pytest.approx(0.2) and fd["sub-02_task-rest_run-1"] == ""
+
+
+def test_the_motion_summary_names_the_runs_that_moved_most():
+    rows = [{"run_id": f"sub-{i}_run-1", "status": "ok", "mean_fd": str(fd)} for i, fd in enumerate((0.1, 0.7, 0.2))]
+    rows.append({"run_id": "sub-9_run-1", "status": "failed", "mean_fd": ""})
+    line = motion_report(SimpleNamespace(manifest=rows))
+    assert line == ("head motion of 3 run(s): median mean framewise displacement 0.200 mm; 1 above 0.5 mm "
+                    "(sub-1_run-1; mean_fd in manifest.tsv)")
+    assert motion_report(SimpleNamespace(manifest=rows[3:])) is None

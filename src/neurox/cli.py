@@ -419,9 +419,15 @@ def cmd_synth(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from neurox.data.confounds import motion_report
+    from neurox.data.store import Store
+
     report = api.prepare(**keywords(api.prepare, args))
     print(f"{report.store}: {len(report.done)} prepared, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed" + (f" (see {report.store / 'failures.tsv'})" if report.failed else ""))
+    motion = motion_report(Store(report.store))
+    if motion:
+        print(motion)
     return 0 if report.ok else 3
 
 

@@ -166,3 +166,21 @@ def participant_motion(store) -> dict[str, float]:
         if row.get("status") == "ok" and row.get("mean_fd") not in (None, ""):
             per_participant.setdefault(row["participant_id"], []).append(float(row["mean_fd"]))
     return {p: round(float(np.mean(v)), 4) for p, v in per_participant.items()}
+
+
+HIGH_MOTION_MM = 0.5  # a run whose mean framewise displacement is above this is named in prepare's summary
+
+
+def motion_report(store) -> str | None:
+    """One line on the store's head motion, for the end of ``prepare``: the median of the runs' mean
+    framewise displacement and the runs above ``HIGH_MOTION_MM`` (often excluded from analyses)."""
+    rows = [r for r in store.manifest if r.get("status") == "ok" and r.get("mean_fd") not in (None, "")]
+    if not rows:
+        return None
+    means = np.array([float(r["mean_fd"]) for r in rows])
+    high = [r["run_id"] for r, m in zip(rows, means) if m > HIGH_MOTION_MM]
+    line = (f"head motion of {len(rows)} run(s): median mean framewise displacement {np.median(means):.3f} mm; "
+            f"{len(high)} above {HIGH_MOTION_MM} mm")
+    if high:
+        line += f" ({', '.join(high[:5])}{', ...' if len(high) > 5 else ''}; mean_fd in manifest.tsv)"
+    return line
