@@ -121,6 +121,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    motion = participant_motion(store)
     results, rows = {}, []
     for split in ("val", "test"):
         members = [p for p in cohort.in_split(split) if p in features]
@@ -130,7 +131,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
                                                              {p: cohort.labels(p) for p in members}, config.n_boot,
-                                                             motion=participant_motion(store))
+                                                             motion=motion)
         results[split] = metrics
         from neurox.train.runs import prediction_rows
 
@@ -149,7 +150,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     write_text_atomic(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     save_splits(out / "splits.tsv", cohort.split)
     write_json(out / "metrics.json", results)
-    write_predictions(out / "predictions.tsv", targets, rows, store)
+    write_predictions(out / "predictions.tsv", targets, rows, motion)
     return out
 
 
@@ -170,6 +171,7 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     features, labels = _features(store, config["atlas"], cohort.participants, config["kind"], False, denoising)
     if list(stored["atlas_labels"]) != labels:
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
+    motion = participant_motion(store)
     results = {}
     for split in ("train", "val", "test", "external"):
         members = [p for p in cohort.in_split(split) if p in features]
@@ -177,5 +179,5 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
             x = np.stack([features[p] for p in members])
             outputs = np.concatenate([linear_outputs(f, x) for f in params], axis=1)
             results[split], _, _ = subject_metrics(targets, members, outputs, {p: cohort.labels(p) for p in members},
-                                                   n_boot, motion=participant_motion(store))
+                                                   n_boot, motion=motion)
     return results

@@ -107,7 +107,7 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
             except (OSError, ValueError, KeyError) as err:
                 print(f"neurox: {store.root / run_id}: cannot read the run ({err}); left out", file=sys.stderr)
                 continue
-            if denoising is not None:
+            if denoising is not None and denoising.active:
                 try:
                     series = denoising.apply(series, store.run(run_id).confounds(), f"run {run_id}")
                 except InputError as err:

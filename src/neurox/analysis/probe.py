@@ -74,6 +74,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
     fitted = [fit_linear(x_train, y_train[:, i], t.task, seed) for i, t in enumerate(cohort.targets)]
+    motion = participant_motion(store)
     results = {}
     for split in ("val", "test"):
         members = [p for p in cohort.in_split(split) if p in features]
@@ -82,7 +83,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
             outputs = np.concatenate([linear_outputs(f, x) for f in fitted], axis=1)
             results[split], _, _ = subject_metrics(cohort.targets, members, outputs,
                                                    {p: cohort.labels(p) for p in members}, n_boot,
-                                                   motion=participant_motion(store))
+                                                   motion=motion)
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -57,10 +57,15 @@ class Denoising:
         if not self.fd_threshold > 0:
             raise ValueError(f"--fd_threshold {self.fd_threshold}: give a displacement in mm, above 0")
 
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything (else no confounds need reading)."""
+        return self.strategy != "none" or self.global_signal
+
     def apply(self, series: np.ndarray, table: dict[str, np.ndarray] | None, source: str) -> np.ndarray:
         """The run's denoised series (its kept frames); a one-line ``InputError`` naming the run when
         its confounds are missing, lack a column, or leave too few frames."""
-        if self.strategy == "none" and not self.global_signal:
+        if not self.active:
             return series
         if table is None:
             raise InputError(f"{source}: no confounds stored for --confounds {self.strategy} (the run was prepared "

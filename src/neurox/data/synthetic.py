@@ -186,7 +186,8 @@ def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: 
     outside = sorted(set(range(1, options.n_parcels + 1)) - set(member))
     if record is not None:
         record.update(spikes=sorted(spikes), global_signal=np.zeros(n), outside=np.zeros((n, len(outside))))
-        sizes = np.maximum(np.bincount(labels[mask], minlength=options.n_parcels + 1)[outside], 1)
+        brain_labels = labels[mask]
+        sizes = np.maximum(np.bincount(brain_labels, minlength=options.n_parcels + 1)[outside], 1)
     for start in range(0, n, block):
         stop = min(start + block, n)
         out = np.empty((*mask.shape, stop - start), dtype=np.float32)
@@ -198,8 +199,9 @@ def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: 
                 frame *= 1.02
             out[..., i] = np.where(mask, frame, 0.0)
             if record is not None:
-                record["global_signal"][t] = frame[mask].mean()
-                sums = np.bincount(labels[mask], weights=frame[mask], minlength=options.n_parcels + 1)
+                inside = frame[mask]
+                record["global_signal"][t] = inside.mean()
+                sums = np.bincount(brain_labels, weights=inside, minlength=options.n_parcels + 1)
                 record["outside"][t] = sums[outside] / sizes
         yield out
 

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from neurox.config import InputContract, SwiFTConfig, preset
+from neurox.data.confounds import participant_motion
 from neurox.data.loader import (
     Cohort,
     Target,
@@ -208,13 +209,14 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
             initialise_head(model, targets, pooled, labels, who, config.seed)
     wrapped = dist_utils.wrap(model, env, config.strategy)
     contract = InputContract.for_model(arch, tr=store_tr(store), normalization=store.info["normalization"])
+    motion = participant_motion(store)  # for the motion check of every validation
 
     def evaluate():
         if model.head.batch_statistics and trainer.step > 0:  # the backbone moved: its statistics, recomputed
             pooled, _, _ = training_features(wrapped, store.root, cohort, length, grid, env, config, max_windows=128)
             model.head.calibrate(pooled.to(env.device))
         metrics, _, _ = split_metrics(wrapped, store.root, cohort, targets, "val", length, grid, env,
-                                      config.batch_size, config.precision, config.n_boot)
+                                      config.batch_size, config.precision, config.n_boot, motion)
         return selection_score(targets, metrics), metrics
 
     def save_best(step: int, metrics: dict):
@@ -358,17 +360,18 @@ def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config)
     from neurox.hub import load_pretrained
 
     best = load_pretrained(run_dir / "model").to(env.device)
+    motion = participant_motion(store)
     results, rows = {}, []
     for split in ("val", "test"):
         if not cohort.in_split(split):
             continue
         metrics, subjects, outputs = split_metrics(best, store.root, cohort, targets, split, length, grid, env,
-                                                   config.batch_size, config.precision, config.n_boot)
+                                                   config.batch_size, config.precision, config.n_boot, motion)
         results[split] = metrics
         rows += prediction_rows(targets, cohort.values, split, subjects, outputs)
     if env.is_main:
         write_json(run_dir / "metrics.json", results)
-        write_predictions(run_dir / "predictions.tsv", targets, rows, store)
+        write_predictions(run_dir / "predictions.tsv", targets, rows, motion)
     return results
 
 

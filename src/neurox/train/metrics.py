@@ -60,10 +60,15 @@ def classification_metrics(labels: np.ndarray, outputs: np.ndarray) -> dict[str,
             "auroc": area}
 
 
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's r, NaN where either side is constant."""
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
 def regression_metrics(values: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
     errors = predictions - values
     total = ((values - values.mean()) ** 2).sum()
-    r = float(np.corrcoef(values, predictions)[0, 1]) if values.std() > 0 and predictions.std() > 0 else float("nan")
+    r = pearson(values, predictions)
     return {"mae": float(np.abs(errors).mean()), "mse": float((errors**2).mean()), "pearson_r": r,
             "r2": float(1 - (errors**2).sum() / total) if total > 0 else float("nan")}
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from neurox.data.loader import Target
-from neurox.train.metrics import aggregate, with_intervals
+from neurox.train.metrics import aggregate, pearson, with_intervals
 
 
 def num_outputs(targets: list[Target]) -> int:
@@ -64,8 +64,8 @@ def subject_metrics(targets: list[Target], participants: list[str], outputs: np.
             metrics = with_intervals("binary", subject_labels[:, i], subject_outputs[:, i : i + 1], n_boot)
         n = metrics.pop("n_subjects")
         if len(moved) >= MOTION_CHECK_MIN and np.ptp(fd) > 0:
-            metrics["mean_fd_r"] = _pearson(subject_outputs[moved, i], fd)
-            metrics["target_mean_fd_r"] = _pearson(subject_labels[moved, i], fd)
+            metrics["mean_fd_r"] = pearson(subject_outputs[moved, i], fd)
+            metrics["target_mean_fd_r"] = pearson(subject_labels[moved, i], fd)
         prefix = "" if len(targets) == 1 else f"{target.column}."
         result.update({f"{prefix}{k}": v for k, v in metrics.items()})
         result["n_subjects"] = n
@@ -73,12 +73,6 @@ def subject_metrics(targets: list[Target], participants: list[str], outputs: np.
 
 
 MOTION_CHECK_MIN = 5  # participants with a mean framewise displacement, for the motion check
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
 def selection_score(targets: list[Target], metrics: dict) -> float:

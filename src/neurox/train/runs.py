@@ -75,12 +75,14 @@ def first_rows(indices: list[int]) -> tuple[list[int], list[int]]:
 
 
 def split_metrics(model, store_root, cohort, targets, split, length, grid, env, batch_size: int,
-                  precision: str = "fp32", n_boot: int = 1000) -> tuple[dict, list, np.ndarray]:
-    """Subject-level metrics of one split, and each participant's mean output."""
+                  precision: str = "fp32", n_boot: int = 1000, motion: dict[str, float] | None = None
+                  ) -> tuple[dict, list, np.ndarray]:
+    """Subject-level metrics of one split (with the motion check when ``motion`` is given), and each
+    participant's mean output."""
     participants = cohort.in_split(split)
     who, outputs = window_outputs(model, store_root, cohort, participants, length, grid, env, batch_size, precision)
     labels = {p: cohort.labels(p) for p in participants}
-    return subject_metrics(targets, who, outputs, labels, n_boot, motion=participant_motion(Store(store_root)))
+    return subject_metrics(targets, who, outputs, labels, n_boot, motion=motion)
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
@@ -105,11 +107,13 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
     cohort, _ = cohort_with(store, targets, splits)
     env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
     model.to(env.device)
+    motion = participant_motion(store)
     results = {}
     for split in ("train", "val", "test", "external"):
         if cohort.in_split(split):
             results[split], _, _ = split_metrics(model, store.root, cohort, targets, split, model.config.img_size[3],
-                                                 model.config.img_size[:3], env, batch_size, n_boot=n_boot)
+                                                 model.config.img_size[:3], env, batch_size, n_boot=n_boot,
+                                                 motion=motion)
     return results
 
 
@@ -134,7 +138,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     for split in ("train", "val", "test", "external"):
         members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
         rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
-    write_predictions(Path(out), targets, rows, store)
+    write_predictions(Path(out), targets, rows, participant_motion(store))
     return Path(out)
 
 
@@ -159,10 +163,9 @@ def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outpu
     return rows
 
 
-def write_predictions(path: Path, targets, rows, store: Store | None = None) -> None:
-    """predictions.tsv; with the store's motion, each participant's mean framewise displacement as the last
+def write_predictions(path: Path, targets, rows, motion: dict[str, float] | None = None) -> None:
+    """predictions.tsv; with ``motion`` (participant -> mean framewise displacement), that as the last
     column, for analyses that account for it."""
-    motion = participant_motion(store) if store is not None else {}
     if motion:
         rows = [{**row, "mean_fd": motion.get(row["participant_id"], "")} for row in rows]
     columns = ["participant_id", "split"]
