@@ -71,12 +71,23 @@ def _prepare_parser() -> ArgumentParser:
         "cut (or with --resample, interpolate) onto a box fixed in MNI coordinates, normalise, float16. "
         "Finished runs are skipped on a re-run; a bad run is reported in failures.tsv and the rest go on. "
         "Exit status: 0 all runs prepared, 3 some runs failed, 1 nothing could be done.",
-        epilog="example: neurox prepare /data/ukb/derivatives/fmriprep --out /scratch/ukb-store --workers 8",
+        epilog="example: neurox prepare /data/ukb/derivatives/fmriprep --out /scratch/ukb-store --workers 8;  "
+        "HCP: neurox prepare /data/HCP_1200 --task rest --participants unrestricted.csv --id_column Subject "
+        "--out /scratch/hcp-store",
     )
-    p.add_argument("input", help="BIDS derivatives folder (fMRIPrep), a .nii[.gz] run, or a TSV manifest "
-                   "(participant_id, path, optional session, run, mask)")
+    p.add_argument("input", help="BIDS derivatives folder (fMRIPrep), HCP-pipeline folder (<subject>/MNINonLinear/"
+                   "Results/<run>/<run>.nii.gz), a .nii[.gz] run, or a TSV manifest (participant_id, path, optional "
+                   "session, run, mask, confounds)")
     p.add_argument("--out", required=True, help="store folder to create or complete")
-    p.add_argument("--participants", default=None, help="phenotype table (default: INPUT/participants.tsv)")
+    p.add_argument("--participants", default=None,
+                   help="phenotype table, .tsv or .csv (default: INPUT/participants.tsv)")
+    p.add_argument("--id_column", default=None, help="the phenotype table's participant id column (default "
+                   "participant_id; HCP: Subject, UK Biobank: eid); 100307 and sub-100307 name one participant")
+    p.add_argument("--task", default=None, help="only the runs of this task (BIDS task label; HCP: rest for rfMRI_*, "
+                   "wm for tfMRI_WM_*); default every run found")
+    p.add_argument("--hcp_bold", choices=["minimal", "fix"], default="minimal",
+                   help="HCP-pipeline folders: minimal (<run>.nii.gz, minimally preprocessed) or fix "
+                   "(<run>_hp2000_clean.nii.gz, cleaned by ICA-FIX)")
     p.add_argument("--like", default=None, help="apply this model directory's input contract instead of the flags")
     p.add_argument("--voxel_size", type=float, default=2.0, help="target voxel size in mm (2, or 4 for small models)")
     p.add_argument("--grid", type=int, nargs=3, default=None, help="target grid (default 96^3 at 2 mm, 48^3 at 4 mm)")
@@ -425,6 +436,8 @@ def cmd_prepare(args) -> int:
     report = api.prepare(**keywords(api.prepare, args))
     print(f"{report.store}: {len(report.done)} prepared, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed" + (f" (see {report.store / 'failures.tsv'})" if report.failed else ""))
+    if report.phenotypes:
+        print(report.phenotypes)
     motion = motion_report(Store(report.store))
     if motion:
         print(motion)

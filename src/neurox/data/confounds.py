@@ -79,8 +79,10 @@ class Denoising:
 
 def read_confounds(path: str | Path) -> dict[str, np.ndarray]:
     """The kept columns of a confounds TSV, ``n/a`` as NaN (fMRIPrep writes it in the first row of
-    derivatives and framewise displacement)."""
+    derivatives and framewise displacement); an HCP ``Movement_Regressors*.txt`` as the same columns."""
     path = Path(path)
+    if path.name.startswith("Movement_Regressors"):
+        return read_hcp_motion(path)
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -97,6 +99,34 @@ def read_confounds(path: str | Path) -> dict[str, np.ndarray]:
             table[name] = np.array([np.nan if r[i] in ("n/a", "") else float(r[i]) for r in rows])
         except (ValueError, IndexError):
             raise InputError(f"{path}: column {name!r} holds a value that is not a number") from None
+    return table
+
+
+HEAD_RADIUS_MM = 50.0  # rotations to displacement on a sphere of this radius (Power et al. 2012, as fMRIPrep)
+
+
+def read_hcp_motion(path: Path) -> dict[str, np.ndarray]:
+    """An HCP ``Movement_Regressors.txt`` (one row per frame: x, y, z translation in mm, then rotation about
+    x, y, z in degrees, then their derivatives) as fMRIPrep's columns: the six parameters (rotations in
+    radians), their backward differences (n/a in the first frame), the squares of both, and framewise
+    displacement (Power's: the absolute differences summed, rotations as arc length at 50 mm)."""
+    try:
+        values = np.loadtxt(path, ndmin=2)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot read the HCP motion parameters ({err})") from None
+    if values.shape[1] < 6 or not np.isfinite(values[:, :6]).all():
+        raise InputError(f"{path}: expected 6 or 12 columns of numbers (translations in mm, rotations in degrees), "
+                         f"found {values.shape[1]}")
+    parameters = np.column_stack([values[:, :3], np.deg2rad(values[:, 3:6])])
+    difference = np.vstack([np.full((1, 6), np.nan), np.diff(parameters, axis=0)])
+    table = {}
+    for i, name in enumerate(MOTION):
+        table[name] = parameters[:, i]
+        table[f"{name}_derivative1"] = difference[:, i]
+        table[f"{name}_power2"] = parameters[:, i] ** 2
+        table[f"{name}_derivative1_power2"] = difference[:, i] ** 2
+    table["framewise_displacement"] = (np.abs(difference[:, :3]).sum(1)
+                                       + HEAD_RADIUS_MM * np.abs(difference[:, 3:]).sum(1))
     return table
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -21,19 +20,19 @@ from pathlib import Path
 
 from neurox import __version__
 from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, run_confounds
+from neurox.data.phenotypes import store_phenotypes
 from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
 from neurox.data.store import (
     MANIFEST_COLUMNS,
     RUNS_DIR,
     STORE_FILE,
     RunWriter,
-    read_tsv,
     remove,
     run_path,
     write_tsv,
 )
 from neurox.io.atomic import write_text_atomic
-from neurox.io.bids import RunSpec, discover
+from neurox.io.bids import RunSpec, discover, task_counts
 from neurox.io.nifti import InputError
 from neurox.progress import progress as progress_display
 
@@ -48,6 +47,7 @@ class PrepareReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    phenotypes: str | None = None  # how many participants with runs have a row in the phenotype table
 
     @property
     def ok(self) -> bool:
@@ -88,14 +88,26 @@ def prepare(
     shard: tuple[int, int] = (0, 1),
     fmt: str = "zarr",
     progress: bool = True,
+    task: str | None = None,
+    hcp_bold: str = "minimal",
+    id_column: str | None = None,
 ) -> PrepareReport:
     options = options or PrepareOptions()
     root = Path(out)
-    specs = sorted(discover(input_path), key=lambda s: s.run_id)[shard[0] :: shard[1]]
+    found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold), key=lambda s: s.run_id)
+    specs = found[shard[0] :: shard[1]]
+    if progress:
+        print(f"neurox prepare: {len(found)} run(s) found ({task_counts(found)})"
+              + (f", {len(specs)} in shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""), file=sys.stderr)
     init_store(root, options, fmt)
-    copy_participants(input_path, participants, root)
-
     report = PrepareReport(root)
+    source = phenotype_source(input_path, participants)
+    if source is not None:
+        report.phenotypes = store_phenotypes(source, root / "participants.tsv", [s.participant_id for s in found],
+                                             id_column)
+    elif id_column:
+        raise InputError(f"--id_column {id_column}: give the phenotype table with --participants")
+
     todo = []
     for spec in specs:
         for stale in (root / RUNS_DIR).glob(f".tmp-{spec.run_id}-*"):
@@ -207,20 +219,12 @@ def add_missing_confounds(root: Path, spec: RunSpec, fmt: str) -> str | None:
     return None
 
 
-def copy_participants(input_path, participants, root: Path) -> None:
-    source = Path(participants) if participants else None
-    if source is None and Path(input_path).is_dir() and (Path(input_path) / "participants.tsv").is_file():
-        source = Path(input_path) / "participants.tsv"
-    if source is None:
-        return
-    if not source.is_file():
-        raise InputError(f"{source}: phenotype table not found")
-    rows = read_tsv(source)
-    if rows and "participant_id" not in rows[0]:
-        raise InputError(f"{source}: the phenotype table has no participant_id column")
-    tmp = root / ".participants.tsv.tmp"
-    shutil.copyfile(source, tmp)
-    tmp.replace(root / "participants.tsv")
+def phenotype_source(input_path, participants) -> Path | None:
+    """The phenotype table: the one given, else ``participants.tsv`` of a BIDS folder given as input."""
+    if participants:
+        return Path(participants)
+    default = Path(input_path) / "participants.tsv"
+    return default if Path(input_path).is_dir() and default.is_file() else None
 
 
 def write_manifest(root: Path, fmt: str) -> None:

@@ -26,6 +26,7 @@ class RunSpec:
     tr: float | None = None
     confounds: Path | None = None
     space: str | None = None
+    task: str = ""  # the BIDS task label ("rest"), or what an HCP run folder's name says
 
 
 def entities(path: str | Path) -> dict[str, str]:
@@ -82,6 +83,7 @@ def spec_for_bold(bold: Path, mask: Path | None = None, participant_id: str | No
         tr=sidecar_tr(bold),
         confounds=confounds,
         space=ent.get("space"),
+        task=ent.get("task", ""),
     )
 
 
@@ -131,23 +133,40 @@ def _tag(key: str, value: str) -> str:
     return f"{key}-{value}" if value else ""
 
 
-def discover(input_path: str | Path) -> list[RunSpec]:
-    """Runs from a BIDS derivatives folder, a single NIfTI file, or a TSV manifest."""
+def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "minimal") -> list[RunSpec]:
+    """Runs from a BIDS derivatives folder (fMRIPrep), an HCP-pipeline folder, a single NIfTI file, or a
+    TSV manifest; with ``task``, only the runs of that task."""
+    from neurox.io.hcp import HCP_LAYOUT, discover_hcp
+
     path = Path(input_path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():
-        specs = discover_bids(path)
+        specs = discover_bids(path) + discover_hcp(path, hcp_bold)
         if not specs:
-            raise InputError(f"{path}: no *_space-MNI*_desc-preproc_bold.nii[.gz] files found under this folder")
+            raise InputError(f"{path}: no fMRIPrep runs (*_space-MNI*_desc-preproc_bold.nii[.gz]) and no HCP-pipeline "
+                             f"runs ({HCP_LAYOUT[hcp_bold]}) found under this folder")
     elif path.suffix == ".tsv":
         specs = read_manifest(path)
     elif path.name.endswith((".nii", ".nii.gz")):
         specs = [spec_for_bold(path)]
     else:
-        raise InputError(f"{path}: expected a BIDS derivatives folder, a .nii[.gz] file or a .tsv manifest")
+        raise InputError(f"{path}: expected a BIDS derivatives or HCP folder, a .nii[.gz] file or a .tsv manifest")
+    if task is not None:
+        found = sorted({s.task or "(none)" for s in specs})
+        specs = [s for s in specs if s.task == task]
+        if not specs:
+            raise InputError(f"{path}: no runs of task {task!r} (tasks found: {', '.join(found)})")
     ids = [s.run_id for s in specs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise InputError(f"{path}: several runs share the id {duplicates[0]}; give session/run to tell them apart")
     return specs
+
+
+def task_counts(specs: list[RunSpec]) -> str:
+    """``rest 4, wm 2``: how many runs of each task, for prepare's first line."""
+    counts: dict[str, int] = {}
+    for spec in specs:
+        counts[spec.task or "no task"] = counts.get(spec.task or "no task", 0) + 1
+    return ", ".join(f"{t} {n}" for t, n in sorted(counts.items()))

@@ -1,0 +1,84 @@
+"""Finding the runs of HCP-pipeline outputs (the Human Connectome Project's own layout, as the HCP Young
+Adult and Lifespan releases ship it):
+
+    <subject>/MNINonLinear/Results/<run>/<run>.nii.gz                 minimally preprocessed, MNI 2 mm
+    <subject>/MNINonLinear/Results/<run>/<run>_hp2000_clean.nii.gz    the same, cleaned by ICA-FIX
+    <subject>/MNINonLinear/Results/<run>/brainmask_fs.2.nii.gz        the brain mask on that grid
+    <subject>/MNINonLinear/Results/<run>/Movement_Regressors.txt      head motion (read as confounds)
+
+``<subject>`` may sit up to three folders below the folder given, and inside ``sub-*``/``ses-*`` folders
+(pipelines that wrap the HCP layout in BIDS names); the participant is the nearest ``sub-*`` folder, else
+the subject folder (``100307`` becomes ``sub-100307``), the session the nearest ``ses-*`` folder.
+A run folder's name gives its task: ``rfMRI_REST1_LR`` is task ``rest``, run ``REST1_LR``;
+``tfMRI_WM_RL`` task ``wm``, run ``WM_RL``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from neurox.io.bids import RunSpec, entities, sidecar_tr
+
+HCP_BOLD = {"minimal": "{run}.nii.gz", "fix": "{run}_hp2000_clean.nii.gz"}
+HCP_LAYOUT = {variant: f"<subject>/MNINonLinear/Results/<run>/{name.format(run='<run>')}"
+              for variant, name in HCP_BOLD.items()}
+MASK = "brainmask_fs.2.nii.gz"
+MOTION = "Movement_Regressors.txt"
+MAX_DEPTH = 3  # subject folders this far below the folder given are found (a cohort, a site, a wrapper)
+
+
+def discover_hcp(root: Path, bold: str = "minimal") -> list[RunSpec]:
+    """Every HCP-pipeline run under ``root`` whose ``bold`` variant (``minimal`` or ``fix``) exists."""
+    if bold not in HCP_BOLD:
+        raise ValueError(f"--hcp_bold {bold!r}: choose one of {', '.join(HCP_BOLD)}")
+    root = root.resolve()
+    results = []
+    for depth in range(MAX_DEPTH + 1):  # a bounded glob: an HCP subject holds thousands of files
+        results += sorted(root.glob("/".join(["*"] * depth + ["MNINonLinear", "Results"])))
+    specs = []
+    for folder in results:
+        for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            path = run_dir / HCP_BOLD[bold].format(run=run_dir.name)
+            if path.is_file():
+                specs.append(_spec(root, run_dir, path))
+    return specs
+
+
+def _spec(root: Path, run_dir: Path, bold: Path) -> RunSpec:
+    subject_dir = run_dir.parent.parent.parent  # <subject>/MNINonLinear/Results/<run>
+    above = [p.name for p in (subject_dir, *subject_dir.parents) if p == root or root in p.parents]
+    participant = next((name for name in above if name.startswith("sub-")), None)
+    if participant is None:
+        label = subject_dir.name if subject_dir.name != "files" else subject_dir.parent.name
+        participant = "sub-" + re.sub(r"[^A-Za-z0-9]", "", label)
+    session = next((name[len("ses-"):] for name in above if name.startswith("ses-")), "")
+    task, run = run_task(run_dir.name)
+    run_id = "_".join(p for p in (participant, f"ses-{session}" if session else "", run_dir.name) if p)
+    mask = run_dir / MASK
+    motion = run_dir / MOTION
+    return RunSpec(
+        participant_id=participant,
+        session=session,
+        run=run,
+        run_id=re.sub(r"[^A-Za-z0-9_.-]", "_", run_id),
+        bold=bold,
+        mask=mask if mask.is_file() else None,
+        tr=sidecar_tr(bold),  # HCP ships none; the NIfTI header's TR (0.72 s) is read next
+        confounds=motion if motion.is_file() else None,
+        space="MNI152NLin6Asym",
+        task=task,
+    )
+
+
+def run_task(name: str) -> tuple[str, str]:
+    """(task, run) of an HCP run folder's name: ``rfMRI_REST1_LR`` -> (rest, REST1_LR), ``tfMRI_WM_RL`` ->
+    (wm, WM_RL), a BIDS-named folder by its entities, anything else (its name lower-cased, its name)."""
+    match = re.fullmatch(r"([rt])fMRI_(.+)", name)
+    if match:
+        task = "rest" if match.group(1) == "r" else match.group(2).split("_")[0].lower()
+        return task, match.group(2)
+    ent = entities(name)
+    if "task" in ent:
+        return ent["task"], ent.get("run", "")
+    return name.lower(), name

@@ -1,0 +1,139 @@
+"""``neurox prepare`` on HCP-pipeline folders, ``--task``, and phenotype tables as cohorts ship them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakes import OPTIONS, bids_run, bold, brain_mask, save
+
+from neurox.cli import main
+from neurox.data.confounds import read_confounds
+from neurox.data.phenotypes import participant_label
+from neurox.data.prepare import prepare
+from neurox.data.store import Store, read_tsv
+from neurox.io.bids import discover
+from neurox.io.nifti import InputError
+
+N_FRAMES = 24
+
+
+def motion_parameters(n_frames: int, seed: int) -> np.ndarray:
+    """HCP's 12 columns: translations (mm) and rotations (degrees), then their derivatives."""
+    rng = np.random.default_rng(seed)
+    parameters = np.cumsum(0.05 * rng.standard_normal((n_frames, 6)), axis=0)
+    return np.column_stack([parameters, np.vstack([np.zeros((1, 6)), np.diff(parameters, axis=0)])])
+
+
+def hcp_run(root: Path, subject: str, run: str, seed: int = 0, fix: bool = False, motion: bool = True) -> Path:
+    folder = root / subject / "MNINonLinear" / "Results" / run
+    path = save(folder / f"{run}.nii.gz", bold(N_FRAMES, seed))
+    if fix:
+        save(folder / f"{run}_hp2000_clean.nii.gz", bold(N_FRAMES, seed + 100))
+    save(folder / "brainmask_fs.2.nii.gz", brain_mask().astype(np.uint8))
+    if motion:  # HCP writes it with leading spaces and fixed-width columns
+        np.savetxt(folder / "Movement_Regressors.txt", motion_parameters(N_FRAMES, seed), fmt="  %.6f")
+    return path
+
+
+@pytest.fixture
+def hcp(tmp_path) -> Path:
+    root = tmp_path / "HCP_1200"
+    hcp_run(root, "100307", "rfMRI_REST1_LR", seed=1, fix=True)
+    hcp_run(root, "100307", "tfMRI_WM_LR", seed=2)
+    hcp_run(root, "100408", "rfMRI_REST1_LR", seed=3)
+    (root / "100408" / "T1w").mkdir()  # the rest of an HCP subject is not looked into
+    return root
+
+
+def test_hcp_layout_is_found_with_tasks_runs_masks_and_motion(hcp):
+    specs = discover(hcp)
+    assert [(s.participant_id, s.task, s.run, s.run_id) for s in specs] == [
+        ("sub-100307", "rest", "REST1_LR", "sub-100307_rfMRI_REST1_LR"),
+        ("sub-100307", "wm", "WM_LR", "sub-100307_tfMRI_WM_LR"),
+        ("sub-100408", "rest", "REST1_LR", "sub-100408_rfMRI_REST1_LR")]
+    assert all(s.mask.name == "brainmask_fs.2.nii.gz" and s.confounds.name == "Movement_Regressors.txt"
+               for s in specs)
+    assert [s.run_id for s in discover(hcp, task="rest")] == ["sub-100307_rfMRI_REST1_LR", "sub-100408_rfMRI_REST1_LR"]
+    (fix,) = discover(hcp, hcp_bold="fix")  # only one run was cleaned by ICA-FIX
+    assert fix.bold.name == "rfMRI_REST1_LR_hp2000_clean.nii.gz" and fix.participant_id == "sub-100307"
+    with pytest.raises(InputError, match=r"no runs of task 'motor' \(tasks found: rest, wm\)"):
+        discover(hcp, task="motor")
+    assert discover(hcp / "100408")[0].participant_id == "sub-100408"  # a subject folder given itself
+    with pytest.raises(InputError, match="HCP-pipeline runs .*<run>_hp2000_clean.nii.gz"):
+        discover(hcp / "100408", hcp_bold="fix")
+
+
+def test_hcp_folders_inside_bids_names(tmp_path):
+    hcp_run(tmp_path / "out" / "sub-NDARINV01" / "ses-baseline", "files", "task-rest_run-01")
+    # <subject> is "files" here: the participant and session come from the BIDS folders above it
+    (spec,) = discover(tmp_path / "out")
+    assert (spec.participant_id, spec.session, spec.task, spec.run) == ("sub-NDARINV01", "baseline", "rest", "01")
+    assert spec.run_id == "sub-NDARINV01_ses-baseline_task-rest_run-01"
+
+
+def test_hcp_motion_becomes_fmriprep_columns(tmp_path):
+    values = np.zeros((4, 12))
+    values[2, 0] = 0.1  # 0.1 mm along x at frame 2
+    values[3, 0] = 0.1
+    values[3, 5] = 0.2  # then 0.2 degrees about z at frame 3
+    path = tmp_path / "Movement_Regressors.txt"
+    np.savetxt(path, values, fmt="  %.6f")
+    table = read_confounds(path)
+    assert len(table) == 6 * 4 + 1
+    assert np.allclose(table["rot_z"], [0, 0, 0, np.deg2rad(0.2)])
+    assert np.isnan(table["trans_x_derivative1"][0]) and np.allclose(table["trans_x_derivative1"][1:], [0, 0.1, 0])
+    assert np.allclose(table["rot_z_power2"], table["rot_z"] ** 2)
+    fd = table["framewise_displacement"]
+    assert np.isnan(fd[0]) and np.allclose(fd[1:], [0, 0.1, 50 * np.deg2rad(0.2)])  # 0.1745 mm of arc at 50 mm
+    (tmp_path / "Movement_Regressors_bad.txt").write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(InputError, match="Movement_Regressors_bad.txt: expected 6 or 12 columns"):
+        read_confounds(tmp_path / "Movement_Regressors_bad.txt")
+
+
+def test_prepare_an_hcp_cohort_with_its_csv_phenotypes(hcp, tmp_path, capsys):
+    # HCP's behavioural table: a .csv, ids as plain numbers in "Subject"; one participant has no runs
+    (tmp_path / "unrestricted.csv").write_text("Subject,Gender,Age\n100307,F,26-30\n100408,M,31-35\n999999,F,22-25\n")
+    assert main(["prepare", str(hcp), "--out", str(tmp_path / "store"), "--voxel_size", "4", "--min_frames", "8",
+                 "--task", "rest", "--participants", str(tmp_path / "unrestricted.csv"), "--id_column", "Subject",
+                 "--quiet", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "phenotype table unrestricted.csv: 2 of 2 participants with runs have a row" in out
+    assert "head motion of 2 run(s)" in out
+    store = Store(tmp_path / "store")
+    assert store.run_ids == ["sub-100307_rfMRI_REST1_LR", "sub-100408_rfMRI_REST1_LR"]
+    row = store.manifest[0]
+    assert (row["tr"], row["run"], row["shape"]) == ("2.0", "REST1_LR", "48x48x48x24")
+    expected = read_confounds(hcp / "100307/MNINonLinear/Results/rfMRI_REST1_LR/Movement_Regressors.txt")
+    assert float(row["mean_fd"]) == pytest.approx(np.nanmean(expected["framewise_displacement"]), abs=1e-4)
+    assert store.run(row["run_id"]).attributes["mask_source"] == "given"
+    phenotypes = {r["participant_id"]: r for r in store.phenotypes()}
+    assert list(store.phenotypes()[0]) == ["participant_id", "Gender", "Age"]
+    assert phenotypes["sub-100307"]["Gender"] == "F" and phenotypes["sub-999999"]["Age"] == "22-25"
+
+
+def test_phenotype_ids_match_runs_with_or_without_the_sub_prefix(tmp_path):
+    root = tmp_path / "derivatives"
+    bids_run(root, "01", n_frames=12)
+    bids_run(root, "02", n_frames=12, seed=1)
+    (root / "participants.tsv").write_text("participant_id\tage\n01\t30\nsub_03\t50\n")
+    report = prepare(root, tmp_path / "store", OPTIONS, progress=False)
+    assert report.phenotypes == "phenotype table participants.tsv: 1 of 2 participants with runs have a row; " \
+                                "none for sub-02"
+    assert read_tsv(tmp_path / "store" / "participants.tsv") == [
+        {"participant_id": "sub-01", "age": "30"}, {"participant_id": "sub-03", "age": "50"}]
+    assert (root / "participants.tsv").read_text().startswith("participant_id\tage\n01\t")  # input untouched
+    assert participant_label("sub-NDAR_INV01") == participant_label("NDARINV01") == "NDARINV01"
+
+
+@pytest.mark.parametrize("table, message", [
+    ("eid,age\n1,30\n", r"no participant_id column \(columns: eid, age\); name the id column with --id_column"),
+    ("participant_id\tage\nsub-01\t30\n01\t31\n", "'sub-01' and '01' name the same participant"),
+])
+def test_a_phenotype_table_that_cannot_be_joined_says_why(tmp_path, table, message):
+    bids_run(tmp_path / "derivatives", "01", n_frames=12)
+    path = tmp_path / ("pheno.csv" if "," in table else "pheno.tsv")
+    path.write_text(table)
+    with pytest.raises(InputError, match=message):
+        prepare(tmp_path / "derivatives", tmp_path / "store", OPTIONS, participants=path, progress=False)
