@@ -137,3 +137,4 @@ def test_a_phenotype_table_that_cannot_be_joined_says_why(tmp_path, table, messa
     path.write_text(table)
     with pytest.raises(InputError, match=message):
         prepare(tmp_path / "derivatives", tmp_path / "store", OPTIONS, participants=path, progress=False)
+    assert not (tmp_path / "store").exists()  # checked before anything is written

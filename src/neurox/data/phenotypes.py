@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from neurox.data.store import write_tsv
@@ -37,10 +38,19 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise InputError(f"{path}: cannot read the phenotype table ({err})") from None
 
 
-def store_phenotypes(source: Path, out: Path, run_participants: list[str], id_column: str | None = None) -> str:
-    """Write ``out`` (the store's ``participants.tsv``) from the table ``source``, its ids in ``id_column``
-    (default ``participant_id``) renamed to the runs' names; returns one line on how many participants with
-    runs have a row."""
+@dataclass
+class PhenotypeTable:
+    columns: list[str]
+    rows: list[dict[str, str]]
+    summary: str  # how many participants with runs have a row
+
+    def write(self, path: Path) -> None:
+        write_tsv(path, self.rows, self.columns)
+
+
+def phenotype_table(source: Path, run_participants: list[str], id_column: str | None = None) -> PhenotypeTable:
+    """The table ``source`` as a store keeps it: its ids (in ``id_column``, default ``participant_id``)
+    renamed to the runs' names, in ``participant_id``, first."""
     if not source.is_file():
         raise InputError(f"{source}: phenotype table not found")
     columns, rows = read_table(source)
@@ -60,11 +70,10 @@ def store_phenotypes(source: Path, out: Path, run_participants: list[str], id_co
         seen[label] = raw
         row[ID_COLUMN] = by_label.get(label, "sub-" + label)
     others = [c for c in columns if c not in (id_column, ID_COLUMN)]
-    write_tsv(out, rows, [ID_COLUMN, *others])
     with_runs = sorted(set(run_participants))
     without = [p for p in with_runs if participant_label(p) not in seen]
     line = (f"phenotype table {source.name}: {len(with_runs) - len(without)} of {len(with_runs)} participants "
             "with runs have a row")
     if without:
         line += f"; none for {', '.join(without[:5])}{', ...' if len(without) > 5 else ''}"
-    return line
+    return PhenotypeTable([ID_COLUMN, *others], rows, line)

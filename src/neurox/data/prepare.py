@@ -20,7 +20,7 @@ from pathlib import Path
 
 from neurox import __version__
 from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, run_confounds
-from neurox.data.phenotypes import store_phenotypes
+from neurox.data.phenotypes import phenotype_table
 from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
 from neurox.data.store import (
     MANIFEST_COLUMNS,
@@ -99,14 +99,16 @@ def prepare(
     if progress:
         print(f"neurox prepare: {len(found)} run(s) found ({task_counts(found)})"
               + (f", {len(specs)} in shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""), file=sys.stderr)
+    source = phenotype_source(input_path, participants)
+    if source is None and id_column:
+        raise InputError(f"--id_column {id_column}: give the phenotype table with --participants")
+    # read and checked before the store is made: a table that cannot be joined leaves nothing behind
+    phenotypes = phenotype_table(source, [s.participant_id for s in found], id_column) if source else None
     init_store(root, options, fmt)
     report = PrepareReport(root)
-    source = phenotype_source(input_path, participants)
-    if source is not None:
-        report.phenotypes = store_phenotypes(source, root / "participants.tsv", [s.participant_id for s in found],
-                                             id_column)
-    elif id_column:
-        raise InputError(f"--id_column {id_column}: give the phenotype table with --participants")
+    if phenotypes is not None:
+        phenotypes.write(root / "participants.tsv")
+        report.phenotypes = phenotypes.summary
 
     todo = []
     for spec in specs:
