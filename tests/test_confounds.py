@@ -182,3 +182,57 @@ def test_the_motion_summary_names_the_runs_that_moved_most():
     assert line == ("head motion of 3 run(s): median mean framewise displacement 0.200 mm; 1 above 0.5 mm "
                     "(sub-1_run-1; mean_fd in manifest.tsv)")
     assert motion_report(SimpleNamespace(manifest=rows[3:])) is None
+
+
+def test_a_motion_confounded_target_is_caught_and_denoising_removes_it(tmp_path, capsys):
+    # motion_group has no neural effect: its group 1 only moves more (four times the head jumps and spikes)
+    cohort = synthesize(tmp_path / "cohort", SynthOptions(n_subjects=16, n_frames=120, voxel_size_mm=4.0,
+                                                          motion_effect=3.0, seed=5), progress=False)
+    truth = json.loads((cohort / "ground_truth" / "ground_truth.json").read_text())["motion_group"]
+    assert truth["spikes_per_run"] == [2, 8] and truth["map"] is None
+    assert prepare(cohort, tmp_path / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False).ok
+    store = Store(tmp_path / "store")
+    group = {r["participant_id"]: int(r["motion_group"]) for r in store.phenotypes()}
+    fd = {r["participant_id"]: float(r["mean_fd"]) for r in store.manifest}
+    assert sorted(group.values()) == [0] * 8 + [1] * 8
+    assert min(fd[p] for p in group if group[p]) > max(fd[p] for p in group if not group[p])
+
+    atlas = str(next((cohort / "ground_truth").glob("atlas-*_dseg.nii.gz")))
+    mean_fc = {}
+    for strategy in ("none", "scrubbing"):
+        main(["connectivity", "--store", str(tmp_path / "store"), "--atlas", atlas, "--confounds", strategy,
+              "--out", str(tmp_path / f"fc-{strategy}"), "--quiet", "true"])
+        result = np.load(tmp_path / f"fc-{strategy}" / "connectivity.npz")
+        upper = np.triu_indices(result["matrices"].shape[1], 1)
+        per_participant = dict(zip(result["participants"].tolist(), result["matrices"][:, upper[0], upper[1]].mean(1)))
+        mean_fc[strategy] = [np.mean([v for p, v in per_participant.items() if group[p] == g]) for g in (0, 1)]
+    # the spikes add one signal to every parcel: FC is higher in the group that moves more, until scrubbed
+    assert mean_fc["none"][1] - mean_fc["none"][0] > 0.02
+    assert abs(mean_fc["scrubbing"][1] - mean_fc["scrubbing"][0]) < 0.5 * (mean_fc["none"][1] - mean_fc["none"][0])
+
+    capsys.readouterr()
+    main(["baseline", "--store", str(tmp_path / "store"), "--target", "motion_group", "--atlas", atlas,
+          "--split_fractions", "[0.3,0.35,0.35]", "--out", str(tmp_path / "fc-baseline")])
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "fc-baseline" / "metrics.json").read_text())
+    checked = [m["target_mean_fd_r"] for m in metrics.values() if "target_mean_fd_r" in m]  # splits of 5 or more
+    assert len(checked) >= 1 and min(checked) > 0.8
+    assert "warning: motion_group goes with head motion" in out and "--confounds scrubbing" in out
+
+
+def test_motion_warnings_name_the_target_only_where_motion_is_significant():
+    from scipy.stats import pearsonr
+
+    from neurox.train.metrics import correlation_p, motion_warnings
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(30), rng.standard_normal(30)
+    b += a
+    assert correlation_p(float(np.corrcoef(a, b)[0, 1]), 30) == pytest.approx(pearsonr(a, b).pvalue, rel=1e-6)
+    quiet = {"val": {"auroc": 0.9, "mean_fd_r": 0.2, "target_mean_fd_r": 0.1, "n_subjects": 20}}
+    assert motion_warnings(quiet, "sex") == []
+    (line,) = motion_warnings({"val": {"mean_fd_r": 0.3, "target_mean_fd_r": 0.7, "n_subjects": 20},
+                               "test": {"mean_fd_r": 0.3, "target_mean_fd_r": 0.7, "n_subjects": 20}}, "sex")
+    assert line.startswith("warning: sex goes with head motion (val: r = 0.70 with mean FD over 20 participants")
+    (line,) = motion_warnings({"test": {"age.mean_fd_r": 0.8, "age.target_mean_fd_r": 0.1, "n_subjects": 20}})
+    assert line.startswith("warning: the outputs for age follow head motion more than age does (test: r = 0.80")

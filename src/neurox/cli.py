@@ -125,6 +125,8 @@ def _synth_parser() -> ArgumentParser:
     p.add_argument("--noise", type=float, default=1.0, help="scale of the spatially smooth noise")
     p.add_argument("--motion_spikes", type=bool, default=True, help="intensity spikes where the head jumps "
                    "(about one frame in 60, in the confounds too)")
+    p.add_argument("--motion_effect", type=float, default=0.0, help="above 0: a motion_group column, no neural "
+                   "effect, whose group 1 has (1 + this) times the head jumps: a confound for the motion check")
     p.add_argument("--n_parcels", type=int, default=40,
                    help="parcels of the atlas; the eight networks are made of bilateral pairs of them")
     p.add_argument("--seed", type=int, default=0, help="the same options and seed give the same bytes")
@@ -451,7 +453,7 @@ def cmd_finetune(args) -> int:
     run_dir = api.finetune(**config_options(FinetuneConfig, args))
     metrics = run_dir / "metrics.json"
     if metrics.is_file() and detect("cpu").is_main:
-        print_metrics(json.loads(metrics.read_text()), title=f"{run_dir}")
+        print_metrics(json.loads(metrics.read_text()), title=f"{run_dir}", target=args.target)
     return 0
 
 
@@ -476,19 +478,22 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def print_metrics(splits: dict, title: str) -> None:
+def print_metrics(splits: dict, title: str, target: str | None = None) -> None:
     from neurox.train.engine import summary
+    from neurox.train.metrics import motion_warnings
 
     print(title)
     for split, metrics in splits.items():
         print(f"  {split}: " + summary(metrics))
+    for line in motion_warnings(splits, target):
+        print(line)
 
 
 def cmd_baseline(args) -> int:
     from neurox.analysis.baseline import BaselineConfig
 
     out = api.baseline(**config_options(BaselineConfig, args))
-    print_metrics(json.loads((out / "metrics.json").read_text()), title=f"{out} (FC baseline)")
+    print_metrics(json.loads((out / "metrics.json").read_text()), title=f"{out} (FC baseline)", target=args.target)
     return 0
 
 
@@ -514,7 +519,7 @@ def cmd_embed(args) -> int:
 
 def cmd_probe(args) -> int:
     results = api.probe(**keywords(api.probe, args))
-    print_metrics(results, title=f"linear probe of {args.model}")
+    print_metrics(results, title=f"linear probe of {args.model}", target=args.target)
     return 0
 
 

@@ -15,6 +15,11 @@ planted, one column of ``participants.tsv`` each:
   leading in group 0 and E leading in group 1: zero-lag correlations and variances are identical;
 - ``lowfreq_score`` (continuous): network F's power below 0.03 Hz grows with the score.
 
+With ``motion_effect`` above 0 a fifth column, ``motion_group`` (binary), plants no neural effect but a
+confound: its group 1 moves more (``1 + motion_effect`` times the head jumps a run has, each with its
+intensity spike), as groups that differ in age or diagnosis often do. A model, or FC, can tell the groups
+apart only through motion, which the motion check and denoising are there to catch.
+
 ``ground_truth/`` holds each effect's voxel map, the parcel atlas and a JSON description. The same
 options and seed give the same bytes.
 """
@@ -56,6 +61,7 @@ class SynthOptions:
     effect_size: float = 1.0
     noise: float = 1.0
     motion_spikes: bool = True
+    motion_effect: float = 0.0  # above 0: a motion_group column whose group 1 has (1 + this) times the spikes
     n_parcels: int = 40
     seed: int = 0
 
@@ -66,6 +72,18 @@ class SynthOptions:
             raise ValueError("need at least 2 subjects, 1 run and 8 frames")
         if self.n_parcels < 2 * N_NETWORKS + 2 or self.n_parcels % 2:
             raise ValueError(f"n_parcels must be even and at least {2 * N_NETWORKS + 2}")
+        if self.motion_effect < 0 or (self.motion_effect > 0 and not self.motion_spikes):
+            raise ValueError("motion_effect must be 0 or more, and needs motion_spikes")
+
+
+def spike_count(options: SynthOptions, subject: dict) -> int:
+    """Spikes (head jumps) in one run: one a minute or so, ``1 + motion_effect`` times that in motion group 1."""
+    if not options.motion_spikes:
+        return 0
+    count = max(1, options.n_frames // 60)
+    if subject.get("motion_group"):
+        count = min(int(round(count * (1 + options.motion_effect))), options.n_frames // 4)
+    return count
 
 
 # --- anatomy: mask, parcels, networks ----------------------------------------------------------
@@ -181,7 +199,8 @@ def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: 
             parcel_signal[parcel] = own
     baseline = anatomy["baseline"]
     drift = rng.normal(0, 5.0, size=mask.shape).astype(np.float32) * mask
-    spikes = set(rng.choice(n, size=max(1, n // 60), replace=False).tolist()) if options.motion_spikes else set()
+    spikes = set(rng.choice(n, size=spike_count(options, subject), replace=False).tolist()) if options.motion_spikes \
+        else set()
     noise_scale = 8.0 * options.noise
     outside = sorted(set(range(1, options.n_parcels + 1)) - set(member))
     if record is not None:
@@ -245,8 +264,13 @@ def make_participants(options: SynthOptions, rng: np.random.Generator) -> list[d
     amplitude, coupling, order = balanced(), balanced(), balanced()
     score = np.round(rng.uniform(0, 1, n), 4).tolist()
     width = max(2, len(str(n)))
-    return [{"participant_id": f"sub-{i + 1:0{width}d}", "amplitude_group": amplitude[i],
+    rows = [{"participant_id": f"sub-{i + 1:0{width}d}", "amplitude_group": amplitude[i],
              "coupling_group": coupling[i], "order_group": order[i], "lowfreq_score": score[i]} for i in range(n)]
+    if options.motion_effect > 0:  # its own generator: the cohort without it keeps every byte
+        moving = np.random.default_rng([options.seed, 2]).permutation(np.arange(n) % 2)
+        for row, group in zip(rows, moving.tolist()):
+            row["motion_group"] = group
+    return rows
 
 
 def synthesize(out: str | Path, options: SynthOptions | None = None, progress: bool = True, workers: int = 1) -> Path:
@@ -374,5 +398,10 @@ def write_ground_truth(folder: Path, labels, networks, affine, options: SynthOpt
         filename = f"effect-{column}_space-{space}_mask.nii.gz"
         write_image(folder / filename, effect_map, affine)
         description[column] = {"networks": list(names), "parcels": parcels, "map": filename}
+    if options.motion_effect > 0:
+        description["motion_group"] = {
+            "networks": [], "parcels": [], "map": None,
+            "confound": "head motion: no neural effect; group 1 has more head jumps and intensity spikes per run",
+            "spikes_per_run": [spike_count(options, {"motion_group": g}) for g in (0, 1)]}
     description["networks"] = networks
     write_text_atomic(folder / "ground_truth.json", json.dumps(description, indent=2) + "\n")

@@ -65,6 +65,46 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
 
 
+def correlation_p(r: float, n: int) -> float:
+    """Two-sided p-value of Pearson's r over n pairs (t test with n - 2 degrees of freedom)."""
+    from scipy.stats import t as student
+
+    if not np.isfinite(r) or n < 3:
+        return float("nan")
+    if abs(r) >= 1:
+        return 0.0
+    return float(2 * student.sf(abs(r) * np.sqrt((n - 2) / (1 - r * r)), n - 2))
+
+
+MOTION_ALPHA = 0.05
+
+
+def motion_warnings(splits: dict[str, dict], target: str | None = None) -> list[str]:
+    """One line per target whose values (or whose model's outputs, more than the values) go with head motion
+    in some split (p < 0.05), from the motion check's ``target_mean_fd_r`` and ``mean_fd_r``; ``target`` names
+    the column where the metrics carry no prefix (one target)."""
+    lines, warned = [], set()
+    for split, metrics in splits.items():
+        n = int(metrics.get("n_subjects") or 0)
+        for key in [k for k in metrics if k.endswith("target_mean_fd_r")]:
+            prefix = key[: -len("target_mean_fd_r")]
+            name = prefix.rstrip(".") or target or "the target"
+            r_target, r_output = metrics[key], metrics.get(f"{prefix}mean_fd_r", float("nan"))
+            if name in warned:
+                continue
+            if correlation_p(r_target, n) < MOTION_ALPHA:
+                lines.append(f"warning: {name} goes with head motion ({split}: r = {r_target:.2f} with mean FD over "
+                             f"{n} participants, p = {correlation_p(r_target, n):.2g}); a model can score by reading "
+                             "motion: check with denoised FC (--confounds scrubbing) or motion-matched groups")
+                warned.add(name)
+            elif correlation_p(r_output, n) < MOTION_ALPHA and abs(r_output) > abs(r_target):
+                lines.append(f"warning: the outputs for {name} follow head motion more than {name} does ({split}: "
+                             f"r = {r_output:.2f} against {r_target:.2f} over {n} participants); check with denoised "
+                             "FC (--confounds scrubbing)")
+                warned.add(name)
+    return lines
+
+
 def regression_metrics(values: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
     errors = predictions - values
     total = ((values - values.mean()) ** 2).sum()
