@@ -138,3 +138,15 @@ def test_a_phenotype_table_that_cannot_be_joined_says_why(tmp_path, table, messa
     with pytest.raises(InputError, match=message):
         prepare(tmp_path / "derivatives", tmp_path / "store", OPTIONS, participants=path, progress=False)
     assert not (tmp_path / "store").exists()  # checked before anything is written
+
+
+def test_task_keeps_the_runs_of_one_bids_task(tmp_path):
+    root = tmp_path / "derivatives"
+    rest = bids_run(root, "01", n_frames=12)
+    for path in sorted(rest.parent.iterdir()):
+        (path.parent / path.name.replace("task-rest", "task-wm")).write_bytes(path.read_bytes())
+    assert sorted(s.task for s in discover(root)) == ["rest", "wm"]
+    (spec,) = discover(root, task="wm")
+    assert spec.run_id == "sub-01_task-wm_run-1"
+    report = prepare(root, tmp_path / "store", OPTIONS, progress=False, task="rest")
+    assert report.done == ["sub-01_task-rest_run-1"]
