@@ -4,7 +4,9 @@ Makes HCP/UKB-shaped inputs (MNI152NLin6Asym 2 mm grid, 91x109x91, float32, gzip
 1,200 frames with BOLD-like content on the MNI152 brain, prepares each in a fresh process (peak
 resident memory of that process is reported), then reads random 20-frame windows through neurox's
 loader with 1 and 2 worker threads (warm page cache), and compares the store's bytes with float16
-frames stored one file each (the published layout). Prints one JSON document.
+frames stored one file each (the published layout). Each run is prepared a second time with
+``--confounds simple`` (an fMRIPrep-style table of 24 motion parameters, white matter, CSF and the
+cosine drift basis, regressed out of every voxel). Prints one JSON document.
 
     python benchmarks/data.py --workdir /tmp/neurox-bench
 """
@@ -58,19 +60,41 @@ def make_input(path: Path, n_frames: int, seed: int = 0) -> Path:
     return path
 
 
-def prepare_in_child(source: Path, out: Path) -> dict:
+def confounds_table(path: Path, n_frames: int, tr: float = 0.72, seed: int = 0) -> Path:
+    """What ``--confounds simple`` reads: fMRIPrep's columns, random values of the right kind."""
+    from neurox.data.confounds import MOTION, confounds_text
+
+    rng = np.random.default_rng(seed)
+    table = {}
+    for name in MOTION:
+        values = np.cumsum(0.01 * rng.standard_normal(n_frames))
+        difference = np.concatenate([[np.nan], np.diff(values)])
+        table.update({name: values, f"{name}_derivative1": difference, f"{name}_power2": values**2,
+                      f"{name}_derivative1_power2": difference**2})
+    table["white_matter"], table["csf"] = rng.standard_normal((2, n_frames))
+    frames = np.arange(n_frames)
+    for k in range(1, int(2 * n_frames * tr / 128) + 1):
+        table[f"cosine{k - 1:02d}"] = np.sqrt(2 / n_frames) * np.cos(np.pi * (2 * frames + 1) * k / (2 * n_frames))
+    path.write_text(confounds_text(table))
+    return path
+
+
+def prepare_in_child(source: Path, out: Path, confounds: str = "none") -> dict:
     code = (
         "import sys, time, resource;"
         "from neurox.data.prepare import prepare;"
+        "from neurox.data.preprocess import PrepareOptions;"
         "t = time.perf_counter();"
-        "r = prepare(sys.argv[1], sys.argv[2], progress=False);"
+        "r = prepare(sys.argv[1], sys.argv[2], PrepareOptions(confounds=sys.argv[3]), progress=False);"
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.ok)"
     )
-    # a manifest gives the mask explicitly (the file names are not BIDS)
+    # a manifest gives the mask (and the confounds) explicitly (the file names are not BIDS)
     manifest = source.with_suffix("").with_suffix(".tsv")
-    manifest.write_text(f"participant_id\tpath\tmask\nsub-bench\t{source.name}\t"
-                        f"{source.name.replace('_bold', '_mask')}\n")
-    done = subprocess.run([sys.executable, "-c", code, str(manifest), str(out)], capture_output=True, text=True)
+    table = source.with_name(source.name.replace("_bold.nii.gz", "_confounds.tsv"))
+    manifest.write_text(f"participant_id\tpath\tmask\tconfounds\nsub-bench\t{source.name}\t"
+                        f"{source.name.replace('_bold', '_mask')}\t{table.name}\n")
+    done = subprocess.run([sys.executable, "-c", code, str(manifest), str(out), confounds], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     seconds, max_rss_kib, ok = done.stdout.split()
@@ -113,12 +137,15 @@ def main() -> None:
     results = {}
     for n in args.frames:
         source = make_input(work / f"run{n}_bold.nii.gz", n)
+        confounds_table(work / f"run{n}_confounds.tsv", n)
         out = work / f"store{n}"
-        if out.exists():
-            import shutil
+        for old in (out, work / f"store{n}-simple"):
+            if old.exists():
+                import shutil
 
-            shutil.rmtree(out)
+                shutil.rmtree(old)
         prep = prepare_in_child(source, out)
+        denoised = prepare_in_child(source, work / f"store{n}-simple", confounds="simple")
         frame_bytes = 96 * 96 * 96 * 2
         ours = store_bytes(out)
         results[f"{n}_frames"] = {
@@ -130,6 +157,9 @@ def main() -> None:
             "one_file_per_frame_float16_bytes": n * frame_bytes,
             "bytes_ratio": round(ours / (n * frame_bytes), 3),
             "files_per_run": sum(1 for p in (out / "runs").rglob("*") if p.is_file()),
+            "confounds_simple": {"prepare_s": denoised["seconds"], "frames_per_s": round(n / denoised["seconds"], 1),
+                                 "peak_rss_gib": denoised["peak_rss_gib"],
+                                 "regressors": 26 + int(2 * n * 0.72 / 128)},
         }
     largest = work / f"store{max(args.frames)}"
     results["window_reads_per_s"] = {f"{w}_workers": window_reads(largest, w) for w in (1, 2)}

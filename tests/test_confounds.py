@@ -4,23 +4,36 @@ FC baseline."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
-from fakes import AFFINE, OPTIONS, bids_run, brain_mask
+from fakes import AFFINE, OPTIONS, bids_run, brain_mask, save
+from fakes import bold as bold_data
 
 from neurox.analysis.baseline import BaselineConfig, baseline, evaluate_baseline
 from neurox.cli import main
-from neurox.data.confounds import MOTION_24, Denoising, motion_report, read_confounds
+from neurox.config import InputContract, preset
+from neurox.data.confounds import (
+    MOTION_24,
+    Denoising,
+    confounds_text,
+    denoise,
+    motion_report,
+    nuisance_design,
+    read_confounds,
+)
 from neurox.data.loader import Target
-from neurox.data.prepare import prepare
+from neurox.data.prepare import options_from_model, prepare
 from neurox.data.preprocess import PrepareOptions, TargetGrid
 from neurox.data.store import Store, read_tsv
 from neurox.data.synthetic import SynthOptions, synthesize
+from neurox.hub import save_pretrained
 from neurox.io.nifti import InputError
+from neurox.models.swift import SwiFT
 from neurox.train.objectives import subject_metrics
 
 N_FRAMES = 200
@@ -236,3 +249,72 @@ def test_motion_warnings_name_the_target_only_where_motion_is_significant():
     assert line.startswith("warning: sex goes with head motion (val: r = 0.70 with mean FD over 20 participants")
     (line,) = motion_warnings({"test": {"age.mean_fd_r": 0.8, "age.target_mean_fd_r": 0.1, "n_subjects": 20}})
     assert line.startswith("warning: the outputs for age follow head motion more than age does (test: r = 0.80")
+
+
+# --- denoising the model's input in prepare ---------------------------------------------------------------
+
+
+def nuisance_run(root: Path, n_frames: int = 40) -> tuple[Path, dict[str, np.ndarray]]:
+    """A BIDS run whose every brain voxel carries a white-matter-like nuisance (at its own gain), with an
+    fMRIPrep confounds table that names it, and a non-steady first frame."""
+    rng = np.random.default_rng(7)
+    table = {name: rng.standard_normal(n_frames) * 0.1 for name in MOTION_24}
+    table["white_matter"] = np.sin(np.arange(n_frames) / 3.0)
+    table["csf"] = rng.standard_normal(n_frames)
+    table["cosine00"] = np.cos(np.pi * (2 * np.arange(n_frames) + 1) / (2 * n_frames))
+    table["non_steady_state_outlier00"] = (np.arange(n_frames) == 0).astype(float)
+    data = bold_data(n_frames, seed=4)
+    gain = 30 * rng.uniform(0.5, 1.5, data.shape[:3]) * brain_mask()
+    data += gain[..., None] * table["white_matter"]
+    data[..., 0] += 400 * brain_mask()  # the scanner's first, brighter frame
+    func = root / "sub-01" / "func"
+    path = save(func / "sub-01_task-rest_space-MNI152NLin2009cAsym_res-4_desc-preproc_bold.nii.gz", data)
+    save(func / "sub-01_task-rest_space-MNI152NLin2009cAsym_res-4_desc-brain_mask.nii.gz",
+         brain_mask().astype(np.uint8))
+    (func / "sub-01_task-rest_desc-confounds_timeseries.tsv").write_text(confounds_text(table))
+    return path, table
+
+
+def test_prepare_regresses_the_confounds_out_of_every_voxel_exactly(tmp_path):
+    _, table = nuisance_run(tmp_path / "bids")
+    plain = replace_options(normalization="voxel_center")
+    assert prepare(tmp_path / "bids", tmp_path / "plain", plain, progress=False).ok
+    assert main(["prepare", str(tmp_path / "bids"), "--out", str(tmp_path / "denoised"), "--voxel_size", "4",
+                 "--min_frames", "8", "--normalization", "voxel_center", "--confounds", "simple", "--quiet",
+                 "true"]) == 0
+    before, after = Store(tmp_path / "plain"), Store(tmp_path / "denoised")
+    assert before.info["denoising"] == "none" and after.info["denoising"] == "simple"
+    run_id = after.run_ids[0]
+    mask = after.mask(run_id)
+    scale = [s.run(run_id).attributes["normalization"]["temporal_std"] for s in (before, after)]
+    y = before.run(run_id).read(0, 40).astype(np.float64)[:, mask] * scale[0]  # the centred input, in its units
+    z = after.run(run_id).read(0, 40).astype(np.float64)[:, mask] * scale[1]
+    # the reference: per voxel least squares on every frame but the non-steady one, which is set to the mean
+    design, keep = nuisance_design(table, "simple")
+    expected = np.zeros_like(y)
+    expected[keep] = denoise(y, design, keep)
+    assert np.abs(z - expected).max() < 2e-3 * np.abs(y[keep]).max()  # float16 storage
+    assert np.abs(np.corrcoef(z[keep].mean(1), table["white_matter"][keep])[0, 1]) < 0.05
+    assert np.corrcoef(y[keep].mean(1), table["white_matter"][keep])[0, 1] > 0.9
+    assert after.run(run_id).attributes["denoising"] == {"confounds": "simple", "regressors": 24 + 2 + 1 + 1}
+
+
+def replace_options(**changes) -> PrepareOptions:
+    return replace(OPTIONS, **changes)
+
+
+def test_input_denoising_is_part_of_the_contract(tmp_path, capsys):
+    model = SwiFT(preset("demo"))
+    save_pretrained(model, tmp_path / "model", contract=InputContract.for_model(
+        model.config, normalization="voxel_center", denoising="compcor+global_signal"))
+    options = options_from_model(tmp_path / "model")
+    assert (options.confounds, options.global_signal, options.denoising) == ("compcor", True, "compcor+global_signal")
+    with pytest.raises(ValueError, match="censoring removes frames a window needs"):
+        replace_options(confounds="scrubbing")
+    # a run without a confounds table fails alone, in one line naming it
+    bids_run(tmp_path / "bids", "02", n_frames=12)
+    report = prepare(tmp_path / "bids", tmp_path / "store", replace_options(confounds="simple"), progress=False)
+    assert "no confounds table for --confounds simple" in report.failed["sub-02_task-rest_run-1"]
+    # a store keeps one denoising
+    with pytest.raises(ValueError, match="prepared with denoising=simple, not none"):
+        prepare(tmp_path / "bids", tmp_path / "store", OPTIONS, progress=False)

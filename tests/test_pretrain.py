@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,7 @@ def test_pretrain_writes_a_model_that_finetune_takes(stores, tmp_path, objective
     assert main(pretrain_args(stores, out, "--store_weight", "[1,3]", "--max_steps", "2", *objective)) == 0
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["input_contract"]["normalization"] == "global_zscore" and config["head"] is None
+    assert config["input_contract"]["denoising"] == "none"  # what prepare regressed out, for --like
     assert "self-supervised" in (out / "model" / "README.md").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
@@ -247,6 +249,12 @@ def test_stores_with_different_contracts_are_refused_in_one_line(stores, tmp_pat
     assert main(pretrain_args([stores[0], other], tmp_path / "pre")) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "normalization" in err and str(other) in err
+    denoised = tmp_path / "denoised"  # the same frames, said to be denoised: one contract key differs
+    shutil.copytree(stores[1], denoised)
+    info = json.loads((denoised / "store.json").read_text())
+    (denoised / "store.json").write_text(json.dumps({**info, "denoising": "simple"}))
+    assert main(pretrain_args([stores[0], denoised], tmp_path / "pre")) == 1
+    assert "has denoising simple but" in capsys.readouterr().err
     assert main(pretrain_args([stores[0]], tmp_path / "pre", "--store_weight", "[1,2]")) == 1
     assert "one non-negative weight per store" in capsys.readouterr().err
 

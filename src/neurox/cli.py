@@ -97,6 +97,11 @@ def _prepare_parser() -> ArgumentParser:
                    "over in-brain voxels of the whole run, background set to the minimum); voxel_zscore: each voxel "
                    "over time, background 0; voxel_center: each voxel's mean removed, one brain-wide temporal scale, "
                    "background 0 (recommended for training from scratch: see docs/training.md)")
+    p.add_argument("--confounds", choices=["none", "simple", "compcor"], default="none",
+                   help="regress these fMRIPrep confounds out of every voxel before normalising (docs/data.md): "
+                   "simple (24 motion parameters, white matter, CSF, cosine drift) or compcor (24 motion, 5 "
+                   "anatomical CompCor, cosine drift); the store and models trained on it record it")
+    p.add_argument("--global_signal", type=bool, default=False, help="regress the global signal out too")
     p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")
     p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")

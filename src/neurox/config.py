@@ -181,6 +181,7 @@ class InputContract:
     grid: tuple[int, int, int] = (96, 96, 96)
     crop_box: tuple[tuple[float, float], ...] | None = None  # mm: first and last voxel centre per axis
     normalization: str | None = "global_zscore"
+    denoising: str | None = None  # confounds regressed out by prepare (none, simple, compcor, +global_signal)
     window_frames: int = 20
     tr: float | None = None
     channels: int = 1

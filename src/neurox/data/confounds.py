@@ -183,6 +183,37 @@ def nuisance_design(table: dict[str, np.ndarray], strategy: str, fd_threshold: f
     return design, keep
 
 
+INPUT_STRATEGIES = ("none", "simple", "compcor")  # what prepare can remove from the model's input
+
+
+def denoising_name(strategy: str, global_signal: bool) -> str:
+    """How a store's input was denoised, as its store.json and a model's input contract say it:
+    ``none``, ``simple``, ``compcor``, ``global_signal`` or ``simple+global_signal``..."""
+    if strategy not in INPUT_STRATEGIES:
+        hint = " (censoring removes frames a window needs; scrubbing is for connectivity and the baseline)" \
+            if strategy == "scrubbing" else ""
+        raise ValueError(f"--confounds {strategy}: prepare denoises with one of {', '.join(INPUT_STRATEGIES)}{hint}")
+    parts = [strategy] if strategy != "none" else []
+    return "+".join(parts + ["global_signal"] * global_signal) or "none"
+
+
+def input_design(table: dict[str, np.ndarray] | None, denoising: str, source: str) -> np.ndarray:
+    """The centred regressors (frames, k) that ``prepare`` removes from every voxel of a run for
+    ``denoising`` (see ``denoising_name``). Frames a strategy drops (non-steady state) get one regressor
+    each, which sets them to the voxel's mean: the run keeps its length, so windows stay contiguous."""
+    strategy = denoising.replace("global_signal", "").strip("+") or "none"
+    if table is None:
+        raise InputError(f"{source}: no confounds table for --confounds {denoising} (fMRIPrep's "
+                         "desc-confounds_timeseries.tsv beside the run, or a confounds column in the manifest)")
+    design, keep = nuisance_design(table, strategy, global_signal="global_signal" in denoising, source=source)
+    dropped = np.flatnonzero(~keep)
+    one_hot = np.zeros((len(keep), len(dropped)))
+    one_hot[dropped, np.arange(len(dropped))] = 1.0
+    design = np.column_stack([design, one_hot])
+    design = design - design.mean(0)
+    return design[:, design.std(0) > 1e-12]  # a constant column is the intercept's, which the mean keeps
+
+
 def denoise(series: np.ndarray, design: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """The kept frames of ``series`` (frames, parcels) less their least-squares fit by ``design`` and
     an intercept, fitted on the kept frames only (censored frames do not shape the fit)."""

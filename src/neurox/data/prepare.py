@@ -25,6 +25,7 @@ from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
 from neurox.data.store import (
     MANIFEST_COLUMNS,
     RUNS_DIR,
+    STORE_DEFAULTS,
     STORE_FILE,
     RunWriter,
     remove,
@@ -38,7 +39,7 @@ from neurox.progress import progress as progress_display
 
 FAILURE_SUFFIX = ".failed.json"
 # what every run of a store must share; a second prepare into the store must agree on these
-SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization")
+SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization", "denoising")
 
 
 @dataclass
@@ -73,8 +74,11 @@ def options_from_model(model_dir: str | Path, **overrides) -> PrepareOptions:
     grid = TargetGrid.default(voxel, contract["grid"])
     if contract.get("crop_box"):
         grid = TargetGrid(grid.shape, voxel, tuple(float(axis[0]) for axis in contract["crop_box"]))
+    denoising = contract.get("denoising") or "none"
     values = {"grid": grid, "normalization": contract.get("normalization") or "global_zscore",
-              "min_frames": int(contract.get("window_frames") or 20)}
+              "min_frames": int(contract.get("window_frames") or 20),
+              "confounds": denoising.replace("global_signal", "").strip("+") or "none",
+              "global_signal": "global_signal" in denoising}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PrepareOptions(**values)
 
@@ -170,9 +174,10 @@ def init_store(root: Path, options: PrepareOptions, fmt: str) -> None:
     if path.is_file():
         existing = json.loads(path.read_text())
         for key in SHARED_KEYS:
-            if existing.get(key) != wanted.get(key):
+            had = existing.get(key, STORE_DEFAULTS.get(key))
+            if had != wanted.get(key):
                 raise ValueError(
-                    f"{root}: this store was prepared with {key}={existing.get(key)}, not {wanted.get(key)}; "
+                    f"{root}: this store was prepared with {key}={had}, not {wanted.get(key)}; "
                     "use another --out for other settings"
                 )
         return

@@ -3,6 +3,9 @@
 Two passes over the file, each one block of frames at a time: the first accumulates per-voxel sums
 (for the mask when none is given, and for the normalisation statistics) and checks every value is
 finite; the second normalises and writes. Memory is a few blocks of frames whatever the run length.
+Denoising (``confounds``) adds no pass: the first also sums each voxel's products with the centred
+regressors, which is all a least-squares fit needs, and the second subtracts the fit (memory: k
+regressors x the grid, in float64 while summing).
 
 The model grid is a box fixed in MNI coordinates (``TargetGrid``), so every subject lands on the
 same voxels. An input already on a grid that aligns with it (same voxel size, origin an integer
@@ -20,7 +23,14 @@ import numpy as np
 
 from neurox import __version__
 from neurox.config import MNI_BOX_MM, MNI_BOX_ORIGIN_MM
-from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, run_confounds
+from neurox.data.confounds import (
+    CONFOUNDS_FILE,
+    confounds_text,
+    denoising_name,
+    input_design,
+    motion_summary,
+    run_confounds,
+)
 from neurox.data.store import pack_mask
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
@@ -66,16 +76,24 @@ class PrepareOptions:
     min_frames: int = 20
     block_frames: int = 32
     tr: float | None = None  # used where neither a sidecar nor the header gives one
+    confounds: str = "none"  # regressed out of every voxel before normalising: none, simple or compcor
+    global_signal: bool = False  # the global signal regressed out too
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        denoising_name(self.confounds, self.global_signal)  # refuses a strategy prepare cannot apply
+
+    @property
+    def denoising(self) -> str:
+        return denoising_name(self.confounds, self.global_signal)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "grid": list(self.grid.shape), "voxel_size_mm": self.grid.voxel_size_mm,
             "origin_mm": list(self.grid.origin_mm), "crop_box_mm": self.grid.crop_box_mm,
             "normalization": self.normalization, "resample": self.resample, "min_frames": self.min_frames,
+            "denoising": self.denoising,
         }
 
 
@@ -168,10 +186,19 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         if not given_mask.any():
             raise InputError(f"{spec.mask}: the brain mask is empty")
 
-    # pass 1: finite check and per-voxel sums on the target grid
+    design = None  # the regressors removed from every voxel (frames, k), centred
+    if options.denoising != "none":
+        design = input_design(confounds or None, options.denoising, str(spec.confounds or spec.bold))
+
+    # pass 1: finite check and per-voxel sums on the target grid (and, to denoise, each voxel's
+    # products with the regressors: the least-squares fit needs nothing else)
     total = np.zeros(grid_shape, dtype=np.float64)
     total_sq = np.zeros(grid_shape, dtype=np.float64)
     minimum = np.full(grid_shape, np.inf, dtype=np.float32)
+    # voxels x regressors, voxels in the frames' own x-fastest order, so every product below is one matrix
+    # product on a view of the block (no transposing copy)
+    cross = np.zeros((int(np.prod(grid_shape)), design.shape[1])) if design is not None else None
+    regressors = design.astype(np.float32) if design is not None else None
     for start, frames in iter_frame_blocks(info, options.block_frames):
         bad = ~np.isfinite(frames)
         if bad.any():
@@ -181,8 +208,25 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         total += on_grid.sum(axis=3, dtype=np.float64)
         total_sq += np.einsum("xyzt,xyzt->xyz", on_grid, on_grid, dtype=np.float64)
         np.minimum(minimum, on_grid.min(axis=3), out=minimum)
+        if cross is not None:
+            block = on_grid.reshape(-1, on_grid.shape[3], order="F")  # (voxels, frames), a view
+            cross += block @ regressors[start : start + block.shape[1]]
     n = info.n_frames
     mean_image = total / n
+    coefficients = None
+    if design is not None:
+        # least squares per voxel, B = (X'X)^+ X'y; the fit's sum of squares, y'X B, leaves the residual's
+        # (the centred regressors leave each voxel's mean as it was)
+        inverse = np.linalg.pinv(design.T @ design)
+        explained = np.zeros(len(cross))
+        coefficients = np.empty(cross.shape[::-1], dtype=np.float32)  # regressors x voxels
+        for lo in range(0, len(cross), 1 << 16):  # in slices of voxels: memory stays near the products'
+            part = cross[lo : lo + (1 << 16)]
+            solved = part @ inverse
+            explained[lo : lo + len(part)] = np.einsum("vk,vk->v", part, solved)
+            coefficients[:, lo : lo + len(part)] = solved.T
+        total_sq -= explained.reshape(grid_shape, order="F")
+        del cross
 
     if given_mask is not None:
         mask = mapping(given_mask.astype(np.uint8), nearest=True) > 0
@@ -226,8 +270,12 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     writer = writer_factory(n)
     try:
         outside = ~mask[..., None]
-        for _, frames in iter_frame_blocks(info, options.block_frames):
-            z = (mapping(frames) - shift) * scale
+        for start, frames in iter_frame_blocks(info, options.block_frames):
+            on_grid = mapping(frames)
+            if coefficients is not None:
+                fit = regressors[start : start + on_grid.shape[3]] @ coefficients  # (frames, voxels)
+                on_grid = on_grid - fit.T.reshape(on_grid.shape, order="F")  # a view in the block's own order
+            z = (on_grid - shift) * scale
             z[np.broadcast_to(outside, z.shape)] = background
             # the one transposing copy of the run: to C order (n, X, Y, Z), at half the bytes
             writer.write_frames(np.ascontiguousarray(np.moveaxis(z, 3, 0), dtype=np.float16))
@@ -253,6 +301,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         "mask": pack_mask(mask),
         "mask_source": "given" if given_mask is not None else "computed",
         "normalization": stats,
+        "denoising": {"confounds": options.denoising, "regressors": 0 if design is None else int(design.shape[1])},
         "source": {
             "path": str(spec.bold.resolve()),
             "sha256": file_sha256(spec.bold),

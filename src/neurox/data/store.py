@@ -35,6 +35,7 @@ from neurox.io.atomic import write_text_atomic
 
 STORE_FILE = "store.json"
 RUNS_DIR = "runs"
+STORE_DEFAULTS = {"denoising": "none"}  # what a store written before the key existed holds
 MANIFEST_COLUMNS = ["participant_id", "session", "run", "run_id", "path", "n_frames", "tr", "shape", "status",
                     "mean_fd", "max_fd", "source"]
 # Blosc-LZ4 with byte shuffle: float16 frames to about 0.3 of their size (the background is one
@@ -226,7 +227,7 @@ class Store:
         self.root = Path(root)
         if not (self.root / STORE_FILE).is_file():
             raise FileNotFoundError(f"{self.root}: not a neurox store (no {STORE_FILE}); make one with neurox prepare")
-        self.info = json.loads((self.root / STORE_FILE).read_text())
+        self.info = {**STORE_DEFAULTS, **json.loads((self.root / STORE_FILE).read_text())}
         self._readers: dict[str, RunReader] = {}
 
     @property

@@ -208,7 +208,8 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         if config.head_init == "probe":
             initialise_head(model, targets, pooled, labels, who, config.seed)
     wrapped = dist_utils.wrap(model, env, config.strategy)
-    contract = InputContract.for_model(arch, tr=store_tr(store), normalization=store.info["normalization"])
+    contract = InputContract.for_model(arch, tr=store_tr(store), normalization=store.info["normalization"],
+                                      denoising=store.info["denoising"])
     motion = participant_motion(store)  # for the motion check of every validation
 
     def evaluate():

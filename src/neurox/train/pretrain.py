@@ -33,7 +33,7 @@ from neurox.train import distributed as dist_utils
 from neurox.train import ssl
 from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, start_run
 
-CONTRACT_KEYS = ("grid", "voxel_size_mm", "normalization", "channels", "origin_mm")
+CONTRACT_KEYS = ("grid", "voxel_size_mm", "normalization", "channels", "origin_mm", "denoising")
 
 
 @dataclass
@@ -321,7 +321,8 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     backbone = SwiFT(arch)
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
     info = stores[0].info
-    contract = InputContract.for_model(arch, tr=store_tr(stores[0]), normalization=info["normalization"])
+    contract = InputContract.for_model(arch, tr=store_tr(stores[0]), normalization=info["normalization"],
+                                      denoising=info["denoising"])
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     decoder = (f"decoder of {config.decoder_depth} transformer layers and a linear map" if config.decoder_depth
                else "linear decoder")
