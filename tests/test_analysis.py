@@ -13,6 +13,7 @@ import pytest
 import torch
 from fakes import OPTIONS, as_las, bids_run
 
+from neurox.analysis.connectivity import store_atlas
 from neurox.analysis.explain import (
     ExplainOptions,
     attribute,
@@ -203,8 +204,25 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     group = {row["participant_id"]: row["amplitude_group"] for row in Store(store).phenotypes()}
     pair = [min(p for p in group if group[p] == value) for value in ("0", "1")]  # one of each group
     args = ["explain", str(run), "--store", str(store), "--out", str(out), "--subject", *pair,
-            "--group_by", "amplitude_group", "--n_steps", "2", "--noise_samples", "1", "--quiet", "true"]
+            "--group_by", "amplitude_group", "--n_steps", "2", "--noise_samples", "1", "--quiet", "true",
+            "--atlas", str(atlas_of(cohort))]
     assert main(args) == 0
+    assert "regions of highest mean attribution" in capsys.readouterr().out
+    # the regions that drove the output: each map's parcels ranked by their mean over the parcel's voxels
+    regions = read_tsv(out / "regions.tsv")
+    maps = ["all", "amplitude_group-0", "amplitude_group-1", "amplitude_group-1-minus-0"]
+    assert [r["map"] for r in regions] == [m for m in maps for _ in range(40)]
+    everyone = [r for r in regions if r["map"] == "all"]
+    assert [int(r["rank"]) for r in everyone] == list(range(1, 41)) and everyone[0]["region"].startswith("parcel")
+    assert sum(float(r["share"]) for r in everyone) == pytest.approx(1.0, abs=1e-3)
+    assert all(r["share"] == "" for r in regions if r["map"].endswith("minus-0"))  # signed: no share
+    atlas, _ = store_atlas(Store(store), atlas_of(cohort))  # the atlas on the store grid
+    mean_map = np.mean([np.asarray(nib.load(str(out / f"{p}_space-store_attribution.nii.gz")).dataobj, np.float64)
+                        for p in pair], axis=0)
+    top = everyone[0]
+    assert float(top["mean_attribution"]) == pytest.approx(mean_map[atlas == int(top["label"])].mean(), rel=1e-4)
+    per_participant = read_tsv(out / "participant_regions.tsv")
+    assert [r["participant_id"] for r in per_participant] == sorted(pair) and len(per_participant[0]) == 41
     summary = json.loads((out / "explain.json").read_text())
     assert summary["participants"] == sorted(pair) and "all" in summary["groups"]
     # the contrast map: group 1's mean minus group 0's, with its own PNG
@@ -226,6 +244,9 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
 
     assert main(["explain", str(run), "--store", str(store), "--out", str(out), "--target", "nope"]) == 1
     assert "not 'nope'" in capsys.readouterr().err
+    assert main(["explain", str(run), "--store", str(store), "--out", str(tmp_path / "x"), "--atlas",
+                 str(tmp_path / "none.nii.gz")]) == 1  # refused before any attribution is computed
+    assert "none.nii.gz" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
     table = tmp_path / "emb.parquet"
     assert main(["embed", str(run), "--store", str(store), "--out", str(table), "--color_by", "amplitude_group",

@@ -119,8 +119,10 @@ def explain(run: str | Path, store: str | Path, out: str | Path, subject: list[s
             split: str | None = None, where: str | None = None, group_by: str | None = None, quantiles: int = 4,
             target: str | None = None, class_value: str | None = None, n_steps: int = 16, noise_samples: int = 0,
             noise_std: float = 0.1, baseline: str = "zero", reduce: str = "abs", smooth_fwhm: float = 6.0,
-            batch_size: int = 2, device: str = "auto", quiet: bool = False) -> Path:
-    """Attribution maps (NIfTI and PNG) of a trained run for participants and groups, in ``out``."""
+            batch_size: int = 2, device: str = "auto", atlas: str | Path | None = None,
+            names: str | Path | None = None, quiet: bool = False) -> Path:
+    """Attribution maps (NIfTI and PNG) of a trained run for participants and groups, in ``out``; with an
+    atlas, the regions that drove the output (``regions.tsv``)."""
     from neurox.analysis.explain import ExplainOptions
     from neurox.analysis.explain import explain as run_explain
 
@@ -128,7 +130,7 @@ def explain(run: str | Path, store: str | Path, out: str | Path, subject: list[s
                              noise_std=noise_std, baseline=baseline, reduce=reduce, batch_size=batch_size,
                              smooth_fwhm=smooth_fwhm)
     return run_explain(run, store, out, options, subjects=subject, split=split, where=where, group_by=group_by,
-                       quantiles=quantiles, device=device, progress=not quiet)
+                       quantiles=quantiles, device=device, progress=not quiet, atlas=atlas, names=names)
 
 
 def embed(model: str | Path, store: str | Path, out: str | Path, color_by: str | None = None, batch_size: int = 4,

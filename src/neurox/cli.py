@@ -279,6 +279,9 @@ def _explain_parser() -> ArgumentParser:
     p.add_argument("--reduce", choices=["abs", "signed"], default="abs", help="sum over time of |attribution| or of it")
     p.add_argument("--smooth_fwhm", type=float, default=6.0,
                    help="mm: Gaussian smoothing inside the brain of the group and contrast maps (0: none)")
+    p.add_argument("--atlas", default=None, help="3D label NIfTI in MNI space: also rank its regions by attribution "
+                   "(regions.tsv, participant_regions.tsv)")
+    p.add_argument("--names", default=None, help="TSV with index and name columns (default: found beside the atlas)")
     p.add_argument("--batch_size", type=int, default=2, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
@@ -513,6 +516,10 @@ def cmd_explain(args) -> int:
     summary = json.loads((out / "explain.json").read_text())
     print(f"wrote maps of {len(summary['participants'])} participant(s) and {len(summary['groups'])} group(s) "
           f"to {out}" + (f"; {len(summary['failed'])} failed" if summary["failed"] else ""))
+    if summary.get("top_regions"):
+        print(f"regions of highest mean attribution ({out / 'regions.tsv'}):")
+    for name, top in summary.get("top_regions", {}).items():
+        print(f"  {name}: {', '.join(top)}")
     return 0 if not summary["failed"] else 3
 
 

@@ -14,7 +14,10 @@ glass-brain PNG.
 Outputs in ``--out``: ``<participant>_attribution.nii.gz`` (the original grid),
 ``<participant>_space-store_attribution.nii.gz`` (the store's MNI grid), ``group-<name>_attribution.nii.gz``
 and ``.png`` (groups and contrasts), ``explain.json`` (what was computed). A participant whose maps exist is not
-recomputed, so an interrupted run resumes.
+recomputed, so an interrupted run resumes. With an atlas, the regions that drove the output:
+``regions.tsv`` (per group and contrast map, each region's mean attribution, its share of the map's total and
+its rank; unsmoothed maps, the region's voxels being the average) and ``participant_regions.tsv`` (one row per
+participant, one column per region).
 """
 
 from __future__ import annotations
@@ -246,6 +249,28 @@ def contrasts_of(groups: dict[str, list[str]], column: str | None) -> dict[str, 
             for name in parts}
 
 
+def region_means(volume: np.ndarray, atlas: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each atlas region's voxel count and mean value of ``volume`` (both on the store grid)."""
+    lookup = np.zeros(int(atlas.max()) + 1, dtype=np.int64)
+    lookup[labels] = np.arange(1, len(labels) + 1)
+    column = lookup[atlas.ravel()]
+    counts = np.bincount(column, minlength=len(labels) + 1)[1:]
+    sums = np.bincount(column, weights=volume.ravel(), minlength=len(labels) + 1)[1:]
+    return counts, sums / np.maximum(counts, 1)
+
+
+def region_rows(name: str, volume: np.ndarray, atlas: np.ndarray, labels: list[int], names: list[str]) -> list[dict]:
+    """``regions.tsv`` rows of one map, highest mean first; ``share`` (of the total over the regions) for maps
+    without negative values, where it is the fraction of the attribution the region holds."""
+    counts, means = region_means(volume, atlas, labels)
+    totals = counts * means
+    positive = volume.min() >= 0 and totals.sum() > 0
+    order = np.argsort(-means, kind="stable")
+    return [{"map": name, "rank": rank, "label": labels[i], "region": names[i], "voxels": int(counts[i]),
+             "mean_attribution": f"{means[i]:.6g}", "share": f"{totals[i] / totals.sum():.4f}" if positive else ""}
+            for rank, i in enumerate(order, start=1)]
+
+
 def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> Path | None:
     """A glass-brain view of a map over the MNI template (nilearn), or nothing without nilearn."""
     try:
@@ -272,9 +297,11 @@ def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> P
 
 def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, options: ExplainOptions | None = None,
             subjects: list[str] | None = None, split: str | None = None, where: str | None = None,
-            group_by: str | None = None, quantiles: int = 4, device: str = "auto", progress: bool = True) -> Path:
+            group_by: str | None = None, quantiles: int = 4, device: str = "auto", progress: bool = True,
+            atlas: str | Path | None = None, names: str | Path | None = None) -> Path:
     import nibabel as nib
 
+    from neurox.analysis.connectivity import atlas_names, store_atlas
     from neurox.hub import load_pretrained
     from neurox.progress import progress as progress_display
     from neurox.train.distributed import detect
@@ -290,6 +317,10 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     check_fits_store(model.config, store)
     participants = choose_participants(store, splits, subjects, split, where)
     groups = groups_of(store, participants, group_by, quantiles)
+    regions = None  # read before the long part: a wrong atlas fails at once
+    if atlas:
+        atlas_grid, labels = store_atlas(store, atlas)
+        regions = (atlas_grid, labels, atlas_names(atlas, labels, names))
     model.to(detect(device).device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -337,10 +368,13 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         mean = np.mean([maps[p] for p in members], axis=0)
         return smooth_in_brain(mean, brain, options.smooth_fwhm, float(store.info["voxel_size_mm"]))
 
+    region_table: list[dict] = []
     for name, members in groups.items():
         members = [p for p in members if p in maps]
         if not members:
             continue
+        if regions:
+            region_table += region_rows(name, np.mean([maps[p] for p in members], axis=0), *regions)
         mean = group_mean(members)
         save_nifti(out / f"group-{name}_attribution.nii.gz", mean, store_affine)
         plot_map(out / f"group-{name}_attribution.png", mean, store_affine,
@@ -350,6 +384,9 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         plus, minus = [p for p in plus if p in maps], [p for p in minus if p in maps]
         if not plus or not minus:
             continue
+        if regions:
+            region_table += region_rows(name, np.mean([maps[p] for p in plus], axis=0)
+                                        - np.mean([maps[p] for p in minus], axis=0), *regions)
         difference = group_mean(plus) - group_mean(minus)
         save_nifti(out / f"group-{name}_attribution.nii.gz", difference, store_affine)
         plot_map(out / f"group-{name}_attribution.png", difference, store_affine,
@@ -357,5 +394,20 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         summary["contrasts"][name] = {"plus": plus, "minus": minus}
     from neurox.io.atomic import write_text_atomic
 
+    if regions:
+        from neurox.data.store import write_tsv
+
+        atlas_grid, labels, region_names = regions
+        write_tsv(out / "regions.tsv", region_table,
+                  ["map", "rank", "label", "region", "voxels", "mean_attribution", "share"])
+        write_tsv(out / "participant_regions.tsv",
+                  [{"participant_id": p, **{n: f"{m:.6g}" for n, m in
+                                            zip(region_names, region_means(maps[p], atlas_grid, labels)[1])}}
+                   for p in sorted(maps)], ["participant_id", *region_names])
+        summary["atlas"] = str(atlas)
+        summary["top_regions"] = {}
+        for row in region_table:
+            if row["rank"] <= 5:
+                summary["top_regions"].setdefault(row["map"], []).append(row["region"])
     write_text_atomic(out / "explain.json", json.dumps(summary, indent=2) + "\n")
     return out
