@@ -128,7 +128,7 @@ def test_phenotype_ids_match_runs_with_or_without_the_sub_prefix(tmp_path):
 
 
 @pytest.mark.parametrize("table, message", [
-    ("eid,age\n1,30\n", r"no participant_id column \(columns: eid, age\); name the id column with --id_column"),
+    ("eid,age\n1,30\n", r"no participant_id column \(columns: eid, age\); name the column with --id_column"),
     ("participant_id\tage\nsub-01\t30\n01\t31\n", "'sub-01' and '01' name the same participant"),
 ])
 def test_a_phenotype_table_that_cannot_be_joined_says_why(tmp_path, table, message):

@@ -384,3 +384,55 @@ def test_yaml_config_and_resolved_options_saved(store, tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (resolved["lr"], resolved["seed"], resolved["epochs"]) == (2e-4, 3, 1)  # file, then flag
     assert resolved["model"]["img_size"] == [48, 48, 48, 20] and resolved["world_size"] == 1
+
+
+# --- a phenotype table by session (longitudinal cohorts) ------------------------------------------------
+
+
+def test_sessions_are_units_and_a_participant_stays_in_one_split(tmp_path, capsys):
+    from fakes import AFFINE, brain_mask, save
+
+    from neurox.data.loader import load_cohort, prepared_runs, split_participants
+
+    root = tmp_path / "bids"
+    sessions = {"baselineYear1Arm1": "baseline_year_1_arm_1", "2YearFollowUpYArm1": "2_year_follow_up_y_arm_1"}
+    rows = ["src_subject_id,eventname,age"]
+    for i in range(8):
+        for j, (label, event) in enumerate(sessions.items()):
+            func = root / f"sub-NDARINV{i:02d}" / f"ses-{label}" / "func"
+            stem = f"sub-NDARINV{i:02d}_ses-{label}_task-rest_space-MNI152NLin2009cAsym_res-4"
+            save(func / f"{stem}_desc-preproc_bold.nii.gz", bold(n_frames=20, seed=10 * i + j))
+            save(func / f"{stem}_desc-brain_mask.nii.gz", brain_mask().astype(np.uint8))
+            rows.append(f"NDAR_INV{i:02d},{event},{9 + 2 * j + 0.1 * i:.1f}")  # ABCD's ids and event names
+    (tmp_path / "abcd.csv").write_text("\n".join(rows) + "\n")
+    assert main(["prepare", str(root), "--out", str(tmp_path / "store"), "--voxel_size", "4", "--min_frames", "8",
+                 "--participants", str(tmp_path / "abcd.csv"), "--id_column", "src_subject_id",
+                 "--session_column", "eventname", "--quiet", "true"]) == 0
+    assert "16 of 16 participant sessions with runs have a row" in capsys.readouterr().out
+    store = Store(tmp_path / "store")
+    table = read_tsv(tmp_path / "store" / "participants.tsv")
+    assert list(table[0]) == ["participant_id", "session", "age"] and store.by_session
+    assert (table[1]["participant_id"], table[1]["session"], table[1]["age"]) == (
+        "sub-NDARINV00", "2YearFollowUpYArm1", "11.0")
+    units = prepared_runs(store)[0]
+    assert len(units) == 16 and units["sub-NDARINV03_ses-2YearFollowUpYArm1"] == [
+        "sub-NDARINV03_ses-2YearFollowUpYArm1_task-rest"]
+    cohort = load_cohort(store, ["age"])
+    assert cohort.values["sub-NDARINV03_ses-baselineYear1Arm1"] == ["9.3"]  # each session its own age
+    split = split_participants(cohort, seed=0)
+    for i in range(8):
+        assert len({split[f"sub-NDARINV{i:02d}_ses-{label}"] for label in sessions}) == 1
+
+    run = tmp_path / "run"
+    assert main(["finetune", "--store", str(tmp_path / "store"), "--target", "age", "--out", str(run), "--epochs",
+                 "1", "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0", "--max_steps", "2"]) == 0
+    predictions = read_tsv(run / "predictions.tsv")
+    assert {p["participant_id"] for p in predictions} <= set(units) and len(predictions) % 2 == 0
+    atlas = tmp_path / "atlas.nii.gz"
+    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
+    save(atlas, labels, AFFINE)
+    assert main(["baseline", "--store", str(tmp_path / "store"), "--target", "age", "--atlas", str(atlas), "--out",
+                 str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "20"]) == 0
+    metrics = json.loads((tmp_path / "fc" / "metrics.json").read_text())
+    assert metrics["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]

@@ -31,7 +31,7 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
             normalization: str = "global_zscore", resample: bool = False, min_frames: int = 20,
             tr: float | None = None, workers: int = 1, shard: str = "0/1", format: str = "zarr",
             confounds: str = "none", global_signal: bool = False, task: str | None = None, hcp_bold: str = "minimal",
-            id_column: str | None = None, quiet: bool = False):
+            id_column: str | None = None, session_column: str | None = None, quiet: bool = False):
     """Preprocess fMRI runs into a store; returns the report (``.done``, ``.skipped``, ``.failed``,
     ``.ok``, ``.store``). A bad run is listed in ``failures.tsv`` and the rest go on."""
     from neurox.data.prepare import options_from_model, parse_shard
@@ -45,7 +45,8 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
                                  resample=resample, min_frames=min_frames, tr=tr, confounds=confounds,
                                  global_signal=global_signal)
     return prepare_store(input, out, options, participants=participants, workers=workers, shard=parse_shard(shard),
-                         fmt=format, progress=not quiet, task=task, hcp_bold=hcp_bold, id_column=id_column)
+                         fmt=format, progress=not quiet, task=task, hcp_bold=hcp_bold, id_column=id_column,
+                         session_column=session_column)
 
 
 def finetune(**options: Any) -> Path:

@@ -83,6 +83,9 @@ def _prepare_parser() -> ArgumentParser:
                    help="phenotype table, .tsv or .csv (default: INPUT/participants.tsv)")
     p.add_argument("--id_column", default=None, help="the phenotype table's participant id column (default "
                    "participant_id; HCP: Subject, UK Biobank: eid); 100307 and sub-100307 name one participant")
+    p.add_argument("--session_column", default=None, help="the phenotype table's session column, for a row per "
+                   "session (age at each visit; ABCD: eventname): each session is then one unit of labels and "
+                   "metrics, a participant's sessions share one split (default: a column named session, if any)")
     p.add_argument("--task", default=None, help="only the runs of this task (BIDS task label; HCP: rest for rfMRI_*, "
                    "wm for tfMRI_WM_*); default every run found")
     p.add_argument("--hcp_bold", choices=["minimal", "fix"], default="minimal",

@@ -230,7 +230,7 @@ def participant_motion(store) -> dict[str, float]:
     per_participant: dict[str, list[float]] = {}
     for row in store.manifest:
         if row.get("status") == "ok" and row.get("mean_fd") not in (None, ""):
-            per_participant.setdefault(row["participant_id"], []).append(float(row["mean_fd"]))
+            per_participant.setdefault(store.unit(row), []).append(float(row["mean_fd"]))
     return {p: round(float(np.mean(v)), 4) for p, v in per_participant.items()}
 
 

@@ -94,6 +94,7 @@ class Cohort:
     n_frames: dict[str, int]  # run id -> frames
     split: dict[str, str] = field(default_factory=dict)
     left_out: int = 0  # participants without some target value
+    person: dict[str, str] = field(default_factory=dict)  # unit -> participant, where units are sessions
 
     def labels(self, participant: str) -> np.ndarray:
         return np.array([t.encode(v) for t, v in zip(self.targets, self.values[participant])], dtype=np.float32)
@@ -103,13 +104,14 @@ class Cohort:
 
 
 def prepared_runs(store: Store, participants=None) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """Participant -> run ids, and run id -> frames, of the store's successfully prepared runs (of
-    ``participants`` only, when given)."""
+    """Participant (or, with a phenotype table by session, participant session) -> run ids, and run id ->
+    frames, of the store's successfully prepared runs (of ``participants`` only, when given)."""
     runs: dict[str, list[str]] = {}
     n_frames = {}
     for row in store.manifest:
-        if row["status"] == "ok" and (participants is None or row["participant_id"] in participants):
-            runs.setdefault(row["participant_id"], []).append(row["run_id"])
+        unit = store.unit(row)
+        if row["status"] == "ok" and (participants is None or unit in participants):
+            runs.setdefault(unit, []).append(row["run_id"])
             n_frames[row["run_id"]] = int(row["n_frames"])
     return runs, n_frames
 
@@ -124,7 +126,7 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
             known = ", ".join(c for c in table[0] if c != "participant_id")
             raise ValueError(f"{store.root}: no target column {column!r} in participants.tsv (columns: {known})")
     runs, n_frames = prepared_runs(store)
-    values, left_out = {}, 0
+    values, person, left_out = {}, {}, 0
     for row in table:
         pid = row["participant_id"]
         if pid not in runs:
@@ -133,6 +135,7 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
             left_out += 1
             continue
         values[pid] = [row[c].strip() for c in columns]
+        person[pid] = row.get("person", pid)
     if len(values) < 3:
         raise ValueError(f"{store.root}: only {len(values)} participants have prepared runs and all of "
                          f"{', '.join(columns)}; need at least 3")
@@ -140,27 +143,34 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
     targets = [infer_target(c, [v[i] for v in values.values()], tasks[i]) for i, c in enumerate(columns)]
     if len(targets) > 1 and any(t.task == "multiclass" for t in targets):
         raise ValueError("a multiclass target must be the only target")
-    return Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out)
+    return Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out,
+                  person=person)
 
 
 def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2)) -> dict[str, str]:
-    """Participant -> train/val/test, seeded; stratified by the first target when it is a class."""
+    """Participant -> train/val/test, seeded; stratified by the first target when it is a class. Where the
+    units are sessions, a participant's sessions share one split (stratified by their first session's class),
+    so no one is both trained on and tested."""
     rng = np.random.default_rng(seed)
     first = cohort.targets[0]
+    sessions: dict[str, list[str]] = {}
+    for p in cohort.participants:
+        sessions.setdefault(cohort.person.get(p, p), []).append(p)
     if first.task == "regression":
-        strata = {"all": list(cohort.participants)}
+        strata = {"all": list(sessions)}
     else:
         strata = {}
-        for p in cohort.participants:
-            strata.setdefault(cohort.values[p][0], []).append(p)
+        for person, units in sessions.items():
+            strata.setdefault(cohort.values[units[0]][0], []).append(person)
     split = {}
     for members in strata.values():
         members = list(rng.permutation(members))
         n = len(members)
         n_val = max(1, int(round(fractions[1] * n))) if n >= 3 else 0
         n_test = max(1, int(round(fractions[2] * n))) if n >= 3 else 0
-        for i, p in enumerate(members):
-            split[p] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+        for i, person in enumerate(members):
+            for p in sessions[person]:
+                split[p] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
     return split
 
 

@@ -48,32 +48,51 @@ class PhenotypeTable:
         write_tsv(path, self.rows, self.columns)
 
 
-def phenotype_table(source: Path, run_participants: list[str], id_column: str | None = None) -> PhenotypeTable:
-    """The table ``source`` as a store keeps it: its ids (in ``id_column``, default ``participant_id``)
-    renamed to the runs' names, in ``participant_id``, first."""
+def session_label(value: str) -> str:
+    """What identifies a session: without ``ses-``, letters and digits only, lower case (``ses-baselineYear1Arm1``
+    and ABCD's ``baseline_year_1_arm_1`` are one session)."""
+    return re.sub(r"[^a-z0-9]", "", re.sub(r"^ses[-_]", "", value.strip().lower()))
+
+
+def phenotype_table(source: Path, runs: list[tuple[str, str]], id_column: str | None = None,
+                    session_column: str | None = None) -> PhenotypeTable:
+    """The table ``source`` as a store keeps it, for runs of (participant, session): its ids (in ``id_column``,
+    default ``participant_id``) renamed to the runs' names, in ``participant_id``, first. With a
+    ``session_column`` (or a column named ``session``), a row per session: its sessions renamed to the runs'
+    session labels, in ``session``, second."""
     if not source.is_file():
         raise InputError(f"{source}: phenotype table not found")
     columns, rows = read_table(source)
     id_column = id_column or ID_COLUMN
-    if id_column not in columns:
-        shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
-        raise InputError(f"{source}: no {id_column} column (columns: {shown}); name the id column with --id_column")
-    by_label = {participant_label(p): p for p in run_participants}
-    seen: dict[str, str] = {}
+    if session_column is None and "session" in columns:
+        session_column = "session"
+    for column, option in ((id_column, "--id_column"), (session_column, "--session_column")):
+        if column is not None and column not in columns:
+            shown = ", ".join(columns[:8]) + (", ..." if len(columns) > 8 else "")
+            raise InputError(f"{source}: no {column} column (columns: {shown}); name the column with {option}")
+    by_label = {participant_label(p): p for p, _ in runs}
+    by_session = {(participant_label(p), session_label(s)): s for p, s in runs}
+    unit = "participant" if session_column is None else "participant session"
+    seen: dict[tuple[str, str], str] = {}
     for row in rows:
         raw = (row.get(id_column) or "").strip()
         label = participant_label(raw)
         if not label:
             raise InputError(f"{source}: a row with an empty {id_column}")
-        if label in seen:
-            raise InputError(f"{source}: {seen[label]!r} and {raw!r} name the same participant; keep one row each")
-        seen[label] = raw
+        key = (label, session_label(row.get(session_column) or "") if session_column else "")
+        if key in seen:
+            raise InputError(f"{source}: {seen[key]!r} and {raw!r} name the same {unit}; keep one row each")
+        seen[key] = raw
         row[ID_COLUMN] = by_label.get(label, "sub-" + label)
-    others = [c for c in columns if c not in (id_column, ID_COLUMN)]
-    with_runs = sorted(set(run_participants))
-    without = [p for p in with_runs if participant_label(p) not in seen]
-    line = (f"phenotype table {source.name}: {len(with_runs) - len(without)} of {len(with_runs)} participants "
+        if session_column:
+            row["session"] = by_session.get(key, key[1])
+    leading = [ID_COLUMN] + (["session"] if session_column else [])
+    others = [c for c in columns if c not in (id_column, session_column, *leading)]
+    with_runs = sorted({(p, s if session_column else "") for p, s in runs})
+    without = [(p, s) for p, s in with_runs if (participant_label(p), session_label(s)) not in seen]
+    names = [f"{p}_ses-{s}" if s else p for p, s in without]
+    line = (f"phenotype table {source.name}: {len(with_runs) - len(without)} of {len(with_runs)} {unit}s "
             "with runs have a row")
     if without:
-        line += f"; none for {', '.join(without[:5])}{', ...' if len(without) > 5 else ''}"
-    return PhenotypeTable([ID_COLUMN, *others], rows, line)
+        line += f"; none for {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"
+    return PhenotypeTable([*leading, *others], rows, line)

@@ -95,6 +95,7 @@ def prepare(
     task: str | None = None,
     hcp_bold: str = "minimal",
     id_column: str | None = None,
+    session_column: str | None = None,
 ) -> PrepareReport:
     options = options or PrepareOptions()
     root = Path(out)
@@ -104,10 +105,11 @@ def prepare(
         print(f"neurox prepare: {len(found)} run(s) found ({task_counts(found)})"
               + (f", {len(specs)} in shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""), file=sys.stderr)
     source = phenotype_source(input_path, participants)
-    if source is None and id_column:
-        raise InputError(f"--id_column {id_column}: give the phenotype table with --participants")
+    if source is None and (id_column or session_column):
+        raise InputError(f"--{'id' if id_column else 'session'}_column: give the phenotype table with --participants")
     # read and checked before the store is made: a table that cannot be joined leaves nothing behind
-    phenotypes = phenotype_table(source, [s.participant_id for s in found], id_column) if source else None
+    phenotypes = phenotype_table(source, [(s.participant_id, s.session) for s in found], id_column,
+                                 session_column) if source else None
     init_store(root, options, fmt)
     report = PrepareReport(root)
     if phenotypes is not None:

@@ -6,7 +6,7 @@ Layout::
     STORE/runs/<run_id>.zarr/   one Zarr v3 array (T, X, Y, Z) float16 per run: zarr.json holds the
                                 attributes, one shard file (c/0/0/0/0) holds one compressed chunk per frame
     STORE/manifest.tsv          one row per run
-    STORE/participants.tsv      the phenotype table, joined by participant_id
+    STORE/participants.tsv      the phenotype table, joined by participant_id (and session, where it has one)
     STORE/failures.tsv          the runs that could not be prepared, and why
 
 One shard file per run keeps a cohort of 40,000 runs at about 40,000 data files. The shard is
@@ -25,6 +25,7 @@ import os
 import shutil
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -259,9 +260,35 @@ class Store:
     def mask(self, run_id: str) -> np.ndarray:
         return unpack_mask(self.run(run_id).attributes["mask"])
 
-    def phenotypes(self) -> list[dict[str, str]]:
+    @cached_property
+    def by_session(self) -> bool:
+        """Whether the phenotype table has a row per session (a ``session`` column: age at each visit of a
+        longitudinal cohort), so that each session of a participant is one unit of labels and metrics."""
         path = self.root / "participants.tsv"
-        return read_tsv(path) if path.is_file() else []
+        if not path.is_file():
+            return False
+        with open(path, newline="") as f:
+            return "session" in f.readline().rstrip("\n").split("\t")
+
+    def unit(self, row: dict[str, str]) -> str:
+        """The unit a manifest row's run belongs to: its participant, or with a table by session, the
+        participant's session (``sub-01_ses-2``)."""
+        return unit_id(row["participant_id"], row.get("session", "")) if self.by_session else row["participant_id"]
+
+    def phenotypes(self) -> list[dict[str, str]]:
+        """The phenotype rows, keyed by ``participant_id``: the unit every label and metric is about. With a
+        table by session, that is the participant's session (``sub-01_ses-2``) and ``person`` is the
+        participant, whose sessions always share a split."""
+        path = self.root / "participants.tsv"
+        rows = read_tsv(path) if path.is_file() else []
+        if rows and "session" in rows[0]:
+            rows = [{**row, "person": row["participant_id"],
+                     "participant_id": unit_id(row["participant_id"], row["session"])} for row in rows]
+        return rows
+
+
+def unit_id(participant: str, session: str) -> str:
+    return f"{participant}_ses-{session}" if session else participant
 
 
 # --- tables ------------------------------------------------------------------------------------
