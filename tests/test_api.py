@@ -10,7 +10,7 @@ import pytest
 from fakes import bids_run, bold
 
 import neurox
-from neurox import api, cli
+from neurox import api, cli_options
 from neurox.models.convert import HPARAM_FIELDS
 
 # options a command has that are not the function's: a YAML file of options (the dataclass-configured
@@ -19,7 +19,7 @@ NOT_KEYWORDS = {"config"} | set(HPARAM_FIELDS.values())
 
 
 def command_defaults(name: str) -> dict:
-    parser = getattr(cli, f"_{name.replace('-', '_')}_parser")()
+    parser = getattr(cli_options, f"_{name.replace('-', '_')}_parser")()
     return {k: v for k, v in vars(parser.get_defaults()).items() if not k.startswith("__")}
 
 
@@ -44,7 +44,7 @@ def test_every_function_takes_its_commands_options_with_the_same_defaults(name):
 
 @pytest.mark.parametrize("name", [*sorted(api.COMMANDS), "smoke"])
 def test_every_option_of_every_command_says_what_it_is(name):
-    parser = getattr(cli, f"_{name.replace('-', '_')}_parser")()
+    parser = getattr(cli_options, f"_{name.replace('-', '_')}_parser")()
     undescribed = [a.dest for a in parser._actions if not a.help and a.dest != "help"]
     assert not undescribed, f"neurox {name} --help says nothing of {undescribed}"
     assert "example: neurox" in parser.format_help()
