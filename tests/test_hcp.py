@@ -150,3 +150,18 @@ def test_task_keeps_the_runs_of_one_bids_task(tmp_path):
     assert spec.run_id == "sub-01_task-wm_run-1"
     report = prepare(root, tmp_path / "store", OPTIONS, progress=False, task="rest")
     assert report.done == ["sub-01_task-rest_run-1"]
+
+
+def test_a_manifest_with_uk_biobank_ids_joins_its_eid_table(tmp_path, capsys):
+    for eid in ("1000015", "1000027"):
+        save(tmp_path / f"{eid}_20227_2_0" / "rfMRI_MNI.nii.gz", bold(12, int(eid) % 7))
+    (tmp_path / "ukb_runs.tsv").write_text("participant_id\tsession\tpath\n" + "".join(
+        f"{eid}\t2\t{eid}_20227_2_0/rfMRI_MNI.nii.gz\n" for eid in ("1000015", "1000027")))
+    (tmp_path / "ukb.csv").write_text("eid,31-0.0,21003-2.0\n1000015,0,64\n1000027,1,71\n")
+    report = prepare(tmp_path / "ukb_runs.tsv", tmp_path / "store", OPTIONS, participants=tmp_path / "ukb.csv",
+                     id_column="eid", progress=False)
+    assert report.ok and report.phenotypes.startswith("phenotype table ukb.csv: 2 of 2 participants")
+    store = Store(tmp_path / "store")
+    assert store.run_ids == ["1000015_ses-2", "1000027_ses-2"]
+    assert [(r["participant_id"], r["21003-2.0"]) for r in store.phenotypes()] == [("1000015", "64"),
+                                                                                  ("1000027", "71")]
