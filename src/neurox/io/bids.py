@@ -153,7 +153,7 @@ def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "m
     else:
         raise InputError(f"{path}: expected a BIDS derivatives or HCP folder, a .nii[.gz] file or a .tsv manifest")
     if task is not None:
-        found = sorted({s.task or "(none)" for s in specs})
+        found = sorted({s.task or "no task" for s in specs})
         specs = [s for s in specs if s.task == task]
         if not specs:
             raise InputError(f"{path}: no runs of task {task!r} (tasks found: {', '.join(found)})")
