@@ -109,8 +109,12 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    for name, splits in api.evaluate(**keywords(api.evaluate, args)).items():
-        print_metrics(splits, title=name)
+    from pathlib import Path
+
+    results = api.evaluate(**keywords(api.evaluate, args))  # checks the run first
+    targets = json.loads((Path(args.run) / "targets.json").read_text())["targets"]
+    for name, splits in results.items():
+        print_metrics(splits, title=name, target=targets[0]["column"] if len(targets) == 1 else None)
     return 0
 
 
