@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from fakes import OPTIONS, bids_run, bold, brain_mask, save
@@ -165,3 +167,23 @@ def test_a_manifest_with_uk_biobank_ids_joins_its_eid_table(tmp_path, capsys):
     assert store.run_ids == ["1000015_ses-2", "1000027_ses-2"]
     assert [(r["participant_id"], r["21003-2.0"]) for r in store.phenotypes()] == [("1000015", "64"),
                                                                                   ("1000027", "71")]
+
+
+def test_hcp_runs_get_their_global_signal_for_denoising(hcp, tmp_path):
+    report = prepare(hcp, tmp_path / "store", OPTIONS, progress=False, task="rest")
+    assert report.ok
+    store = Store(tmp_path / "store")
+    run = store.run("sub-100307_rfMRI_REST1_LR")
+    table = run.confounds()
+    frames = nib.load(str(hcp / "100307/MNINonLinear/Results/rfMRI_REST1_LR/rfMRI_REST1_LR.nii.gz")).get_fdata()
+    mask = nib.load(str(hcp / "100307/MNINonLinear/Results/rfMRI_REST1_LR/brainmask_fs.2.nii.gz")).get_fdata() > 0
+    assert np.allclose(table["global_signal"], frames[mask].mean(0), rtol=1e-6)
+    assert run.attributes["computed_confounds"] == ["global_signal"] and "trans_x" in table
+    # regressed out of the model's input too: the store's brain-mean series no longer follows it
+    assert prepare(hcp, tmp_path / "gsr", replace(OPTIONS, normalization="voxel_center", global_signal=True),
+                   progress=False, task="rest").ok
+    denoised = Store(tmp_path / "gsr")
+    z = denoised.run("sub-100307_rfMRI_REST1_LR").read(0, N_FRAMES).astype(np.float64)
+    inside = denoised.mask("sub-100307_rfMRI_REST1_LR")
+    assert denoised.info["denoising"] == "global_signal"
+    assert abs(np.corrcoef(z[:, inside].mean(1), table["global_signal"])[0, 1]) < 0.05

@@ -186,6 +186,17 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         if not given_mask.any():
             raise InputError(f"{spec.mask}: the brain mask is empty")
 
+    # a confounds table without the global signal (the HCP pipelines write motion only) gets it here: the
+    # mean over the given brain mask of each frame, as fMRIPrep computes it; in pass 1, or before it where
+    # the input's denoising needs it
+    global_signal, computed = None, []
+    if confounds and "global_signal" not in confounds and given_mask is not None:
+        global_signal, computed = np.zeros(info.n_frames), ["global_signal"]
+        if "global_signal" in options.denoising:
+            for start, frames in iter_frame_blocks(info, options.block_frames):
+                global_signal[start : start + frames.shape[3]] = frames[given_mask].mean(0, dtype=np.float64)
+            confounds["global_signal"], global_signal = global_signal, None
+
     design = None  # the regressors removed from every voxel (frames, k), centred
     if options.denoising != "none":
         design = input_design(confounds or None, options.denoising, str(spec.confounds or spec.bold))
@@ -208,11 +219,15 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         total += on_grid.sum(axis=3, dtype=np.float64)
         total_sq += np.einsum("xyzt,xyzt->xyz", on_grid, on_grid, dtype=np.float64)
         np.minimum(minimum, on_grid.min(axis=3), out=minimum)
+        if global_signal is not None:
+            global_signal[start : start + frames.shape[3]] = frames[given_mask].mean(0, dtype=np.float64)
         if cross is not None:
             block = on_grid.reshape(-1, on_grid.shape[3], order="F")  # (voxels, frames), a view
             cross += block @ regressors[start : start + block.shape[1]]
     n = info.n_frames
     mean_image = total / n
+    if global_signal is not None:
+        confounds["global_signal"] = global_signal
     coefficients = None
     if design is not None:
         # least squares per voxel, B = (X'X)^+ X'y; the fit's sum of squares, y'X B, leaves the residual's
@@ -316,6 +331,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         # what the run's confounds say of its motion (quality control); the table is stored beside
         "motion": motion_summary(confounds),
         "confounds": sorted(confounds),
+        "computed_confounds": computed,  # columns neurox added to the run's table (from its frames)
     }
     writer.commit(attributes, {CONFOUNDS_FILE: confounds_text(confounds)} if confounds else None)
     return PreparedRun(n, attributes)
