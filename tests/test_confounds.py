@@ -79,7 +79,8 @@ def test_a_confounds_table_that_does_not_fit_fails_its_run_alone(tmp_path, capsy
     assert "20 rows for the 24 frames" in report.failed["sub-02_task-rest_run-1"]
     assert "desc-confounds_timeseries.tsv" in capsys.readouterr().err
     kept = Store(tmp_path / "store").run("sub-01_task-rest_run-1").confounds()
-    assert sorted(kept) == ["framewise_displacement", "trans_x"]  # only the columns a strategy uses
+    # only the columns a strategy uses, and the global signal the table lacked, computed in the brain mask
+    assert sorted(kept) == ["framewise_displacement", "global_signal", "trans_x"]
 
 
 def test_denoising_removes_a_shared_nuisance_and_scrubbing_drops_frames():
