@@ -415,6 +415,9 @@ def test_sessions_are_units_and_a_participant_stays_in_one_split(tmp_path, capsy
     assert (table[1]["participant_id"], table[1]["session"], table[1]["age"]) == (
         "sub-NDARINV00", "2YearFollowUpYArm1", "11.0")
     units = prepared_runs(store)[0]
+    assert store.units_of(["sub-NDARINV03", "sub-NDARINV04_ses-baselineYear1Arm1", "sub-X"], list(units)) == (
+        ["sub-NDARINV03_ses-2YearFollowUpYArm1", "sub-NDARINV03_ses-baselineYear1Arm1",
+         "sub-NDARINV04_ses-baselineYear1Arm1"], ["sub-X"])  # a participant names each of their sessions
     assert len(units) == 16 and units["sub-NDARINV03_ses-2YearFollowUpYArm1"] == [
         "sub-NDARINV03_ses-2YearFollowUpYArm1_task-rest"]
     cohort = load_cohort(store, ["age"])

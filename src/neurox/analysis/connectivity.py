@@ -179,7 +179,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     if group_by and not phenotypes:
         raise ValueError(f"{store.root}: no participants.tsv, so nothing to group by")
     if participants:
-        unknown = sorted(set(participants) - set(prepared_runs(store)[0]))
+        participants, unknown = store.units_of(participants, list(prepared_runs(store)[0]))
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
     series: dict[str, np.ndarray] = {}

@@ -189,10 +189,9 @@ def choose_participants(store: Store, splits: dict[str, str], subjects: list[str
     have, _ = prepared_runs(store)
     chosen = sorted(have)
     if subjects:
-        unknown = sorted(set(subjects) - set(have))
+        chosen, unknown = store.units_of(subjects, chosen)
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
-        chosen = sorted(subjects)
     if split:
         chosen = [p for p in chosen if splits.get(p, "external") == split]
     if where:

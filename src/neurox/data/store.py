@@ -275,6 +275,17 @@ class Store:
         participant's session (``sub-01_ses-2``)."""
         return unit_id(row["participant_id"], row.get("session", "")) if self.by_session else row["participant_id"]
 
+    def units_of(self, ids: list[str], units: list[str]) -> tuple[list[str], list[str]]:
+        """The ``units`` (see ``unit``) that ``ids`` name, and the ids that name none: an id is a unit itself, or
+        with a table by session a participant, which names each of their sessions."""
+        known, chosen, unknown = set(units), [], []
+        for name in ids:
+            found = [name] if name in known else [u for u in units if u.startswith(f"{name}_ses-")] \
+                if self.by_session else []
+            chosen += found
+            unknown += [] if found else [name]
+        return sorted(set(chosen)), unknown
+
     def phenotypes(self) -> list[dict[str, str]]:
         """The phenotype rows, keyed by ``participant_id``: the unit every label and metric is about. With a
         table by session, that is the participant's session (``sub-01_ses-2``) and ``person`` is the
