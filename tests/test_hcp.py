@@ -63,6 +63,11 @@ def test_hcp_layout_is_found_with_tasks_runs_masks_and_motion(hcp):
     with pytest.raises(InputError, match=r"no runs of task 'motor' \(tasks found: rest, wm\)"):
         discover(hcp, task="motor")
     assert discover(hcp / "100408")[0].participant_id == "sub-100408"  # a subject folder given itself
+    (hcp / "100408/MNINonLinear/Results/rfMRI_REST1_LR/rfMRI_REST1_LR_hp0_clean.nii.gz").write_bytes(b"")
+    (other,) = discover(hcp, hcp_bold="_hp0_clean")  # another release's name for the cleaned run
+    assert other.bold.name == "rfMRI_REST1_LR_hp0_clean.nii.gz" and other.participant_id == "sub-100408"
+    with pytest.raises(ValueError, match="give minimal, fix, or a suffix"):
+        discover(hcp, hcp_bold="clean")
     with pytest.raises(InputError, match="HCP-pipeline runs .*<run>_hp2000_clean.nii.gz"):
         discover(hcp / "100408", hcp_bold="fix")
 

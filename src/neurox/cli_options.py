@@ -85,9 +85,10 @@ def _prepare_parser() -> ArgumentParser:
                    "metrics, a participant's sessions share one split (default: a column named session, if any)")
     p.add_argument("--task", default=None, help="only the runs of this task (BIDS task label; HCP: rest for rfMRI_*, "
                    "wm for tfMRI_WM_*); default every run found")
-    p.add_argument("--hcp_bold", choices=["minimal", "fix"], default="minimal",
-                   help="HCP-pipeline folders: minimal (<run>.nii.gz, minimally preprocessed) or fix "
-                   "(<run>_hp2000_clean.nii.gz, cleaned by ICA-FIX)")
+    p.add_argument("--hcp_bold", default="minimal",
+                   help="HCP-pipeline folders: minimal (<run>.nii.gz, minimally preprocessed), fix "
+                   "(<run>_hp2000_clean.nii.gz, cleaned by ICA-FIX), or a suffix of the run file's name "
+                   "(_hp0_clean: <run>_hp0_clean.nii.gz)")
     p.add_argument("--like", default=None, help="apply this model directory's input contract instead of the flags")
     p.add_argument("--voxel_size", type=float, default=2.0, help="target voxel size in mm (2, or 4 for small models)")
     p.add_argument("--grid", type=int, nargs=3, default=None, help="target grid (default 96^3 at 2 mm, 48^3 at 4 mm)")

@@ -136,7 +136,7 @@ def _tag(key: str, value: str) -> str:
 def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "minimal") -> list[RunSpec]:
     """Runs from a BIDS derivatives folder (fMRIPrep), an HCP-pipeline folder, a single NIfTI file, or a
     TSV manifest; with ``task``, only the runs of that task."""
-    from neurox.io.hcp import HCP_LAYOUT, discover_hcp
+    from neurox.io.hcp import discover_hcp, hcp_layout
 
     path = Path(input_path)
     if not path.exists():
@@ -145,7 +145,7 @@ def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "m
         specs = discover_bids(path) + discover_hcp(path, hcp_bold)
         if not specs:
             raise InputError(f"{path}: no fMRIPrep runs (*_space-MNI*_desc-preproc_bold.nii[.gz]) and no HCP-pipeline "
-                             f"runs ({HCP_LAYOUT[hcp_bold]}) found under this folder")
+                             f"runs ({hcp_layout(hcp_bold)}) found under this folder")
     elif path.suffix == ".tsv":
         specs = read_manifest(path)
     elif path.name.endswith((".nii", ".nii.gz")):

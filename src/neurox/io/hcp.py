@@ -21,17 +21,31 @@ from pathlib import Path
 from neurox.io.bids import RunSpec, entities, sidecar_tr
 
 HCP_BOLD = {"minimal": "{run}.nii.gz", "fix": "{run}_hp2000_clean.nii.gz"}
-HCP_LAYOUT = {variant: f"<subject>/MNINonLinear/Results/<run>/{name.format(run='<run>')}"
-              for variant, name in HCP_BOLD.items()}
+
+
+def bold_name(variant: str) -> str:
+    """The run file of a variant: ``minimal``, ``fix``, or any suffix of the run's name (``_hp0_clean``, as
+    other releases' ICA-FIX outputs are named)."""
+    if variant in HCP_BOLD:
+        return HCP_BOLD[variant]
+    if variant.startswith("_") and "/" not in variant:
+        return "{run}" + variant + ".nii.gz"
+    raise ValueError(f"--hcp_bold {variant!r}: give minimal, fix, or a suffix of the run file's name such as "
+                     "_hp0_clean")
+
+
+def hcp_layout(variant: str) -> str:
+    return f"<subject>/MNINonLinear/Results/<run>/{bold_name(variant).format(run='<run>')}"
+
+
 MASK = "brainmask_fs.2.nii.gz"
 MOTION = "Movement_Regressors.txt"
 MAX_DEPTH = 3  # subject folders this far below the folder given are found (a cohort, a site, a wrapper)
 
 
 def discover_hcp(root: Path, bold: str = "minimal") -> list[RunSpec]:
-    """Every HCP-pipeline run under ``root`` whose ``bold`` variant (``minimal`` or ``fix``) exists."""
-    if bold not in HCP_BOLD:
-        raise ValueError(f"--hcp_bold {bold!r}: choose one of {', '.join(HCP_BOLD)}")
+    """Every HCP-pipeline run under ``root`` whose ``bold`` variant (see ``bold_name``) exists."""
+    name = bold_name(bold)
     root = root.resolve()
     results = []
     for depth in range(MAX_DEPTH + 1):  # a bounded glob: an HCP subject holds thousands of files
@@ -39,7 +53,7 @@ def discover_hcp(root: Path, bold: str = "minimal") -> list[RunSpec]:
     specs = []
     for folder in results:
         for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            path = run_dir / HCP_BOLD[bold].format(run=run_dir.name)
+            path = run_dir / name.format(run=run_dir.name)
             if path.is_file():
                 specs.append(_spec(root, run_dir, path))
     return specs
