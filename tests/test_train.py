@@ -431,6 +431,8 @@ def test_sessions_are_units_and_a_participant_stays_in_one_split(tmp_path, capsy
                  "1", "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0", "--max_steps", "2"]) == 0
     predictions = read_tsv(run / "predictions.tsv")
     assert {p["participant_id"] for p in predictions} <= set(units) and len(predictions) % 2 == 0
+    assert list(predictions[0])[:4] == ["participant_id", "person", "session", "split"]
+    assert predictions[0]["participant_id"] == f"{predictions[0]['person']}_ses-{predictions[0]['session']}"
     atlas = tmp_path / "atlas.nii.gz"
     labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
     labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3

@@ -150,7 +150,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     write_text_atomic(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     save_splits(out / "splits.tsv", cohort.split)
     write_json(out / "metrics.json", results)
-    write_predictions(out / "predictions.tsv", targets, rows, motion)
+    write_predictions(out / "predictions.tsv", targets, rows, motion, cohort.person)
     return out
 
 

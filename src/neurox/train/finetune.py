@@ -372,7 +372,7 @@ def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config)
         rows += prediction_rows(targets, cohort.values, split, subjects, outputs)
     if env.is_main:
         write_json(run_dir / "metrics.json", results)
-        write_predictions(run_dir / "predictions.tsv", targets, rows, motion)
+        write_predictions(run_dir / "predictions.tsv", targets, rows, motion, cohort.person)
     return results
 
 

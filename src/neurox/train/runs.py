@@ -138,7 +138,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     for split in ("train", "val", "test", "external"):
         members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
         rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
-    write_predictions(Path(out), targets, rows, participant_motion(store))
+    write_predictions(Path(out), targets, rows, participant_motion(store), cohort.person)
     return Path(out)
 
 
@@ -163,12 +163,20 @@ def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outpu
     return rows
 
 
-def write_predictions(path: Path, targets, rows, motion: dict[str, float] | None = None) -> None:
+def write_predictions(path: Path, targets, rows, motion: dict[str, float] | None = None,
+                      person: dict[str, str] | None = None) -> None:
     """predictions.tsv; with ``motion`` (participant -> mean framewise displacement), that as the last
-    column, for analyses that account for it."""
+    column, for analyses that account for it. Where the rows are participants' sessions (``person``: unit ->
+    participant), ``person`` and ``session`` follow ``participant_id``, for analyses across visits."""
     if motion:
         rows = [{**row, "mean_fd": motion.get(row["participant_id"], "")} for row in rows]
     columns = ["participant_id", "split"]
+    if person and any(person.get(r["participant_id"], r["participant_id"]) != r["participant_id"] for r in rows):
+        for row in rows:
+            who = person.get(row["participant_id"], row["participant_id"])
+            row.update(person=who, session=row["participant_id"].removeprefix(f"{who}_ses-") if
+                       row["participant_id"] != who else "")
+        columns = ["participant_id", "person", "session", "split"]
     for row in rows:
         columns += [c for c in row if c not in columns]
     write_tsv(path, rows, columns)
@@ -191,7 +199,8 @@ def cohort_with(store: Store, targets: list[Target], splits: dict[str, str],
             continue
         # encoded labels are needed for every window; unknown ones get a placeholder never scored
         values[pid] = raw if usable else [t.classes[0] if t.classes else str(t.mean) for t in targets]
-    cohort = Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out)
+    cohort = Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out,
+                    person={p: table.get(p, {}).get("person", p) for p in values})
     cohort.split = {p: splits.get(p, "external") for p in values}
     return cohort, truth
 
