@@ -192,10 +192,10 @@ def test_preparing_again_adds_confounds_a_run_was_prepared_without(tmp_path, cap
 def test_the_motion_summary_names_the_runs_that_moved_most():
     rows = [{"run_id": f"sub-{i}_run-1", "status": "ok", "mean_fd": str(fd)} for i, fd in enumerate((0.1, 0.7, 0.2))]
     rows.append({"run_id": "sub-9_run-1", "status": "failed", "mean_fd": ""})
-    line = motion_report(SimpleNamespace(manifest=rows))
+    line = motion_report(SimpleNamespace(manifest=rows, info={}))
     assert line == ("head motion of 3 run(s): median mean framewise displacement 0.200 mm; 1 above 0.5 mm "
                     "(sub-1_run-1; mean_fd in manifest.tsv)")
-    assert motion_report(SimpleNamespace(manifest=rows[3:])) is None
+    assert motion_report(SimpleNamespace(manifest=rows[3:], info={})) is None
 
 
 def test_a_motion_confounded_target_is_caught_and_denoising_removes_it(tmp_path, capsys):
@@ -319,3 +319,24 @@ def test_input_denoising_is_part_of_the_contract(tmp_path, capsys):
     # a store keeps one denoising
     with pytest.raises(ValueError, match="prepared with denoising=simple, not none"):
         prepare(tmp_path / "bids", tmp_path / "store", OPTIONS, progress=False)
+
+
+def test_runs_above_a_motion_threshold_are_excluded_from_every_command(tmp_path):
+    from neurox.data.loader import prepared_runs
+
+    root = tmp_path / "bids"
+    for sub, fd in (("01", 0.1), ("02", 0.8), ("03", 0.2)):
+        path = bids_run(root, sub, n_frames=12)
+        path.with_name(f"sub-{sub}_task-rest_run-1_desc-confounds_timeseries.tsv").write_text(
+            "framewise_displacement\n" + "n/a\n" + f"{fd}\n" * 11)
+    report = prepare(root, tmp_path / "store", OPTIONS, progress=False, max_mean_fd=0.5)
+    assert report.ok and len(report.done) == 3  # prepared all the same: the threshold can change later
+    store = Store(tmp_path / "store")
+    assert [r["status"] for r in store.manifest] == ["ok", "excluded", "ok"]
+    assert store.run_ids == ["sub-01_task-rest_run-1", "sub-03_task-rest_run-1"]
+    assert sorted(prepared_runs(store)[0]) == ["sub-01", "sub-03"]
+    assert motion_report(store).endswith("1 excluded above --max_mean_fd 0.5 mm (status in manifest.tsv)")
+    prepare(root, tmp_path / "store", OPTIONS, progress=False, max_mean_fd=0)  # no threshold: all back
+    assert [r["status"] for r in Store(tmp_path / "store").manifest] == ["ok"] * 3
+    with pytest.raises(ValueError, match="--max_mean_fd -1"):
+        prepare(root, tmp_path / "store", OPTIONS, progress=False, max_mean_fd=-1)

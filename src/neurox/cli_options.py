@@ -83,6 +83,10 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--session_column", default=None, help="the phenotype table's session column, for a row per "
                    "session (age at each visit; ABCD: eventname): each session is then one unit of labels and "
                    "metrics, a participant's sessions share one split (default: a column named session, if any)")
+    p.add_argument("--max_mean_fd", type=float, default=None,
+                   help="mm: runs whose mean framewise displacement is above this are kept in the store but marked "
+                   "excluded in manifest.tsv, and no command reads them (a re-run with another value re-marks them; "
+                   "0 removes the threshold; runs without motion are never excluded)")
     p.add_argument("--task", default=None, help="only the runs of this task (BIDS task label; HCP: rest for rfMRI_*, "
                    "wm for tfMRI_WM_*); default every run found")
     p.add_argument("--hcp_bold", default="minimal",

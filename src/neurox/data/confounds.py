@@ -240,7 +240,7 @@ HIGH_MOTION_MM = 0.5  # a run whose mean framewise displacement is above this is
 def motion_report(store) -> str | None:
     """One line on the store's head motion, for the end of ``prepare``: the median of the runs' mean
     framewise displacement and the runs above ``HIGH_MOTION_MM`` (often excluded from analyses)."""
-    rows = [r for r in store.manifest if r.get("status") == "ok" and r.get("mean_fd") not in (None, "")]
+    rows = [r for r in store.manifest if r.get("status") in ("ok", "excluded") and r.get("mean_fd") not in (None, "")]
     if not rows:
         return None
     means = np.array([float(r["mean_fd"]) for r in rows])
@@ -249,4 +249,7 @@ def motion_report(store) -> str | None:
             f"{len(high)} above {HIGH_MOTION_MM} mm")
     if high:
         line += f" ({', '.join(high[:5])}{', ...' if len(high) > 5 else ''}; mean_fd in manifest.tsv)"
+    excluded = sum(r["status"] == "excluded" for r in rows)
+    if "max_mean_fd" in store.info:
+        line += f"; {excluded} excluded above --max_mean_fd {store.info['max_mean_fd']} mm (status in manifest.tsv)"
     return line

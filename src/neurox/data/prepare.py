@@ -96,6 +96,7 @@ def prepare(
     hcp_bold: str = "minimal",
     id_column: str | None = None,
     session_column: str | None = None,
+    max_mean_fd: float | None = None,
 ) -> PrepareReport:
     options = options or PrepareOptions()
     root = Path(out)
@@ -111,6 +112,8 @@ def prepare(
     phenotypes = phenotype_table(source, [(s.participant_id, s.session) for s in found], id_column,
                                  session_column) if source else None
     init_store(root, options, fmt)
+    if max_mean_fd is not None:
+        set_motion_threshold(root, max_mean_fd)
     report = PrepareReport(root)
     if phenotypes is not None:
         phenotypes.write(root / "participants.tsv")
@@ -236,8 +239,21 @@ def phenotype_source(input_path, participants) -> Path | None:
     return default if Path(input_path).is_dir() and default.is_file() else None
 
 
+def set_motion_threshold(root: Path, max_mean_fd: float) -> None:
+    """Record in store.json the mean framewise displacement (mm) above which a run is excluded (0: none)."""
+    if max_mean_fd < 0:
+        raise ValueError(f"--max_mean_fd {max_mean_fd}: give a displacement in mm (0 for no threshold)")
+    info = json.loads((root / STORE_FILE).read_text())
+    info.pop("max_mean_fd", None)
+    if max_mean_fd > 0:
+        info["max_mean_fd"] = max_mean_fd
+    write_text_atomic(root / STORE_FILE, json.dumps(info, indent=2) + "\n")
+
+
 def write_manifest(root: Path, fmt: str) -> None:
-    """Rebuild manifest.tsv and failures.tsv from what is on disk."""
+    """Rebuild manifest.tsv and failures.tsv from what is on disk. A run whose mean framewise displacement is
+    above the store's ``max_mean_fd`` gets the status ``excluded``: its frames stay, no command reads it."""
+    threshold = json.loads((root / STORE_FILE).read_text()).get("max_mean_fd")
     rows, failures = [], []
     runs = root / RUNS_DIR
     for path in sorted(runs.glob(f"*.{fmt}")):
@@ -247,7 +263,8 @@ def write_manifest(root: Path, fmt: str) -> None:
         rows.append({
             "participant_id": a["participant_id"], "session": a["session"], "run": a["run"], "run_id": a["run_id"],
             "path": str(path.relative_to(root)), "n_frames": a["n_frames"], "tr": a["tr"] or "",
-            "shape": "x".join(str(s) for s in [*a["grid"], a["n_frames"]]), "status": "ok",
+            "shape": "x".join(str(s) for s in [*a["grid"], a["n_frames"]]),
+            "status": "excluded" if threshold and a.get("motion", {}).get("mean_fd", 0) > threshold else "ok",
             **a.get("motion", {}), "source": a["source"]["path"],
         })
     done = {row["run_id"] for row in rows}
