@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import pytest
 import torch
 from fakes import OPTIONS, as_las, bids_run
 
-from neurox.analysis.connectivity import store_atlas
+from neurox.analysis.connectivity import participant_connectivity, store_atlas
 from neurox.analysis.explain import (
     ExplainOptions,
     attribute,
@@ -313,3 +314,26 @@ def test_participant_vector_pools_every_frame_of_every_window():
     assert tokens.shape == (2 * 3 * 5,)
     assert np.allclose(tokens[:15].reshape(3, 5), positions.mean(axis=(0, 3)))
     assert np.isclose(tokens[15 + 5 * 2 + 3], np.concatenate([positions[0, 2, 3], positions[1, 2, 3]]).std())
+
+
+def test_connectivity_resumes_from_the_series_it_kept(synthetic, tmp_path):
+    cohort, store = synthetic
+    atlas = atlas_of(cohort)
+    whole = tmp_path / "whole"
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(whole),
+                 "--quiet", "true"]) == 0
+    assert not list(whole.glob(".series-*"))  # the kept series go once the outputs are written
+    # an interrupted run: the series of the first three participants were kept before it stopped
+    resumed = tmp_path / "resumed"
+    grid, _ = store_atlas(Store(store), atlas)
+    cache = resumed / f".series-{hashlib.sha256(grid.tobytes()).hexdigest()[:12]}"
+    participant_connectivity(Store(store), atlas, ["sub-01", "sub-02", "sub-03"], progress=False, cache=cache)
+    kept = sorted(cache.glob("*.npy"))
+    assert len(kept) == 3
+    np.save(kept[0], np.random.default_rng(0).standard_normal(np.load(kept[0]).shape))  # marks what is read
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(resumed),
+                 "--quiet", "true"]) == 0
+    a, b = np.load(whole / "connectivity.npz"), np.load(resumed / "connectivity.npz")
+    # the kept series were read, not recomputed; the rest equal the uninterrupted run exactly
+    assert not np.allclose(a["matrices"][0], b["matrices"][0]) and list(b["participants"][:1]) == ["sub-01"]
+    assert np.array_equal(a["matrices"][1:], b["matrices"][1:]) and not cache.exists()

@@ -8,7 +8,9 @@ parcel's series is the mean over its in-brain voxels, frame by frame.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
+from neurox.io.atomic import write_atomic
 from neurox.io.nifti import InputError, read_volume_ras
 
 
@@ -87,11 +90,14 @@ def store_atlas(store: Store, atlas_path: str | Path) -> tuple[np.ndarray, list[
 
 def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str] | None,
                              kind: str = "fisher_z", progress: bool = True, series_out: dict | None = None,
-                             denoising: Denoising | None = None) -> tuple[dict[str, np.ndarray], list[int]]:
+                             denoising: Denoising | None = None,
+                             cache: Path | None = None) -> tuple[dict[str, np.ndarray], list[int]]:
     """Participant -> connectivity matrix (the mean over the participant's runs, in Fisher-z space
     when ``kind`` is fisher_z), from each run's series denoised as ``denoising`` says. ``series_out``,
     when given, receives run id -> (frames, parcels), denoised. A run that cannot be read, or whose
-    confounds cannot denoise it, is reported on one line and left out; the others go on."""
+    confounds cannot denoise it, is reported on one line and left out; the others go on. ``cache``, a
+    folder: each run's parcel series is kept there as it is computed and read from there when present, so
+    an interrupted run resumes where it stopped (the series are exact: float64)."""
     import sys
 
     from neurox.progress import progress as progress_display
@@ -102,8 +108,14 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
     for p in progress_display(sorted(runs), desc="connectivity", unit="participant", disable=not progress):
         per_run = []
         for run_id in runs[p]:
+            cached = cache / f"{run_id}.npy" if cache is not None else None
             try:
-                series = np.nan_to_num(parcel_series(store, run_id, atlas, labels))
+                if cached is not None and cached.is_file():
+                    series = np.load(cached)
+                else:
+                    series = np.nan_to_num(parcel_series(store, run_id, atlas, labels))
+                    if cached is not None:
+                        save_npy(cached, series)
             except (OSError, ValueError, KeyError) as err:
                 print(f"neurox: {store.root / run_id}: cannot read the run ({err}); left out", file=sys.stderr)
                 continue
@@ -119,6 +131,13 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
         if per_run:
             matrices[p] = np.mean(per_run, axis=0)
     return matrices, labels
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    write_atomic(path, write)
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:
@@ -166,7 +185,6 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     - ``group_mean.png``: the group-mean matrix (one panel per group and their difference with ``group_by``).
     """
     from neurox.data.store import write_tsv
-    from neurox.io.atomic import write_atomic
 
     if kind not in ("plain", "fisher_z", "partial"):
         raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z or partial")
@@ -182,9 +200,14 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         participants, unknown = store.units_of(participants, list(prepared_runs(store)[0]))
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
+    # each run's parcel series is kept as it is computed, so an interrupted run resumes; the folder is named
+    # by the atlas on the store grid, so another atlas never reads it, and removed once the outputs are written
+    atlas_grid, _ = store_atlas(store, atlas)
+    cache = Path(out) / f".series-{hashlib.sha256(atlas_grid.tobytes()).hexdigest()[:12]}"
+    cache.mkdir(parents=True, exist_ok=True)
     series: dict[str, np.ndarray] = {}
     matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, series_out=series,
-                                                denoising=denoising)
+                                                denoising=denoising, cache=cache)
     if not matrices:
         raise ValueError(f"{store.root}: no participant's runs could be read")
     names = atlas_names(atlas, labels, names_tsv)
@@ -223,6 +246,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
             row["mean_fd"] = motion.get(row["participant_id"], "")
     write_tsv(out / "participants.tsv", rows, columns)
     plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by)
+    shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
@@ -236,7 +260,6 @@ def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], na
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from neurox.io.atomic import write_atomic
 
     panels = [("group mean", mean)]
     if len(groups) >= 2:
