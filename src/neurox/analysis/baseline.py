@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from neurox.analysis.connectivity import participant_connectivity, upper_triangle
+from neurox.analysis.connectivity import participant_connectivity, series_cache, upper_triangle
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import Target, load_cohort, load_splits, save_splits, split_participants, standardise
 from neurox.data.store import Store
@@ -43,8 +44,10 @@ class BaselineConfig:
     global_signal: bool = False  # regress the global signal too
 
 
-def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool, denoising: Denoising):
-    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, denoising=denoising)
+def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool, denoising: Denoising,
+              cache: Path | None = None):
+    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, denoising=denoising,
+                                                cache=cache)
     return {p: upper_triangle(m) for p, m in matrices.items()}, labels
 
 
@@ -107,7 +110,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         cohort.split = split_participants(cohort, config.seed, config.split_fractions)
     standardise(cohort)
     denoising = Denoising(config.confounds, config.fd_threshold, config.global_signal)
-    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress, denoising)
+    cache = series_cache(config.out, store, config.atlas)  # an interrupted baseline resumes from it
+    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress, denoising, cache)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
@@ -151,6 +155,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     save_splits(out / "splits.tsv", cohort.split)
     write_json(out / "metrics.json", results)
     write_predictions(out / "predictions.tsv", targets, rows, motion, cohort.person)
+    shutil.rmtree(cache, ignore_errors=True)
     return out
 
 

@@ -133,6 +133,16 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
     return matrices, labels
 
 
+def series_cache(out: str | Path, store: Store, atlas_path: str | Path) -> Path:
+    """Where a command writing to ``out`` keeps each run's parcel series, so that an interrupted run resumes:
+    a folder named by the atlas on the store grid (another atlas never reads it), removed by the command once
+    its outputs are written."""
+    atlas_grid, _ = store_atlas(store, atlas_path)
+    cache = Path(out) / f".series-{hashlib.sha256(atlas_grid.tobytes()).hexdigest()[:12]}"
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
 def save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -200,11 +210,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         participants, unknown = store.units_of(participants, list(prepared_runs(store)[0]))
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
-    # each run's parcel series is kept as it is computed, so an interrupted run resumes; the folder is named
-    # by the atlas on the store grid, so another atlas never reads it, and removed once the outputs are written
-    atlas_grid, _ = store_atlas(store, atlas)
-    cache = Path(out) / f".series-{hashlib.sha256(atlas_grid.tobytes()).hexdigest()[:12]}"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = series_cache(out, store, atlas)
     series: dict[str, np.ndarray] = {}
     matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, series_out=series,
                                                 denoising=denoising, cache=cache)
