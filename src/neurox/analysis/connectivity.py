@@ -40,14 +40,18 @@ def atlas_on_grid(atlas_path: str | Path, grid_shape, grid_affine: np.ndarray) -
     return out, present
 
 
+def label_index(atlas: np.ndarray, labels: list[int]) -> np.ndarray:
+    """Each voxel's parcel as 1 + its position in ``labels`` (0: in none), flat: the bins of ``np.bincount``."""
+    lookup = np.zeros(max(int(atlas.max()), max(labels, default=0)) + 1, dtype=np.int64)
+    lookup[labels] = np.arange(1, len(labels) + 1)
+    return lookup[atlas.ravel()]
+
+
 def parcel_series(store: Store, run_id: str, atlas: np.ndarray, labels: list[int], block: int = 64) -> np.ndarray:
     """(frames, parcels) mean signal of each parcel's in-brain voxels."""
     reader = store.run(run_id)
     mask = store.mask(run_id)
-    flat = np.where(mask, atlas, 0).ravel()
-    lookup = np.zeros(flat.max() + 1, dtype=np.int64) if flat.size else np.zeros(1, dtype=np.int64)
-    lookup[labels] = np.arange(1, len(labels) + 1)
-    column = lookup[flat]  # 0 = not in any parcel
+    column = label_index(np.where(mask, atlas, 0), labels)
     counts = np.bincount(column, minlength=len(labels) + 1)[1:].astype(np.float64)
     series = np.zeros((reader.n_frames, len(labels)))
     for start in range(0, reader.n_frames, block):

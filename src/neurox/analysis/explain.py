@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neurox.analysis.connectivity import label_index
 from neurox.data.loader import prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
 
@@ -250,9 +251,7 @@ def contrasts_of(groups: dict[str, list[str]], column: str | None) -> dict[str, 
 
 def region_means(volume: np.ndarray, atlas: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Each atlas region's voxel count and mean value of ``volume`` (both on the store grid)."""
-    lookup = np.zeros(int(atlas.max()) + 1, dtype=np.int64)
-    lookup[labels] = np.arange(1, len(labels) + 1)
-    column = lookup[atlas.ravel()]
+    column = label_index(atlas, labels)
     counts = np.bincount(column, minlength=len(labels) + 1)[1:]
     sums = np.bincount(column, weights=volume.ravel(), minlength=len(labels) + 1)[1:]
     return counts, sums / np.maximum(counts, 1)

@@ -197,15 +197,20 @@ def denoising_name(strategy: str, global_signal: bool) -> str:
     return "+".join(parts + ["global_signal"] * global_signal) or "none"
 
 
+def parse_denoising(name: str) -> tuple[str, bool]:
+    """(strategy, global signal) of a name ``denoising_name`` made: ``simple+global_signal`` -> (simple, True)."""
+    return name.replace("global_signal", "").strip("+") or "none", "global_signal" in name
+
+
 def input_design(table: dict[str, np.ndarray] | None, denoising: str, source: str) -> np.ndarray:
     """The centred regressors (frames, k) that ``prepare`` removes from every voxel of a run for
     ``denoising`` (see ``denoising_name``). Frames a strategy drops (non-steady state) get one regressor
     each, which sets them to the voxel's mean: the run keeps its length, so windows stay contiguous."""
-    strategy = denoising.replace("global_signal", "").strip("+") or "none"
+    strategy, global_signal = parse_denoising(denoising)
     if table is None:
         raise InputError(f"{source}: no confounds table for --confounds {denoising} (fMRIPrep's "
                          "desc-confounds_timeseries.tsv beside the run, or a confounds column in the manifest)")
-    design, keep = nuisance_design(table, strategy, global_signal="global_signal" in denoising, source=source)
+    design, keep = nuisance_design(table, strategy, global_signal=global_signal, source=source)
     dropped = np.flatnonzero(~keep)
     one_hot = np.zeros((len(keep), len(dropped)))
     one_hot[dropped, np.arange(len(dropped))] = 1.0

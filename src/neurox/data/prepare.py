@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neurox import __version__
-from neurox.data.confounds import CONFOUNDS_FILE, confounds_text, motion_summary, run_confounds
+from neurox.data.confounds import (
+    CONFOUNDS_FILE,
+    confounds_text,
+    motion_summary,
+    parse_denoising,
+    run_confounds,
+)
 from neurox.data.phenotypes import phenotype_table
 from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
 from neurox.data.store import (
@@ -74,11 +80,10 @@ def options_from_model(model_dir: str | Path, **overrides) -> PrepareOptions:
     grid = TargetGrid.default(voxel, contract["grid"])
     if contract.get("crop_box"):
         grid = TargetGrid(grid.shape, voxel, tuple(float(axis[0]) for axis in contract["crop_box"]))
-    denoising = contract.get("denoising") or "none"
+    strategy, global_signal = parse_denoising(contract.get("denoising") or "none")
     values = {"grid": grid, "normalization": contract.get("normalization") or "global_zscore",
-              "min_frames": int(contract.get("window_frames") or 20),
-              "confounds": denoising.replace("global_signal", "").strip("+") or "none",
-              "global_signal": "global_signal" in denoising}
+              "min_frames": int(contract.get("window_frames") or 20), "confounds": strategy,
+              "global_signal": global_signal}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PrepareOptions(**values)
 

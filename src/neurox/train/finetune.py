@@ -249,7 +249,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
             print(f"stopped by SIGTERM at step {trainer.step}; continue with --resume true")
         return run_dir
     dist_utils.barrier()
-    final_evaluation(run_dir, store, cohort, targets, length, grid, env, config)
+    final_evaluation(run_dir, store, cohort, targets, length, grid, env, config, motion)
     return run_dir
 
 
@@ -356,12 +356,11 @@ def _full_model_state(wrapped) -> dict:
     return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config) -> dict:
+def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config, motion) -> dict:
     """Val and test metrics of the best validation model; predictions.tsv for both splits."""
     from neurox.hub import load_pretrained
 
     best = load_pretrained(run_dir / "model").to(env.device)
-    motion = participant_motion(store)
     results, rows = {}, []
     for split in ("val", "test"):
         if not cohort.in_split(split):
