@@ -6,7 +6,11 @@ resident memory of that process is reported), then reads random 20-frame windows
 loader with 1 and 2 worker threads (warm page cache), and compares the store's bytes with float16
 frames stored one file each (the published layout). Each run is prepared a second time with
 ``--confounds simple`` (an fMRIPrep-style table of 24 motion parameters, white matter, CSF and the
-cosine drift basis, regressed out of every voxel). Prints one JSON document.
+cosine drift basis, regressed out of every voxel), and a third time laid out as an HCP-pipeline run
+(``Movement_Regressors.txt`` and a ``wmparc.2.nii.gz`` from the MNI152 tissue masks) with ``--confounds
+compcor``: prepare then computes the tissue signals, CompCor and the cosines from the frames (one more
+pass) before regressing them out; and without denoising, where they are computed in the first pass and
+only stored. Prints one JSON document.
 
     python benchmarks/data.py --workdir /tmp/neurox-bench
 """
@@ -79,6 +83,44 @@ def confounds_table(path: Path, n_frames: int, tr: float = 0.72, seed: int = 0) 
     return path
 
 
+def hcp_layout(source: Path, root: Path, n_frames: int, seed: int = 0) -> Path:
+    """``source`` as an HCP-pipeline run (linked, not copied), with head motion and a label volume whose white
+    matter and grey matter are the MNI152 templates' (2 and 3) and CSF the rest of the brain mask (24)."""
+    from nilearn.datasets import load_mni152_gm_mask, load_mni152_wm_mask
+    from nilearn.image import resample_img
+
+    from neurox.data.synthetic import write_image
+
+    run = root / "100307" / "MNINonLinear" / "Results" / "rfMRI_REST1_LR"
+    run.mkdir(parents=True, exist_ok=True)
+    for name, target in (("rfMRI_REST1_LR.nii.gz", source),
+                         ("brainmask_fs.2.nii.gz", source.with_name(source.name.replace("_bold", "_mask")))):
+        if not (run / name).exists():
+            (run / name).symlink_to(target.resolve())
+    rng = np.random.default_rng(seed)
+    motion = np.cumsum(0.01 * rng.standard_normal((n_frames, 6)), axis=0)
+    np.savetxt(run / "Movement_Regressors.txt", np.column_stack([motion, np.diff(motion, axis=0, prepend=0)]),
+               fmt="  %.6f")
+    brain = nib_data(run / "brainmask_fs.2.nii.gz") > 0
+
+    def on_grid(img):
+        return resample_img(img, target_affine=AFFINE, target_shape=GRID, interpolation="nearest",
+                            force_resample=True, copy_header=True).get_fdata() > 0
+
+    white, grey = on_grid(load_mni152_wm_mask(resolution=2)), on_grid(load_mni152_gm_mask(resolution=2))
+    labels = np.where(brain, 24, 0)
+    labels[brain & grey] = 3
+    labels[brain & white] = 2
+    write_image(root / "100307" / "MNINonLinear" / "ROIs" / "wmparc.2.nii.gz", labels.astype(np.int32), AFFINE)
+    return root
+
+
+def nib_data(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asanyarray(nib.load(str(path)).dataobj)
+
+
 def prepare_in_child(source: Path, out: Path, confounds: str = "none") -> dict:
     code = (
         "import sys, time, resource;"
@@ -86,18 +128,22 @@ def prepare_in_child(source: Path, out: Path, confounds: str = "none") -> dict:
         "from neurox.data.preprocess import PrepareOptions;"
         "t = time.perf_counter();"
         "r = prepare(sys.argv[1], sys.argv[2], PrepareOptions(confounds=sys.argv[3]), progress=False);"
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.ok)"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.ok);"
+        "sys.stderr.write(str(r.failed))"
     )
-    # a manifest gives the mask (and the confounds) explicitly (the file names are not BIDS)
-    manifest = source.with_suffix("").with_suffix(".tsv")
-    table = source.with_name(source.name.replace("_bold.nii.gz", "_confounds.tsv"))
-    manifest.write_text(f"participant_id\tpath\tmask\tconfounds\nsub-bench\t{source.name}\t"
-                        f"{source.name.replace('_bold', '_mask')}\t{table.name}\n")
-    done = subprocess.run([sys.executable, "-c", code, str(manifest), str(out), confounds], capture_output=True,
+    if source.is_file():  # a manifest gives the mask (and the confounds) explicitly (the file names are not BIDS)
+        manifest = source.with_suffix("").with_suffix(".tsv")
+        table = source.with_name(source.name.replace("_bold.nii.gz", "_confounds.tsv"))
+        manifest.write_text(f"participant_id\tpath\tmask\tconfounds\nsub-bench\t{source.name}\t"
+                            f"{source.name.replace('_bold', '_mask')}\t{table.name}\n")
+        source = manifest
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(out), confounds], capture_output=True,
                           text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     seconds, max_rss_kib, ok = done.stdout.split()
+    if ok != "True":
+        raise RuntimeError(f"prepare {source} failed: {done.stderr}")
     return {"seconds": round(float(seconds), 2), "peak_rss_gib": round(int(max_rss_kib) / 2**20, 3), "ok": ok == "True"}
 
 
@@ -139,13 +185,16 @@ def main() -> None:
         source = make_input(work / f"run{n}_bold.nii.gz", n)
         confounds_table(work / f"run{n}_confounds.tsv", n)
         out = work / f"store{n}"
-        for old in (out, work / f"store{n}-simple"):
+        for old in (out, work / f"store{n}-simple", work / f"store{n}-hcp", work / f"store{n}-hcp-compcor"):
             if old.exists():
                 import shutil
 
                 shutil.rmtree(old)
         prep = prepare_in_child(source, out)
         denoised = prepare_in_child(source, work / f"store{n}-simple", confounds="simple")
+        hcp_input = hcp_layout(source, work / f"hcp{n}", n)
+        hcp_plain = prepare_in_child(hcp_input, work / f"store{n}-hcp", "none")  # tissue signals in the first pass
+        hcp = prepare_in_child(hcp_input, work / f"store{n}-hcp-compcor", "compcor")
         frame_bytes = 96 * 96 * 96 * 2
         ours = store_bytes(out)
         results[f"{n}_frames"] = {
@@ -160,6 +209,10 @@ def main() -> None:
             "confounds_simple": {"prepare_s": denoised["seconds"], "frames_per_s": round(n / denoised["seconds"], 1),
                                  "peak_rss_gib": denoised["peak_rss_gib"],
                                  "regressors": 26 + int(2 * n * 0.72 / 128)},
+            "hcp_confounds_none": {"prepare_s": hcp_plain["seconds"], "peak_rss_gib": hcp_plain["peak_rss_gib"]},
+            "hcp_confounds_compcor": {"prepare_s": hcp["seconds"], "frames_per_s": round(n / hcp["seconds"], 1),
+                                      "peak_rss_gib": hcp["peak_rss_gib"],
+                                      "regressors": 24 + 5 + int(2 * n * 0.72 / 128)},
         }
     largest = work / f"store{max(args.frames)}"
     results["window_reads_per_s"] = {f"{w}_workers": window_reads(largest, w) for w in (1, 2)}

@@ -192,3 +192,90 @@ def test_hcp_runs_get_their_global_signal_for_denoising(hcp, tmp_path):
     inside = denoised.mask("sub-100307_rfMRI_REST1_LR")
     assert denoised.info["denoising"] == "global_signal"
     assert abs(np.corrcoef(z[:, inside].mean(1), table["global_signal"])[0, 1]) < 0.05
+
+
+def tissue_run(root: Path, n_frames: int = 64, seed: int = 5) -> tuple[Path, np.ndarray, np.ndarray]:
+    """An HCP run whose subject has a wmparc: white matter (2, 41, 3001) inside the brain, ventricles (4, 43)
+    at its centre, cortex (3, 42) around; a slow signal planted in the white matter, another in the CSF."""
+    folder = root / "100307" / "MNINonLinear" / "Results" / "rfMRI_REST1_LR"
+    brain = brain_mask()
+    idx = np.indices(brain.shape)
+    centre = np.array([20, 25, 21])[:, None, None, None]
+    radius = np.sqrt((((idx - centre) / np.array([9, 12, 9])[:, None, None, None]) ** 2).sum(0))
+    labels = np.where(brain, 3, 0) + np.where(brain & (idx[0] >= 20), 39, 0)  # cortex 3 left, 42 right
+    white = brain & (radius < 0.8)
+    labels[white] = np.where(idx[0][white] < 20, 2, 41)
+    labels[white & (idx[2] > 24)] = 3001  # a wmparc white-matter parcel
+    ventricles = brain & (radius < 0.25)
+    labels[ventricles] = np.where(idx[0][ventricles] < 20, 4, 43)
+    save(root / "100307" / "MNINonLinear" / "ROIs" / "wmparc.2.nii.gz", labels.astype(np.int32))
+    rng = np.random.default_rng(seed)
+    wm_signal, csf_signal = (np.cumsum(rng.standard_normal((2, n_frames)), axis=1) * 10)
+    data = bold(n_frames, seed)
+    data[white & ~ventricles] += wm_signal.astype(np.float32)
+    data[ventricles] += csf_signal.astype(np.float32)
+    save(folder / "rfMRI_REST1_LR.nii.gz", data)
+    save(folder / "brainmask_fs.2.nii.gz", brain.astype(np.uint8))
+    np.savetxt(folder / "Movement_Regressors.txt", motion_parameters(n_frames, seed), fmt="  %.6f")
+    return folder, wm_signal, csf_signal
+
+
+def test_hcp_runs_get_tissue_signals_compcor_and_cosines_from_wmparc(tmp_path):
+    from nilearn.glm.first_level import make_first_level_design_matrix
+    from scipy.ndimage import binary_erosion
+
+    folder, wm_signal, csf_signal = tissue_run(tmp_path / "hcp")
+    (spec,) = discover(tmp_path / "hcp")
+    assert spec.segmentation == tmp_path / "hcp/100307/MNINonLinear/ROIs/wmparc.2.nii.gz"
+    assert prepare(tmp_path / "hcp", tmp_path / "store", OPTIONS, progress=False).ok
+    run = Store(tmp_path / "store").run(spec.run_id)
+    table = run.confounds()
+    frames = nib.load(str(folder / "rfMRI_REST1_LR.nii.gz")).get_fdata()
+    labels = nib.load(str(tmp_path / "hcp/100307/MNINonLinear/ROIs/wmparc.2.nii.gz")).get_fdata()
+    white = binary_erosion(np.isin(labels, [2, 41, 3001]))
+    assert np.allclose(table["white_matter"], frames[white].mean(0), rtol=1e-6)
+    assert np.allclose(table["csf"], frames[np.isin(labels, [4, 43])].mean(0), rtol=1e-6)
+    # 64 frames of 2 s: two cosines of a 128 s high-pass, fMRIPrep's and nilearn's
+    drift = make_first_level_design_matrix(np.arange(64) * 2.0, drift_model="cosine", high_pass=1 / 128)
+    assert np.allclose(np.column_stack([table["cosine00"], table["cosine01"]]), drift[["drift_1", "drift_2"]])
+    assert run.attributes["computed_confounds"] == ["global_signal", "white_matter", "csf"] + [
+        f"a_comp_cor_0{i}" for i in range(5)] + ["cosine00", "cosine01"]
+    # CompCor finds both planted tissue signals (high-passed as its voxels are)
+    components = np.column_stack([table[f"a_comp_cor_0{i}"] for i in range(5)])
+    basis = np.column_stack([np.ones(64), table["cosine00"], table["cosine01"]])
+    for planted in (wm_signal, csf_signal):
+        target = planted - basis @ np.linalg.lstsq(basis, planted, rcond=None)[0]
+        fit = components @ np.linalg.lstsq(components, target, rcond=None)[0]
+        assert np.corrcoef(fit, target)[0, 1] > 0.9  # 0.9995 and 0.93 (64 CSF voxels)
+
+    # the model's input denoised with them: the white matter no longer carries its signal
+    for strategy in ("simple", "compcor"):
+        options = replace(OPTIONS, normalization="voxel_center", confounds=strategy)
+        assert prepare(tmp_path / "hcp", tmp_path / strategy, options, progress=False).ok
+        store = Store(tmp_path / strategy)
+        z = store.run(spec.run_id).read(0, 64).astype(np.float64)
+        before = Store(tmp_path / "store").run(spec.run_id).read(0, 64).astype(np.float64)
+        inside = store.mask(spec.run_id)
+        assert abs(np.corrcoef(before[:, inside].mean(1), wm_signal)[0, 1]) > 0.5
+        assert abs(np.corrcoef(z[:, inside].mean(1), wm_signal)[0, 1]) < 0.1
+        regressors = store.run(spec.run_id).attributes["denoising"]["regressors"]
+        assert regressors == 24 + 2 + (2 if strategy == "simple" else 5)  # motion, cosines, tissue
+
+
+def test_an_hcp_run_without_wmparc_is_refused_for_simple_with_the_file_it_needs(hcp, tmp_path):
+    options = replace(OPTIONS, normalization="voxel_center", confounds="simple")
+    report = prepare(hcp, tmp_path / "store", options, progress=False, task="rest")
+    assert not report.ok and len(report.failed) == 2
+    message = report.failed["sub-100307_rfMRI_REST1_LR"]
+    assert "no column(s) white_matter, csf for --confounds simple" in message
+    assert "MNINonLinear/ROIs/wmparc.2.nii.gz, in the structural package" in message
+
+
+def test_hcp_7t_runs_use_their_own_grid_names(tmp_path):
+    folder = tmp_path / "hcp7t" / "100610" / "MNINonLinear" / "Results" / "rfMRI_REST1_7T_PA"
+    save(folder / "rfMRI_REST1_7T_PA.nii.gz", bold(12))
+    save(folder / "brainmask_fs.1.60.nii.gz", brain_mask().astype(np.uint8))
+    save(tmp_path / "hcp7t/100610/MNINonLinear/ROIs/wmparc.1.60.nii.gz", brain_mask().astype(np.int32) * 2)
+    (spec,) = discover(tmp_path / "hcp7t")
+    assert (spec.mask.name, spec.segmentation.name, spec.task) == ("brainmask_fs.1.60.nii.gz", "wmparc.1.60.nii.gz",
+                                                                    "rest")

@@ -5,7 +5,8 @@ Two passes over the file, each one block of frames at a time: the first accumula
 finite; the second normalises and writes. Memory is a few blocks of frames whatever the run length.
 Denoising (``confounds``) adds no pass: the first also sums each voxel's products with the centred
 regressors, which is all a least-squares fit needs, and the second subtracts the fit (memory: k
-regressors x the grid, in float64 while summing).
+regressors x the grid, in float64 while summing). Only a regressor the frames themselves must give (the
+tissue signals of an HCP run, whose table has motion only) costs a pass before the first.
 
 The model grid is a box fixed in MNI coordinates (``TargetGrid``), so every subject lands on the
 same voxels. An input already on a grid that aligns with it (same voxel size, origin an integer
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from neurox.data.confounds import (
     run_confounds,
 )
 from neurox.data.store import pack_mask
+from neurox.data.tissue import FrameSignals, tissue_masks
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
 
@@ -176,30 +179,28 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
 
     given_mask = None
     if spec.mask is not None:
-        mask_ras, mask_info = read_volume_ras(spec.mask)
-        if mask_ras.shape != info.ras_shape or not np.allclose(mask_info.ras_affine, info.ras_affine, atol=1e-3):
-            raise InputError(
-                f"{spec.mask}: mask shape {mask_info.shape[:3]} / affine do not match the run "
-                f"{spec.bold.name} ({info.shape[:3]})"
-            )
-        given_mask = mask_ras > 0
+        given_mask = _volume_on_run_grid(spec.mask, info, spec.bold) > 0
         if not given_mask.any():
             raise InputError(f"{spec.mask}: the brain mask is empty")
 
-    # a confounds table without the global signal (the HCP pipelines write motion only) gets it here: the
-    # mean over the given brain mask of each frame, as fMRIPrep computes it; in pass 1, or before it where
-    # the input's denoising needs it
-    global_signal, computed = None, []
-    if confounds and "global_signal" not in confounds and given_mask is not None:
-        global_signal, computed = np.zeros(info.n_frames), ["global_signal"]
-        if "global_signal" in options.denoising:
-            for start, frames in iter_frame_blocks(info, options.block_frames):
-                global_signal[start : start + frames.shape[3]] = frames[given_mask].mean(0, dtype=np.float64)
-            confounds["global_signal"], global_signal = global_signal, None
-
+    # columns the run's confounds table lacks (the HCP pipelines write motion only) come from its frames,
+    # as fMRIPrep computes them (neurox.data.tissue): in pass 1, or in a pass before it where the input's
+    # denoising needs them
+    signals = _frame_signals(spec, confounds, given_mask, info)
+    tr = spec.tr or _header_tr(info) or options.tr
+    computed = []
     design = None  # the regressors removed from every voxel (frames, k), centred
     if options.denoising != "none":
-        design = input_design(confounds or None, options.denoising, str(spec.confounds or spec.bold))
+        source = str(spec.confounds or spec.bold)
+        if signals is not None and not _design_ok(confounds, options.denoising, source):
+            planned = dict(confounds, **{c: np.zeros(info.n_frames) for c in signals.planned(tr)})
+            _design(planned, options.denoising, source, spec)  # what the frames cannot give fails the run now
+            for start, frames in iter_frame_blocks(info, options.block_frames):
+                signals.add(start, frames)
+            computed = list(signals.planned(tr))
+            confounds.update(signals.columns(tr))
+            signals = None
+        design = _design(confounds, options.denoising, source, spec)
 
     # pass 1: finite check and per-voxel sums on the target grid (and, to denoise, each voxel's
     # products with the regressors: the least-squares fit needs nothing else)
@@ -219,15 +220,17 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         total += on_grid.sum(axis=3, dtype=np.float64)
         total_sq += np.einsum("xyzt,xyzt->xyz", on_grid, on_grid, dtype=np.float64)
         np.minimum(minimum, on_grid.min(axis=3), out=minimum)
-        if global_signal is not None:
-            global_signal[start : start + frames.shape[3]] = frames[given_mask].mean(0, dtype=np.float64)
+        if signals is not None:
+            signals.add(start, frames)
         if cross is not None:
             block = on_grid.reshape(-1, on_grid.shape[3], order="F")  # (voxels, frames), a view
             cross += block @ regressors[start : start + block.shape[1]]
     n = info.n_frames
     mean_image = total / n
-    if global_signal is not None:
-        confounds["global_signal"] = global_signal
+    if signals is not None:
+        computed = list(signals.planned(tr))
+        confounds.update(signals.columns(tr))
+        del signals
     coefficients = None
     if design is not None:
         # least squares per voxel, B = (X'X)^+ X'y; the fit's sum of squares, y'X B, leaves the residual's
@@ -298,7 +301,6 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         writer.abort()
         raise
 
-    tr = spec.tr or _header_tr(info) or options.tr
     stat = spec.bold.stat()
     attributes = {
         "neurox_version": __version__,
@@ -335,6 +337,60 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     }
     writer.commit(attributes, {CONFOUNDS_FILE: confounds_text(confounds)} if confounds else None)
     return PreparedRun(n, attributes)
+
+
+def _volume_on_run_grid(path: Path, info, bold: Path) -> np.ndarray:
+    """A 3D image (mask, labels) given with a run, in RAS; refused unless on the run's own grid."""
+    volume, volume_info = read_volume_ras(path)
+    if volume.shape != info.ras_shape or not np.allclose(volume_info.ras_affine, info.ras_affine, atol=1e-3):
+        raise InputError(f"{path}: shape {volume_info.shape[:3]} / affine do not match the run {bold.name} "
+                         f"({info.shape[:3]})")
+    return volume
+
+
+def _frame_signals(spec: RunSpec, confounds: dict, given_mask: np.ndarray | None, info) -> FrameSignals | None:
+    """What a run's frames must give of the columns its confounds table lacks (see neurox.data.tissue): the
+    global signal where a brain mask is given, tissue signals and CompCor where a label volume is, and the
+    cosine basis for an HCP motion table."""
+    if not confounds or given_mask is None:
+        return None
+    means = {"global_signal": given_mask} if "global_signal" not in confounds else {}
+    compcor_mask = None
+    if spec.segmentation is not None and not {"white_matter", "csf"} <= set(confounds):
+        tissues = tissue_masks(_volume_on_run_grid(spec.segmentation, info, spec.bold), given_mask)
+        for name, mask in tissues.items():
+            if not mask.any():
+                raise InputError(f"{spec.segmentation}: no {name.replace('_', ' ')} voxels inside the brain mask")
+        means.update(tissues)
+        compcor_mask = None if "a_comp_cor_00" in confounds else tissues["white_matter"] | tissues["csf"]
+    cosine = _is_hcp_motion(spec) and not any(c.startswith("cosine") for c in confounds)
+    if not means and compcor_mask is None and not cosine:
+        return None
+    return FrameSignals(info.n_frames, means, compcor_mask, cosine)
+
+
+def _is_hcp_motion(spec: RunSpec) -> bool:
+    return spec.confounds is not None and spec.confounds.name.startswith("Movement_Regressors")
+
+
+def _design_ok(table: dict, denoising: str, source: str) -> bool:
+    try:
+        input_design(table or None, denoising, source)
+        return True
+    except InputError:
+        return False
+
+
+def _design(table: dict, denoising: str, source: str, spec: RunSpec) -> np.ndarray:
+    """``input_design``, whose refusal of a table that lacks a strategy's columns says, for an HCP run,
+    where its tissue signals come from."""
+    try:
+        return input_design(table or None, denoising, source)
+    except InputError as err:
+        if _is_hcp_motion(spec) and spec.segmentation is None and "white_matter" in str(err):
+            raise InputError(f"{err} (an HCP run gets them from <subject>/MNINonLinear/ROIs/wmparc.2.nii.gz, "
+                             "in the structural package)") from None
+        raise
 
 
 def compute_mask(mean_image: np.ndarray) -> np.ndarray:

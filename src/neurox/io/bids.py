@@ -27,6 +27,7 @@ class RunSpec:
     confounds: Path | None = None
     space: str | None = None
     task: str = ""  # the BIDS task label ("rest"), or what an HCP run folder's name says
+    segmentation: Path | None = None  # FreeSurfer labels on the run's grid (HCP's wmparc): tissue signals
 
 
 def entities(path: str | Path) -> dict[str, str]:

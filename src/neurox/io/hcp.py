@@ -5,6 +5,10 @@ Adult and Lifespan releases ship it):
     <subject>/MNINonLinear/Results/<run>/<run>_hp2000_clean.nii.gz    the same, cleaned by ICA-FIX
     <subject>/MNINonLinear/Results/<run>/brainmask_fs.2.nii.gz        the brain mask on that grid
     <subject>/MNINonLinear/Results/<run>/Movement_Regressors.txt      head motion (read as confounds)
+    <subject>/MNINonLinear/ROIs/wmparc.2.nii.gz                       FreeSurfer labels on that grid (white
+                                                                      matter and CSF signals, CompCor)
+
+The 7T runs' grid is 1.6 mm: ``brainmask_fs.1.60.nii.gz`` and ``wmparc.1.60.nii.gz``.
 
 ``<subject>`` may sit up to three folders below the folder given, and inside ``sub-*``/``ses-*`` folders
 (pipelines that wrap the HCP layout in BIDS names); the participant is the nearest ``sub-*`` folder, else
@@ -38,7 +42,8 @@ def hcp_layout(variant: str) -> str:
     return f"<subject>/MNINonLinear/Results/<run>/{bold_name(variant).format(run='<run>')}"
 
 
-MASK = "brainmask_fs.2.nii.gz"
+MASK = "brainmask_fs.{resolution}.nii.gz"  # resolution "2" (3T), "1.60" (7T)
+SEGMENTATION = "ROIs/wmparc.{resolution}.nii.gz"  # under <subject>/MNINonLinear, on the same grid
 MOTION = "Movement_Regressors.txt"
 MAX_DEPTH = 3  # subject folders this far below the folder given are found (a cohort, a site, a wrapper)
 
@@ -69,7 +74,7 @@ def _spec(root: Path, run_dir: Path, bold: Path) -> RunSpec:
     session = next((name[len("ses-"):] for name in above if name.startswith("ses-")), "")
     task, run = run_task(run_dir.name)
     run_id = "_".join(p for p in (participant, f"ses-{session}" if session else "", run_dir.name) if p)
-    mask = run_dir / MASK
+    mask, segmentation = brain_mask(run_dir)
     motion = run_dir / MOTION
     return RunSpec(
         participant_id=participant,
@@ -77,12 +82,24 @@ def _spec(root: Path, run_dir: Path, bold: Path) -> RunSpec:
         run=run,
         run_id=re.sub(r"[^A-Za-z0-9_.-]", "_", run_id),
         bold=bold,
-        mask=mask if mask.is_file() else None,
+        mask=mask,
+        segmentation=segmentation,
         tr=sidecar_tr(bold),  # HCP ships none; the NIfTI header's TR (0.72 s) is read next
         confounds=motion if motion.is_file() else None,
         space="MNI152NLin6Asym",
         task=task,
     )
+
+
+def brain_mask(run_dir: Path) -> tuple[Path | None, Path | None]:
+    """A run's brain mask and its subject's label volume on the same grid, where they exist (the label
+    volume ships in the structural package, not with the runs)."""
+    masks = sorted(run_dir.glob(MASK.format(resolution="*")), key=lambda p: p.name != MASK.format(resolution="2"))
+    if not masks:
+        return None, None
+    resolution = masks[0].name[len("brainmask_fs.") : -len(".nii.gz")]
+    segmentation = run_dir.parent.parent / SEGMENTATION.format(resolution=resolution)
+    return masks[0], segmentation if segmentation.is_file() else None
 
 
 def run_task(name: str) -> tuple[str, str]:
