@@ -394,6 +394,7 @@ def test_sessions_are_units_and_a_participant_stays_in_one_split(tmp_path, capsy
     from fakes import AFFINE, brain_mask, save
 
     from neurox.data.loader import load_cohort, prepared_runs, split_participants
+    from neurox.train.pretrain import ParticipantPairs
 
     root = tmp_path / "bids"
     sessions = {"baselineYear1Arm1": "baseline_year_1_arm_1", "2YearFollowUpYArm1": "2_year_follow_up_y_arm_1"}
@@ -421,6 +422,8 @@ def test_sessions_are_units_and_a_participant_stays_in_one_split(tmp_path, capsy
          "sub-NDARINV04_ses-baselineYear1Arm1"], ["sub-X"])  # a participant names each of their sessions
     assert len(units) == 16 and units["sub-NDARINV03_ses-2YearFollowUpYArm1"] == [
         "sub-NDARINV03_ses-2YearFollowUpYArm1_task-rest"]
+    # pretraining's instances are people: a person's two sessions give positives, never negatives
+    assert {len(runs) for runs in ParticipantPairs([store], 8, (48, 48, 48), seed=0).runs[0].values()} == {2}
     cohort = load_cohort(store, ["age"])
     assert cohort.values["sub-NDARINV03_ses-baselineYear1Arm1"] == ["9.3"]  # each session its own age
     split = split_participants(cohort, seed=0)

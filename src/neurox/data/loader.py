@@ -103,13 +103,14 @@ class Cohort:
         return [p for p in self.participants if self.split.get(p) == name]
 
 
-def prepared_runs(store: Store, participants=None) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """Participant (or, with a phenotype table by session, participant session) -> run ids, and run id ->
-    frames, of the store's successfully prepared runs (of ``participants`` only, when given)."""
+def prepared_runs(store: Store, participants=None, by_person: bool = False) -> tuple[dict[str, list[str]],
+                                                                                    dict[str, int]]:
+    """Participant (or, with a phenotype table by session, participant session, unless ``by_person``) -> run
+    ids, and run id -> frames, of the store's successfully prepared runs (of ``participants`` only, when given)."""
     runs: dict[str, list[str]] = {}
     n_frames = {}
     for row in store.manifest:
-        unit = store.unit(row)
+        unit = row["participant_id"] if by_person else store.unit(row)
         if row["status"] == "ok" and (participants is None or unit in participants):
             runs.setdefault(unit, []).append(row["run_id"])
             n_frames[row["run_id"]] = int(row["n_frames"])

@@ -1,7 +1,7 @@
 """``neurox pretrain``: self-supervised pretraining on one or many stores, no labels needed.
 
-Each item is a participant: two windows of their runs (two runs when they have several, else two
-starts of one run). The contrastive objective (``instance`` or ``local_temporal`` mode) or masked
+Each item is a participant: two windows of their runs (two runs when they have several, from any of their
+sessions, else two starts of one run). The contrastive objective (``instance`` or ``local_temporal`` mode) or masked
 image modelling (``mim``) is computed by ``PretrainModel.forward``, so DDP and FSDP2 wrap it like
 any model. Stores are sampled with weights (``--store_weight``) and must share one input
 contract (grid, voxel size, normalisation, channels). The engine, checkpoints (sharded, resumable
@@ -123,7 +123,9 @@ class ParticipantPairs:
         self.stores, self.length, self.grid, self.seed = stores, length, tuple(grid), seed
         self.runs: list[dict[str, list[tuple[str, int]]]] = []  # per store: participant -> (run id, frames)
         for store in stores:
-            run_ids, n_frames = prepared_runs(store)
+            # the instance is the person, whatever unit the store's labels have: a person's sessions are
+            # positives of each other, never negatives
+            run_ids, n_frames = prepared_runs(store, by_person=True)
             long_enough = {p: [(r, n_frames[r]) for r in ids if n_frames[r] >= length] for p, ids in run_ids.items()}
             self.runs.append({p: runs for p, runs in long_enough.items() if runs})
         self._brains: dict[tuple[int, str], np.ndarray] = {}  # (store, run id) -> brain mask on the model grid
@@ -330,7 +332,7 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
                  if config.objective == "contrastive" else
                  f"masked image modelling ({config.mask_shape} mask, ratio {config.mask_ratio}, {decoder}, "
                  "L1 on masked in-brain voxels)")
-    n_participants = sum(len(prepared_runs(s)[0]) for s in stores)
+    n_participants = sum(len(prepared_runs(s, by_person=True)[0]) for s in stores)
     card = {"data": f"{n_participants} participants from {len(stores)} store(s): "
                     + ", ".join(str(s.root) for s in stores),
             "objective": f"self-supervised {objective}; {trainer.step} steps, global batch {trainer.global_batch}",
