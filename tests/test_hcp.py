@@ -279,3 +279,26 @@ def test_hcp_7t_runs_use_their_own_grid_names(tmp_path):
     (spec,) = discover(tmp_path / "hcp7t")
     assert (spec.mask.name, spec.segmentation.name, spec.task) == ("brainmask_fs.1.60.nii.gz", "wmparc.1.60.nii.gz",
                                                                     "rest")
+
+
+def test_preparing_again_adds_the_tissue_signals_once_wmparc_is_there(tmp_path, capsys):
+    tissue_run(tmp_path / "hcp")
+    rois = tmp_path / "hcp/100307/MNINonLinear/ROIs"
+    rois.rename(tmp_path / "ROIs")  # the structural package not downloaded yet
+    assert prepare(tmp_path / "hcp", tmp_path / "store", OPTIONS, progress=False).ok
+    store = Store(tmp_path / "store")
+    run_id = store.run_ids[0]
+    frames = store.read_window(run_id, start=0, length=64)
+    assert "white_matter" not in store.run(run_id).confounds()
+    (tmp_path / "ROIs").rename(rois)
+    report = prepare(tmp_path / "hcp", tmp_path / "store", OPTIONS, progress=False, workers=2)  # in a worker
+    assert report.ok and report.skipped == [run_id] and not report.done  # no frame prepared twice
+    run = Store(tmp_path / "store").run(run_id)
+    assert np.array_equal(store.read_window(run_id, start=0, length=64), frames)
+    assert {"white_matter", "csf", "a_comp_cor_04"} <= set(run.confounds())
+    assert run.attributes["computed_confounds"] == ["global_signal", "cosine00", "cosine01", "white_matter", "csf"] + [
+        f"a_comp_cor_0{i}" for i in range(5)]
+    table = tmp_path / "store" / "runs" / f"{run_id}.zarr" / "confounds.tsv"
+    written = table.stat().st_mtime_ns
+    assert prepare(tmp_path / "hcp", tmp_path / "store", OPTIONS, progress=False).ok
+    assert table.stat().st_mtime_ns == written  # nothing left to add

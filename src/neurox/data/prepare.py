@@ -24,10 +24,11 @@ from neurox.data.confounds import (
     confounds_text,
     motion_summary,
     parse_denoising,
+    read_confounds,
     run_confounds,
 )
 from neurox.data.phenotypes import phenotype_table
-from neurox.data.preprocess import PrepareOptions, TargetGrid, prepare_run
+from neurox.data.preprocess import PrepareOptions, TargetGrid, add_frame_signals, computable_confounds, prepare_run
 from neurox.data.store import (
     MANIFEST_COLUMNS,
     RUNS_DIR,
@@ -124,29 +125,29 @@ def prepare(
         phenotypes.write(root / "participants.tsv")
         report.phenotypes = phenotypes.summary
 
-    todo = []
+    jobs = []  # (function, spec): a run to prepare, or a finished run whose confounds to complete
     for spec in specs:
         for stale in (root / RUNS_DIR).glob(f".tmp-{spec.run_id}-*"):
             remove(stale)  # left by a crash or Ctrl-C
-        if is_current(root, spec, fmt):
-            report.skipped.append(spec.run_id)
-            error = add_missing_confounds(root, spec, fmt)
-            if error:  # the frames stay; the table that does not fit them is reported
-                print(f"neurox prepare: {error}; the run is kept without confounds", file=sys.stderr)
-        else:
-            todo.append(spec)
+        if not is_current(root, spec, fmt):
+            jobs.append((_prepare_one, spec))
+            continue
+        report.skipped.append(spec.run_id)
+        if confounds_incomplete(root, spec, fmt):
+            jobs.append((complete_confounds, spec))
 
-    bar = progress_display(total=len(todo), desc="prepare", unit="run", disable=not progress or not todo)
+    bar = progress_display(total=len(jobs), desc="prepare", unit="run", disable=not progress or not jobs)
     try:
         if workers <= 1:
-            for spec in todo:
-                _record(report, root, spec, _prepare_one(spec, options, root, fmt), bar)
+            for job, spec in jobs:
+                _record(report, root, spec, job, job(spec, options, root, fmt), bar)
         else:
             # spawn, not fork: the parent may hold threads (prefetch, compression) a fork would break
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = {pool.submit(_prepare_one, spec, options, root, fmt): spec for spec in todo}
+                futures = {pool.submit(job, spec, options, root, fmt): (job, spec) for job, spec in jobs}
                 for future in as_completed(futures):
-                    _record(report, root, futures[future], future.result(), bar)
+                    job, spec = futures[future]
+                    _record(report, root, spec, job, future.result(), bar)
     finally:
         bar.close()
         write_manifest(root, fmt)
@@ -164,7 +165,12 @@ def _prepare_one(spec: RunSpec, options: PrepareOptions, root: Path, fmt: str) -
     return None
 
 
-def _record(report: PrepareReport, root: Path, spec: RunSpec, error: str | None, bar) -> None:
+def _record(report: PrepareReport, root: Path, spec: RunSpec, job, error: str | None, bar) -> None:
+    if job is complete_confounds:  # the run stays as it was; a table that does not fit it is reported
+        if error:
+            bar.write(f"neurox prepare: {error}; the run is kept with the confounds it had")
+        bar.update(1)
+        return
     marker = root / RUNS_DIR / f"{spec.run_id}{FAILURE_SUFFIX}"
     if error is None:
         report.done.append(spec.run_id)
@@ -198,12 +204,9 @@ def init_store(root: Path, options: PrepareOptions, fmt: str) -> None:
 def is_current(root: Path, spec: RunSpec, fmt: str) -> bool:
     """Finished, and prepared from the file as it is now."""
     path = run_path(root, spec.run_id, fmt)
-    attributes_file = path / ("zarr.json" if fmt == "zarr" else "attributes.json")
-    if not attributes_file.is_file():
+    if not _meta_file(path, fmt).is_file():
         return False
-    attributes = json.loads(attributes_file.read_text())
-    attributes = attributes.get("attributes", attributes)
-    source = attributes.get("source", {})
+    source = _attributes(path, fmt)[1].get("source", {})
     try:
         stat = spec.bold.stat()
     except OSError:
@@ -211,28 +214,53 @@ def is_current(root: Path, spec: RunSpec, fmt: str) -> bool:
     return source.get("size") == stat.st_size and source.get("mtime_ns") == stat.st_mtime_ns
 
 
-def add_missing_confounds(root: Path, spec: RunSpec, fmt: str) -> str | None:
-    """Give a finished run the confounds it was prepared without (by an earlier neurox, or before
-    fMRIPrep's table was there), without touching its frames; returns the one-line error of a table
-    that does not fit."""
+def confounds_incomplete(root: Path, spec: RunSpec, fmt: str) -> bool:
+    """Whether a finished run lacks confounds it would get now: a table that was not there when it was
+    prepared, or columns its frames give that an earlier neurox did not compute (HCP tissue signals)."""
     if spec.confounds is None:
-        return None
+        return False
     path = run_path(root, spec.run_id, fmt)
-    if (path / CONFOUNDS_FILE).is_file():
-        return None
-    attributes_file = path / ("zarr.json" if fmt == "zarr" else "attributes.json")
-    meta = json.loads(attributes_file.read_text())
-    attributes = meta.get("attributes", meta)
+    stored = path / CONFOUNDS_FILE
+    if not stored.is_file():
+        return True
+    with open(stored) as file:
+        columns = set(file.readline().rstrip("\n").split("\t"))
+    attributes = _attributes(path, fmt)[1]
+    return bool(computable_confounds(spec, columns, attributes["n_frames"], attributes["tr"]))
+
+
+def _meta_file(path: Path, fmt: str) -> Path:
+    return path / ("zarr.json" if fmt == "zarr" else "attributes.json")
+
+
+def _attributes(path: Path, fmt: str) -> tuple[dict, dict]:
+    """A finished run's metadata file as read, and the attributes in it."""
+    meta = json.loads(_meta_file(path, fmt).read_text())
+    return meta, meta.get("attributes", meta)
+
+
+def complete_confounds(spec: RunSpec, options: PrepareOptions, root: Path, fmt: str) -> str | None:
+    """Give a finished run the confounds ``confounds_incomplete`` finds missing, without touching its frames
+    (runs in a worker: the frames are read once where they give a column); returns the one-line error of a
+    table that does not fit."""
+    path = run_path(root, spec.run_id, fmt)
+    meta, attributes = _attributes(path, fmt)
+    stored = path / CONFOUNDS_FILE
     try:
-        table = run_confounds(spec.confounds, attributes["n_frames"], spec.bold.name)
+        if stored.is_file():
+            table = read_confounds(stored)
+        else:
+            table = run_confounds(spec.confounds, attributes["n_frames"], spec.bold.name)
+            attributes["source"]["confounds"] = str(spec.confounds.resolve())
+        if not table:
+            return None
+        computed = add_frame_signals(spec, table, attributes["tr"], options.block_frames)
     except InputError as err:
         return str(err)
-    if not table:
-        return None
-    write_text_atomic(path / CONFOUNDS_FILE, confounds_text(table))
-    attributes.update(motion=motion_summary(table), confounds=sorted(table))
-    attributes["source"]["confounds"] = str(spec.confounds.resolve())
-    write_text_atomic(attributes_file, json.dumps(meta))
+    write_text_atomic(stored, confounds_text(table))
+    attributes.update(motion=motion_summary(table), confounds=sorted(table),
+                      computed_confounds=attributes.get("computed_confounds", []) + computed)
+    write_text_atomic(_meta_file(path, fmt), json.dumps(meta))
     return None
 
 
@@ -262,9 +290,7 @@ def write_manifest(root: Path, fmt: str) -> None:
     rows, failures = [], []
     runs = root / RUNS_DIR
     for path in sorted(runs.glob(f"*.{fmt}")):
-        meta_file = path / ("zarr.json" if fmt == "zarr" else "attributes.json")
-        meta = json.loads(meta_file.read_text())
-        a = meta.get("attributes", meta)
+        a = _attributes(path, fmt)[1]
         rows.append({
             "participant_id": a["participant_id"], "session": a["session"], "run": a["run"], "run_id": a["run_id"],
             "path": str(path.relative_to(root)), "n_frames": a["n_frames"], "tr": a["tr"] or "",

@@ -34,7 +34,7 @@ from neurox.data.confounds import (
     run_confounds,
 )
 from neurox.data.store import pack_mask
-from neurox.data.tissue import FrameSignals, tissue_masks
+from neurox.data.tissue import FrameSignals, cosine_basis, tissue_masks
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
 
@@ -186,8 +186,8 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     # columns the run's confounds table lacks (the HCP pipelines write motion only) come from its frames,
     # as fMRIPrep computes them (neurox.data.tissue): in pass 1, or in a pass before it where the input's
     # denoising needs them
-    signals = _frame_signals(spec, confounds, given_mask, info)
     tr = spec.tr or _header_tr(info) or options.tr
+    signals = _frame_signals(spec, confounds, given_mask, info, tr)
     computed = []
     design = None  # the regressors removed from every voxel (frames, k), centred
     if options.denoising != "none":
@@ -348,25 +348,51 @@ def _volume_on_run_grid(path: Path, info, bold: Path) -> np.ndarray:
     return volume
 
 
-def _frame_signals(spec: RunSpec, confounds: dict, given_mask: np.ndarray | None, info) -> FrameSignals | None:
-    """What a run's frames must give of the columns its confounds table lacks (see neurox.data.tissue): the
-    global signal where a brain mask is given, tissue signals and CompCor where a label volume is, and the
-    cosine basis for an HCP motion table."""
+def computable_confounds(spec: RunSpec, columns: set[str], n_frames: int, tr: float) -> list[str]:
+    """Which of the columns a run's confounds table lacks its frames give (see neurox.data.tissue): the
+    global signal where a brain mask is given, tissue signals and CompCor (``a_comp_cor``) where a label
+    volume is, and the cosine basis for an HCP motion table (where the run is long enough to have one)."""
+    if spec.confounds is None or spec.mask is None:
+        return []
+    kinds = ["global_signal"] if "global_signal" not in columns else []
+    if spec.segmentation is not None and not {"white_matter", "csf"} <= columns:
+        kinds += ["white_matter", "csf"] + ["a_comp_cor"] * ("a_comp_cor_00" not in columns)
+    cosine = _is_hcp_motion(spec) and cosine_basis(n_frames, tr).shape[1] and not any(
+        c.startswith("cosine") for c in columns)
+    return kinds + ["cosine"] * bool(cosine)
+
+
+def _frame_signals(spec: RunSpec, confounds: dict, given_mask: np.ndarray | None, info,
+                   tr: float) -> FrameSignals | None:
+    """What the run's frames must give of the columns its confounds table lacks (``computable_confounds``)."""
     if not confounds or given_mask is None:
         return None
-    means = {"global_signal": given_mask} if "global_signal" not in confounds else {}
+    kinds = computable_confounds(spec, set(confounds), info.n_frames, tr)
+    if not kinds:
+        return None
+    means = {"global_signal": given_mask} if "global_signal" in kinds else {}
     compcor_mask = None
-    if spec.segmentation is not None and not {"white_matter", "csf"} <= set(confounds):
+    if "white_matter" in kinds:
         tissues = tissue_masks(_volume_on_run_grid(spec.segmentation, info, spec.bold), given_mask)
         for name, mask in tissues.items():
             if not mask.any():
                 raise InputError(f"{spec.segmentation}: no {name.replace('_', ' ')} voxels inside the brain mask")
         means.update(tissues)
-        compcor_mask = None if "a_comp_cor_00" in confounds else tissues["white_matter"] | tissues["csf"]
-    cosine = _is_hcp_motion(spec) and not any(c.startswith("cosine") for c in confounds)
-    if not means and compcor_mask is None and not cosine:
-        return None
-    return FrameSignals(info.n_frames, means, compcor_mask, cosine)
+        compcor_mask = tissues["white_matter"] | tissues["csf"] if "a_comp_cor" in kinds else None
+    return FrameSignals(info.n_frames, means, compcor_mask, "cosine" in kinds)
+
+
+def add_frame_signals(spec: RunSpec, table: dict, tr: float, block_frames: int = 32) -> list[str]:
+    """Add to a prepared run's confounds ``table`` what its frames give and it lacks, in one read of the run
+    (its store frames untouched); returns the names added."""
+    info = read_info(spec.bold)
+    signals = _frame_signals(spec, table, _volume_on_run_grid(spec.mask, info, spec.bold) > 0, info, tr)
+    if signals is None:
+        return []
+    for start, frames in iter_frame_blocks(info, block_frames):
+        signals.add(start, frames)
+    table.update(signals.columns(tr))
+    return signals.planned(tr)
 
 
 def _is_hcp_motion(spec: RunSpec) -> bool:
