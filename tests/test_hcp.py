@@ -80,6 +80,17 @@ def test_hcp_folders_inside_bids_names(tmp_path):
     assert spec.run_id == "sub-NDARINV01_ses-baseline_task-rest_run-01"
 
 
+def test_abcd_bids_pipeline_folders_number_their_runs(tmp_path):
+    # the ABCD-BIDS (DCAN) pipeline: sub-*/ses-*/files/MNINonLinear/Results/task-rest01, task-rest02, task-MID01
+    for run in ("task-rest01", "task-rest02", "task-MID01"):
+        hcp_run(tmp_path / "abcd" / "sub-NDARINV01" / "ses-baselineYear1Arm1", "files", run)
+    specs = discover(tmp_path / "abcd", task="rest")
+    assert [(s.participant_id, s.session, s.task, s.run, s.run_id) for s in specs] == [
+        ("sub-NDARINV01", "baselineYear1Arm1", "rest", run, f"sub-NDARINV01_ses-baselineYear1Arm1_task-rest{run}")
+        for run in ("01", "02")]
+    assert [s.task for s in discover(tmp_path / "abcd", task="MID")] == ["MID"]
+
+
 def test_hcp_motion_becomes_fmriprep_columns(tmp_path):
     values = np.zeros((4, 12))
     values[2, 0] = 0.1  # 0.1 mm along x at frame 2

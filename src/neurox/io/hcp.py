@@ -14,7 +14,8 @@ The 7T runs' grid is 1.6 mm: ``brainmask_fs.1.60.nii.gz`` and ``wmparc.1.60.nii.
 (pipelines that wrap the HCP layout in BIDS names); the participant is the nearest ``sub-*`` folder, else
 the subject folder (``100307`` becomes ``sub-100307``), the session the nearest ``ses-*`` folder.
 A run folder's name gives its task: ``rfMRI_REST1_LR`` is task ``rest``, run ``REST1_LR``;
-``tfMRI_WM_RL`` task ``wm``, run ``WM_RL``.
+``tfMRI_WM_RL`` task ``wm``, run ``WM_RL``; ``task-rest01`` (the ABCD-BIDS pipeline's
+``sub-*/ses-*/files/MNINonLinear/Results/task-rest01``) task ``rest``, run ``01``.
 """
 
 from __future__ import annotations
@@ -104,11 +105,15 @@ def brain_mask(run_dir: Path) -> tuple[Path | None, Path | None]:
 
 def run_task(name: str) -> tuple[str, str]:
     """(task, run) of an HCP run folder's name: ``rfMRI_REST1_LR`` -> (rest, REST1_LR), ``tfMRI_WM_RL`` ->
-    (wm, WM_RL), a BIDS-named folder by its entities, anything else (its name lower-cased, its name)."""
+    (wm, WM_RL); the ABCD-BIDS (DCAN) pipeline's ``task-rest01`` -> (rest, 01); a BIDS-named folder by its
+    entities; anything else (its name lower-cased, its name)."""
     match = re.fullmatch(r"([rt])fMRI_(.+)", name)
     if match:
         task = "rest" if match.group(1) == "r" else match.group(2).split("_")[0].lower()
         return task, match.group(2)
+    match = re.fullmatch(r"task-([A-Za-z]+)(\d+)", name)
+    if match:
+        return match.group(1), match.group(2)
     ent = entities(name)
     if "task" in ent:
         return ent["task"], ent.get("run", "")
