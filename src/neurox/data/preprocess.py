@@ -197,9 +197,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
             _design(planned, options.denoising, source, spec)  # what the frames cannot give fails the run now
             for start, frames in iter_frame_blocks(info, options.block_frames):
                 signals.add(start, frames)
-            computed = list(signals.planned(tr))
-            confounds.update(signals.columns(tr))
-            signals = None
+            computed, signals = signals.into(confounds, tr), None
         design = _design(confounds, options.denoising, source, spec)
 
     # pass 1: finite check and per-voxel sums on the target grid (and, to denoise, each voxel's
@@ -228,9 +226,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     n = info.n_frames
     mean_image = total / n
     if signals is not None:
-        computed = list(signals.planned(tr))
-        confounds.update(signals.columns(tr))
-        del signals
+        computed, signals = signals.into(confounds, tr), None  # the CompCor series freed before pass 2
     coefficients = None
     if design is not None:
         # least squares per voxel, B = (X'X)^+ X'y; the fit's sum of squares, y'X B, leaves the residual's
@@ -391,8 +387,7 @@ def add_frame_signals(spec: RunSpec, table: dict, tr: float, block_frames: int =
         return []
     for start, frames in iter_frame_blocks(info, block_frames):
         signals.add(start, frames)
-    table.update(signals.columns(tr))
-    return signals.planned(tr)
+    return signals.into(table, tr)
 
 
 def _is_hcp_motion(spec: RunSpec) -> bool:

@@ -97,6 +97,11 @@ class FrameSignals:
         if self.series is not None:
             self.series[:, start:end] = frames[self.compcor_mask]
 
+    def into(self, table: dict[str, np.ndarray], tr: float) -> list[str]:
+        """Add the columns to a confounds ``table``; returns their names."""
+        table.update(self.columns(tr))
+        return self.planned(tr)
+
     def columns(self, tr: float) -> dict[str, np.ndarray]:
         table = dict(self.values)
         basis = cosine_basis(self.n_frames, tr)
