@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from neurox.cli import main
 
 # 6 training participants x 2 windows: one epoch of 3 batches of 4
@@ -16,6 +18,9 @@ def test_demo_end_to_end_writes_the_report(tmp_path, capsys):
         assert f"| {target} |" in report
     assert "FC baseline" in report and "voxel_center" in report and "training curve" in report
     assert "model output ~ head motion (r)" in report and "the motion check" in report  # 2 test participants: n/a
+    val = json.loads((out / "runs" / "swift" / "metrics.json").read_text())["val"].get("amplitude_group.auroc")
+    row = next(line for line in report.splitlines() if line.startswith("| amplitude_group |")).split(" | ")
+    assert "| model validation AUROC |" in report and row[3] == ("n/a" if val is None else f"{val:.2f}")
     assert (out / "training_curve.png").stat().st_size > 5_000
     assert (out / "runs" / "swift" / "model" / "config.json").is_file()
     assert (out / "runs" / "fc_baseline" / "metrics.json").is_file()
