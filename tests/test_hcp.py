@@ -259,6 +259,13 @@ def test_hcp_runs_get_tissue_signals_compcor_and_cosines_from_wmparc(tmp_path):
         fit = components @ np.linalg.lstsq(components, target, rcond=None)[0]
         assert np.corrcoef(fit, target)[0, 1] > 0.9  # 0.9995 and 0.93 (64 CSF voxels)
 
+    # connectivity denoises the HCP run's parcel series with them, as an fMRIPrep run's
+    atlas = tmp_path / "hcp/100307/MNINonLinear/ROIs/wmparc.2.nii.gz"  # any label image on an MNI grid
+    for strategy in ("simple", "compcor"):
+        assert main(["connectivity", "--store", str(tmp_path / "store"), "--atlas", str(atlas), "--confounds",
+                     strategy, "--out", str(tmp_path / f"fc-{strategy}"), "--quiet", "true"]) == 0
+        assert np.load(tmp_path / f"fc-{strategy}" / "connectivity.npz")["matrices"].shape == (1, 7, 7)
+
     # the model's input denoised with them: the white matter no longer carries its signal
     for strategy in ("simple", "compcor"):
         options = replace(OPTIONS, normalization="voxel_center", confounds=strategy)
