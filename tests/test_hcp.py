@@ -320,3 +320,25 @@ def test_preparing_again_adds_the_tissue_signals_once_wmparc_is_there(tmp_path, 
     written = table.stat().st_mtime_ns
     assert prepare(tmp_path / "hcp", tmp_path / "store", OPTIONS, progress=False).ok
     assert table.stat().st_mtime_ns == written  # nothing left to add
+
+
+def test_a_dry_run_says_what_prepare_would_do_and_writes_nothing(hcp, tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ["prepare", str(hcp), "--out", str(store), "--min_frames", "8", "--dry_run", "true", "--quiet", "true"]
+    assert main(args + ["--confounds", "simple"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert not store.exists()
+    assert out[0] == "dry run (nothing written): 3 run(s) to prepare, 0 already in the store"
+    assert out[1] == ("3 with a brain mask (else computed), 3 with a confounds table, 0 with FreeSurfer labels "
+                      "(HCP wmparc)")
+    assert out[2:5] == ["frames: 24 (3 run(s))", "TR: 2 s (3 run(s))",
+                        "grid: 4x4x4 mm, not aligned: refused without --resample (3 run(s))"]  # the 2 mm box
+    assert out[5] == ("would fail, no column(s) white_matter, csf for --confounds simple (an HCP run gets them from "
+                      "<subject>/MNINonLinear/ROIs/wmparc.2.nii.gz, in the structural package): "
+                      "sub-100307_rfMRI_REST1_LR, sub-100307_tfMRI_WM_LR, sub-100408_rfMRI_REST1_LR")
+    assert prepare(hcp, store, OPTIONS, progress=False, task="rest").ok
+    assert main(args + ["--voxel_size", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[:5] == [
+        "dry run (nothing written): 1 run(s) to prepare, 2 already in the store",
+        "1 with a brain mask (else computed), 1 with a confounds table, 0 with FreeSurfer labels (HCP wmparc)",
+        "frames: 24 (1 run(s))", "TR: 2 s (1 run(s))", "grid: 4x4x4 mm, aligned with the target box (1 run(s))"]

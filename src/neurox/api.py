@@ -32,9 +32,10 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
             tr: float | None = None, workers: int = 1, shard: str = "0/1", format: str = "zarr",
             confounds: str = "none", global_signal: bool = False, task: str | None = None, hcp_bold: str = "minimal",
             id_column: str | None = None, session_column: str | None = None, max_mean_fd: float | None = None,
-            quiet: bool = False):
+            dry_run: bool = False, quiet: bool = False):
     """Preprocess fMRI runs into a store; returns the report (``.done``, ``.skipped``, ``.failed``,
-    ``.ok``, ``.store``). A bad run is listed in ``failures.tsv`` and the rest go on."""
+    ``.ok``, ``.store``). A bad run is listed in ``failures.tsv`` and the rest go on. With ``dry_run``,
+    nothing is written and ``.survey`` says what would be done and what would fail."""
     from neurox.data.prepare import options_from_model, parse_shard
     from neurox.data.prepare import prepare as prepare_store
     from neurox.data.preprocess import PrepareOptions, TargetGrid
@@ -47,7 +48,7 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
                                  global_signal=global_signal)
     return prepare_store(input, out, options, participants=participants, workers=workers, shard=parse_shard(shard),
                          fmt=format, progress=not quiet, task=task, hcp_bold=hcp_bold, id_column=id_column,
-                         session_column=session_column, max_mean_fd=max_mean_fd)
+                         session_column=session_column, max_mean_fd=max_mean_fd, dry_run=dry_run)
 
 
 def finetune(**options: Any) -> Path:

@@ -77,6 +77,9 @@ def cmd_prepare(args) -> int:
     from neurox.data.store import Store
 
     report = api.prepare(**keywords(api.prepare, args))
+    if report.survey is not None:
+        print("\n".join(report.survey + ([report.phenotypes] if report.phenotypes else [])))
+        return 0
     print(f"{report.store}: {len(report.done)} prepared, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed" + (f" (see {report.store / 'failures.tsv'})" if report.failed else ""))
     if report.phenotypes:

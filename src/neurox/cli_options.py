@@ -114,6 +114,9 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--shard", default="0/1", help="i/N: prepare only every N-th run from the i-th (array jobs)")
     p.add_argument("--format", choices=["zarr", "npy"], default="zarr",
                    help="zarr (compressed, one shard per run) or npy (uncompressed, memory-mapped)")
+    p.add_argument("--dry_run", type=bool, default=False,
+                   help="read the runs' headers only and say what would be prepared and what would fail (TRs, grids, "
+                   "masks, confounds, denoising); nothing is written")
     p.add_argument("--quiet", type=bool, default=False, help="no progress bar")
     return p
 

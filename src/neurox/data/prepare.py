@@ -39,6 +39,7 @@ from neurox.data.store import (
     run_path,
     write_tsv,
 )
+from neurox.data.survey import survey
 from neurox.io.atomic import write_text_atomic
 from neurox.io.bids import RunSpec, discover, task_counts
 from neurox.io.nifti import InputError
@@ -56,6 +57,7 @@ class PrepareReport:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     phenotypes: str | None = None  # how many participants with runs have a row in the phenotype table
+    survey: list[str] | None = None  # with dry_run: what a prepare would do (neurox.data.survey), nothing written
 
     @property
     def ok(self) -> bool:
@@ -103,6 +105,7 @@ def prepare(
     id_column: str | None = None,
     session_column: str | None = None,
     max_mean_fd: float | None = None,
+    dry_run: bool = False,
 ) -> PrepareReport:
     options = options or PrepareOptions()
     root = Path(out)
@@ -117,6 +120,10 @@ def prepare(
     # read and checked before the store is made: a table that cannot be joined leaves nothing behind
     phenotypes = phenotype_table(source, [(s.participant_id, s.session) for s in found], id_column,
                                  session_column) if source else None
+    if dry_run:
+        report = PrepareReport(root, phenotypes=phenotypes.summary if phenotypes else None)
+        report.survey = survey(specs, options, lambda spec: is_current(root, spec, fmt), progress)
+        return report
     init_store(root, options, fmt)
     if max_mean_fd is not None:
         set_motion_threshold(root, max_mean_fd)

@@ -186,7 +186,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     # columns the run's confounds table lacks (the HCP pipelines write motion only) come from its frames,
     # as fMRIPrep computes them (neurox.data.tissue): in pass 1, or in a pass before it where the input's
     # denoising needs them
-    tr = spec.tr or _header_tr(info) or options.tr
+    tr = spec.tr or header_tr(info) or options.tr
     signals = _frame_signals(spec, confounds, given_mask, info, tr)
     computed = []
     design = None  # the regressors removed from every voxel (frames, k), centred
@@ -194,11 +194,11 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         source = str(spec.confounds or spec.bold)
         if signals is not None and not _design_ok(confounds, options.denoising, source):
             planned = dict(confounds, **{c: np.zeros(info.n_frames) for c in signals.planned(tr)})
-            _design(planned, options.denoising, source, spec)  # what the frames cannot give fails the run now
+            run_design(planned, options.denoising, source, spec)  # what the frames cannot give fails the run now
             for start, frames in iter_frame_blocks(info, options.block_frames):
                 signals.add(start, frames)
             computed, signals = signals.into(confounds, tr), None
-        design = _design(confounds, options.denoising, source, spec)
+        design = run_design(confounds, options.denoising, source, spec)
 
     # pass 1: finite check and per-voxel sums on the target grid (and, to denoise, each voxel's
     # products with the regressors: the least-squares fit needs nothing else)
@@ -402,7 +402,7 @@ def _design_ok(table: dict, denoising: str, source: str) -> bool:
         return False
 
 
-def _design(table: dict, denoising: str, source: str, spec: RunSpec) -> np.ndarray:
+def run_design(table: dict, denoising: str, source: str, spec: RunSpec) -> np.ndarray:
     """``input_design``, whose refusal of a table that lacks a strategy's columns says, for an HCP run,
     where its tissue signals come from."""
     try:
@@ -438,7 +438,7 @@ def check_mni_placement(spec: RunSpec, mask: np.ndarray, grid: TargetGrid, kept_
         raise InputError(f"{spec.bold}: only {kept_fraction:.0%} of the brain mask falls inside the crop box")
 
 
-def _header_tr(info: NiftiInfo) -> float | None:
+def header_tr(info: NiftiInfo) -> float | None:
     if len(info.zooms) > 3 and info.zooms[3] > 0:
         return float(info.zooms[3])
     return None

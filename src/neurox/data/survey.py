@@ -1,0 +1,96 @@
+"""``neurox prepare --dry_run``: what a prepare would find and do, from the runs' headers alone.
+
+Before hours of preparing a cohort, one pass over the NIfTI headers (a few milliseconds a run) says what
+would go wrong: runs that are not 4D or too short, TRs and grids that differ between sites, grids that do
+not align with the target box (refused without ``--resample``), runs without a brain mask or confounds, and
+runs the chosen denoising cannot be applied to. Nothing is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from neurox.data.confounds import read_confounds
+from neurox.data.preprocess import GridMapping, PrepareOptions, computable_confounds, header_tr, run_design
+from neurox.io.bids import RunSpec
+from neurox.io.nifti import InputError, read_info
+from neurox.progress import progress as progress_display
+
+NAMED = 3  # runs named per problem; the rest are counted
+
+
+def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: bool = True) -> list[str]:
+    """Lines describing what preparing ``specs`` with ``options`` would do; ``is_done(spec)`` says whether
+    the store already holds a run."""
+    problems: dict[str, list[str]] = {}
+    frames, trs, grids = Counter(), Counter(), Counter()
+    todo = [spec for spec in specs if not is_done(spec)]
+    for spec in progress_display(todo, desc="dry run", unit="run", disable=not progress):
+        try:
+            info = read_info(spec.bold)
+        except InputError as err:
+            problems.setdefault("unreadable", []).append(str(err))
+            continue
+        if len(info.shape) < 4:
+            problems.setdefault("not 4D", []).append(spec.run_id)
+            continue
+        frames[info.n_frames] += 1
+        if info.n_frames < options.min_frames:
+            problems.setdefault(f"fewer than --min_frames {options.min_frames} frames", []).append(spec.run_id)
+        tr = spec.tr or header_tr(info) or options.tr
+        trs["unknown (give --tr)" if tr is None else f"{tr:g} s"] += 1
+        zooms = "x".join(f"{z:g}" for z in np.sqrt((info.ras_affine[:3, :3] ** 2).sum(0)))
+        try:
+            GridMapping(info, options.grid, resample=False)
+            grids[f"{zooms} mm, aligned with the target box"] += 1
+        except InputError:
+            grids[f"{zooms} mm, not aligned: " + ("resampled" if options.resample else "refused without --resample")
+                  ] += 1
+        if options.denoising != "none":
+            reason = _denoising_problem(spec, options.denoising, info.n_frames, tr or 1.0)
+            if reason:
+                problems.setdefault(reason, []).append(spec.run_id)
+
+    lines = [f"dry run (nothing written): {len(todo)} run(s) to prepare, {len(specs) - len(todo)} already in the store"]
+    if todo:
+        lines.append(f"{_count(todo, lambda s: s.mask is not None)} with a brain mask (else computed), "
+                     f"{_count(todo, lambda s: s.confounds is not None)} with a confounds table, "
+                     f"{_count(todo, lambda s: s.segmentation is not None)} with FreeSurfer labels (HCP wmparc)")
+        lines.append("frames: " + _tally(frames, "{}"))
+        lines.append("TR: " + _tally(trs, "{}"))
+        lines.append("grid: " + _tally(grids, "{}"))
+    for problem, runs in problems.items():
+        named = ", ".join(runs[:NAMED]) + (f", ... ({len(runs)} in all)" if len(runs) > NAMED else "")
+        lines.append(f"would fail, {problem}: {named}")
+    return lines
+
+
+def _denoising_problem(spec: RunSpec, denoising: str, n_frames: int, tr: float) -> str | None:
+    """Why ``denoising`` could not be applied to a run, from its confounds table's columns; None if it could."""
+    if spec.confounds is None:
+        return f"no confounds table for --confounds {denoising}"
+    try:
+        table = read_confounds(spec.confounds)
+    except InputError as err:
+        return str(err).split(": ", 1)[-1]
+    columns = set(table) | set(computable_confounds(spec, set(table), n_frames, tr))
+    if "a_comp_cor" in columns:
+        columns |= {f"a_comp_cor_0{i}" for i in range(5)}
+    if "cosine" in columns:
+        columns.add("cosine00")
+    try:
+        run_design({c: np.zeros(n_frames) for c in columns}, denoising, str(spec.confounds), spec)
+    except InputError as err:
+        return str(err).split(": ", 1)[-1]
+    return None
+
+
+def _count(specs: list[RunSpec], test) -> int:
+    return sum(1 for s in specs if test(s))
+
+
+def _tally(counter: Counter, label: str) -> str:
+    return "; ".join(f"{label.format(key)} ({n} run(s))" for key, n in counter.most_common())
+
