@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,25 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
     assert main(["predict", str(run), "--store", str(store), "--out", str(tmp_path / "p.tsv")]) == 0
     rows = read_tsv(tmp_path / "p.tsv")
     assert len(rows) == N_SUBJECTS and {"group_output", "group_predicted", "group_true"} <= set(rows[0])
+    capsys.readouterr()
+
+    # the model meets a store prepared otherwise than its input contract: refused, or warned for the TR
+    cohort = Path(read_tsv(store / "manifest.tsv")[0]["source"]).parents[2]
+    assert prepare(cohort, tmp_path / "centred", replace(OPTIONS, normalization="voxel_center"), progress=False).ok
+    for command in ("predict", "evaluate"):
+        assert main([command, str(run), "--store", str(tmp_path / "centred"), "--out", str(tmp_path / "x")]) == 1
+        assert (f"the model {run / 'model'} expects input of normalisation global_zscore, but the store "
+                f"{tmp_path / 'centred'} has voxel_center; prepare the data for it with neurox prepare ... --like "
+                f"{run / 'model'}") in capsys.readouterr().err
+    slow = tmp_path / "slow"
+    bids_run(slow, "00", n_frames=40).with_name(
+        "sub-00_task-rest_run-1_space-MNI152NLin2009cAsym_res-4_desc-preproc_bold.json").write_text(
+        '{"RepetitionTime": 3.0}')
+    (slow / "participants.tsv").write_text("participant_id\tgroup\nsub-00\t1\n")
+    assert prepare(slow, tmp_path / "slow-store", OPTIONS, progress=False).ok
+    assert main(["predict", str(run), "--store", str(tmp_path / "slow-store"), "--out", str(tmp_path / "s.tsv")]) == 0
+    assert (f"warning: the model {run / 'model'} was trained on runs of TR 2 s and the store {tmp_path / 'slow-store'} "
+            "has TR 3 s: its 20-frame windows span 60 s here, not 40 s") in capsys.readouterr().err
 
 
 def test_regression_and_several_targets(store, tmp_path):

@@ -74,7 +74,8 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
 
 
 def load_pretrained(model_dir: str | Path, with_head: bool = True, map_location: str = "cpu") -> SwiFT:
-    """The model stored in ``model_dir``; ``model.input_contract`` says what input it expects."""
+    """The model stored in ``model_dir``; ``model.input_contract`` says what input it expects, ``model.model_dir``
+    where it came from."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     arch = SwiFTConfig.from_dict(config["model"])
@@ -90,6 +91,7 @@ def load_pretrained(model_dir: str | Path, with_head: bool = True, map_location:
         load_checked(head, load_file(str(model_dir / HEAD_FILE), device=map_location), model_dir / HEAD_FILE)
         model.head = head
     model.input_contract = InputContract.from_dict(config.get("input_contract", {}))
+    model.model_dir = model_dir
     return model
 
 

@@ -156,14 +156,14 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
     """Write ``out`` (one row per participant), ``<out stem>_windows<suffix>`` (one row per window)
     and ``<out stem>_pca.png``; return their paths."""
     from neurox.train.distributed import detect
-    from neurox.train.runs import check_fits_store
+    from neurox.train.runs import check_model_store
 
     out = Path(out)
     if out.suffix not in (".tsv", ".parquet"):
         raise ValueError(f"{out}: name the output .tsv or .parquet")
     model, splits = load_model(model_path)
     store = Store(store_path)
-    check_fits_store(model.config, store)
+    check_model_store(model, store)
     table = {row["participant_id"]: row for row in store.phenotypes()}
     phenotype_columns = [c for c in next(iter(table.values()), {}) if c != "participant_id"]
     if color_by and color_by not in phenotype_columns and color_by != "split":

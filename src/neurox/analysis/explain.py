@@ -303,7 +303,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     from neurox.hub import load_pretrained
     from neurox.progress import progress as progress_display
     from neurox.train.distributed import detect
-    from neurox.train.runs import check_fits_store, load_run
+    from neurox.train.runs import check_model_store, load_run
 
     options = options or ExplainOptions()
     _captum()
@@ -312,7 +312,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     output, output_name = output_index(targets, options)
     store = Store(store_path)
     model = load_pretrained(run_dir / "model")
-    check_fits_store(model.config, store)
+    check_model_store(model, store)
     participants = choose_participants(store, splits, subjects, split, where)
     groups = groups_of(store, participants, group_by, quantiles)
     regions = None  # read before the long part: a wrong atlas fails at once

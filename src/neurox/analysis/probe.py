@@ -52,14 +52,14 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.data.confounds import participant_motion
     from neurox.train.distributed import detect
-    from neurox.train.runs import check_fits_store
+    from neurox.train.runs import check_model_store
 
     model, _ = load_model(model_path)
     stages = model.config.num_stages
     if stage is not None and not 1 <= stage <= stages:
         raise ValueError(f"--stage {stage}: {model_path} has stages 1 to {stages}")
     store = Store(store_path)
-    check_fits_store(model.config, store)
+    check_model_store(model, store)
     columns = [c.strip() for c in target.split(",") if c.strip()]
     cohort = load_cohort(store, columns)
     if split_from:

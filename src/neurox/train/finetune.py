@@ -42,6 +42,7 @@ from neurox.train import distributed as dist_utils
 from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, sharded_indices, start_run, write_json
 from neurox.train.objectives import head_task, num_outputs, selection_score, supervised_loss
 from neurox.train.runs import (
+    check_contract,
     check_fits_store,
     first_rows,
     prediction_rows,
@@ -182,6 +183,10 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     store = Store(config.store)
     arch = architecture(config)
     check_fits_store(arch, store)  # all of these fail before any training starts
+    if config.init:
+        from neurox.hub import read_config
+
+        check_contract(read_config(config.init)["input_contract"], store, config.init, env.is_main)
     length, grid = arch.img_size[3], arch.img_size[:3]
     cohort = prepare_cohort(config, store, run_dir, length)
     targets = cohort.targets

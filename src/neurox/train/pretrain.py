@@ -261,10 +261,12 @@ def _pretrain(config: PretrainConfig, env: dist_utils.Env) -> Path:
         arch = SwiFTConfig.from_dict(read_config(config.init)["model"])
     else:
         arch = preset(config.preset)
-    from neurox.train.runs import check_fits_store
+    from neurox.train.runs import check_contract, check_fits_store
 
     for store in stores:
         check_fits_store(arch, store)
+        if config.init:
+            check_contract(read_config(config.init)["input_contract"], store, config.init, env.is_main)
     length, grid = arch.img_size[3], arch.img_size[:3]
     data = ParticipantPairs(stores, length, grid, config.seed)
     if env.is_main:

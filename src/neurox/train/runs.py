@@ -6,6 +6,7 @@ of a store's participants (gathered from every process), subject-level metrics p
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,39 @@ def check_fits_store(arch: SwiFTConfig, store: Store) -> None:
                          "prepare the data with --like MODEL_DIR (or --voxel_size), or choose a matching preset")
     if arch.in_chans != store.info.get("channels", 1):
         raise ValueError(f"the model takes {arch.in_chans} channels, the store has {store.info.get('channels', 1)}")
+
+
+def check_model_store(model, store: Store, announce: bool = True) -> None:
+    """``check_fits_store`` and ``check_contract`` of a model from ``load_pretrained`` and the store it is to read."""
+    check_fits_store(model.config, store)
+    check_contract(model.input_contract, store, model.model_dir, announce)
+
+
+TR_TOLERANCE = 0.1  # a store whose TR is this fraction off the model's gets a warning
+
+
+def check_contract(contract, store: Store, model_dir: str | Path, announce: bool = True) -> None:
+    """Refuse, in one line naming both, a store prepared otherwise than a model's input contract says
+    (normalisation, denoising, voxel size): the model would read numbers of a kind it never saw, and its
+    outputs would be wrong without any error. A TR more than 10% off is a warning (printed when ``announce``):
+    the model's windows then span another length of time. Parts of a contract not recorded (``None``, as in
+    a converted checkpoint's space) are not checked."""
+    contract = contract.to_dict() if hasattr(contract, "to_dict") else (contract or {})
+    store_values = {"normalization": store.info.get("normalization"), "denoising": store.info.get("denoising", "none"),
+                    "voxel_size_mm": store.info.get("voxel_size_mm")}
+    for key, what in (("normalization", "normalisation"), ("denoising", "denoising"), ("voxel_size_mm", "voxel size")):
+        wanted, found = contract.get(key), store_values[key]
+        if wanted is None or found is None:
+            continue
+        if (float(wanted) != float(found)) if key == "voxel_size_mm" else (wanted != found):
+            raise ValueError(f"the model {model_dir} expects input of {what} {wanted}, but the store {store.root} has "
+                             f"{found}; prepare the data for it with neurox prepare ... --like {model_dir}")
+    tr, found_tr = contract.get("tr"), store_tr(store)
+    if announce and tr and found_tr and abs(found_tr / tr - 1) > TR_TOLERANCE:
+        seconds = contract.get("window_frames", 20)
+        print(f"warning: the model {model_dir} was trained on runs of TR {tr:g} s and the store {store.root} has TR "
+              f"{found_tr:g} s: its {seconds}-frame windows span {seconds * found_tr:.0f} s here, not "
+              f"{seconds * tr:.0f} s", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -103,9 +137,9 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
     config, targets, splits = load_run(run_dir)
     store = Store(store_path)
     model = load_pretrained(run_dir / "model")
-    check_fits_store(model.config, store)
-    cohort, _ = cohort_with(store, targets, splits)
     env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
+    check_model_store(model, store, env.is_main)
+    cohort, _ = cohort_with(store, targets, splits)
     model.to(env.device)
     motion = participant_motion(store)
     results = {}
@@ -125,9 +159,9 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     _, targets, splits = load_run(run_dir)
     store = Store(store_path)
     model = load_pretrained(run_dir / "model")
-    check_fits_store(model.config, store)
-    cohort, truth = cohort_with(store, targets, splits, require_values=False)
     env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
+    check_model_store(model, store, env.is_main)
+    cohort, truth = cohort_with(store, targets, splits, require_values=False)
     model.to(env.device)
     who, outputs = window_outputs(model, store.root, cohort, cohort.participants, model.config.img_size[3],
                                   model.config.img_size[:3], env, batch_size)
