@@ -18,7 +18,8 @@ import zarr
 from fakes import AFFINE, OPTIONS, as_las, bids_run, bold, brain_mask, save, truncate_gzip
 
 from neurox.cli import main
-from neurox.data.prepare import prepare
+from neurox.data.prepare import options_from_model, prepare
+from neurox.data.preprocess import TargetGrid
 from neurox.data.store import Store, read_tsv
 
 
@@ -296,6 +297,29 @@ def test_like_applies_a_models_input_contract(tmp_path):
                 "--quiet", "true"]) == 0
     info = Store(tmp_path / "store").info
     assert info["grid"] == [48, 48, 48] and info["voxel_size_mm"] == 4.0  # the demo model's 4 mm grid
+
+
+def test_a_model_records_its_stores_grid_and_like_reproduces_it(tmp_path):
+    from neurox.config import InputContract, preset
+    from neurox.hub import save_pretrained
+    from neurox.models import SwiFT
+    from neurox.train.runs import check_contract, store_contract
+
+    # 48^3 voxels of 2 mm: half the default box, which a 48^3 model's defaults would call 4 mm
+    path = save(tmp_path / "run.nii.gz", bold())
+    small = replace(OPTIONS, grid=TargetGrid((48, 48, 48), 2.0, (-48.0, -72.0, -30.0)), resample=True)
+    assert prepare(path, tmp_path / "store", small, progress=False).ok
+    store = Store(tmp_path / "store")
+    arch = preset("demo")
+    with pytest.raises(ValueError, match="expects input of voxel size 4.0, but the store .* has 2.0"):
+        check_contract(InputContract.for_model(arch), store, "a default contract")
+    contract = InputContract.for_model(arch, **store_contract(store.info))
+    check_contract(contract, store, "the store's own contract")
+    save_pretrained(SwiFT(arch), tmp_path / "model", contract=contract)
+    options = options_from_model(tmp_path / "model", resample=True)
+    assert prepare(path, tmp_path / "again", options, progress=False).ok
+    assert {k: Store(tmp_path / "again").info[k] for k in ("grid", "voxel_size_mm", "origin_mm")} == {
+        k: store.info[k] for k in ("grid", "voxel_size_mm", "origin_mm")}
 
 
 def test_voxel_center_keeps_relative_amplitude(tmp_path):

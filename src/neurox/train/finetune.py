@@ -47,6 +47,7 @@ from neurox.train.runs import (
     first_rows,
     prediction_rows,
     split_metrics,
+    store_contract,
     store_tr,
     write_predictions,
 )
@@ -213,8 +214,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         if config.head_init == "probe":
             initialise_head(model, targets, pooled, labels, who, config.seed)
     wrapped = dist_utils.wrap(model, env, config.strategy)
-    contract = InputContract.for_model(arch, tr=store_tr(store), normalization=store.info["normalization"],
-                                      denoising=store.info["denoising"])
+    contract = InputContract.for_model(arch, tr=store_tr(store), **store_contract(store.info))
     motion = participant_motion(store)  # for the motion check of every validation
 
     def evaluate():

@@ -320,13 +320,11 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     if not env.is_main:
         return
     from neurox.hub import save_pretrained
-    from neurox.train.runs import store_tr
+    from neurox.train.runs import store_contract, store_tr
 
     backbone = SwiFT(arch)
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-    info = stores[0].info
-    contract = InputContract.for_model(arch, tr=store_tr(stores[0]), normalization=info["normalization"],
-                                      denoising=info["denoising"])
+    contract = InputContract.for_model(arch, tr=store_tr(stores[0]), **store_contract(stores[0].info))
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     decoder = (f"decoder of {config.decoder_depth} transformer layers and a linear map" if config.decoder_depth
                else "linear decoder")

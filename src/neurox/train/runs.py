@@ -251,6 +251,13 @@ def usable_value(target: Target, value: str) -> bool:
     return value in target.classes
 
 
+def store_contract(info: dict) -> dict:
+    """What a model trained on a store records of it in its input contract, as the store says it (not as the
+    model's grid would suggest: a 48^3 grid may hold 2 mm voxels of a smaller box)."""
+    return {"normalization": info["normalization"], "denoising": info.get("denoising", "none"),
+            "voxel_size_mm": info["voxel_size_mm"], "crop_box": tuple(tuple(b) for b in info["crop_box_mm"])}
+
+
 def store_tr(store: Store) -> float | None:
     """The store's repetition time when every run shares one, else None."""
     trs = {row["tr"] for row in store.manifest if row.get("tr")}
