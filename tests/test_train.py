@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -405,6 +406,10 @@ def test_yaml_config_and_resolved_options_saved(store, tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (resolved["lr"], resolved["seed"], resolved["epochs"]) == (2e-4, 3, 1)  # file, then flag
     assert resolved["model"]["img_size"] == [48, 48, 48, 20] and resolved["world_size"] == 1
+    environment = resolved["environment"]  # what the numbers depend on beyond the options
+    assert (environment["torch"], environment["device"]) == (torch.__version__, "cpu")
+    manifest = hashlib.sha256((store / "manifest.tsv").read_bytes()).hexdigest()
+    assert environment["stores"] == {str(store): manifest}
 
 
 # --- a phenotype table by session (longitudinal cohorts) ------------------------------------------------

@@ -197,6 +197,24 @@ def load_sharded(directory: Path, model, optimizer) -> dict:
     return torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
+def run_environment(env: dist_utils.Env, stores: list) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its options, for its config.yaml: the versions, the machine, and
+    each store's manifest checksum (the runs read, with their shapes and TRs)."""
+    import hashlib
+    import platform
+
+    from neurox import __version__
+
+    device = str(env.device)
+    if env.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(env.device)})"
+    return {"neurox": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "device": device,
+            "world_size": env.world_size,
+            "stores": {str(s.root): hashlib.sha256((s.root / "manifest.tsv").read_bytes()).hexdigest()
+                       for s in stores}}
+
+
 def start_run(run_dir: Path, resume: bool, seed: int, deterministic: bool) -> None:
     """Refuse to start over a run unless resuming it; seed every generator."""
     if checkpoint_exists(run_dir) and not resume:

@@ -39,7 +39,15 @@ from neurox.io.atomic import write_text_atomic
 from neurox.models import SwiFT, build_head
 from neurox.models.heads import HEAD_POOLS
 from neurox.train import distributed as dist_utils
-from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, sharded_indices, start_run, write_json
+from neurox.train.engine import (
+    PRECISIONS,
+    LoopSettings,
+    Trainer,
+    run_environment,
+    sharded_indices,
+    start_run,
+    write_json,
+)
 from neurox.train.objectives import head_task, num_outputs, selection_score, supervised_loss
 from neurox.train.runs import (
     check_contract,
@@ -197,7 +205,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         if not config.resume:  # a fresh run's log starts empty (an earlier attempt may have failed early)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         resolved = {**dataclasses.asdict(config), "model": arch.to_dict(), "world_size": env.world_size,
-                    "device": str(env.device)}
+                    "device": str(env.device), "environment": run_environment(env, [store])}
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         save_splits(run_dir / "splits.tsv", cohort.split)
         write_json(run_dir / "targets.json", {"targets": [t.to_dict() for t in targets],

@@ -31,7 +31,7 @@ from neurox.models import SwiFT
 from neurox.models.heads import ContrastiveProjection
 from neurox.train import distributed as dist_utils
 from neurox.train import ssl
-from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, start_run
+from neurox.train.engine import PRECISIONS, LoopSettings, Trainer, run_environment, start_run
 
 CONTRACT_KEYS = ("grid", "voxel_size_mm", "normalization", "channels", "origin_mm", "denoising")
 
@@ -274,7 +274,8 @@ def _pretrain(config: PretrainConfig, env: dist_utils.Env) -> Path:
         if not config.resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         resolved = {**dataclasses.asdict(config), "model": arch.to_dict(), "world_size": env.world_size,
-                    "device": str(env.device), "input_contract": contract_info}
+                    "device": str(env.device), "input_contract": contract_info,
+                    "environment": run_environment(env, stores)}
         write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     dist_utils.barrier()
 
