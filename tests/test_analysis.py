@@ -242,6 +242,9 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     stamp = (out / f"{pair[0]}_attribution.nii.gz").stat().st_mtime_ns
     assert main(args) == 0  # a re-run resumes: existing maps are kept
     assert (out / f"{pair[0]}_attribution.nii.gz").stat().st_mtime_ns == stamp
+    assert main(args[:-2] + ["--n_steps", "3"]) == 1  # but never mixes maps of other settings
+    assert f"{out} holds participant maps of another explain (n_steps differ); choose another --out" in \
+        capsys.readouterr().err
 
     assert main(["explain", str(run), "--store", str(store), "--out", str(out), "--target", "nope"]) == 1
     assert "not 'nope'" in capsys.readouterr().err
