@@ -194,6 +194,10 @@ def test_baseline_on_the_same_split(store, tmp_path):
                  str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "50"]) == 0
     assert read_tsv(tmp_path / "fc" / "splits.tsv") == read_tsv(run / "splits.tsv")
     assert not list((tmp_path / "fc").glob(".series-*"))  # the series it kept to resume are gone once it ends
+    import yaml
+
+    environment = yaml.safe_load((tmp_path / "fc" / "config.yaml").read_text())["environment"]
+    assert environment["scikit-learn"] and list(environment["stores"]) == [str(store)]
     fc = json.loads((tmp_path / "fc" / "metrics.json").read_text())
     assert fc["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0

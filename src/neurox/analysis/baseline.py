@@ -141,7 +141,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
         rows += prediction_rows(targets, cohort.values, split, subjects, subject_outputs)
 
-    from neurox.train.engine import write_json
+    from neurox.train.engine import run_environment, write_json
     from neurox.train.runs import write_predictions
 
     def save_arrays(tmp: Path) -> None:
@@ -151,7 +151,9 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     write_atomic(out / MODEL_FILE, save_arrays)
     write_json(out / "targets.json", {"targets": [t.to_dict() for t in targets],
                                       "participants_left_out": cohort.left_out})
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    write_text_atomic(out / "config.yaml", yaml.safe_dump({**dataclasses.asdict(config),
+                                                          "environment": run_environment(None, [store])},
+                                                         sort_keys=False))
     save_splits(out / "splits.tsv", cohort.split)
     write_json(out / "metrics.json", results)
     write_predictions(out / "predictions.tsv", targets, rows, motion, cohort.person)

@@ -197,20 +197,25 @@ def load_sharded(directory: Path, model, optimizer) -> dict:
     return torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
-def run_environment(env: dist_utils.Env, stores: list) -> dict[str, Any]:
+def run_environment(env: dist_utils.Env | None, stores: list) -> dict[str, Any]:
     """What a run's numbers depend on beyond its options, for its config.yaml: the versions, the machine, and
-    each store's manifest checksum (the runs read, with their shapes and TRs)."""
+    each store's manifest checksum (the runs read, with their shapes and TRs). ``env`` None: a CPU-only run."""
     import hashlib
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     from neurox import __version__
 
-    device = str(env.device)
-    if env.device.type == "cuda":
+    device = str(env.device) if env else "cpu"
+    if env and env.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(env.device)})"
-    return {"neurox": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+    try:
+        sklearn = version("scikit-learn")
+    except PackageNotFoundError:
+        sklearn = None
+    return {"neurox": __version__, "torch": str(torch.__version__), "numpy": np.__version__, "scikit-learn": sklearn,
             "python": platform.python_version(), "platform": platform.platform(), "device": device,
-            "world_size": env.world_size,
+            "world_size": env.world_size if env else 1,
             "stores": {str(s.root): hashlib.sha256((s.root / "manifest.tsv").read_bytes()).hexdigest()
                        for s in stores}}
 
