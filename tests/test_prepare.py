@@ -337,3 +337,21 @@ def test_voxel_center_keeps_relative_amplitude(tmp_path):
     assert np.all(z[:, ~mask] == 0)
     loud, quiet = z[:, 14:24][:, mask[14:24]].std(0).mean(), z[:, 30:40][:, mask[30:40]].std(0).mean()
     assert loud / quiet == pytest.approx(2.0, rel=0.1)  # target x 14..23 holds source x 10..19
+
+
+def test_a_dry_run_groups_the_runs_that_would_fail_by_reason(tmp_path, capsys):
+    save(tmp_path / "short.nii.gz", bold(6))
+    save(tmp_path / "volume.nii.gz", bold(1)[..., 0])
+    save(tmp_path / "ok.nii.gz", bold(12))
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    (tmp_path / "runs.tsv").write_text("participant_id\tpath\n" + "".join(
+        f"sub-{name}\t{name}.nii.gz\n" for name in ("short", "volume", "ok", "broken")))
+    assert main(["prepare", str(tmp_path / "runs.tsv"), "--out", str(tmp_path / "store"), "--voxel_size", "4",
+                 "--min_frames", "8", "--dry_run", "true", "--quiet", "true"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "dry run (nothing written): 4 run(s) to prepare, 0 already in the store"
+    assert "frames: 12 (1 run(s)); 6 (1 run(s))" in lines  # runs in the order of their ids
+    assert "would fail, fewer than --min_frames 8 frames: sub-short" in lines
+    assert "would fail, not 4D: sub-volume" in lines
+    assert any(line.startswith("would fail, unreadable:") and "broken.nii.gz" in line for line in lines)
+    assert not (tmp_path / "store").exists()
