@@ -11,7 +11,7 @@ import pytest
 from fakes import OPTIONS, bids_run, bold, brain_mask, save
 
 from neurox.cli import main
-from neurox.data.confounds import read_confounds
+from neurox.data.confounds import read_confounds, table_columns
 from neurox.data.phenotypes import participant_label
 from neurox.data.prepare import prepare
 from neurox.data.store import Store, read_tsv
@@ -99,7 +99,7 @@ def test_hcp_motion_becomes_fmriprep_columns(tmp_path):
     path = tmp_path / "Movement_Regressors.txt"
     np.savetxt(path, values, fmt="  %.6f")
     table = read_confounds(path)
-    assert len(table) == 6 * 4 + 1
+    assert len(table) == 6 * 4 + 1 and table_columns(path) == set(table)  # what a dry run expects of it
     assert np.allclose(table["rot_z"], [0, 0, 0, np.deg2rad(0.2)])
     assert np.isnan(table["trans_x_derivative1"][0]) and np.allclose(table["trans_x_derivative1"][1:], [0, 0.1, 0])
     assert np.allclose(table["rot_z_power2"], table["rot_z"] ** 2)

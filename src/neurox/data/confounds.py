@@ -102,6 +102,19 @@ def read_confounds(path: str | Path) -> dict[str, np.ndarray]:
     return table
 
 
+def table_columns(path: str | Path) -> set[str]:
+    """The kept columns ``read_confounds`` would give, from the header alone (what a dry run needs)."""
+    path = Path(path)
+    if path.name.startswith("Movement_Regressors"):
+        return {*MOTION_24, "framewise_displacement"}
+    try:
+        with open(path) as file:
+            header = file.readline().rstrip("\n").split("\t")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the confounds table ({err})") from None
+    return {name for name in header if KEPT.match(name)}
+
+
 HEAD_RADIUS_MM = 50.0  # rotations to displacement on a sphere of this radius (Power et al. 2012, as fMRIPrep)
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from neurox.data.confounds import read_confounds
+from neurox.data.confounds import table_columns
 from neurox.data.preprocess import GridMapping, PrepareOptions, computable_confounds, header_tr, run_design
 from neurox.io.bids import RunSpec
 from neurox.io.nifti import InputError, read_info
@@ -72,10 +72,10 @@ def _denoising_problem(spec: RunSpec, denoising: str, n_frames: int, tr: float) 
     if spec.confounds is None:
         return f"no confounds table for --confounds {denoising}"
     try:
-        table = read_confounds(spec.confounds)
+        table = table_columns(spec.confounds)
     except InputError as err:
         return str(err).split(": ", 1)[-1]
-    columns = set(table) | set(computable_confounds(spec, set(table), n_frames, tr))
+    columns = table | set(computable_confounds(spec, table, n_frames, tr))
     if "a_comp_cor" in columns:
         columns |= {f"a_comp_cor_0{i}" for i in range(5)}
     if "cosine" in columns:
