@@ -80,12 +80,33 @@ def test_connectivity_recovers_the_planted_coupling(synthetic, tmp_path):
     assert np.allclose(data["group_mean_1"] - data["group_mean_0"],
                        data["matrices"][member].mean(0) - data["matrices"][~member].mean(0), atol=1e-5)
 
+    # edgewise statistics: the strongest edges are the planted B-C pairs; without covariates, the group
+    # coefficient's t is the pooled two-sample t-test's
+    from scipy import stats
+
+    edges = read_tsv(out / "edges.tsv")
+    assert len(edges) == 40 * 39 // 2 and list(edges[0])[:4] == ["parcel_a", "parcel_b", "mean_0", "mean_1"]
+    parcel = {name: int(label) for name, label in zip(data["names"], data["labels"])}
+    planted = {frozenset(pair) for pair in
+               [(x, y) for x in truth["coupling_group"]["parcels"] for y in truth["coupling_group"]["parcels"]
+                if {networks[str(x)], networks[str(y)]} == {"B", "C"}]}
+    assert all(frozenset((parcel[e["parcel_a"]], parcel[e["parcel_b"]])) in planted for e in edges[:2])  # of 780
+    a, b = index[parcel[edges[0]["parcel_a"]]], index[parcel[edges[0]["parcel_b"]]]
+    reference = stats.ttest_ind(data["matrices"][member, a, b], data["matrices"][~member, a, b])
+    assert float(edges[0]["t"]) == pytest.approx(reference.statistic, rel=1e-3)
+    assert float(edges[0]["p"]) == pytest.approx(reference.pvalue, rel=1e-3)
+    assert data["edge_t"][a, b] == data["edge_t"][b, a] == pytest.approx(reference.statistic, rel=1e-3)
+    summary = json.loads((out / "edges.json").read_text())
+    assert (summary["test"], summary["n"], summary["covariates"]) == ("two groups: 1 vs 0", 8, [])
+
 
 @pytest.mark.parametrize("kind", ["plain", "partial"])
 def test_connectivity_kinds(synthetic, tmp_path, kind):
     cohort, store = synthetic
     assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(tmp_path),
-                 "--kind", kind, "--participants", "sub-01", "sub-02", "--quiet", "true"]) == 0
+                 "--kind", kind, "--participants", "sub-01", "sub-02", "--group_by", "coupling_group",
+                 "--covariates", "mean_fd", "--quiet", "true"]) == 0
+    assert "leave no degrees of freedom" in json.loads((tmp_path / "edges.json").read_text())["skipped"]
     data = np.load(tmp_path / "connectivity.npz")
     matrices = data["matrices"]
     assert list(data["participants"]) == ["sub-01", "sub-02"]
@@ -101,8 +122,11 @@ def test_connectivity_bad_input_is_one_line(synthetic, tmp_path, capsys):
                  "--group_by", "no_such_column"]) == 1
     assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(tmp_path / "c"),
                  "--participants", "sub-77"]) == 1
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(tmp_path / "d"),
+                 "--group_by", "coupling_group", "--covariates", "age_at_scan"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and "none.nii.gz" in lines[0] and "no_such_column" in lines[1] and "sub-77" in lines[2]
+    assert len(lines) == 4 and "none.nii.gz" in lines[0] and "no_such_column" in lines[1] and "sub-77" in lines[2]
+    assert "--covariates age_at_scan: not a column of" in lines[3]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -340,3 +364,30 @@ def test_connectivity_resumes_from_the_series_it_kept(synthetic, tmp_path):
     # the kept series were read, not recomputed; the rest equal the uninterrupted run exactly
     assert not np.allclose(a["matrices"][0], b["matrices"][0]) and list(b["participants"][:1]) == ["sub-01"]
     assert np.array_equal(a["matrices"][1:], b["matrices"][1:]) and not cache.exists()
+
+
+def test_edgewise_statistics_adjust_for_covariates_and_correct_for_many_edges():
+    from scipy import stats
+
+    from neurox.analysis.edges import benjamini_hochberg, edge_design, edge_tests
+
+    rng = np.random.default_rng(0)
+    n = 60
+    group = np.repeat([0, 1], n // 2)
+    motion = group + rng.normal(0, 0.5, n)  # the second group moves more
+    edges = np.column_stack([3.0 * motion + rng.normal(0, 0.5, n),  # follows motion only
+                             1.0 * group + rng.normal(0, 0.5, n)])  # a real group difference
+    values = [str(g) for g in group]
+    alone = edge_tests(edges, edge_design(values, {})[0])
+    design, kept, coding, groups = edge_design(values + ["n/a"], {"mean_fd": [f"{m}" for m in motion] + ["0.1"]})
+    adjusted = edge_tests(edges, design)
+    assert (coding, groups, kept) == ("two groups: 1 vs 0", ["0", "1"], list(range(n)))  # the row without a group
+    assert alone["p"][0] < 1e-3 and adjusted["p"][0] > 0.01  # the motion-driven edge is explained by motion
+    assert adjusted["p"][1] < 1e-3 and adjusted["beta"][1] == pytest.approx(1.0, abs=0.25)
+    # a numeric column: the slope per unit
+    slope = edge_tests(2.0 * motion[:, None] + rng.normal(0, 0.1, (n, 1)), edge_design([f"{m}" for m in motion], {})[0])
+    assert slope["beta"][0] == pytest.approx(2.0, abs=0.05)
+    p = rng.uniform(0, 0.1, 50)
+    assert np.allclose(benjamini_hochberg(p), stats.false_discovery_control(p))
+    with pytest.raises(ValueError, match="need two groups or a numeric column; found 3 values"):
+        edge_design(["a", "b", "c"], {})

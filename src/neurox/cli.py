@@ -148,6 +148,15 @@ def cmd_baseline(args) -> int:
 def cmd_connectivity(args) -> int:
     out = api.connectivity(**keywords(api.connectivity, args))
     print(f"wrote {out / 'connectivity.npz'}, {out / 'parcel_series.npz'} and {out / 'group_mean.png'}")
+    if (out / "edges.json").is_file():
+        summary = json.loads((out / "edges.json").read_text())
+        if "skipped" in summary:
+            print(f"no edgewise statistics: {summary['skipped']}")
+        else:
+            top = "; ".join(f"{e['parcel_a']}-{e['parcel_b']} t={e['t']:.2f} q={e['q']:.3g}" for e in summary["top"])
+            print(f"edgewise {summary['group_by']} ({summary['test']}; n={summary['n']}; covariates: "
+                  f"{', '.join(summary['covariates']) or 'none'}): {summary['significant']} of {summary['edges']} "
+                  f"edges at FDR q < {summary['fdr']} ({out / 'edges.tsv'}); strongest: {top}")
     return 0
 
 

@@ -251,8 +251,11 @@ def _connectivity_parser() -> ArgumentParser:
     p.add_argument("--global_signal", type=bool, default=False, help="regress the global signal too")
     p.add_argument("--names", default=None, help="TSV with index and name columns (default: found beside the atlas)")
     p.add_argument("--participants", nargs="+", default=None, help="only these participants (default: all)")
-    p.add_argument("--group_by", default=None, help="a phenotype column: a group-mean matrix per value, and a plot "
-                   "of each and their difference")
+    p.add_argument("--group_by", default=None, help="a phenotype column: a group-mean matrix per value, a plot of "
+                   "each and their difference, and edgewise statistics (two groups, or a numeric column's slope) in "
+                   "edges.tsv, FDR-corrected")
+    p.add_argument("--covariates", nargs="+", default=None, help="numeric phenotype columns, or mean_fd (head "
+                   "motion), adjusted for in the edgewise statistics")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 

@@ -18,7 +18,7 @@ import numpy as np
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
-from neurox.io.atomic import write_atomic
+from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.io.nifti import InputError, read_volume_ras
 
 
@@ -186,7 +186,7 @@ def atlas_names(atlas_path: str | Path, labels: list[int], names_tsv: str | Path
 def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",
                  participants: list[str] | None = None, group_by: str | None = None,
                  names_tsv: str | Path | None = None, progress: bool = True,
-                 denoising: Denoising | None = None) -> Path:
+                 denoising: Denoising | None = None, covariates: list[str] | None = None) -> Path:
     """Parcel series per run and a connectivity matrix per participant, written to ``out``:
 
     - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
@@ -196,7 +196,9 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
       ``labels``;
     - ``participants.tsv`` (the store's phenotypes of the participants included, and their ``mean_fd``
       where the store has it), ``parcels.tsv``;
-    - ``group_mean.png``: the group-mean matrix (one panel per group and their difference with ``group_by``).
+    - ``group_mean.png``: the group-mean matrix (one panel per group and their difference with ``group_by``);
+    - with ``group_by``: ``edges.tsv`` (every edge's effect, t, p and FDR q, adjusted for ``covariates``;
+      neurox.analysis.edges) and ``edges.json`` (the test and its summary), ``edge_t``/``edge_q`` in the npz.
     """
     from neurox.data.store import write_tsv
 
@@ -210,6 +212,14 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         raise ValueError(f"{store.root / 'participants.tsv'} has no column {group_by!r} to group by")
     if group_by and not phenotypes:
         raise ValueError(f"{store.root}: no participants.tsv, so nothing to group by")
+    motion = participant_motion(store)
+    known = set(next(iter(phenotypes.values()), {})) | ({"mean_fd"} if motion else set())
+    for name in covariates or []:
+        if name not in known:
+            raise ValueError(f"--covariates {name}: not a column of {store.root / 'participants.tsv'}"
+                             + ("" if motion else " (and the store has no head motion for mean_fd)"))
+    if covariates and not group_by:
+        raise ValueError("--covariates: give --group_by, the effect they are adjusted for")
     if participants:
         participants, unknown = store.units_of(participants, list(prepared_runs(store)[0]))
         if unknown:
@@ -236,6 +246,15 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if group_by:
+        value = {p: dict(phenotypes.get(p, {}), mean_fd=motion.get(p, "")) for p in subjects}
+        summary = edge_statistics(stack, names, group_by, [value[p].get(group_by, "") for p in subjects],
+                                  {c: [str(value[p].get(c, "")) for p in subjects] for c in covariates or []},
+                                  subjects, out / "edges.tsv")
+        for key in ("edge_t", "edge_q"):
+            if key in summary:
+                arrays[key] = summary.pop(key)
+        write_text_atomic(out / "edges.json", json.dumps({"group_by": group_by, **summary}, indent=2) + "\n")
 
     def savez(data):
         def write(tmp: Path) -> None:
@@ -249,7 +268,6 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                                     for i, (label, name) in enumerate(zip(labels, names))], ["index", "label", "name"])
     columns = ["participant_id"] + [c for c in next(iter(phenotypes.values()), {}) if c != "participant_id"]
     rows = [dict(phenotypes.get(p, {"participant_id": p})) for p in subjects]
-    motion = participant_motion(store)
     if motion:  # beside the phenotypes: how much each participant moved, to check what FC differences follow
         columns.append("mean_fd")
         for row in rows:
@@ -258,6 +276,38 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by)
     shutil.rmtree(cache, ignore_errors=True)
     return out
+
+
+def edge_statistics(stack: np.ndarray, names: list[str], group_by: str, values: list[str],
+                    covariates: dict[str, list[str]], subjects: list[str], tsv: Path) -> dict:
+    """Edgewise statistics (neurox.analysis.edges) of the participants' matrices, written to ``tsv`` sorted by
+    p; returns the summary for edges.json (with ``edge_t``/``edge_q`` matrices), or why none was computed."""
+    from neurox.analysis.edges import FDR, edge_design, edge_tests
+    from neurox.data.store import write_tsv
+
+    try:
+        design, kept, coding, groups = edge_design(values, covariates)
+        i, j = np.triu_indices(len(names), k=1)
+        edges = stack[kept][:, i, j].astype(np.float64)
+        tests = edge_tests(edges, design)
+    except ValueError as err:
+        return {"skipped": str(err)}
+    order = np.argsort(tests["p"], kind="stable")
+    means = {g: edges[[k for k, row in enumerate(kept) if values[row] == g]].mean(0) for g in groups}
+    rows = [{"parcel_a": names[i[e]], "parcel_b": names[j[e]], **{f"mean_{g}": f"{means[g][e]:.6g}" for g in groups},
+             "effect": f"{tests['beta'][e]:.6g}", "t": f"{tests['t'][e]:.4f}", "p": f"{tests['p'][e]:.4g}",
+             "q": f"{tests['q'][e]:.4g}"} for e in order]
+    write_tsv(tsv, rows, ["parcel_a", "parcel_b", *[f"mean_{g}" for g in groups], "effect", "t", "p", "q"])
+    matrices = {}
+    for key in ("t", "q"):
+        matrix = np.zeros((len(names), len(names)), dtype=np.float32)
+        matrix[i, j] = matrix[j, i] = tests[key]
+        matrices[f"edge_{key}"] = matrix
+    return {"test": coding, "covariates": list(covariates), "n": len(kept),
+            "left_out": [subjects[k] for k in range(len(subjects)) if k not in set(kept)],
+            "dof": int(tests["dof"]), "edges": len(order), "fdr": FDR, "significant": int((tests["q"] < FDR).sum()),
+            "top": [{"parcel_a": names[i[e]], "parcel_b": names[j[e]], "t": round(float(tests["t"][e]), 3),
+                     "q": float(f"{tests['q'][e]:.4g}")} for e in order[:5]], **matrices}
 
 
 def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], names: list[str], kind: str,
