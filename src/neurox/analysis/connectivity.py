@@ -282,18 +282,25 @@ def edge_statistics(stack: np.ndarray, names: list[str], group_by: str, values: 
                     covariates: dict[str, list[str]], subjects: list[str], tsv: Path) -> dict:
     """Edgewise statistics (neurox.analysis.edges) of the participants' matrices, written to ``tsv`` sorted by
     p; returns the summary for edges.json (with ``edge_t``/``edge_q`` matrices), or why none was computed."""
-    from neurox.analysis.edges import FDR, edge_design, edge_tests
+    from neurox.analysis.edges import FDR, benjamini_hochberg, edge_design, edge_tests
     from neurox.data.store import write_tsv
 
+    i, j = np.triu_indices(len(names), k=1)
+    parts, means = [], {}
     try:
         design, kept, coding, groups = edge_design(values, covariates)
-        i, j = np.triu_indices(len(names), k=1)
-        edges = stack[kept][:, i, j].astype(np.float64)
-        tests = edge_tests(edges, design)
+        members = {g: [k for k, row in enumerate(kept) if values[row] == g] for g in groups}
+        for lo in range(0, len(i), 8192):  # in slices of edges: memory stays at participants x 8192
+            edges = stack[:, i[lo : lo + 8192], j[lo : lo + 8192]][kept].astype(np.float64)
+            parts.append(edge_tests(edges, design))
+            for g in groups:
+                means.setdefault(g, []).append(edges[members[g]].mean(0))
     except ValueError as err:
         return {"skipped": str(err)}
+    tests = {key: np.concatenate([part[key] for part in parts]) for key in ("beta", "t", "p")}
+    tests["q"], tests["dof"] = benjamini_hochberg(tests["p"]), parts[0]["dof"]
+    means = {g: np.concatenate(m) for g, m in means.items()}
     order = np.argsort(tests["p"], kind="stable")
-    means = {g: edges[[k for k, row in enumerate(kept) if values[row] == g]].mean(0) for g in groups}
     rows = [{"parcel_a": names[i[e]], "parcel_b": names[j[e]], **{f"mean_{g}": f"{means[g][e]:.6g}" for g in groups},
              "effect": f"{tests['beta'][e]:.6g}", "t": f"{tests['t'][e]:.4f}", "p": f"{tests['p'][e]:.4g}",
              "q": f"{tests['q'][e]:.4g}"} for e in order]

@@ -41,7 +41,8 @@ def edge_design(values: list[str], covariates: dict[str, list[str]]) -> tuple[np
 
 
 def edge_tests(edges: np.ndarray, design: np.ndarray) -> dict[str, np.ndarray]:
-    """OLS of every edge (n, E) on ``design`` (n, 2 + k); the effect's coefficient, t, p and q per edge."""
+    """OLS of every edge (n, E) on ``design`` (n, 2 + k); the effect's coefficient, t and p per edge (q over
+    all edges: ``benjamini_hochberg``, once every chunk of edges is tested)."""
     from scipy import stats
 
     n, rank = len(design), np.linalg.matrix_rank(design)
@@ -55,7 +56,7 @@ def edge_tests(edges: np.ndarray, design: np.ndarray) -> dict[str, np.ndarray]:
     se = np.sqrt(np.maximum(sigma2 * inverse[1, 1], 1e-300))
     t = beta[1] / se
     p = 2 * stats.t.sf(np.abs(t), dof)
-    return {"beta": beta[1], "t": t, "p": p, "q": benjamini_hochberg(p), "dof": np.array(dof)}
+    return {"beta": beta[1], "t": t, "p": p, "dof": np.array(dof)}
 
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
