@@ -391,3 +391,17 @@ def test_edgewise_statistics_adjust_for_covariates_and_correct_for_many_edges():
     assert np.allclose(benjamini_hochberg(p), stats.false_discovery_control(p))
     with pytest.raises(ValueError, match="need two groups or a numeric column; found 3 values"):
         edge_design(["a", "b", "c"], {})
+
+
+def test_edgewise_statistics_are_the_same_in_slices_of_edges(tmp_path):
+    from neurox.analysis.connectivity import edge_statistics
+
+    rng = np.random.default_rng(1)
+    stack = rng.normal(size=(12, 9, 9)).astype(np.float32)
+    stack = stack + stack.transpose(0, 2, 1)
+    args = ([f"p{k}" for k in range(9)], "g", [str(k % 2) for k in range(12)], {"age": [str(k) for k in range(12)]},
+            [f"sub-{k}" for k in range(12)])
+    whole = edge_statistics(stack, *args, tmp_path / "whole.tsv")
+    sliced = edge_statistics(stack, *args, tmp_path / "sliced.tsv", chunk=5)  # 36 edges in 8 slices
+    assert (tmp_path / "whole.tsv").read_text() == (tmp_path / "sliced.tsv").read_text()
+    assert np.array_equal(whole["edge_q"], sliced["edge_q"]) and whole["edges"] == 36

@@ -279,7 +279,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
 
 
 def edge_statistics(stack: np.ndarray, names: list[str], group_by: str, values: list[str],
-                    covariates: dict[str, list[str]], subjects: list[str], tsv: Path) -> dict:
+                    covariates: dict[str, list[str]], subjects: list[str], tsv: Path, chunk: int = 8192) -> dict:
     """Edgewise statistics (neurox.analysis.edges) of the participants' matrices, written to ``tsv`` sorted by
     p; returns the summary for edges.json (with ``edge_t``/``edge_q`` matrices), or why none was computed."""
     from neurox.analysis.edges import FDR, benjamini_hochberg, edge_design, edge_tests
@@ -290,8 +290,8 @@ def edge_statistics(stack: np.ndarray, names: list[str], group_by: str, values: 
     try:
         design, kept, coding, groups = edge_design(values, covariates)
         members = {g: [k for k, row in enumerate(kept) if values[row] == g] for g in groups}
-        for lo in range(0, len(i), 8192):  # in slices of edges: memory stays at participants x 8192
-            edges = stack[:, i[lo : lo + 8192], j[lo : lo + 8192]][kept].astype(np.float64)
+        for lo in range(0, len(i), chunk):  # in slices of edges: memory stays at participants x chunk
+            edges = stack[:, i[lo : lo + chunk], j[lo : lo + chunk]][kept].astype(np.float64)
             parts.append(edge_tests(edges, design))
             for g in groups:
                 means.setdefault(g, []).append(edges[members[g]].mean(0))
