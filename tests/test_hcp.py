@@ -342,3 +342,22 @@ def test_a_dry_run_says_what_prepare_would_do_and_writes_nothing(hcp, tmp_path, 
         "dry run (nothing written): 1 run(s) to prepare, 2 already in the store",
         "1 with a brain mask (else computed), 1 with a confounds table, 0 with FreeSurfer labels (HCP wmparc)",
         "frames: 24 (1 run(s))", "TR: 2 s (1 run(s))", "grid: 4x4x4 mm, aligned with the target box (1 run(s))"]
+
+
+def test_frame_signals_of_a_run_of_unknown_tr_have_compcor_without_cosines():
+    from neurox.data.tissue import FrameSignals
+
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(6, 5, 4, 30)).astype(np.float32)
+    mask = np.zeros((6, 5, 4), dtype=bool)
+    mask[1:5, 1:4, 1:3] = True
+    signals = FrameSignals(30, {"csf": mask}, mask, cosine=False)
+    signals.add(0, frames[..., :16])
+    signals.add(16, frames[..., 16:])
+    table = {}
+    names = signals.into(table, None)
+    assert names == ["csf"] + [f"a_comp_cor_0{i}" for i in range(5)] and set(table) == set(names)
+    assert np.allclose(table["csf"], frames[mask].mean(0), atol=1e-6)
+    components = np.column_stack([table[f"a_comp_cor_0{i}"] for i in range(5)])
+    assert np.allclose(components.T @ components, np.eye(5), atol=1e-8)  # orthonormal
+    assert np.allclose(components.sum(0), 0, atol=1e-8)  # the mean removed

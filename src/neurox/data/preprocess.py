@@ -344,7 +344,7 @@ def _volume_on_run_grid(path: Path, info, bold: Path) -> np.ndarray:
     return volume
 
 
-def computable_confounds(spec: RunSpec, columns: set[str], n_frames: int, tr: float) -> list[str]:
+def computable_confounds(spec: RunSpec, columns: set[str], n_frames: int, tr: float | None) -> list[str]:
     """Which of the columns a run's confounds table lacks its frames give (see neurox.data.tissue): the
     global signal where a brain mask is given, tissue signals and CompCor (``a_comp_cor``) where a label
     volume is, and the cosine basis for an HCP motion table (where the run is long enough to have one)."""
@@ -353,7 +353,7 @@ def computable_confounds(spec: RunSpec, columns: set[str], n_frames: int, tr: fl
     kinds = ["global_signal"] if "global_signal" not in columns else []
     if spec.segmentation is not None and not {"white_matter", "csf"} <= columns:
         kinds += ["white_matter", "csf"] + ["a_comp_cor"] * ("a_comp_cor_00" not in columns)
-    cosine = _is_hcp_motion(spec) and cosine_basis(n_frames, tr).shape[1] and not any(
+    cosine = _is_hcp_motion(spec) and tr and cosine_basis(n_frames, tr).shape[1] and not any(
         c.startswith("cosine") for c in columns)
     return kinds + ["cosine"] * bool(cosine)
 

@@ -102,9 +102,10 @@ class FrameSignals:
         table.update(self.columns(tr))
         return self.planned(tr)
 
-    def columns(self, tr: float) -> dict[str, np.ndarray]:
+    def columns(self, tr: float | None) -> dict[str, np.ndarray]:
         table = dict(self.values)
-        basis = cosine_basis(self.n_frames, tr)
+        # the high-pass CompCor removes first; a run of unknown TR has its mean removed only
+        basis = cosine_basis(self.n_frames, tr) if tr else np.zeros((self.n_frames, 0))
         if self.series is not None:
             for i, component in enumerate(compcor(self.series, basis).T):
                 table[f"a_comp_cor_0{i}"] = component
