@@ -75,7 +75,7 @@ def _spec(root: Path, run_dir: Path, bold: Path) -> RunSpec:
     session = next((name[len("ses-"):] for name in above if name.startswith("ses-")), "")
     task, run = run_task(run_dir.name)
     run_id = "_".join(p for p in (participant, f"ses-{session}" if session else "", run_dir.name) if p)
-    mask, segmentation = brain_mask(run_dir)
+    mask, segmentation = mask_and_labels(run_dir)
     motion = run_dir / MOTION
     return RunSpec(
         participant_id=participant,
@@ -92,7 +92,7 @@ def _spec(root: Path, run_dir: Path, bold: Path) -> RunSpec:
     )
 
 
-def brain_mask(run_dir: Path) -> tuple[Path | None, Path | None]:
+def mask_and_labels(run_dir: Path) -> tuple[Path | None, Path | None]:
     """A run's brain mask and its subject's label volume on the same grid, where they exist (the label
     volume ships in the structural package, not with the runs)."""
     masks = sorted(run_dir.glob(MASK.format(resolution="*")), key=lambda p: p.name != MASK.format(resolution="2"))

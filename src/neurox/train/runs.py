@@ -68,10 +68,10 @@ def check_contract(contract, store: Store, model_dir: str | Path, announce: bool
                              f"{found}; prepare the data for it with neurox prepare ... --like {model_dir}")
     tr, found_tr = contract.get("tr"), store_tr(store)
     if announce and tr and found_tr and abs(found_tr / tr - 1) > TR_TOLERANCE:
-        seconds = contract.get("window_frames", 20)
+        frames = contract.get("window_frames", 20)
         print(f"warning: the model {model_dir} was trained on runs of TR {tr:g} s and the store {store.root} has TR "
-              f"{found_tr:g} s: its {seconds}-frame windows span {seconds * found_tr:.0f} s here, not "
-              f"{seconds * tr:.0f} s", file=sys.stderr)
+              f"{found_tr:g} s: its {frames}-frame windows span {frames * found_tr:.0f} s here, not "
+              f"{frames * tr:.0f} s", file=sys.stderr)
 
 
 @torch.no_grad()
