@@ -91,13 +91,27 @@ def test_connectivity_recovers_the_planted_coupling(synthetic, tmp_path):
                [(x, y) for x in truth["coupling_group"]["parcels"] for y in truth["coupling_group"]["parcels"]
                 if {networks[str(x)], networks[str(y)]} == {"B", "C"}]}
     assert all(frozenset((parcel[e["parcel_a"]], parcel[e["parcel_b"]])) in planted for e in edges[:2])  # of 780
-    a, b = index[parcel[edges[0]["parcel_a"]]], index[parcel[edges[0]["parcel_b"]]]
-    reference = stats.ttest_ind(data["matrices"][member, a, b], data["matrices"][~member, a, b])
+    one, other = index[parcel[edges[0]["parcel_a"]]], index[parcel[edges[0]["parcel_b"]]]
+    reference = stats.ttest_ind(data["matrices"][member, one, other], data["matrices"][~member, one, other])
     assert float(edges[0]["t"]) == pytest.approx(reference.statistic, rel=1e-3)
     assert float(edges[0]["p"]) == pytest.approx(reference.pvalue, rel=1e-3)
-    assert data["edge_t"][a, b] == data["edge_t"][b, a] == pytest.approx(reference.statistic, rel=1e-3)
+    assert data["edge_t"][one, other] == data["edge_t"][other, one] == pytest.approx(reference.statistic, rel=1e-3)
     summary = json.loads((out / "edges.json").read_text())
     assert (summary["test"], summary["n"], summary["covariates"]) == ("two groups: 1 vs 0", 8, [])
+    # networks (the atlas TSV's network column): within- and between-network means, and their statistics
+    names = list(data["network_names"])
+    assert names == sorted(set(networks.values())) and {"B", "C", "none"} <= set(names)
+    members = {n: [index[int(p)] for p, m in networks.items() if m == n] for n in names}
+    within_b = data["matrices"][:, members["B"]][:, :, members["B"]]
+    upper = np.triu_indices(len(members["B"]), k=1)
+    nb, nc = names.index("B"), names.index("C")
+    assert np.allclose(data["network_matrices"][:, nb, nb], within_b[:, upper[0], upper[1]].mean(1), atol=1e-5)
+    assert np.allclose(data["network_matrices"][:, nb, nc], mean_between(members["B"], members["C"]), atol=1e-5)
+    table = read_tsv(out / "networks.tsv")
+    assert [r["participant_id"] for r in table] == list(data["participants"]) and "B-C" in table[0]
+    blocks = {(r["network_a"], r["network_b"]): r for r in read_tsv(out / "network_edges.tsv")}
+    assert float(blocks["B", "C"]["t"]) > 3  # the planted coupling (8 participants: third of the 45 blocks)
+    assert summary["networks"]["edges"] == len(blocks) == len(names) * (len(names) + 1) // 2
 
 
 @pytest.mark.parametrize("kind", ["plain", "partial"])
@@ -394,14 +408,28 @@ def test_edgewise_statistics_adjust_for_covariates_and_correct_for_many_edges():
 
 
 def test_edgewise_statistics_are_the_same_in_slices_of_edges(tmp_path):
-    from neurox.analysis.connectivity import edge_statistics
+    from neurox.analysis.edges import pair_statistics
 
     rng = np.random.default_rng(1)
-    stack = rng.normal(size=(12, 9, 9)).astype(np.float32)
-    stack = stack + stack.transpose(0, 2, 1)
-    args = ([f"p{k}" for k in range(9)], "g", [str(k % 2) for k in range(12)], {"age": [str(k) for k in range(12)]},
-            [f"sub-{k}" for k in range(12)])
-    whole = edge_statistics(stack, *args, tmp_path / "whole.tsv")
-    sliced = edge_statistics(stack, *args, tmp_path / "sliced.tsv", chunk=5)  # 36 edges in 8 slices
+    edges = rng.normal(size=(12, 36))
+    pairs = [(f"p{k}", f"p{k + 1}") for k in range(36)]
+    test = {"values": [str(k % 2) for k in range(12)], "covariates": {"age": [str(k) for k in range(12)]},
+            "subjects": [f"sub-{k}" for k in range(12)]}
+    whole, per_edge = pair_statistics(lambda lo, hi: edges[:, lo:hi], pairs, tmp_path / "whole.tsv", **test)
+    sliced, per_slice = pair_statistics(lambda lo, hi: edges[:, lo:hi], pairs, tmp_path / "sliced.tsv", chunk=5,
+                                        **test)  # 36 edges in 8 slices
     assert (tmp_path / "whole.tsv").read_text() == (tmp_path / "sliced.tsv").read_text()
-    assert np.array_equal(whole["edge_q"], sliced["edge_q"]) and whole["edges"] == 36
+    assert np.array_equal(per_edge["q"], per_slice["q"]) and whole == sliced and whole["edges"] == 36
+
+
+def test_networks_come_from_a_network_column_or_schaefer_names(tmp_path):
+    from neurox.analysis.connectivity import atlas_networks
+
+    (tmp_path / "schaefer.tsv").write_text("index\tname\n1\t7Networks_LH_Vis_1\n2\t7Networks_RH_Vis_1\n"
+                                           "3\t7Networks_LH_Default_PFC_1\n")
+    assert atlas_networks(tmp_path / "atlas.nii.gz", [1, 2, 3], tmp_path / "schaefer.tsv") == ["Vis", "Vis", "Default"]
+    (tmp_path / "plain.tsv").write_text("index\tname\n1\tV1\n2\tV2\n3\tPFC\n")
+    assert atlas_networks(tmp_path / "atlas.nii.gz", [1, 2, 3], tmp_path / "plain.tsv") is None  # no networks
+    (tmp_path / "own.tsv").write_text("index\tname\tnetwork\n1\tV1\tvisual\n2\tV2\tvisual\n3\tPFC\tfrontal\n")
+    assert atlas_networks(tmp_path / "atlas.nii.gz", [1, 2, 3], tmp_path / "own.tsv") == ["visual", "visual",
+                                                                                          "frontal"]

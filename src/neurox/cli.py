@@ -150,13 +150,18 @@ def cmd_connectivity(args) -> int:
     print(f"wrote {out / 'connectivity.npz'}, {out / 'parcel_series.npz'} and {out / 'group_mean.png'}")
     if (out / "edges.json").is_file():
         summary = json.loads((out / "edges.json").read_text())
-        if "skipped" in summary:
-            print(f"no edgewise statistics: {summary['skipped']}")
-        else:
-            top = "; ".join(f"{e['parcel_a']}-{e['parcel_b']} t={e['t']:.2f} q={e['q']:.3g}" for e in summary["top"])
-            print(f"edgewise {summary['group_by']} ({summary['test']}; n={summary['n']}; covariates: "
-                  f"{', '.join(summary['covariates']) or 'none'}): {summary['significant']} of {summary['edges']} "
-                  f"edges at FDR q < {summary['fdr']} ({out / 'edges.tsv'}); strongest: {top}")
+        for level, result, table in (("edgewise", summary, "edges.tsv"),
+                                     ("between networks", summary.get("networks"), "network_edges.tsv")):
+            if result is None:
+                continue
+            if "skipped" in result:
+                print(f"no statistics {level}: {result['skipped']}")
+                continue
+            top = "; ".join(f"{'-'.join(str(v) for v in list(e.values())[:2])} t={e['t']:.2f} q={e['q']:.3g}"
+                            for e in result["top"][:3])
+            print(f"{level}, {summary['group_by']} ({result['test']}; n={result['n']}; covariates: "
+                  f"{', '.join(result['covariates']) or 'none'}): {result['significant']} of {result['edges']} at "
+                  f"FDR q < {result['fdr']} ({out / table}); strongest: {top}")
     return 0
 
 

@@ -253,7 +253,8 @@ def _connectivity_parser() -> ArgumentParser:
     p.add_argument("--participants", nargs="+", default=None, help="only these participants (default: all)")
     p.add_argument("--group_by", default=None, help="a phenotype column: a group-mean matrix per value, a plot of "
                    "each and their difference, and edgewise statistics (two groups, or a numeric column's slope) in "
-                   "edges.tsv, FDR-corrected")
+                   "edges.tsv, FDR-corrected (and per network block in network_edges.tsv, where the atlas' names "
+                   "table has a network column or Schaefer names)")
     p.add_argument("--covariates", nargs="+", default=None, help="numeric phenotype columns, or mean_fd (head "
                    "motion), adjusted for in the edgewise statistics")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")

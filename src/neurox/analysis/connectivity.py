@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from neurox.analysis.edges import network_blocks, pair_statistics
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
@@ -162,10 +164,10 @@ def upper_triangle(matrix: np.ndarray) -> np.ndarray:
 # --- the `neurox connectivity` command ---------------------------------------------------------
 
 
-def atlas_names(atlas_path: str | Path, labels: list[int], names_tsv: str | Path | None = None) -> list[str]:
-    """Parcel names from a TSV with ``index`` and ``name`` columns: the one given, else one beside the
-    atlas with its name (``X.nii.gz`` -> ``X.tsv``) or its BIDS stem without space/res entities
-    (``atlas-A_space-MNI_res-2_dseg.nii.gz`` -> ``atlas-A_dseg.tsv``); else the label numbers."""
+def names_table(atlas_path: str | Path, names_tsv: str | Path | None = None) -> dict[int, dict[str, str]]:
+    """Label -> row of the parcel names TSV (``index``, ``name``, optional ``network``): the one given, else one
+    beside the atlas with its name (``X.nii.gz`` -> ``X.tsv``) or its BIDS stem without space/res entities
+    (``atlas-A_space-MNI_res-2_dseg.nii.gz`` -> ``atlas-A_dseg.tsv``); empty when there is none."""
     from neurox.data.store import read_tsv
 
     atlas_path = Path(atlas_path)
@@ -176,11 +178,40 @@ def atlas_names(atlas_path: str | Path, labels: list[int], names_tsv: str | Path
     for path in candidates:
         rows = read_tsv(path)
         if rows and {"index", "name"} <= set(rows[0]):
-            table = {int(float(r["index"])): r["name"] for r in rows}
-            return [table.get(label, str(label)) for label in labels]
+            return {int(float(r["index"])): r for r in rows}
         if names_tsv:
             raise ValueError(f"{path}: a parcel names table needs 'index' and 'name' columns")
-    return [str(label) for label in labels]
+    return {}
+
+
+def atlas_names(atlas_path: str | Path, labels: list[int], names_tsv: str | Path | None = None) -> list[str]:
+    """Parcel names from the names table (``names_table``), else the label numbers."""
+    table = names_table(atlas_path, names_tsv)
+    return [table[label]["name"] if label in table else str(label) for label in labels]
+
+
+SCHAEFER_NAME = re.compile(r"^\d+Networks_(?:LH|RH)_([A-Za-z]+)")  # 7Networks_LH_Vis_1 -> Vis
+
+
+def atlas_networks(atlas_path: str | Path, labels: list[int], names_tsv: str | Path | None = None) -> list[str] | None:
+    """Each parcel's network: the names table's ``network`` column, else what Schaefer-style names say; None
+    when neither gives every parcel one."""
+    table = names_table(atlas_path, names_tsv)
+    rows = [table.get(label, {}) for label in labels]
+    networks = [row.get("network") or "" for row in rows]
+    if not all(networks):
+        matches = [SCHAEFER_NAME.match(row.get("name", "")) for row in rows]
+        networks = [m.group(1) if m else "" for m in matches]
+    return networks if all(networks) and len(set(networks)) > 1 else None
+
+
+def square(values: np.ndarray, pairs: list[tuple[int, int]], size: int) -> np.ndarray:
+    """A symmetric (size, size) matrix from one value per (a, b) pair (0 where no pair gives one)."""
+    matrix = np.zeros((size, size), dtype=np.float32)
+    if pairs:
+        a, b = np.array(pairs).T
+        matrix[a, b] = matrix[b, a] = values
+    return matrix
 
 
 def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",
@@ -246,14 +277,28 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    networks = atlas_networks(atlas, labels, names_tsv)
+    if networks:  # each participant's mean connectivity within and between the atlas' networks
+        blocks, pairs, network_names = network_blocks(stack, networks)
+        arrays["network_names"] = np.array(network_names)
+        arrays["network_matrices"] = np.stack([square(b, pairs, len(network_names)) for b in blocks])
+        write_tsv(out / "networks.tsv", [{"participant_id": p, **{f"{network_names[a]}-{network_names[b]}":
+                                                                   f"{v:.6g}" for (a, b), v in zip(pairs, row)}}
+                                         for p, row in zip(subjects, blocks)],
+                  ["participant_id", *[f"{network_names[a]}-{network_names[b]}" for a, b in pairs]])
     if group_by:
         value = {p: dict(phenotypes.get(p, {}), mean_fd=motion.get(p, "")) for p in subjects}
-        summary = edge_statistics(stack, names, group_by, [value[p].get(group_by, "") for p in subjects],
-                                  {c: [str(value[p].get(c, "")) for p in subjects] for c in covariates or []},
-                                  subjects, out / "edges.tsv")
-        for key in ("edge_t", "edge_q"):
-            if key in summary:
-                arrays[key] = summary.pop(key)
+        test = {"values": [value[p].get(group_by, "") for p in subjects], "subjects": subjects,
+                "covariates": {c: [str(value[p].get(c, "")) for p in subjects] for c in covariates or []}}
+        i, j = np.triu_indices(len(names), k=1)
+        summary, per_edge = pair_statistics(lambda lo, hi: stack[:, i[lo:hi], j[lo:hi]],
+                                            [(names[a], names[b]) for a, b in zip(i, j)], out / "edges.tsv", **test)
+        if per_edge:
+            arrays["edge_t"], arrays["edge_q"] = (square(per_edge[k], list(zip(i, j)), len(names)) for k in "tq")
+        if networks:
+            summary["networks"], _ = pair_statistics(
+                lambda lo, hi: blocks[:, lo:hi], [(network_names[a], network_names[b]) for a, b in pairs],
+                out / "network_edges.tsv", columns=("network_a", "network_b"), **test)
         write_text_atomic(out / "edges.json", json.dumps({"group_by": group_by, **summary}, indent=2) + "\n")
 
     def savez(data):
@@ -276,45 +321,6 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by)
     shutil.rmtree(cache, ignore_errors=True)
     return out
-
-
-def edge_statistics(stack: np.ndarray, names: list[str], group_by: str, values: list[str],
-                    covariates: dict[str, list[str]], subjects: list[str], tsv: Path, chunk: int = 8192) -> dict:
-    """Edgewise statistics (neurox.analysis.edges) of the participants' matrices, written to ``tsv`` sorted by
-    p; returns the summary for edges.json (with ``edge_t``/``edge_q`` matrices), or why none was computed."""
-    from neurox.analysis.edges import FDR, benjamini_hochberg, edge_design, edge_tests
-    from neurox.data.store import write_tsv
-
-    i, j = np.triu_indices(len(names), k=1)
-    parts, means = [], {}
-    try:
-        design, kept, coding, groups = edge_design(values, covariates)
-        members = {g: [k for k, row in enumerate(kept) if values[row] == g] for g in groups}
-        for lo in range(0, len(i), chunk):  # in slices of edges: memory stays at participants x chunk
-            edges = stack[:, i[lo : lo + chunk], j[lo : lo + chunk]][kept].astype(np.float64)
-            parts.append(edge_tests(edges, design))
-            for g in groups:
-                means.setdefault(g, []).append(edges[members[g]].mean(0))
-    except ValueError as err:
-        return {"skipped": str(err)}
-    tests = {key: np.concatenate([part[key] for part in parts]) for key in ("beta", "t", "p")}
-    tests["q"], tests["dof"] = benjamini_hochberg(tests["p"]), parts[0]["dof"]
-    means = {g: np.concatenate(m) for g, m in means.items()}
-    order = np.argsort(tests["p"], kind="stable")
-    rows = [{"parcel_a": names[i[e]], "parcel_b": names[j[e]], **{f"mean_{g}": f"{means[g][e]:.6g}" for g in groups},
-             "effect": f"{tests['beta'][e]:.6g}", "t": f"{tests['t'][e]:.4f}", "p": f"{tests['p'][e]:.4g}",
-             "q": f"{tests['q'][e]:.4g}"} for e in order]
-    write_tsv(tsv, rows, ["parcel_a", "parcel_b", *[f"mean_{g}" for g in groups], "effect", "t", "p", "q"])
-    matrices = {}
-    for key in ("t", "q"):
-        matrix = np.zeros((len(names), len(names)), dtype=np.float32)
-        matrix[i, j] = matrix[j, i] = tests[key]
-        matrices[f"edge_{key}"] = matrix
-    return {"test": coding, "covariates": list(covariates), "n": len(kept),
-            "left_out": [subjects[k] for k in range(len(subjects)) if k not in set(kept)],
-            "dof": int(tests["dof"]), "edges": len(order), "fdr": FDR, "significant": int((tests["q"] < FDR).sum()),
-            "top": [{"parcel_a": names[i[e]], "parcel_b": names[j[e]], "t": round(float(tests["t"][e]), 3),
-                     "q": float(f"{tests['q'][e]:.4g}")} for e in order[:5]], **matrices}
 
 
 def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], names: list[str], kind: str,

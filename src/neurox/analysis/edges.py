@@ -11,6 +11,8 @@ every edge.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 FDR = 0.05
@@ -67,6 +69,64 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     out = np.empty_like(q)
     out[order] = np.minimum(q, 1.0)
     return out
+
+
+def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values: list[str],
+                    covariates: dict[str, list[str]], subjects: list[str], columns=("parcel_a", "parcel_b"),
+                    chunk: int = 8192) -> tuple[dict, dict[str, np.ndarray]]:
+    """The statistics of every pair (``pair_values(lo, hi)``: the participants' values of pairs lo..hi, (n, hi-lo)),
+    written to ``tsv`` sorted by p. Returns the summary (the test, n, edges at q < FDR, the five strongest; or
+    why none was computed) and the per-pair t and q."""
+    from neurox.data.store import write_tsv
+
+    parts, means = [], {}
+    try:
+        design, kept, coding, groups = edge_design(values, covariates)
+        members = {g: [k for k, row in enumerate(kept) if values[row] == g] for g in groups}
+        for lo in range(0, len(pairs), chunk):  # in slices of pairs: memory stays at participants x chunk
+            edges = np.asarray(pair_values(lo, lo + chunk))[kept].astype(np.float64)
+            parts.append(edge_tests(edges, design))
+            for g in groups:
+                means.setdefault(g, []).append(edges[members[g]].mean(0))
+    except ValueError as err:
+        return {"skipped": str(err)}, {}
+    tests = {key: np.concatenate([part[key] for part in parts]) for key in ("beta", "t", "p")}
+    tests["q"] = benjamini_hochberg(tests["p"])
+    means = {g: np.concatenate(m) for g, m in means.items()}
+    order = np.argsort(tests["p"], kind="stable")
+    a, b = columns
+    write_tsv(tsv, [{a: pairs[e][0], b: pairs[e][1], **{f"mean_{g}": f"{means[g][e]:.6g}" for g in groups},
+                     "effect": f"{tests['beta'][e]:.6g}", "t": f"{tests['t'][e]:.4f}", "p": f"{tests['p'][e]:.4g}",
+                     "q": f"{tests['q'][e]:.4g}"} for e in order],
+              [a, b, *[f"mean_{g}" for g in groups], "effect", "t", "p", "q"])
+    kept_set = set(kept)
+    summary = {"test": coding, "covariates": list(covariates), "n": len(kept),
+               "left_out": [s for k, s in enumerate(subjects) if k not in kept_set], "dof": int(parts[0]["dof"]),
+               "edges": len(order), "fdr": FDR, "significant": int((tests["q"] < FDR).sum()),
+               "top": [{a: pairs[e][0], b: pairs[e][1], "t": round(float(tests["t"][e]), 3),
+                        "q": float(f"{tests['q'][e]:.4g}")} for e in order[:5]]}
+    return summary, {"t": tests["t"], "q": tests["q"]}
+
+
+def network_blocks(stack: np.ndarray, networks: list[str]) -> tuple[np.ndarray, list[tuple[int, int]], list[str]]:
+    """Each participant's mean connectivity within and between networks: (participants, pairs), the pairs of
+    network indices (a <= b; within a network, the mean over its distinct parcel pairs, so one-parcel networks
+    have none), and the network names."""
+    names = sorted(set(networks))
+    members = [np.flatnonzero(np.array(networks) == name) for name in names]
+    pairs, columns = [], []
+    for a in range(len(names)):
+        for b in range(a, len(names)):
+            block = stack[:, members[a]][:, :, members[b]]
+            if a == b:
+                if len(members[a]) < 2:
+                    continue
+                upper = np.triu_indices(len(members[a]), k=1)
+                columns.append(block[:, upper[0], upper[1]].mean(1))
+            else:
+                columns.append(block.mean(axis=(1, 2)))
+            pairs.append((a, b))
+    return np.stack(columns, axis=1), pairs, names
 
 
 def _is_number(value: str) -> bool:
