@@ -229,7 +229,10 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
       where the store has it), ``parcels.tsv``;
     - ``group_mean.png``: the group-mean matrix (one panel per group and their difference with ``group_by``);
     - with ``group_by``: ``edges.tsv`` (every edge's effect, t, p and FDR q, adjusted for ``covariates``;
-      neurox.analysis.edges) and ``edges.json`` (the test and its summary), ``edge_t``/``edge_q`` in the npz.
+      neurox.analysis.edges) and ``edges.json`` (the test and its summary), ``edge_t``/``edge_q`` in the npz;
+    - where the atlas' parcels have networks (``atlas_networks``): ``networks.tsv`` (each participant's mean
+      within and between networks), ``network_matrices``/``network_names`` in the npz and, with ``group_by``,
+      ``network_edges.tsv``.
     """
     from neurox.data.store import write_tsv
 
