@@ -260,6 +260,17 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
                         for p in pair], axis=0)
     top = everyone[0]
     assert float(top["mean_attribution"]) == pytest.approx(mean_map[atlas == int(top["label"])].mean(), rel=1e-4)
+    # the atlas TSV's networks: the regions summed per network, voxel-weighted
+    networks = read_tsv(out / "networks.tsv")
+    on_all = [r for r in networks if r["map"] == "all"]
+    assert sum(float(r["share"]) for r in on_all) == pytest.approx(1.0, abs=1e-3)
+    network_of = {r["region"]: r["network"] for r in everyone}
+    first = on_all[0]["network"]
+    members = [r for r in everyone if network_of[r["region"]] == first]
+    expected = sum(int(r["voxels"]) * float(r["mean_attribution"]) for r in members) / sum(
+        int(r["voxels"]) for r in members)
+    assert float(on_all[0]["mean_attribution"]) == pytest.approx(expected, rel=1e-4)
+    assert json.loads((out / "explain.json").read_text())["top_networks"]["all"] == [r["network"] for r in on_all[:3]]
     per_participant = read_tsv(out / "participant_regions.tsv")
     assert [r["participant_id"] for r in per_participant] == sorted(pair) and len(per_participant[0]) == 41
     summary = json.loads((out / "explain.json").read_text())

@@ -174,6 +174,10 @@ def cmd_explain(args) -> int:
         print(f"regions of highest mean attribution ({out / 'regions.tsv'}):")
     for name, top in summary.get("top_regions", {}).items():
         print(f"  {name}: {', '.join(top)}")
+    if summary.get("top_networks"):
+        print(f"networks of highest mean attribution ({out / 'networks.tsv'}):")
+    for name, top in summary.get("top_networks", {}).items():
+        print(f"  {name}: {', '.join(top)}")
     return 0 if not summary["failed"] else 3
 
 

@@ -289,16 +289,37 @@ def region_means(volume: np.ndarray, atlas: np.ndarray, labels: list[int]) -> tu
     return counts, sums / np.maximum(counts, 1)
 
 
-def region_rows(name: str, volume: np.ndarray, atlas: np.ndarray, labels: list[int], names: list[str]) -> list[dict]:
+def region_rows(name: str, volume: np.ndarray, atlas: np.ndarray, labels: list[int], names: list[str],
+                networks: list[str] | None = None) -> list[dict]:
     """``regions.tsv`` rows of one map, highest mean first; ``share`` (of the total over the regions) for maps
     without negative values, where it is the fraction of the attribution the region holds."""
     counts, means = region_means(volume, atlas, labels)
     totals = counts * means
     positive = volume.min() >= 0 and totals.sum() > 0
     order = np.argsort(-means, kind="stable")
-    return [{"map": name, "rank": rank, "label": labels[i], "region": names[i], "voxels": int(counts[i]),
+    return [{"map": name, "rank": rank, "label": labels[i], "region": names[i],
+             **({"network": networks[i]} if networks else {}), "voxels": int(counts[i]),
              "mean_attribution": f"{means[i]:.6g}", "share": f"{totals[i] / totals.sum():.4f}" if positive else ""}
             for rank, i in enumerate(order, start=1)]
+
+
+def network_rows(region_table: list[dict]) -> list[dict]:
+    """``networks.tsv``: the region rows summed per map and network (mean over the network's voxels, share of
+    the map's total), highest mean first."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for row in region_table:
+        entry = sums.setdefault((row["map"], row["network"]), [0.0, 0.0, 0.0, row["share"] != ""])
+        entry[0] += row["voxels"]
+        entry[1] += row["voxels"] * float(row["mean_attribution"])
+        entry[2] += float(row["share"] or 0)
+    rows = []
+    for name in dict.fromkeys(m for m, _ in sums):
+        members = [(network, v) for (m, network), v in sums.items() if m == name]
+        members.sort(key=lambda item: -item[1][1] / max(item[1][0], 1))
+        rows += [{"map": name, "rank": rank, "network": network, "voxels": int(voxels),
+                  "mean_attribution": f"{total / max(voxels, 1):.6g}", "share": f"{share:.4f}" if has_share else ""}
+                 for rank, (network, (voxels, total, share, has_share)) in enumerate(members, start=1)]
+    return rows
 
 
 def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> Path | None:
@@ -331,7 +352,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
             atlas: str | Path | None = None, names: str | Path | None = None) -> Path:
     import nibabel as nib
 
-    from neurox.analysis.connectivity import atlas_names, store_atlas
+    from neurox.analysis.connectivity import atlas_names, atlas_networks, store_atlas
     from neurox.hub import load_pretrained
     from neurox.progress import progress as progress_display
     from neurox.train.distributed import detect
@@ -350,7 +371,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     regions = None  # read before the long part: a wrong atlas fails at once
     if atlas:
         atlas_grid, labels = store_atlas(store, atlas)
-        regions = (atlas_grid, labels, atlas_names(atlas, labels, names))
+        regions = (atlas_grid, labels, atlas_names(atlas, labels, names), atlas_networks(atlas, labels, names))
     model.to(detect(device).device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -429,9 +450,17 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     if regions:
         from neurox.data.store import write_tsv
 
-        atlas_grid, labels, region_names = regions
-        write_tsv(out / "regions.tsv", region_table,
-                  ["map", "rank", "label", "region", "voxels", "mean_attribution", "share"])
+        atlas_grid, labels, region_names, networks = regions
+        write_tsv(out / "regions.tsv", region_table, ["map", "rank", "label", "region", *["network"] * bool(networks),
+                                                      "voxels", "mean_attribution", "share"])
+        if networks:
+            network_table = network_rows(region_table)
+            write_tsv(out / "networks.tsv", network_table,
+                      ["map", "rank", "network", "voxels", "mean_attribution", "share"])
+            summary["top_networks"] = {}
+            for row in network_table:
+                if row["rank"] <= 3:
+                    summary["top_networks"].setdefault(row["map"], []).append(row["network"])
         write_tsv(out / "participant_regions.tsv",
                   [{"participant_id": p, **{n: f"{m:.6g}" for n, m in
                                             zip(region_names, region_means(maps[p], atlas_grid, labels)[1])}}
