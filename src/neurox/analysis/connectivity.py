@@ -190,6 +190,7 @@ def atlas_names(atlas_path: str | Path, labels: list[int], names_tsv: str | Path
     return [table[label]["name"] if label in table else str(label) for label in labels]
 
 
+MAX_GROUPS = 10  # a --group_by column with more values gets no per-value mean matrices (a slope is tested)
 SCHAEFER_NAME = re.compile(r"^\d+Networks_(?:LH|RH)_([A-Za-z]+)")  # 7Networks_LH_Vis_1 -> Vis
 
 
@@ -272,11 +273,11 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
               "names": np.array(names), "kind": np.array(kind), "group_mean": mean,
               "denoising": np.array(json.dumps(dataclasses.asdict(denoising or Denoising())))}
     groups = {}
-    if group_by:
-        for value in sorted({phenotypes.get(p, {}).get(group_by, "") for p in subjects} - {"", "n/a"}):
-            members = [i for i, p in enumerate(subjects) if phenotypes.get(p, {}).get(group_by) == value]
-            groups[value] = stack[members].mean(0)
-            arrays[f"group_mean_{value}"] = groups[value]
+    distinct = sorted({phenotypes.get(p, {}).get(group_by, "") for p in subjects} - {"", "n/a"}) if group_by else []
+    for value in distinct if len(distinct) <= MAX_GROUPS else []:  # a number with many values has a slope instead
+        members = [i for i, p in enumerate(subjects) if phenotypes.get(p, {}).get(group_by) == value]
+        groups[value] = stack[members].mean(0)
+        arrays[f"group_mean_{value}"] = groups[value]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,14 +322,15 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         for row in rows:
             row["mean_fd"] = motion.get(row["participant_id"], "")
     write_tsv(out / "participants.tsv", rows, columns)
-    plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by)
+    plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by, arrays.get("edge_t"))
     shutil.rmtree(cache, ignore_errors=True)
     return out
 
 
 def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], names: list[str], kind: str,
-                  group_by: str | None) -> Path | None:
-    """The group-mean matrix, or with groups one panel per group and the difference of the last two."""
+                  group_by: str | None, edge_t: np.ndarray | None = None) -> Path | None:
+    """The group-mean matrix, or with groups one panel per group and the difference of the last two; and the
+    edgewise t of ``group_by`` where it was tested."""
     try:
         import matplotlib
 
@@ -342,6 +344,8 @@ def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], na
         panels = [(f"{group_by} = {value}", matrix) for value, matrix in groups.items()]
         (a, ma), (b, mb) = list(groups.items())[-2:]
         panels.append((f"{b} - {a}", mb - ma))
+    if edge_t is not None:
+        panels.append((f"t, {group_by}", edge_t))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
     for ax, (title, matrix) in zip(axes[0], panels):
         limit = float(np.abs(matrix).max()) or 1.0
@@ -350,7 +354,7 @@ def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], na
         if len(names) <= 50:
             ax.set_xticks(range(len(names)), names, rotation=90, fontsize=4)
             ax.set_yticks(range(len(names)), names, fontsize=4)
-        fig.colorbar(image, ax=ax, fraction=0.046, label=kind.replace("_", "-"))
+        fig.colorbar(image, ax=ax, fraction=0.046, label="t" if title.startswith("t, ") else kind.replace("_", "-"))
     fig.tight_layout()
     write_atomic(png, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
