@@ -340,3 +340,15 @@ def test_runs_above_a_motion_threshold_are_excluded_from_every_command(tmp_path)
     assert [r["status"] for r in Store(tmp_path / "store").manifest] == ["ok"] * 3
     with pytest.raises(ValueError, match="--max_mean_fd -1"):
         prepare(root, tmp_path / "store", OPTIONS, progress=False, max_mean_fd=-1)
+
+
+def test_a_table_that_appears_beside_a_run_prepared_without_a_mask_is_added(tmp_path):
+    save(tmp_path / "run.nii.gz", bold_data(12))
+    (tmp_path / "runs.tsv").write_text("participant_id\tpath\nsub-1\trun.nii.gz\n")
+    assert prepare(tmp_path / "runs.tsv", tmp_path / "store", OPTIONS, progress=False).ok
+    (tmp_path / "c.tsv").write_text("framewise_displacement\nn/a\n" + "0.1\n" * 11)
+    (tmp_path / "runs.tsv").write_text("participant_id\tpath\tconfounds\nsub-1\trun.nii.gz\tc.tsv\n")
+    report = prepare(tmp_path / "runs.tsv", tmp_path / "store", OPTIONS, progress=False)
+    assert report.ok and report.skipped == ["sub-1"]  # no brain mask given: nothing computed from the frames
+    run = Store(tmp_path / "store").run("sub-1")
+    assert set(run.confounds()) == {"framewise_displacement"} and run.attributes["computed_confounds"] == []

@@ -26,6 +26,7 @@ from neurox.data.confounds import (
     parse_denoising,
     read_confounds,
     run_confounds,
+    table_columns,
 )
 from neurox.data.phenotypes import phenotype_table
 from neurox.data.preprocess import PrepareOptions, TargetGrid, add_frame_signals, computable_confounds, prepare_run
@@ -230,10 +231,8 @@ def confounds_incomplete(root: Path, spec: RunSpec, fmt: str) -> bool:
     stored = path / CONFOUNDS_FILE
     if not stored.is_file():
         return True
-    with open(stored) as file:
-        columns = set(file.readline().rstrip("\n").split("\t"))
     attributes = _attributes(path, fmt)[1]
-    return bool(computable_confounds(spec, columns, attributes["n_frames"], attributes["tr"]))
+    return bool(computable_confounds(spec, table_columns(stored), attributes["n_frames"], attributes["tr"]))
 
 
 def _meta_file(path: Path, fmt: str) -> Path:

@@ -382,9 +382,9 @@ def add_frame_signals(spec: RunSpec, table: dict, tr: float, block_frames: int =
     """Add to a prepared run's confounds ``table`` what its frames give and it lacks, in one read of the run
     (its store frames untouched); returns the names added."""
     info = read_info(spec.bold)
-    signals = _frame_signals(spec, table, _volume_on_run_grid(spec.mask, info, spec.bold) > 0, info, tr)
-    if signals is None:
+    if not computable_confounds(spec, set(table), info.n_frames, tr):  # nothing to add (or no brain mask)
         return []
+    signals = _frame_signals(spec, table, _volume_on_run_grid(spec.mask, info, spec.bold) > 0, info, tr)
     for start, frames in iter_frame_blocks(info, block_frames):
         signals.add(start, frames)
     return signals.into(table, tr)
