@@ -391,6 +391,40 @@ def test_connectivity_resumes_from_the_series_it_kept(synthetic, tmp_path):
     assert np.array_equal(a["matrices"][1:], b["matrices"][1:]) and not cache.exists()
 
 
+def test_connectivity_writes_what_it_computes_one_participant_at_a_time(synthetic, tmp_path):
+    """The outputs are streamed from an on-disk table of edges; they equal the matrices computed in memory."""
+    cohort, store = synthetic
+    atlas = atlas_of(cohort)
+    ids = ["sub-02", "sub-05", "sub-07"]
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(tmp_path / "fc"),
+                 "--kind", "plain", "--participants", *ids, "--quiet", "true"]) == 0
+    data = np.load(tmp_path / "fc" / "connectivity.npz")
+    reference, labels = participant_connectivity(Store(store), atlas, ids, kind="plain", progress=False)
+    assert list(data["participants"]) == ids and list(data["labels"]) == labels
+    assert data["matrices"].dtype == np.float32
+    assert np.allclose(data["matrices"], np.stack([reference[p] for p in ids]), atol=1e-6)
+    assert np.allclose(data["group_mean"], np.mean([reference[p] for p in ids], axis=0), atol=1e-6)
+    series = np.load(tmp_path / "fc" / "parcel_series.npz")
+    runs = sorted(k for k in series.files if k != "labels")
+    assert [run.split("_")[0] for run in runs] == ids and series[runs[0]].shape == (200, 40)
+    assert not list((tmp_path / "fc").glob(".*"))  # neither the kept series nor the table of edges is left
+
+
+def test_npz_writer_streams_rows_and_writes_nothing_on_error(tmp_path):
+    from neurox.io.npz import npz_writer
+
+    rows = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+    with npz_writer(tmp_path / "a.npz") as npz:
+        npz.add_rows("rows", rows.shape, np.float32, iter(rows))
+        npz.add("names", np.array(["x", "y"]))
+    data = np.load(tmp_path / "a.npz")
+    assert np.array_equal(data["rows"], rows) and list(data["names"]) == ["x", "y"]
+    with pytest.raises(ValueError, match="3 rows written for a first axis of 4"):
+        with npz_writer(tmp_path / "b.npz") as npz:
+            npz.add_rows("rows", rows.shape, np.float32, iter(rows[:3]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]  # no partial file, no temporary left
+
+
 def test_edgewise_statistics_adjust_for_covariates_and_correct_for_many_edges():
     from scipy import stats
 

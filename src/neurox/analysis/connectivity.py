@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import mmap
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.io.nifti import InputError, read_volume_ras
+from neurox.io.npz import npz_writer
 
 
 def atlas_on_grid(atlas_path: str | Path, grid_shape, grid_affine: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -95,22 +98,28 @@ def store_atlas(store: Store, atlas_path: str | Path) -> tuple[np.ndarray, list[
 
 
 def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str] | None,
-                             kind: str = "fisher_z", progress: bool = True, series_out: dict | None = None,
-                             denoising: Denoising | None = None,
+                             kind: str = "fisher_z", progress: bool = True, denoising: Denoising | None = None,
                              cache: Path | None = None) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Participant -> connectivity matrix (the mean over the participant's runs, in Fisher-z space
-    when ``kind`` is fisher_z), from each run's series denoised as ``denoising`` says. ``series_out``,
-    when given, receives run id -> (frames, parcels), denoised. A run that cannot be read, or whose
-    confounds cannot denoise it, is reported on one line and left out; the others go on. ``cache``, a
-    folder: each run's parcel series is kept there as it is computed and read from there when present, so
-    an interrupted run resumes where it stopped (the series are exact: float64)."""
+    """Participant -> connectivity matrix (``participant_matrices``) of the participants given (None: all)."""
+    atlas, labels = store_atlas(store, atlas_path)
+    runs, _ = prepared_runs(store, participants)
+    return dict(participant_matrices(store, atlas, labels, runs, kind, progress, denoising, cache)), labels
+
+
+def participant_matrices(store: Store, atlas: np.ndarray, labels: list[int], runs: dict[str, list[str]],
+                         kind: str = "fisher_z", progress: bool = True, denoising: Denoising | None = None,
+                         cache: Path | None = None, on_series=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(participant, connectivity matrix), one participant at a time in sorted order: the mean over the
+    participant's ``runs`` (in Fisher-z space when ``kind`` is fisher_z), from each run's series denoised as
+    ``denoising`` says. ``on_series(run_id, series)``, when given, receives each run's (frames, parcels)
+    series, denoised, float32. A run that cannot be read, or whose confounds cannot denoise it, is reported on
+    one line and left out; the others go on. ``cache``, a folder: each run's parcel series is kept there as it
+    is computed and read from there when present, so an interrupted run resumes where it stopped (the series
+    are exact: float64)."""
     import sys
 
     from neurox.progress import progress as progress_display
 
-    atlas, labels = store_atlas(store, atlas_path)
-    runs, _ = prepared_runs(store, participants)
-    matrices = {}
     for p in progress_display(sorted(runs), desc="connectivity", unit="participant", disable=not progress):
         per_run = []
         for run_id in runs[p]:
@@ -131,12 +140,11 @@ def participant_connectivity(store: Store, atlas_path: str | Path, participants:
                 except InputError as err:
                     print(f"neurox: {err}; left out", file=sys.stderr)
                     continue
-            if series_out is not None:
-                series_out[run_id] = series.astype(np.float32)
+            if on_series is not None:
+                on_series(run_id, series.astype(np.float32))
             per_run.append(correlation_matrix(series, kind))
         if per_run:
-            matrices[p] = np.mean(per_run, axis=0)
-    return matrices, labels
+            yield p, np.mean(per_run, axis=0)
 
 
 def series_cache(out: str | Path, store: Store, atlas_path: str | Path) -> Path:
@@ -154,6 +162,19 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
     write_atomic(path, write)
+
+
+def edge_columns(table: Path, n: int, n_edges: int, lo: int, hi: int) -> np.ndarray:
+    """Edges lo..hi of every participant from a (n, n_edges) float32 table on disk. The file is mapped for this
+    read only, so the pages read do not stay in the process's memory from one slice to the next."""
+    hi = min(hi, n_edges)
+    if hi <= lo:
+        return np.zeros((n, 0), dtype=np.float32)
+    with open(table, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        edges = np.frombuffer(mapped, dtype=np.float32, count=n * n_edges).reshape(n, n_edges)
+        columns = edges[:, lo:hi].copy()
+        del edges  # the map closes only once no array looks into it
+    return columns
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:
@@ -259,31 +280,46 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         participants, unknown = store.units_of(participants, list(prepared_runs(store)[0]))
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
-    cache = series_cache(out, store, atlas)
-    series: dict[str, np.ndarray] = {}
-    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, series_out=series,
-                                                denoising=denoising, cache=cache)
-    if not matrices:
-        raise ValueError(f"{store.root}: no participant's runs could be read")
-    names = atlas_names(atlas, labels, names_tsv)
-    subjects = sorted(matrices)
-    stack = np.stack([matrices[p] for p in subjects]).astype(np.float32)
-    mean = stack.mean(0)
-    arrays = {"matrices": stack, "participants": np.array(subjects), "labels": np.array(labels),
-              "names": np.array(names), "kind": np.array(kind), "group_mean": mean,
-              "denoising": np.array(json.dumps(dataclasses.asdict(denoising or Denoising())))}
-    groups = {}
-    distinct = sorted({phenotypes.get(p, {}).get(group_by, "") for p in subjects} - {"", "n/a"}) if group_by else []
-    for value in distinct if len(distinct) <= MAX_GROUPS else []:  # a number with many values has a slope instead
-        members = [i for i, p in enumerate(subjects) if phenotypes.get(p, {}).get(group_by) == value]
-        groups[value] = stack[members].mean(0)
-        arrays[f"group_mean_{value}"] = groups[value]
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    networks = atlas_networks(atlas, labels, names_tsv)
-    if networks:  # each participant's mean connectivity within and between the atlas' networks
-        blocks, pairs, network_names = network_blocks(stack, networks)
+    cache = series_cache(out, store, atlas)
+    atlas_grid, labels = store_atlas(store, atlas)
+    runs, _ = prepared_runs(store, participants)
+    names, networks = atlas_names(atlas, labels, names_tsv), atlas_networks(atlas, labels, names_tsv)
+    size = len(labels)
+    value = {p: phenotypes.get(p, {}).get(group_by, "") for p in runs} if group_by else {}
+    distinct = sorted(set(value.values()) - {"", "n/a"})
+    sums = {v: np.zeros((size, size)) for v in distinct} if len(distinct) <= MAX_GROUPS else {}  # else a slope
+    counts = dict.fromkeys(sums, 0)
+    i, j = np.triu_indices(size, k=1)
+    # One participant's matrix in memory at a time: every upper triangle goes to a table on disk (participants x
+    # edges, float32), which the edgewise tests read in slices of edges and connectivity.npz is written from.
+    table = cache / "edges.f32"
+    subjects, total, block_rows = [], np.zeros((size, size)), []
+    with npz_writer(out / "parcel_series.npz") as series_npz, open(table, "wb") as rows:
+        for p, matrix in participant_matrices(store, atlas_grid, labels, runs, kind, progress, denoising, cache,
+                                              on_series=series_npz.add):
+            rows.write(matrix[i, j].astype(np.float32).tobytes())
+            subjects.append(p)
+            total += matrix
+            if value.get(p) in sums:
+                sums[value[p]] += matrix
+                counts[value[p]] += 1
+            if networks:  # the participant's mean connectivity within and between the atlas' networks
+                row, pairs, network_names = network_blocks(matrix[None], networks)
+                block_rows.append(row[0])
+        if not subjects:
+            raise ValueError(f"{store.root}: no participant's runs could be read")
+        series_npz.add("labels", np.array(labels))
+    n = len(subjects)
+    mean = (total / n).astype(np.float32)
+    groups = {v: (sums[v] / counts[v]).astype(np.float32) for v in sums if counts[v]}
+    arrays = {"participants": np.array(subjects), "labels": np.array(labels), "names": np.array(names),
+              "kind": np.array(kind), "group_mean": mean,
+              "denoising": np.array(json.dumps(dataclasses.asdict(denoising or Denoising()))),
+              **{f"group_mean_{v}": matrix for v, matrix in groups.items()}}
+
+    if networks:
+        blocks = np.array(block_rows)
         arrays["network_names"] = np.array(network_names)
         arrays["network_matrices"] = np.stack([square(b, pairs, len(network_names)) for b in blocks])
         write_tsv(out / "networks.tsv", [{"participant_id": p, **{f"{network_names[a]}-{network_names[b]}":
@@ -291,28 +327,31 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                                          for p, row in zip(subjects, blocks)],
                   ["participant_id", *[f"{network_names[a]}-{network_names[b]}" for a, b in pairs]])
     if group_by:
-        value = {p: dict(phenotypes.get(p, {}), mean_fd=motion.get(p, "")) for p in subjects}
-        test = {"values": [value[p].get(group_by, "") for p in subjects], "subjects": subjects,
-                "covariates": {c: [str(value[p].get(c, "")) for p in subjects] for c in covariates or []}}
-        i, j = np.triu_indices(len(names), k=1)
-        summary, per_edge = pair_statistics(lambda lo, hi: stack[:, i[lo:hi], j[lo:hi]],
+        known = {p: dict(phenotypes.get(p, {}), mean_fd=motion.get(p, "")) for p in subjects}
+        test = {"values": [known[p].get(group_by, "") for p in subjects], "subjects": subjects,
+                "covariates": {c: [str(known[p].get(c, "")) for p in subjects] for c in covariates or []}}
+        summary, per_edge = pair_statistics(lambda lo, hi: edge_columns(table, n, len(i), lo, hi),
                                             [(names[a], names[b]) for a, b in zip(i, j)], out / "edges.tsv", **test)
         if per_edge:
-            arrays["edge_t"], arrays["edge_q"] = (square(per_edge[k], list(zip(i, j)), len(names)) for k in "tq")
+            arrays["edge_t"], arrays["edge_q"] = (square(per_edge[k], list(zip(i, j)), size) for k in "tq")
         if networks:
             summary["networks"], _ = pair_statistics(
                 lambda lo, hi: blocks[:, lo:hi], [(network_names[a], network_names[b]) for a, b in pairs],
                 out / "network_edges.tsv", columns=("network_a", "network_b"), **test)
         write_text_atomic(out / "edges.json", json.dumps({"group_by": group_by, **summary}, indent=2) + "\n")
 
-    def savez(data):
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **data)
-        return write
+    diagonal = 0.0 if kind == "fisher_z" else 1.0  # every run's matrix has it; so has their mean
 
-    write_atomic(out / "connectivity.npz", savez(arrays))
-    write_atomic(out / "parcel_series.npz", savez({**series, "labels": np.array(labels)}))
+    def matrices(rows):
+        for _ in range(n):
+            matrix = np.full((size, size), diagonal, dtype=np.float32)
+            matrix[i, j] = matrix[j, i] = np.fromfile(rows, dtype=np.float32, count=len(i))
+            yield matrix
+
+    with npz_writer(out / "connectivity.npz") as npz, open(table, "rb") as rows:
+        npz.add_rows("matrices", (n, size, size), np.float32, matrices(rows))
+        for name, array in arrays.items():
+            npz.add(name, array)
     write_tsv(out / "parcels.tsv", [{"index": i, "label": label, "name": name}
                                     for i, (label, name) in enumerate(zip(labels, names))], ["index", "label", "name"])
     columns = ["participant_id"] + [c for c in next(iter(phenotypes.values()), {}) if c != "participant_id"]

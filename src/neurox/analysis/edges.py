@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 FDR = 0.05
+SLICE_VALUES = 1 << 22  # participants x pairs tested at once: 32 MiB of float64 (8,192 pairs of 512 participants)
 
 
 def edge_design(values: list[str], covariates: dict[str, list[str]]) -> tuple[np.ndarray, list[int], str, list[str]]:
@@ -73,7 +74,7 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values: list[str],
                     covariates: dict[str, list[str]], subjects: list[str], columns=("parcel_a", "parcel_b"),
-                    chunk: int = 8192) -> tuple[dict, dict[str, np.ndarray]]:
+                    chunk: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """The statistics of every pair (``pair_values(lo, hi)``: the participants' values of pairs lo..hi, (n, hi-lo)),
     written to ``tsv`` sorted by p. Returns the summary (the test, n, edges at q < FDR, the five strongest; or
     why none was computed) and the per-pair t and q."""
@@ -83,7 +84,9 @@ def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values
     try:
         design, kept, coding, groups = edge_design(values, covariates)
         members = {g: [k for k, row in enumerate(kept) if values[row] == g] for g in groups}
-        for lo in range(0, len(pairs), chunk):  # in slices of pairs: memory stays at participants x chunk
+        # in slices of pairs: memory stays at participants x chunk (float64, a few copies), whatever the cohort
+        chunk = chunk or max(64, SLICE_VALUES // max(len(kept), 1))
+        for lo in range(0, len(pairs), chunk):
             edges = np.asarray(pair_values(lo, lo + chunk))[kept].astype(np.float64)
             parts.append(edge_tests(edges, design))
             for g in groups:
