@@ -3,8 +3,10 @@
 Makes one synthetic cohort (4 mm grid, ``--parcels`` parcels, ``--frames`` frames a run) and prepares it,
 then runs `neurox connectivity` (Fisher z, ``simple`` denoising, edgewise statistics of ``coupling_group``
 with ``mean_fd`` as covariate) on the first N participants for each N of ``--participants``, each in a
-fresh process, whose peak resident memory is reported. Memory that grows with N is what limits a cohort
-of tens of thousands (a 400 x 400 float32 matrix is 0.64 MB a participant). Prints one JSON document.
+fresh process, whose peak resident memory is reported (of the main process: with ``--workers``, each
+worker holds one participant's runs besides). The largest N is run again with ``--workers`` processes.
+Memory that grows with N is what limits a cohort of tens of thousands (a 400 x 400 float32 matrix is
+0.64 MB a participant). Prints one JSON document.
 
     python benchmarks/connectivity.py --workdir /tmp/neurox-bench-fc
 """
@@ -24,11 +26,11 @@ from pathlib import Path
 MEASURE = """
 import json, resource, sys, time
 import neurox
-store, atlas, out, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+store, atlas, out, n, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 ids = sorted(l.split("\\t")[0] for l in open(store + "/participants.tsv").read().splitlines()[1:])[:n]
 start = time.perf_counter()
 neurox.connectivity(store, atlas, out, confounds="simple", participants=ids, group_by="coupling_group",
-                    covariates=["mean_fd"], quiet=True)
+                    covariates=["mean_fd"], workers=workers, quiet=True)
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--participants", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--parcels", type=int, default=400)
     parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2, help="the largest N is run again with this many workers")
     args = parser.parse_args()
 
     import neurox
@@ -56,22 +59,23 @@ def main() -> None:
     atlas = next((cohort / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
 
     results = []
-    for n in sorted(args.participants):
-        out = work / f"fc-{n}"
-        done = subprocess.run([sys.executable, "-c", MEASURE, str(store), str(atlas), str(out), str(n)],
+    for n, workers in [(n, 1) for n in sorted(args.participants)] + [(n_max, args.workers)]:
+        out = work / f"fc-{n}-{workers}"
+        done = subprocess.run([sys.executable, "-c", MEASURE, str(store), str(atlas), str(out), str(n), str(workers)],
                               capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         npz = out / "connectivity.npz"
-        results.append({"participants": n, **{k: round(v, 3) for k, v in measured.items()},
+        results.append({"participants": n, "workers": workers, **{k: round(v, 3) for k, v in measured.items()},
                         "connectivity_npz_mb": round(npz.stat().st_size / 2**20, 1)})
         print(json.dumps(results[-1]), file=sys.stderr)
-    first, last = results[0], results[-1]
+    first, last, pooled = results[0], results[-2], results[-1]
     print(json.dumps({
         "benchmark": "connectivity", "parcels": args.parcels, "frames": args.frames,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "setup_seconds": round(setup_s, 1), "results": results,
         "peak_rss_ratio_last_to_first": round(last["peak_rss_gib"] / first["peak_rss_gib"], 2),
         "participants_ratio": last["participants"] / first["participants"],
+        f"speedup_{args.workers}_workers": round(last["seconds"] / pooled["seconds"], 2),
         "this_process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }, indent=2))
 

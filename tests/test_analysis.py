@@ -407,7 +407,19 @@ def test_connectivity_writes_what_it_computes_one_participant_at_a_time(syntheti
     series = np.load(tmp_path / "fc" / "parcel_series.npz")
     runs = sorted(k for k in series.files if k != "labels")
     assert [run.split("_")[0] for run in runs] == ids and series[runs[0]].shape == (200, 40)
+    grid, _ = store_atlas(Store(store), atlas)  # each parcel's series: the mean of its in-brain voxels
+    reader, mask = Store(store).run(runs[0]), Store(store).mask(runs[0])
+    frames = reader.read(0, reader.n_frames).astype(np.float64)
+    expected = np.stack([frames[:, mask & (grid == label)].mean(1) for label in labels], axis=1)
+    assert np.allclose(series[runs[0]], np.nan_to_num(expected), rtol=1e-5, atol=1e-5)
     assert not list((tmp_path / "fc").glob(".*"))  # neither the kept series nor the table of edges is left
+    # in worker processes: the same outputs, in the same order
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(tmp_path / "fc2"),
+                 "--kind", "plain", "--participants", *ids, "--workers", "2", "--quiet", "true"]) == 0
+    pooled = np.load(tmp_path / "fc2" / "connectivity.npz")
+    assert list(pooled["participants"]) == ids and np.array_equal(pooled["matrices"], data["matrices"])
+    pooled_series = np.load(tmp_path / "fc2" / "parcel_series.npz")
+    assert all(np.array_equal(pooled_series[run], series[run]) for run in runs)
 
 
 def test_npz_writer_streams_rows_and_writes_nothing_on_error(tmp_path):

@@ -355,3 +355,18 @@ def test_a_dry_run_groups_the_runs_that_would_fail_by_reason(tmp_path, capsys):
     assert "would fail, not 4D: sub-volume" in lines
     assert any(line.startswith("would fail, unreadable:") and "broken.nii.gz" in line for line in lines)
     assert not (tmp_path / "store").exists()
+
+
+def test_worker_processes_run_linear_algebra_on_one_thread():
+    """N workers on N cores with a BLAS thread per core each ran 2x slower than one worker (oversubscribed)."""
+    import importlib
+    import os
+
+    import threadpoolctl
+
+    from neurox.workers import process_pool
+
+    with process_pool(1, importlib.import_module, ("numpy",)) as pool:
+        assert pool.submit(os.getenv, "OPENBLAS_NUM_THREADS").result() == "1"
+        pools = pool.submit(threadpoolctl.threadpool_info).result()
+    assert any(p["user_api"] == "blas" for p in pools) and all(p["num_threads"] == 1 for p in pools)

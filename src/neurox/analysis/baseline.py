@@ -42,12 +42,13 @@ class BaselineConfig:
     confounds: str = "none"  # denoising of each run's parcel series: none, simple, scrubbing or compcor
     fd_threshold: float = 0.5  # mm of framewise displacement above which scrubbing drops a frame
     global_signal: bool = False  # regress the global signal too
+    workers: int = 1  # processes reading the runs' frames for the connectivity features
 
 
 def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool, denoising: Denoising,
-              cache: Path | None = None):
+              cache: Path | None = None, workers: int = 1):
     matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, denoising=denoising,
-                                                cache=cache)
+                                                cache=cache, workers=workers)
     return {p: upper_triangle(m) for p, m in matrices.items()}, labels
 
 
@@ -111,7 +112,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     standardise(cohort)
     denoising = Denoising(config.confounds, config.fd_threshold, config.global_signal)
     cache = series_cache(config.out, store, config.atlas)  # an interrupted baseline resumes from it
-    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress, denoising, cache)
+    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress, denoising, cache,
+                                 config.workers)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])

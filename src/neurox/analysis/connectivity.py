@@ -55,15 +55,16 @@ def label_index(atlas: np.ndarray, labels: list[int]) -> np.ndarray:
 def parcel_series(store: Store, run_id: str, atlas: np.ndarray, labels: list[int], block: int = 64) -> np.ndarray:
     """(frames, parcels) mean signal of each parcel's in-brain voxels."""
     reader = store.run(run_id)
-    mask = store.mask(run_id)
-    column = label_index(np.where(mask, atlas, 0), labels)
-    counts = np.bincount(column, minlength=len(labels) + 1)[1:].astype(np.float64)
+    column = label_index(np.where(store.mask(run_id), atlas, 0), labels)
+    voxels = np.flatnonzero(column)  # only voxels in a parcel are summed: a fraction of the grid
+    column = column[voxels] - 1
+    counts = np.bincount(column, minlength=len(labels)).astype(np.float64)
     series = np.zeros((reader.n_frames, len(labels)))
     for start in range(0, reader.n_frames, block):
         n = min(block, reader.n_frames - start)
-        frames = reader.read(start, n).reshape(n, -1).astype(np.float64)
-        for i in range(n):
-            series[start + i] = np.bincount(column, weights=frames[i], minlength=len(labels) + 1)[1:]
+        frames = reader.read(start, n).reshape(n, -1)[:, voxels]
+        for i in range(n):  # bincount sums in float64
+            series[start + i] = np.bincount(column, weights=frames[i], minlength=len(labels))
     with np.errstate(invalid="ignore", divide="ignore"):
         return series / counts
 
@@ -99,52 +100,91 @@ def store_atlas(store: Store, atlas_path: str | Path) -> tuple[np.ndarray, list[
 
 def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str] | None,
                              kind: str = "fisher_z", progress: bool = True, denoising: Denoising | None = None,
-                             cache: Path | None = None) -> tuple[dict[str, np.ndarray], list[int]]:
+                             cache: Path | None = None, workers: int = 1) -> tuple[dict[str, np.ndarray], list[int]]:
     """Participant -> connectivity matrix (``participant_matrices``) of the participants given (None: all)."""
     atlas, labels = store_atlas(store, atlas_path)
     runs, _ = prepared_runs(store, participants)
-    return dict(participant_matrices(store, atlas, labels, runs, kind, progress, denoising, cache)), labels
+    return dict(participant_matrices(store, atlas, labels, runs, kind, progress, denoising, cache,
+                                     workers=workers)), labels
 
 
 def participant_matrices(store: Store, atlas: np.ndarray, labels: list[int], runs: dict[str, list[str]],
                          kind: str = "fisher_z", progress: bool = True, denoising: Denoising | None = None,
-                         cache: Path | None = None, on_series=None) -> Iterator[tuple[str, np.ndarray]]:
+                         cache: Path | None = None, on_series=None,
+                         workers: int = 1) -> Iterator[tuple[str, np.ndarray]]:
     """(participant, connectivity matrix), one participant at a time in sorted order: the mean over the
     participant's ``runs`` (in Fisher-z space when ``kind`` is fisher_z), from each run's series denoised as
     ``denoising`` says. ``on_series(run_id, series)``, when given, receives each run's (frames, parcels)
     series, denoised, float32. A run that cannot be read, or whose confounds cannot denoise it, is reported on
     one line and left out; the others go on. ``cache``, a folder: each run's parcel series is kept there as it
     is computed and read from there when present, so an interrupted run resumes where it stopped (the series
-    are exact: float64)."""
+    are exact: float64). ``workers`` > 1: participants are computed in that many processes (reading and
+    averaging a run's frames is most of the time), and still come out in order."""
     import sys
 
     from neurox.progress import progress as progress_display
+    from neurox.workers import process_pool
 
-    for p in progress_display(sorted(runs), desc="connectivity", unit="participant", disable=not progress):
-        per_run = []
-        for run_id in runs[p]:
-            cached = cache / f"{run_id}.npy" if cache is not None else None
+    order = sorted(runs)
+    setting = (atlas, labels, kind, denoising, cache, on_series is not None)
+    pool = None
+    if workers > 1 and len(order) > 1:
+        pool = process_pool(min(workers, len(order)), _start_worker, (store.root, *setting))
+        results = pool.map(_worker_participant, [runs[p] for p in order])
+    else:
+        results = (participant_runs(store, runs[p], *setting) for p in order)
+    try:
+        for p, (series, matrix, problems) in zip(order, progress_display(results, total=len(order), desc="connectivity",
+                                                                          unit="participant", disable=not progress)):
+            for problem in problems:
+                print(f"neurox: {problem}; left out", file=sys.stderr)
+            for run_id, run_series in series:
+                on_series(run_id, run_series)
+            if matrix is not None:
+                yield p, matrix
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def participant_runs(store: Store, run_ids: list[str], atlas: np.ndarray, labels: list[int], kind: str,
+                     denoising: Denoising | None, cache: Path | None, keep_series: bool):
+    """One participant: its runs' denoised series (float32, when ``keep_series``), the mean of their matrices
+    (None when no run could be used), and why each run left out was."""
+    series_out, matrices, problems = [], [], []
+    for run_id in run_ids:
+        cached = cache / f"{run_id}.npy" if cache is not None else None
+        try:
+            if cached is not None and cached.is_file():
+                series = np.load(cached)
+            else:
+                series = np.nan_to_num(parcel_series(store, run_id, atlas, labels))
+                if cached is not None:
+                    save_npy(cached, series)
+        except (OSError, ValueError, KeyError) as err:
+            problems.append(f"{store.root / run_id}: cannot read the run ({err})")
+            continue
+        if denoising is not None and denoising.active:
             try:
-                if cached is not None and cached.is_file():
-                    series = np.load(cached)
-                else:
-                    series = np.nan_to_num(parcel_series(store, run_id, atlas, labels))
-                    if cached is not None:
-                        save_npy(cached, series)
-            except (OSError, ValueError, KeyError) as err:
-                print(f"neurox: {store.root / run_id}: cannot read the run ({err}); left out", file=sys.stderr)
+                series = denoising.apply(series, store.run(run_id).confounds(), f"run {run_id}")
+            except InputError as err:
+                problems.append(str(err))
                 continue
-            if denoising is not None and denoising.active:
-                try:
-                    series = denoising.apply(series, store.run(run_id).confounds(), f"run {run_id}")
-                except InputError as err:
-                    print(f"neurox: {err}; left out", file=sys.stderr)
-                    continue
-            if on_series is not None:
-                on_series(run_id, series.astype(np.float32))
-            per_run.append(correlation_matrix(series, kind))
-        if per_run:
-            yield p, np.mean(per_run, axis=0)
+        if keep_series:
+            series_out.append((run_id, series.astype(np.float32)))
+        matrices.append(correlation_matrix(series, kind))
+    return series_out, (np.mean(matrices, axis=0) if matrices else None), problems
+
+
+_WORKER: dict = {}  # a worker process's store and settings, set once by _start_worker
+
+
+def _start_worker(root: Path, *setting) -> None:
+    _WORKER.update(store=Store(root), setting=setting)
+
+
+def _worker_participant(run_ids: list[str]):
+    return participant_runs(_WORKER["store"], run_ids, *_WORKER["setting"])
 
 
 def series_cache(out: str | Path, store: Store, atlas_path: str | Path) -> Path:
@@ -239,7 +279,7 @@ def square(values: np.ndarray, pairs: list[tuple[int, int]], size: int) -> np.nd
 def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",
                  participants: list[str] | None = None, group_by: str | None = None,
                  names_tsv: str | Path | None = None, progress: bool = True,
-                 denoising: Denoising | None = None, covariates: list[str] | None = None) -> Path:
+                 denoising: Denoising | None = None, covariates: list[str] | None = None, workers: int = 1) -> Path:
     """Parcel series per run and a connectivity matrix per participant, written to ``out``:
 
     - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
@@ -297,7 +337,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     subjects, total, block_rows = [], np.zeros((size, size)), []
     with npz_writer(out / "parcel_series.npz") as series_npz, open(table, "wb") as rows:
         for p, matrix in participant_matrices(store, atlas_grid, labels, runs, kind, progress, denoising, cache,
-                                              on_series=series_npz.add):
+                                              on_series=series_npz.add, workers=workers):
             rows.write(matrix[i, j].astype(np.float32).tobytes())
             subjects.append(p)
             total += matrix

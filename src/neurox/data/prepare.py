@@ -12,9 +12,8 @@ writing into one store each leave a correct manifest behind them.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from neurox.io.atomic import write_text_atomic
 from neurox.io.bids import RunSpec, discover, task_counts
 from neurox.io.nifti import InputError
 from neurox.progress import progress as progress_display
+from neurox.workers import process_pool
 
 FAILURE_SUFFIX = ".failed.json"
 # what every run of a store must share; a second prepare into the store must agree on these
@@ -150,8 +150,7 @@ def prepare(
             for job, spec in jobs:
                 _record(report, root, spec, job, job(spec, options, root, fmt), bar)
         else:
-            # spawn, not fork: the parent may hold threads (prefetch, compression) a fork would break
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with process_pool(workers) as pool:
                 futures = {pool.submit(job, spec, options, root, fmt): (job, spec) for job, spec in jobs}
                 for future in as_completed(futures):
                     job, spec = futures[future]

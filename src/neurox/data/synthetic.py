@@ -305,10 +305,9 @@ def synthesize(out: str | Path, options: SynthOptions | None = None, progress: b
     jobs = [(p, r) for p in participants for r in range(1, options.n_runs + 1)]
     context = (out, options, anatomy, affine, mask, space)
     if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from neurox.workers import process_pool
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with process_pool(workers) as pool:
             futures = [pool.submit(write_run, context, subject, run) for subject, run in jobs]
             for future in progress_display(futures, desc="synth", unit="run", disable=not progress):
                 future.result()
