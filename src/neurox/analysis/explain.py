@@ -281,6 +281,26 @@ def contrasts_of(groups: dict[str, list[str]], column: str | None) -> dict[str, 
             for name in parts}
 
 
+class GroupSums:
+    """The running sum of the participant maps of each group of participants (a group's, or one side of a
+    contrast's): one map per group in memory, whatever the number of participants."""
+
+    def __init__(self, groups: list[list[str]], shape: tuple[int, ...]):
+        self.sums = {frozenset(members): np.zeros(shape) for members in groups if members}
+        self.counts = dict.fromkeys(self.sums, 0)
+
+    def add(self, participant: str, volume: np.ndarray) -> None:
+        for members, total in self.sums.items():
+            if participant in members:
+                total += volume
+                self.counts[members] += 1
+
+    def mean(self, members: list[str]) -> np.ndarray | None:
+        """The mean map of the group's participants whose maps were added (None: none was)."""
+        key = frozenset(members)
+        return self.sums[key] / self.counts[key] if self.counts.get(key) else None
+
+
 def region_means(volume: np.ndarray, atlas: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Each atlas region's voxel count and mean value of ``volume`` (both on the store grid)."""
     column = label_index(atlas, labels)
@@ -382,65 +402,73 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     store_affine = np.array(store.run(store.run_ids[0]).attributes["affine"])
     length = model.config.img_size[3]
     n_windows = sum(len(run_windows(store, runs[p], length)) for p in participants)
-    maps: dict[str, np.ndarray] = {}
-    failed = []
+    contrasts = contrasts_of(groups, group_by)
+    grid = tuple(store.info["grid"])
+    # Group and contrast maps are running sums: memory is one map per group, whatever the number of participants.
+    sums = GroupSums([*groups.values(), *[side for pair in contrasts.values() for side in pair]], grid)
+    done, failed, shares, participant_regions = [], [], {}, []
+    brain = np.zeros(grid, dtype=bool)
     bar = progress_display(total=n_windows, desc="explain", unit="window", disable=not progress)
     for pid in participants:
         common = out / f"{pid}_space-store_attribution.nii.gz"
         native = out / f"{pid}_attribution.nii.gz"
         if common.is_file() and native.is_file():  # done by an earlier, interrupted run
-            maps[pid] = np.asarray(nib.load(str(common)).dataobj, dtype=np.float64)
+            volume = np.asarray(nib.load(str(common)).dataobj, dtype=np.float64)
             bar.update(len(run_windows(store, runs[pid], length)))
-            continue
-        try:
-            volume = participant_map(model, store, runs[pid], output, options, bar)
-            source = store.run(runs[pid][0]).attributes["source"]
-            save_nifti(native, to_source_grid(volume, store_affine, source["shape"], np.array(source["affine"])),
-                       np.array(source["affine"]))
-            save_nifti(common, volume, store_affine)
-        except (OSError, ValueError, KeyError) as err:
-            print(f"neurox explain: {pid}: {err}; left out", file=sys.stderr)
-            failed.append(pid)
-            continue
-        maps[pid] = volume
+        else:
+            try:
+                volume = participant_map(model, store, runs[pid], output, options, bar)
+                source = store.run(runs[pid][0]).attributes["source"]
+                save_nifti(native, to_source_grid(volume, store_affine, source["shape"], np.array(source["affine"])),
+                           np.array(source["affine"]))
+                save_nifti(common, volume, store_affine)
+            except (OSError, ValueError, KeyError) as err:
+                print(f"neurox explain: {pid}: {err}; left out", file=sys.stderr)
+                failed.append(pid)
+                continue
+        done.append(pid)
+        sums.add(pid, volume)
+        mask = store.mask(runs[pid][0])
+        brain |= mask
+        shares[pid] = outside_brain_share(volume, mask)
+        if regions:
+            participant_regions.append({"participant_id": pid, **{n: f"{m:.6g}" for n, m in zip(
+                regions[2], region_means(volume, regions[0], regions[1])[1])}})
     bar.close()
-    masks = {p: store.mask(runs[p][0]) for p in maps}  # read once: for the shares and the group maps' brain
     summary = {"run": str(run_dir), "store": str(store.root), "output": output_name, "method":
                "integrated_gradients" + ("+smoothgrad_sq" if options.noise_samples else ""),
-               "options": asdict(options), "participants": sorted(maps), "failed": failed, "groups": {},
-               "contrasts": {},
-               "outside_brain_share": {p: outside_brain_share(maps[p], masks[p]) for p in sorted(maps)}}
-    shares = list(summary["outside_brain_share"].values())
-    if shares and np.mean(shares) > 0.5:
-        print(f"neurox explain: {100 * np.mean(shares):.0f}% of the attribution lies outside the brain mask: the model "
-              "may read a shortcut there (with global_zscore stores, the background value differs per run)",
-              file=sys.stderr)
-    brain = np.any(list(masks.values()), axis=0) if masks else None
+               "options": asdict(options), "participants": sorted(done), "failed": failed, "groups": {},
+               "contrasts": {}, "outside_brain_share": dict(sorted(shares.items()))}
+    if shares and np.mean(list(shares.values())) > 0.5:
+        print(f"neurox explain: {100 * np.mean(list(shares.values())):.0f}% of the attribution lies outside the brain "
+              "mask: the model may read a shortcut there (with global_zscore stores, the background value differs "
+              "per run)", file=sys.stderr)
+    included = set(done)
 
-    def group_mean(members: list[str]) -> np.ndarray:
-        mean = np.mean([maps[p] for p in members], axis=0)
+    def smoothed(mean: np.ndarray) -> np.ndarray:
         return smooth_in_brain(mean, brain, options.smooth_fwhm, float(store.info["voxel_size_mm"]))
 
     region_table: list[dict] = []
     for name, members in groups.items():
-        members = [p for p in members if p in maps]
-        if not members:
+        mean = sums.mean(members)
+        if mean is None:
             continue
+        members = [p for p in members if p in included]
         if regions:
-            region_table += region_rows(name, np.mean([maps[p] for p in members], axis=0), *regions)
-        mean = group_mean(members)
+            region_table += region_rows(name, mean, *regions)
+        mean = smoothed(mean)
         save_nifti(out / f"group-{name}_attribution.nii.gz", mean, store_affine)
         plot_map(out / f"group-{name}_attribution.png", mean, store_affine,
                  f"{output_name}: {name} (n={len(members)})")
         summary["groups"][name] = members
-    for name, (plus, minus) in contrasts_of(groups, group_by).items():
-        plus, minus = [p for p in plus if p in maps], [p for p in minus if p in maps]
-        if not plus or not minus:
+    for name, (plus, minus) in contrasts.items():
+        plus_mean, minus_mean = sums.mean(plus), sums.mean(minus)
+        if plus_mean is None or minus_mean is None:
             continue
+        plus, minus = [p for p in plus if p in included], [p for p in minus if p in included]
         if regions:
-            region_table += region_rows(name, np.mean([maps[p] for p in plus], axis=0)
-                                        - np.mean([maps[p] for p in minus], axis=0), *regions)
-        difference = group_mean(plus) - group_mean(minus)
+            region_table += region_rows(name, plus_mean - minus_mean, *regions)
+        difference = smoothed(plus_mean) - smoothed(minus_mean)
         save_nifti(out / f"group-{name}_attribution.nii.gz", difference, store_affine)
         plot_map(out / f"group-{name}_attribution.png", difference, store_affine,
                  f"{output_name}: {name} (n={len(plus)} vs {len(minus)})")
@@ -450,7 +478,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     if regions:
         from neurox.data.store import write_tsv
 
-        atlas_grid, labels, region_names, networks = regions
+        region_names, networks = regions[2], regions[3]
         write_tsv(out / "regions.tsv", region_table, ["map", "rank", "label", "region", *["network"] * bool(networks),
                                                       "voxels", "mean_attribution", "share"])
         if networks:
@@ -461,10 +489,8 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
             for row in network_table:
                 if row["rank"] <= 3:
                     summary["top_networks"].setdefault(row["map"], []).append(row["network"])
-        write_tsv(out / "participant_regions.tsv",
-                  [{"participant_id": p, **{n: f"{m:.6g}" for n, m in
-                                            zip(region_names, region_means(maps[p], atlas_grid, labels)[1])}}
-                   for p in sorted(maps)], ["participant_id", *region_names])
+        write_tsv(out / "participant_regions.tsv", sorted(participant_regions, key=lambda r: r["participant_id"]),
+                  ["participant_id", *region_names])
         summary["atlas"] = str(atlas)
         summary["top_regions"] = {}
         for row in region_table:
