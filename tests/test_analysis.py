@@ -422,6 +422,30 @@ def test_connectivity_writes_what_it_computes_one_participant_at_a_time(syntheti
     assert all(np.array_equal(pooled_series[run], series[run]) for run in runs)
 
 
+def test_tangent_space_equals_nilearns():
+    """Shrunk covariance of the z-scored series, the geometric mean, and each matrix's logarithm at it: what
+    nilearn's ConnectivityMeasure(kind="tangent") gives for the same standardised series."""
+    from nilearn.connectome import ConnectivityMeasure
+
+    from neurox.analysis.tangent import geometric_mean, shrunk_correlation, tangent_vector
+
+    rng = np.random.default_rng(0)
+    mixing = rng.standard_normal((6, 6))
+    series = [rng.standard_normal((40, 6)) @ (mixing + np.diag(rng.uniform(1, 3, 6))) for _ in range(7)]
+    standardised = [(s - s.mean(0)) / s.std(0, ddof=1) for s in series]
+    measure = ConnectivityMeasure(kind="tangent", standardize=False)
+    expected = measure.fit_transform(standardised)
+    matrices = [shrunk_correlation(s) for s in series]
+    reference = geometric_mean(matrices)
+    assert np.allclose(reference, measure.mean_, atol=1e-6)
+    upper = np.triu_indices(6)
+    for matrix, theirs in zip(matrices, expected):
+        assert np.allclose(tangent_vector(matrix, reference), theirs[upper], atol=1e-5)
+    assert np.allclose(tangent_vector(reference, reference), 0.0, atol=1e-10)  # the reference is the origin
+    flat = np.column_stack([series[0], np.zeros(40)])  # a parcel without voxels: unit variance, no covariance
+    assert shrunk_correlation(flat)[-1].tolist() == [0.0] * 6 + [1.0]
+
+
 def test_npz_writer_streams_rows_and_writes_nothing_on_error(tmp_path):
     from neurox.io.npz import npz_writer
 

@@ -133,6 +133,15 @@ def test_connectivity_and_baseline_denoise_as_asked(cohort_and_store, tmp_path, 
     assert [float(r["mean_fd"]) for r in predictions] == [fd[r["participant_id"]] for r in predictions]
     for split, metrics in again.items():  # the motion check, where there are participants enough to correlate
         assert ("mean_fd_r" in metrics) == (metrics["n_subjects"] >= 5), split
+
+    # the tangent space: the reference is the training participants' geometric mean, kept with the fit and
+    # applied again by evaluate
+    tangent = baseline(replace(config, kind="tangent", out=str(tmp_path / "fc-tangent")), progress=False)
+    reference = np.load(tangent / "baseline.npz")["tangent_reference"]
+    assert reference.shape == (40, 40) and np.allclose(reference, reference.T)
+    assert np.linalg.eigvalsh(reference).min() > 0
+    fitted = json.loads((tangent / "metrics.json").read_text())
+    assert evaluate_baseline(tangent, store, n_boot=20)["test"]["auroc"] == pytest.approx(fitted["test"]["auroc"])
     assert -1 <= again["train"]["mean_fd_r"] <= 1
 
 

@@ -216,7 +216,8 @@ def _baseline_parser() -> ArgumentParser:
 
     p = ArgumentParser(
         description="The FC + linear baseline: per participant the Fisher-z correlation matrix of an atlas' parcel "
-        "series, a cross-validated logistic (classes) or ridge (numbers) model fitted on the training participants, "
+        "series (or, --kind tangent, its tangent-space projection at the training participants' mean), a "
+        "cross-validated logistic (classes) or ridge (numbers) model fitted on the training participants, "
         "metrics on the same validation and test participants as a finetune run (--split_from).",
         epilog="example: neurox baseline --store synthetic-store --target coupling_group "
         "--atlas synthetic-cohort/ground_truth/atlas-synthetic_space-MNI152NLin2009cAsym_res-4_dseg.nii.gz "

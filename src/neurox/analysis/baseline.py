@@ -37,7 +37,7 @@ class BaselineConfig:
     split_from: str | None = None  # a finetune run directory whose splits.tsv to use
     seed: int = 0  # the split's seed when there is no --split_from, and the fit's
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
-    kind: str = "fisher_z"  # the features: fisher_z, plain or partial correlation between parcels
+    kind: str = "fisher_z"  # the features: fisher_z, plain, partial correlation, or tangent (the tangent space)
     n_boot: int = 1000  # bootstrap resamples of the participants for the 95% intervals
     confounds: str = "none"  # denoising of each run's parcel series: none, simple, scrubbing or compcor
     fd_threshold: float = 0.5  # mm of framewise displacement above which scrubbing drops a frame
@@ -46,10 +46,20 @@ class BaselineConfig:
 
 
 def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool, denoising: Denoising,
-              cache: Path | None = None, workers: int = 1):
+              cache: Path | None = None, workers: int = 1, reference: np.ndarray | None = None,
+              train: list[str] | None = None):
+    """Each participant's feature vector, the atlas labels, and (``kind`` tangent) the reference point: the
+    one given (a fitted run's), else the geometric mean of the ``train`` participants' matrices, so that no
+    validation or test participant shapes the features."""
     matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, denoising=denoising,
                                                 cache=cache, workers=workers)
-    return {p: upper_triangle(m) for p, m in matrices.items()}, labels
+    if kind != "tangent":
+        return {p: upper_triangle(m) for p, m in matrices.items()}, labels, None
+    from neurox.analysis.tangent import geometric_mean, tangent_vector
+
+    if reference is None:
+        reference = geometric_mean([matrices[p] for p in train or [] if p in matrices])
+    return {p: tangent_vector(m, reference) for p, m in matrices.items()}, labels, reference
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
@@ -100,6 +110,8 @@ def linear_outputs(params: dict, x: np.ndarray) -> np.ndarray:
 def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     if not (config.store and config.target and config.out and config.atlas):
         raise ValueError("baseline needs --store, --target, --atlas and --out")
+    if config.kind not in ("fisher_z", "plain", "partial", "tangent"):
+        raise ValueError(f"--kind {config.kind}: choose fisher_z, plain, partial or tangent")
     store = Store(config.store)
     columns = [c.strip() for c in config.target.split(",") if c.strip()]
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
@@ -112,8 +124,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     standardise(cohort)
     denoising = Denoising(config.confounds, config.fd_threshold, config.global_signal)
     cache = series_cache(config.out, store, config.atlas)  # an interrupted baseline resumes from it
-    features, labels = _features(store, config.atlas, cohort.participants, config.kind, progress, denoising, cache,
-                                 config.workers)
+    features, labels, reference = _features(store, config.atlas, cohort.participants, config.kind, progress,
+                                            denoising, cache, config.workers, train=cohort.in_split("train"))
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
@@ -148,7 +160,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
     def save_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **params, atlas_labels=np.array(labels))
+            np.savez(f, **params, atlas_labels=np.array(labels),
+                     **({"tangent_reference": reference} if reference is not None else {}))
 
     write_atomic(out / MODEL_FILE, save_arrays)
     write_json(out / "targets.json", {"targets": [t.to_dict() for t in targets],
@@ -177,7 +190,8 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     cohort, _ = cohort_with(store, targets, splits)
     denoising = Denoising(config.get("confounds", "none"), config.get("fd_threshold", 0.5),
                           config.get("global_signal", False))  # as the run was fitted
-    features, labels = _features(store, config["atlas"], cohort.participants, config["kind"], False, denoising)
+    features, labels, _ = _features(store, config["atlas"], cohort.participants, config["kind"], False, denoising,
+                                    reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
     if list(stored["atlas_labels"]) != labels:
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
     motion = participant_motion(store)

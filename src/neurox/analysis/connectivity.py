@@ -70,8 +70,13 @@ def parcel_series(store: Store, run_id: str, atlas: np.ndarray, labels: list[int
 
 
 def correlation_matrix(series: np.ndarray, kind: str = "fisher_z") -> np.ndarray:
-    """Pearson correlation between parcels (``plain``), its Fisher z (``fisher_z``), or the partial
-    correlation from the precision matrix (``partial``)."""
+    """Pearson correlation between parcels (``plain``), its Fisher z (``fisher_z``), the partial
+    correlation from the precision matrix (``partial``), or the shrunk correlation that the tangent space
+    starts from (``tangent``: neurox.analysis.tangent, which needs the group's matrices to go further)."""
+    if kind == "tangent":
+        from neurox.analysis.tangent import shrunk_correlation
+
+        return shrunk_correlation(series)
     series = series - series.mean(0)
     std = series.std(0)
     std[std == 0] = 1.0
@@ -87,7 +92,7 @@ def correlation_matrix(series: np.ndarray, kind: str = "fisher_z") -> np.ndarray
         corr = np.arctanh(np.clip(corr, -0.999999, 0.999999))
         np.fill_diagonal(corr, 0.0)
     elif kind not in ("plain", "partial"):
-        raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z or partial")
+        raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z, partial or tangent")
     return corr
 
 
