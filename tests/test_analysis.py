@@ -427,7 +427,7 @@ def test_tangent_space_equals_nilearns():
     nilearn's ConnectivityMeasure(kind="tangent") gives for the same standardised series."""
     from nilearn.connectome import ConnectivityMeasure
 
-    from neurox.analysis.tangent import geometric_mean, shrunk_correlation, tangent_vector
+    from neurox.analysis.tangent import geometric_mean, shrunk_correlation, tangent_matrix, whitening
 
     rng = np.random.default_rng(0)
     mixing = rng.standard_normal((6, 6))
@@ -438,12 +438,28 @@ def test_tangent_space_equals_nilearns():
     matrices = [shrunk_correlation(s) for s in series]
     reference = geometric_mean(matrices)
     assert np.allclose(reference, measure.mean_, atol=1e-6)
-    upper = np.triu_indices(6)
     for matrix, theirs in zip(matrices, expected):
-        assert np.allclose(tangent_vector(matrix, reference), theirs[upper], atol=1e-5)
-    assert np.allclose(tangent_vector(reference, reference), 0.0, atol=1e-10)  # the reference is the origin
+        assert np.allclose(tangent_matrix(matrix, whitening(reference)), theirs, atol=1e-5)
+    assert np.allclose(tangent_matrix(reference, whitening(reference)), 0.0, atol=1e-10)  # the origin
     flat = np.column_stack([series[0], np.zeros(40)])  # a parcel without voxels: unit variance, no covariance
     assert shrunk_correlation(flat)[-1].tolist() == [0.0] * 6 + [1.0]
+
+
+def test_connectivity_in_the_tangent_space(synthetic, tmp_path):
+    from neurox.analysis.tangent import geometric_mean, shrunk_correlation, tangent_matrix, whitening
+
+    cohort, store = synthetic
+    ids = ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(tmp_path),
+                 "--kind", "tangent", "--participants", *ids, "--quiet", "true"]) == 0
+    data, series = np.load(tmp_path / "connectivity.npz"), np.load(tmp_path / "parcel_series.npz")
+    shrunk = [shrunk_correlation(series[next(k for k in series.files if k.startswith(p))].astype(np.float64))
+              for p in ids]  # one run each
+    reference = geometric_mean(shrunk)
+    assert np.allclose(data["tangent_reference"], reference, atol=1e-5)
+    expected = np.stack([tangent_matrix(m, whitening(reference)) for m in shrunk])
+    assert np.allclose(data["matrices"], expected, atol=1e-4) and str(data["kind"]) == "tangent"
+    assert np.abs(data["group_mean"]).max() < 1e-4  # at the geometric mean, the deviations average to zero
 
 
 def test_npz_writer_streams_rows_and_writes_nothing_on_error(tmp_path):

@@ -241,8 +241,9 @@ def _connectivity_parser() -> ArgumentParser:
     p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--atlas", required=True, help="3D label NIfTI in MNI space (Schaefer, the synthetic parcels...)")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--kind", choices=["plain", "fisher_z", "partial"], default="fisher_z",
-                   help="Pearson correlation, its Fisher z, or partial correlation (from the precision matrix)")
+    p.add_argument("--kind", choices=["plain", "fisher_z", "partial", "tangent"], default="fisher_z",
+                   help="Pearson correlation, its Fisher z, partial correlation (from the precision matrix), or the "
+                   "tangent space at the participants' geometric mean (shrunk correlations; see docs/analysis.md)")
     p.add_argument("--confounds", choices=["none", "simple", "scrubbing", "compcor"], default="none",
                    help="denoise each run's parcel series with its fMRIPrep confounds: simple (24 motion, WM, CSF, "
                    "cosines), scrubbing (simple, and frames above --fd_threshold dropped), compcor (24 motion, 5 "

@@ -55,11 +55,12 @@ def _features(store: Store, atlas: str, participants: list[str], kind: str, prog
                                                 cache=cache, workers=workers)
     if kind != "tangent":
         return {p: upper_triangle(m) for p, m in matrices.items()}, labels, None
-    from neurox.analysis.tangent import geometric_mean, tangent_vector
+    from neurox.analysis.tangent import geometric_mean, tangent_matrix, whitening
 
     if reference is None:
         reference = geometric_mean([matrices[p] for p in train or [] if p in matrices])
-    return {p: tangent_vector(m, reference) for p, m in matrices.items()}, labels, reference
+    to_tangent, upper = whitening(reference), np.triu_indices(len(reference))  # diagonal included
+    return {p: tangent_matrix(m, to_tangent)[upper] for p, m in matrices.items()}, labels, reference
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):

@@ -14,6 +14,7 @@ import mmap
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -209,17 +210,48 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     write_atomic(path, write)
 
 
-def edge_columns(table: Path, n: int, n_edges: int, lo: int, hi: int) -> np.ndarray:
-    """Edges lo..hi of every participant from a (n, n_edges) float32 table on disk. The file is mapped for this
-    read only, so the pages read do not stay in the process's memory from one slice to the next."""
-    hi = min(hi, n_edges)
-    if hi <= lo:
-        return np.zeros((n, 0), dtype=np.float32)
-    with open(table, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        edges = np.frombuffer(mapped, dtype=np.float32, count=n * n_edges).reshape(n, n_edges)
-        columns = edges[:, lo:hi].copy()
-        del edges  # the map closes only once no array looks into it
-    return columns
+class MatrixTable:
+    """Symmetric (size, size) matrices on disk, one per participant, in the order appended: each one's upper
+    triangle without the diagonal in ``<path>.edges.f32`` (participants x edges, float32), its diagonal in
+    ``<path>.diagonal.f32``. Reading goes one matrix at a time, or one slice of edges for every participant."""
+
+    def __init__(self, path: Path, size: int):
+        self.edges, self.diagonal = path.with_suffix(".edges.f32"), path.with_suffix(".diagonal.f32")
+        self.size, self.upper, self.n = size, np.triu_indices(size, k=1), 0
+
+    @contextmanager
+    def appending(self):
+        with open(self.edges, "wb") as edges, open(self.diagonal, "wb") as diagonal:
+            def append(matrix: np.ndarray) -> None:
+                edges.write(matrix[self.upper].astype(np.float32).tobytes())
+                diagonal.write(np.diag(matrix).astype(np.float32).tobytes())
+                self.n += 1
+            yield append
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        n_edges = len(self.upper[0])
+        with open(self.edges, "rb") as edges, open(self.diagonal, "rb") as diagonal:
+            for _ in range(self.n):
+                matrix = np.diag(np.fromfile(diagonal, dtype=np.float32, count=self.size).astype(np.float64))
+                matrix[self.upper] = np.fromfile(edges, dtype=np.float32, count=n_edges)
+                matrix.T[self.upper] = matrix[self.upper]
+                yield matrix
+
+    def edge_columns(self, lo: int, hi: int) -> np.ndarray:
+        """Edges lo..hi of every participant, (n, hi - lo). The file is mapped for this read only, so the pages
+        read do not stay in the process's memory from one slice to the next."""
+        n_edges = len(self.upper[0])
+        hi = min(hi, n_edges)
+        if hi <= lo:
+            return np.zeros((self.n, 0), dtype=np.float32)
+        with open(self.edges, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            edges = np.frombuffer(mapped, dtype=np.float32, count=self.n * n_edges).reshape(self.n, n_edges)
+            columns = edges[:, lo:hi].copy()
+            del edges  # the map closes only once no array looks into it
+        return columns
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:
@@ -289,7 +321,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
 
     - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
       ``names``, ``kind``, ``denoising`` (JSON), ``group_mean`` (and ``group_mean_<value>`` per value of
-      ``group_by``);
+      ``group_by``), and with ``kind`` tangent the ``tangent_reference`` (the participants' geometric mean);
     - ``parcel_series.npz``: one (frames, parcels) array per run id (denoised, scrubbed frames dropped), with
       ``labels``;
     - ``participants.tsv`` (the store's phenotypes of the participants included, and their ``mean_fd``
@@ -303,8 +335,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     """
     from neurox.data.store import write_tsv
 
-    if kind not in ("plain", "fisher_z", "partial"):
-        raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z or partial")
+    if kind not in ("plain", "fisher_z", "partial", "tangent"):
+        raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z, partial or tangent")
     store = Store(store_path)
     if not Path(atlas).is_file():
         raise FileNotFoundError(f"{atlas}: no such atlas file")
@@ -336,32 +368,41 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     sums = {v: np.zeros((size, size)) for v in distinct} if len(distinct) <= MAX_GROUPS else {}  # else a slope
     counts = dict.fromkeys(sums, 0)
     i, j = np.triu_indices(size, k=1)
-    # One participant's matrix in memory at a time: every upper triangle goes to a table on disk (participants x
-    # edges, float32), which the edgewise tests read in slices of edges and connectivity.npz is written from.
-    table = cache / "edges.f32"
-    subjects, total, block_rows = [], np.zeros((size, size)), []
-    with npz_writer(out / "parcel_series.npz") as series_npz, open(table, "wb") as rows:
+    # One participant's matrix in memory at a time: every matrix goes to a table on disk, which the edgewise
+    # tests read in slices of edges and connectivity.npz is written from.
+    table, subjects = MatrixTable(cache / "matrices", size), []
+    with npz_writer(out / "parcel_series.npz") as series_npz, table.appending() as append:
         for p, matrix in participant_matrices(store, atlas_grid, labels, runs, kind, progress, denoising, cache,
                                               on_series=series_npz.add, workers=workers):
-            rows.write(matrix[i, j].astype(np.float32).tobytes())
+            append(matrix)
             subjects.append(p)
-            total += matrix
-            if value.get(p) in sums:
-                sums[value[p]] += matrix
-                counts[value[p]] += 1
-            if networks:  # the participant's mean connectivity within and between the atlas' networks
-                row, pairs, network_names = network_blocks(matrix[None], networks)
-                block_rows.append(row[0])
         if not subjects:
             raise ValueError(f"{store.root}: no participant's runs could be read")
         series_npz.add("labels", np.array(labels))
-    n = len(subjects)
+    arrays = {"participants": np.array(subjects), "labels": np.array(labels), "names": np.array(names),
+              "kind": np.array(kind), "denoising": np.array(json.dumps(dataclasses.asdict(denoising or Denoising())))}
+    if kind == "tangent":  # each matrix as its deviation from the group's geometric mean (neurox.analysis.tangent)
+        from neurox.analysis.tangent import geometric_mean, tangent_matrix, whitening
+
+        reference = geometric_mean(table)
+        to_tangent, shrunk, table = whitening(reference), table, MatrixTable(cache / "tangent", size)
+        with table.appending() as append:
+            for matrix in shrunk:
+                append(tangent_matrix(matrix, to_tangent))
+        arrays["tangent_reference"] = reference.astype(np.float32)
+
+    n, total, block_rows = len(subjects), np.zeros((size, size)), []
+    for p, matrix in zip(subjects, table):
+        total += matrix
+        if value.get(p) in sums:
+            sums[value[p]] += matrix
+            counts[value[p]] += 1
+        if networks:  # the participant's mean connectivity within and between the atlas' networks
+            row, pairs, network_names = network_blocks(matrix[None], networks)
+            block_rows.append(row[0])
     mean = (total / n).astype(np.float32)
     groups = {v: (sums[v] / counts[v]).astype(np.float32) for v in sums if counts[v]}
-    arrays = {"participants": np.array(subjects), "labels": np.array(labels), "names": np.array(names),
-              "kind": np.array(kind), "group_mean": mean,
-              "denoising": np.array(json.dumps(dataclasses.asdict(denoising or Denoising()))),
-              **{f"group_mean_{v}": matrix for v, matrix in groups.items()}}
+    arrays.update({"group_mean": mean, **{f"group_mean_{v}": matrix for v, matrix in groups.items()}})
 
     if networks:
         blocks = np.array(block_rows)
@@ -375,8 +416,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         known = {p: dict(phenotypes.get(p, {}), mean_fd=motion.get(p, "")) for p in subjects}
         test = {"values": [known[p].get(group_by, "") for p in subjects], "subjects": subjects,
                 "covariates": {c: [str(known[p].get(c, "")) for p in subjects] for c in covariates or []}}
-        summary, per_edge = pair_statistics(lambda lo, hi: edge_columns(table, n, len(i), lo, hi),
-                                            [(names[a], names[b]) for a, b in zip(i, j)], out / "edges.tsv", **test)
+        summary, per_edge = pair_statistics(table.edge_columns, [(names[a], names[b]) for a, b in zip(i, j)],
+                                            out / "edges.tsv", **test)
         if per_edge:
             arrays["edge_t"], arrays["edge_q"] = (square(per_edge[k], list(zip(i, j)), size) for k in "tq")
         if networks:
@@ -385,16 +426,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                 out / "network_edges.tsv", columns=("network_a", "network_b"), **test)
         write_text_atomic(out / "edges.json", json.dumps({"group_by": group_by, **summary}, indent=2) + "\n")
 
-    diagonal = 0.0 if kind == "fisher_z" else 1.0  # every run's matrix has it; so has their mean
-
-    def matrices(rows):
-        for _ in range(n):
-            matrix = np.full((size, size), diagonal, dtype=np.float32)
-            matrix[i, j] = matrix[j, i] = np.fromfile(rows, dtype=np.float32, count=len(i))
-            yield matrix
-
-    with npz_writer(out / "connectivity.npz") as npz, open(table, "rb") as rows:
-        npz.add_rows("matrices", (n, size, size), np.float32, matrices(rows))
+    with npz_writer(out / "connectivity.npz") as npz:
+        npz.add_rows("matrices", (n, size, size), np.float32, iter(table))
         for name, array in arrays.items():
             npz.add(name, array)
     write_tsv(out / "parcels.tsv", [{"index": i, "label": label, "name": name}

@@ -34,12 +34,14 @@ def _eigen_map(function, matrix: np.ndarray) -> np.ndarray:
     return (vectors * function(values)) @ vectors.T
 
 
-def geometric_mean(matrices: list[np.ndarray], max_iter: int = 30, tol: float = 1e-7) -> np.ndarray:
+def geometric_mean(matrices, max_iter: int = 30, tol: float = 1e-7) -> np.ndarray:
     """The Riemannian (affine-invariant) mean of positive definite matrices, by gradient descent from their
-    arithmetic mean, halving the step whenever the gradient grows."""
-    if not matrices:
+    arithmetic mean, halving the step whenever the gradient grows. ``matrices``: a list, or anything with a
+    length that can be iterated again (a table on disk), read once per step."""
+    n = len(matrices)
+    if not n:
         raise ValueError("tangent space: no participant's matrix to take the group mean of")
-    mean = np.mean(matrices, axis=0)
+    mean = sum(np.asarray(m, dtype=np.float64) for m in matrices) / n
     step, last_norm = 1.0, np.inf
     for _ in range(max_iter):
         values, vectors = np.linalg.eigh(mean)
@@ -47,7 +49,7 @@ def geometric_mean(matrices: list[np.ndarray], max_iter: int = 30, tol: float = 
             raise ValueError("tangent space: the group mean is not positive definite")
         root = (vectors * np.sqrt(values)) @ vectors.T
         inverse_root = (vectors / np.sqrt(values)) @ vectors.T
-        gradient = np.mean([_eigen_map(np.log, inverse_root @ m @ inverse_root) for m in matrices], axis=0)
+        gradient = sum(_eigen_map(np.log, inverse_root @ m @ inverse_root) for m in matrices) / n
         mean = root @ _eigen_map(np.exp, step * gradient) @ root
         norm = np.linalg.norm(gradient) / mean.size
         if norm > last_norm:
@@ -59,9 +61,12 @@ def geometric_mean(matrices: list[np.ndarray], max_iter: int = 30, tol: float = 
     return mean
 
 
-def tangent_vector(matrix: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """The matrix in the tangent space at ``reference``: the upper triangle of ``logm(R^-1/2 C R^-1/2)``, its
-    diagonal included (a parcel's variance relative to the group's is information here)."""
-    whitening = _eigen_map(lambda v: 1.0 / np.sqrt(v), reference)
-    tangent = _eigen_map(np.log, whitening @ matrix @ whitening)
-    return tangent[np.triu_indices(len(matrix))]
+def whitening(reference: np.ndarray) -> np.ndarray:
+    """``R^-1/2``, which takes a matrix to the tangent space at the reference ``R``."""
+    return _eigen_map(lambda v: 1.0 / np.sqrt(v), reference)
+
+
+def tangent_matrix(matrix: np.ndarray, whitening: np.ndarray) -> np.ndarray:
+    """``logm(W C W)``: the matrix in the tangent space at the reference whose ``whitening`` is W. Symmetric; its
+    diagonal (a parcel's variance relative to the group's) is information too."""
+    return _eigen_map(np.log, whitening @ matrix @ whitening)
