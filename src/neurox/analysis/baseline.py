@@ -1,10 +1,11 @@
 """``neurox baseline``: functional connectivity + a linear model, on the same split as the model.
 
-Per participant, the Fisher-z correlation matrix of the atlas' parcel series (mean over runs);
-its upper triangle, standardised, goes into a cross-validated logistic regression (classes) or
-ridge regression (numbers) fitted on the training participants only; metrics are computed on the
-validation and test participants exactly as for the model (subject level, bootstrap intervals).
-The fitted coefficients are saved as plain arrays, so ``evaluate_baseline`` scores any store.
+Per participant, the Fisher-z correlation matrix of the atlas' parcel series (mean over runs), or its
+tangent-space projection (neurox.analysis.tangent); its upper triangle, standardised, goes into a
+cross-validated logistic regression (classes) or ridge regression (numbers) fitted on the training
+participants only; metrics are computed on the validation and test participants exactly as for the model
+(subject level, bootstrap intervals). The fitted coefficients are saved as plain arrays, so
+``evaluate_baseline`` scores any store.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from neurox.analysis.connectivity import participant_connectivity, series_cache, upper_triangle
+from neurox.analysis.connectivity import MatrixTable, participant_matrices, series_cache, store_atlas, upper_triangle
 from neurox.data.confounds import Denoising, participant_motion
-from neurox.data.loader import Target, load_cohort, load_splits, save_splits, split_participants, standardise
+from neurox.data.loader import (
+    Target,
+    load_cohort,
+    load_splits,
+    prepared_runs,
+    save_splits,
+    split_participants,
+    standardise,
+)
 from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.train.objectives import subject_metrics
@@ -48,19 +57,39 @@ class BaselineConfig:
 def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool, denoising: Denoising,
               cache: Path | None = None, workers: int = 1, reference: np.ndarray | None = None,
               train: list[str] | None = None):
-    """Each participant's feature vector, the atlas labels, and (``kind`` tangent) the reference point: the
-    one given (a fitted run's), else the geometric mean of the ``train`` participants' matrices, so that no
-    validation or test participant shapes the features."""
-    matrices, labels = participant_connectivity(store, atlas, participants, kind, progress, denoising=denoising,
-                                                cache=cache, workers=workers)
+    """Each participant's feature vector (float32), the atlas labels, and (``kind`` tangent) the reference
+    point: the one given (a fitted run's), else the geometric mean of the ``train`` participants' matrices, so
+    that no validation or test participant shapes the features. The matrices are not all held in memory: only
+    the features (a quarter of their float64 bytes; the tangent space keeps them in tables in ``cache`` until
+    the reference is known)."""
+    atlas_grid, labels = store_atlas(store, atlas)
+    runs, _ = prepared_runs(store, participants)
+    matrices = participant_matrices(store, atlas_grid, labels, runs, kind, progress, denoising, cache,
+                                    workers=workers)
     if kind != "tangent":
-        return {p: upper_triangle(m) for p, m in matrices.items()}, labels, None
+        return {p: upper_triangle(m).astype(np.float32) for p, m in matrices}, labels, None
     from neurox.analysis.tangent import geometric_mean, tangent_matrix, whitening
 
-    if reference is None:
-        reference = geometric_mean([matrices[p] for p in train or [] if p in matrices])
-    to_tangent, upper = whitening(reference), np.triu_indices(len(reference))  # diagonal included
-    return {p: tangent_matrix(m, to_tangent)[upper] for p, m in matrices.items()}, labels, reference
+    upper = np.triu_indices(len(labels))  # the diagonal too: a parcel's variance relative to the group's
+
+    if reference is not None:
+        to_tangent = whitening(reference)
+        return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in matrices}, labels, reference
+    if cache is None:
+        raise ValueError("tangent features without a reference need a folder for the training matrices")
+    everyone, training, order = MatrixTable(cache / "matrices", len(labels)), MatrixTable(cache / "training",
+                                                                                         len(labels)), []
+    train = set(train or [])
+    with everyone.appending() as add, training.appending() as add_training:
+        for p, matrix in matrices:
+            order.append(p)
+            add(matrix)
+            if p in train:
+                add_training(matrix)
+    reference = geometric_mean(training)
+    to_tangent = whitening(reference)
+    return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in zip(order, everyone)}, labels, \
+        reference
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
@@ -128,7 +157,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     features, labels, reference = _features(store, config.atlas, cohort.participants, config.kind, progress,
                                             denoising, cache, config.workers, train=cohort.in_split("train"))
     train = [p for p in cohort.in_split("train") if p in features]
-    x_train = np.stack([features[p] for p in train])
+    x_train = np.stack([features[p] for p in train]).astype(np.float64)
     y_train = np.stack([cohort.labels(p) for p in train])
 
     params, outputs_by_target = {}, []
