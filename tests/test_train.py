@@ -191,7 +191,7 @@ def test_baseline_on_the_same_split(store, tmp_path):
 
     save(atlas, labels)
     assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
-                 str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "50"]) == 0
+                 str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "50", "--quiet", "true"]) == 0
     assert read_tsv(tmp_path / "fc" / "splits.tsv") == read_tsv(run / "splits.tsv")
     assert not list((tmp_path / "fc").glob(".series-*"))  # the series it kept to resume are gone once it ends
     import yaml

@@ -97,12 +97,12 @@ def predict(run: str | Path, store: str | Path, out: str | Path, batch_size: int
     return predict_run(run, store, out, batch_size)
 
 
-def baseline(**options: Any) -> Path:
+def baseline(quiet: bool = False, **options: Any) -> Path:
     """The FC + linear baseline (the options of ``neurox baseline``); returns its run directory."""
     from neurox.analysis.baseline import BaselineConfig
     from neurox.analysis.baseline import baseline as run
 
-    return run(BaselineConfig(**options))
+    return run(BaselineConfig(**options), progress=not quiet)
 
 
 def connectivity(store: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",

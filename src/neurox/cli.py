@@ -140,7 +140,7 @@ def print_metrics(splits: dict, title: str, target: str | None = None) -> None:
 def cmd_baseline(args) -> int:
     from neurox.analysis.baseline import BaselineConfig
 
-    out = api.baseline(**config_options(BaselineConfig, args))
+    out = api.baseline(quiet=args.quiet, **config_options(BaselineConfig, args))
     print_metrics(json.loads((out / "metrics.json").read_text()), title=f"{out} (FC baseline)", target=args.target)
     return 0
 

@@ -226,6 +226,7 @@ def _baseline_parser() -> ArgumentParser:
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     p.add_class_arguments(BaselineConfig, fail_untyped=False)
     describe_options(p, BaselineConfig)
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 
