@@ -333,7 +333,10 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
       within and between networks), ``network_matrices``/``network_names`` in the npz and, with ``group_by``,
       ``network_edges.tsv``.
     """
+    import sys
+
     from neurox.data.store import write_tsv
+    from neurox.progress import progress as progress_display
 
     if kind not in ("plain", "fisher_z", "partial", "tangent"):
         raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z, partial or tangent")
@@ -384,10 +387,15 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     if kind == "tangent":  # each matrix as its deviation from the group's geometric mean (neurox.analysis.tangent)
         from neurox.analysis.tangent import geometric_mean, tangent_matrix, whitening
 
-        reference = geometric_mean(table)
+        def report(step: int, norm: float, tol: float) -> None:
+            if progress:
+                print(f"connectivity: tangent space, the participants' geometric mean: step {step}, gradient "
+                      f"{norm:.2g} (done below {tol:g})", file=sys.stderr)
+
+        reference = geometric_mean(table, report=report)
         to_tangent, shrunk, table = whitening(reference), table, MatrixTable(cache / "tangent", size)
         with table.appending() as append:
-            for matrix in shrunk:
+            for matrix in progress_display(shrunk, desc="tangent space", unit="participant", disable=not progress):
                 append(tangent_matrix(matrix, to_tangent))
         arrays["tangent_reference"] = reference.astype(np.float32)
 

@@ -34,16 +34,17 @@ def _eigen_map(function, matrix: np.ndarray) -> np.ndarray:
     return (vectors * function(values)) @ vectors.T
 
 
-def geometric_mean(matrices, max_iter: int = 30, tol: float = 1e-7) -> np.ndarray:
+def geometric_mean(matrices, max_iter: int = 30, tol: float = 1e-7, report=None) -> np.ndarray:
     """The Riemannian (affine-invariant) mean of positive definite matrices, by gradient descent from their
     arithmetic mean, halving the step whenever the gradient grows. ``matrices``: a list, or anything with a
-    length that can be iterated again (a table on disk), read once per step."""
+    length that can be iterated again (a table on disk), read once per step. ``report(step, norm, tol)``, when
+    given, hears of each step (a cohort's steps take minutes)."""
     n = len(matrices)
     if not n:
         raise ValueError("tangent space: no participant's matrix to take the group mean of")
     mean = sum(np.asarray(m, dtype=np.float64) for m in matrices) / n
     step, last_norm = 1.0, np.inf
-    for _ in range(max_iter):
+    for iteration in range(max_iter):
         values, vectors = np.linalg.eigh(mean)
         if values.min() <= 0:
             raise ValueError("tangent space: the group mean is not positive definite")
@@ -55,6 +56,8 @@ def geometric_mean(matrices, max_iter: int = 30, tol: float = 1e-7) -> np.ndarra
         if norm > last_norm:
             step /= 2.0
             norm = last_norm
+        if report is not None:
+            report(iteration + 1, norm, tol)
         if norm < tol:
             break
         last_norm = norm
