@@ -370,3 +370,35 @@ def test_worker_processes_run_linear_algebra_on_one_thread():
         assert pool.submit(os.getenv, "OPENBLAS_NUM_THREADS").result() == "1"
         pools = pool.submit(threadpoolctl.threadpool_info).result()
     assert any(p["user_api"] == "blas" for p in pools) and all(p["num_threads"] == 1 for p in pools)
+
+
+def test_a_killed_worker_is_one_line_and_the_next_run_resumes(tmp_path):
+    """A --workers process killed by the system (as the out-of-memory killer does) stops the command with one
+    line saying what to do; the same command again finishes the store."""
+    for i in range(6):
+        bids_run(tmp_path / "in", f"{i:02d}", n_frames=24, seed=i)
+    command = [sys.executable, "-m", "neurox.cli", "prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store"),
+               "--voxel_size", "4", "--workers", "2", "--quiet", "true"]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def workers() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                status = (entry / "status").read_text()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"PPid:\t{job.pid}\n" in status and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                found.append(int(entry.name))
+        return found
+
+    deadline = time.monotonic() + 60
+    while not workers() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert job.poll() is None, "the workers finished before one could be killed"
+    os.kill(workers()[0], signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 1 and "a worker process ended abruptly" in err and "Traceback" not in err
+    assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+    assert len(Store(tmp_path / "store").run_ids) == 6

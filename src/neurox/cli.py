@@ -213,12 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    from concurrent.futures.process import BrokenProcessPool
+
     from neurox.errors import UserFacingError
 
     try:
         return COMMANDS[args.command](args[args.command])
     except (ValueError, FileNotFoundError, UserFacingError) as err:
         print(f"neurox {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except BrokenProcessPool:  # the system killed a --workers process, most often for memory
+        print(f"neurox {args.command}: error: a worker process ended abruptly (most often killed by the system for "
+              "lack of memory); run the same command again with fewer --workers: what was finished is kept",
+              file=sys.stderr)
         return 1
 
 
