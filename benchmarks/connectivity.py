@@ -4,7 +4,8 @@ Makes one synthetic cohort (4 mm grid, ``--parcels`` parcels, ``--frames`` frame
 then runs `neurox connectivity` (Fisher z, ``simple`` denoising, edgewise statistics of ``coupling_group``
 with ``mean_fd`` as covariate) on the first N participants for each N of ``--participants``, each in a
 fresh process, whose peak resident memory is reported (of the main process: with ``--workers``, each
-worker holds one participant's runs besides). The largest N is run again with ``--workers`` processes.
+worker holds one participant's runs besides). The largest N is run again with ``--workers`` processes, and
+the second N with ``--kind tangent`` (the geometric mean's passes over the matrices, then the projection).
 Memory that grows with N is what limits a cohort of tens of thousands (a 400 x 400 float32 matrix is
 0.64 MB a participant). Prints one JSON document.
 
@@ -26,11 +27,11 @@ from pathlib import Path
 MEASURE = """
 import json, resource, sys, time
 import neurox
-store, atlas, out, n, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+store, atlas, out, n, workers, kind = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
 ids = sorted(l.split("\\t")[0] for l in open(store + "/participants.tsv").read().splitlines()[1:])[:n]
 start = time.perf_counter()
 neurox.connectivity(store, atlas, out, confounds="simple", participants=ids, group_by="coupling_group",
-                    covariates=["mean_fd"], workers=workers, quiet=True)
+                    covariates=["mean_fd"], workers=workers, kind=kind, quiet=True)
 print(json.dumps({"seconds": time.perf_counter() - start,
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
@@ -59,16 +60,21 @@ def main() -> None:
     atlas = next((cohort / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
 
     results = []
-    for n, workers in [(n, 1) for n in sorted(args.participants)] + [(n_max, args.workers)]:
-        out = work / f"fc-{n}-{workers}"
-        done = subprocess.run([sys.executable, "-c", MEASURE, str(store), str(atlas), str(out), str(n), str(workers)],
-                              capture_output=True, text=True, check=True)
+    n_tangent = sorted(args.participants)[min(1, len(args.participants) - 1)]
+    runs = [(n, 1, "fisher_z") for n in sorted(args.participants)] + [(n_max, args.workers, "fisher_z"),
+                                                                      (n_tangent, 1, "tangent")]
+    for n, workers, kind in runs:
+        out = work / f"fc-{n}-{workers}-{kind}"
+        done = subprocess.run([sys.executable, "-c", MEASURE, str(store), str(atlas), str(out), str(n), str(workers),
+                               kind], capture_output=True, text=True, check=True)
         measured = json.loads(done.stdout.strip().splitlines()[-1])
         npz = out / "connectivity.npz"
-        results.append({"participants": n, "workers": workers, **{k: round(v, 3) for k, v in measured.items()},
+        results.append({"participants": n, "workers": workers, "kind": kind,
+                        **{k: round(v, 3) for k, v in measured.items()},
                         "connectivity_npz_mb": round(npz.stat().st_size / 2**20, 1)})
         print(json.dumps(results[-1]), file=sys.stderr)
-    first, last, pooled = results[0], results[-2], results[-1]
+    first, last, pooled, tangent = results[0], results[-3], results[-2], results[-1]
+    fisher_z = next(r for r in results if (r["participants"], r["workers"]) == (n_tangent, 1))
     print(json.dumps({
         "benchmark": "connectivity", "parcels": args.parcels, "frames": args.frames,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -76,6 +82,7 @@ def main() -> None:
         "peak_rss_ratio_last_to_first": round(last["peak_rss_gib"] / first["peak_rss_gib"], 2),
         "participants_ratio": last["participants"] / first["participants"],
         f"speedup_{args.workers}_workers": round(last["seconds"] / pooled["seconds"], 2),
+        "tangent_over_fisher_z_time": round(tangent["seconds"] / fisher_z["seconds"], 2),
         "this_process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }, indent=2))
 
