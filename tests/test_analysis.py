@@ -14,7 +14,7 @@ import pytest
 import torch
 from fakes import OPTIONS, as_las, bids_run
 
-from neurox.analysis.connectivity import participant_connectivity, store_atlas
+from neurox.analysis.connectivity import participant_matrices, store_atlas
 from neurox.analysis.explain import (
     ExplainOptions,
     attribute,
@@ -368,6 +368,15 @@ def test_participant_vector_pools_every_frame_of_every_window():
     assert np.isclose(tokens[15 + 5 * 2 + 3], np.concatenate([positions[0, 2, 3], positions[1, 2, 3]]).std())
 
 
+def matrices_of(store: Store, atlas, participants: list[str], **options) -> tuple[dict, list[int]]:
+    """Participant -> connectivity matrix, all in memory, and the atlas labels."""
+    from neurox.data.loader import prepared_runs
+
+    grid, labels = store_atlas(store, atlas)
+    runs, _ = prepared_runs(store, participants)
+    return dict(participant_matrices(store, grid, labels, runs, progress=False, **options)), labels
+
+
 def test_connectivity_resumes_from_the_series_it_kept(synthetic, tmp_path):
     cohort, store = synthetic
     atlas = atlas_of(cohort)
@@ -379,7 +388,7 @@ def test_connectivity_resumes_from_the_series_it_kept(synthetic, tmp_path):
     resumed = tmp_path / "resumed"
     grid, _ = store_atlas(Store(store), atlas)
     cache = resumed / f".series-{hashlib.sha256(grid.tobytes()).hexdigest()[:12]}"
-    participant_connectivity(Store(store), atlas, ["sub-01", "sub-02", "sub-03"], progress=False, cache=cache)
+    matrices_of(Store(store), atlas, ["sub-01", "sub-02", "sub-03"], cache=cache)
     kept = sorted(cache.glob("*.npy"))
     assert len(kept) == 3
     np.save(kept[0], np.random.default_rng(0).standard_normal(np.load(kept[0]).shape))  # marks what is read
@@ -399,7 +408,7 @@ def test_connectivity_writes_what_it_computes_one_participant_at_a_time(syntheti
     assert main(["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(tmp_path / "fc"),
                  "--kind", "plain", "--participants", *ids, "--quiet", "true"]) == 0
     data = np.load(tmp_path / "fc" / "connectivity.npz")
-    reference, labels = participant_connectivity(Store(store), atlas, ids, kind="plain", progress=False)
+    reference, labels = matrices_of(Store(store), atlas, ids, kind="plain")
     assert list(data["participants"]) == ids and list(data["labels"]) == labels
     assert data["matrices"].dtype == np.float32
     assert np.allclose(data["matrices"], np.stack([reference[p] for p in ids]), atol=1e-6)

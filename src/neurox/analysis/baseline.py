@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from neurox.analysis.connectivity import MatrixTable, participant_matrices, series_cache, store_atlas, upper_triangle
+from neurox.analysis.connectivity import (
+    KINDS,
+    MatrixTable,
+    participant_matrices,
+    series_cache,
+    store_atlas,
+    upper_triangle,
+)
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import (
     Target,
@@ -54,42 +61,37 @@ class BaselineConfig:
     workers: int = 1  # processes reading the runs' frames for the connectivity features
 
 
-def _features(store: Store, atlas: str, participants: list[str], kind: str, progress: bool, denoising: Denoising,
-              cache: Path | None = None, workers: int = 1, reference: np.ndarray | None = None,
-              train: list[str] | None = None):
-    """Each participant's feature vector (float32), the atlas labels, and (``kind`` tangent) the reference
-    point: the one given (a fitted run's), else the geometric mean of the ``train`` participants' matrices, so
-    that no validation or test participant shapes the features. The matrices are not all held in memory: only
-    the features (a quarter of their float64 bytes; the tangent space keeps them in tables in ``cache`` until
-    the reference is known)."""
-    atlas_grid, labels = store_atlas(store, atlas)
+def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: list[str], kind: str,
+              progress: bool, denoising: Denoising, cache: Path | None = None, workers: int = 1,
+              reference: np.ndarray | None = None, train: list[str] | None = None):
+    """Each participant's feature vector (float32) from the atlas on the store grid (``store_atlas``), and (``kind``
+    tangent) the reference point: the one given (a fitted run's), else the geometric mean of the ``train``
+    participants' matrices, so that no validation or test participant shapes the features. The matrices are not
+    all held in memory: only the features (a quarter of their float64 bytes; the tangent space keeps them in
+    tables in ``cache`` until the reference is known)."""
+    atlas_grid, labels = atlas
     runs, _ = prepared_runs(store, participants)
     matrices = participant_matrices(store, atlas_grid, labels, runs, kind, progress, denoising, cache,
                                     workers=workers)
     if kind != "tangent":
-        return {p: upper_triangle(m).astype(np.float32) for p, m in matrices}, labels, None
+        return {p: upper_triangle(m).astype(np.float32) for p, m in matrices}, None
     from neurox.analysis.tangent import geometric_mean, tangent_matrix, whitening
 
-    upper = np.triu_indices(len(labels))  # the diagonal too: a parcel's variance relative to the group's
-
-    if reference is not None:
-        to_tangent = whitening(reference)
-        return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in matrices}, labels, reference
-    if cache is None:
-        raise ValueError("tangent features without a reference need a folder for the training matrices")
-    everyone, training, order = MatrixTable(cache / "matrices", len(labels)), MatrixTable(cache / "training",
-                                                                                         len(labels)), []
-    train = set(train or [])
-    with everyone.appending() as add, training.appending() as add_training:
-        for p, matrix in matrices:
-            order.append(p)
-            add(matrix)
-            if p in train:
-                add_training(matrix)
-    reference = geometric_mean(training)
+    if reference is None:
+        if cache is None:
+            raise ValueError("tangent features without a reference need a folder for the training matrices")
+        everyone, training = MatrixTable(cache / "matrices", len(labels)), MatrixTable(cache / "training", len(labels))
+        order, train = [], set(train or [])
+        with everyone.appending() as add, training.appending() as add_training:
+            for p, matrix in matrices:
+                order.append(p)
+                add(matrix)
+                if p in train:
+                    add_training(matrix)
+        reference, matrices = geometric_mean(training), zip(order, everyone)
     to_tangent = whitening(reference)
-    return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in zip(order, everyone)}, labels, \
-        reference
+    upper = np.triu_indices(len(labels))  # the diagonal too: a parcel's variance relative to the group's
+    return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in matrices}, reference
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
@@ -140,8 +142,8 @@ def linear_outputs(params: dict, x: np.ndarray) -> np.ndarray:
 def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     if not (config.store and config.target and config.out and config.atlas):
         raise ValueError("baseline needs --store, --target, --atlas and --out")
-    if config.kind not in ("fisher_z", "plain", "partial", "tangent"):
-        raise ValueError(f"--kind {config.kind}: choose fisher_z, plain, partial or tangent")
+    if config.kind not in KINDS:
+        raise ValueError(f"--kind {config.kind}: choose {', '.join(KINDS)}")
     store = Store(config.store)
     columns = [c.strip() for c in config.target.split(",") if c.strip()]
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
@@ -153,9 +155,10 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         cohort.split = split_participants(cohort, config.seed, config.split_fractions)
     standardise(cohort)
     denoising = Denoising(config.confounds, config.fd_threshold, config.global_signal)
-    cache = series_cache(config.out, store, config.atlas)  # an interrupted baseline resumes from it
-    features, labels, reference = _features(store, config.atlas, cohort.participants, config.kind, progress,
-                                            denoising, cache, config.workers, train=cohort.in_split("train"))
+    atlas_grid, labels = store_atlas(store, config.atlas)
+    cache = series_cache(config.out, atlas_grid)  # an interrupted baseline resumes from it
+    features, reference = _features(store, (atlas_grid, labels), cohort.participants, config.kind, progress,
+                                    denoising, cache, config.workers, train=cohort.in_split("train"))
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train]).astype(np.float64)
     y_train = np.stack([cohort.labels(p) for p in train])
@@ -220,8 +223,9 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     cohort, _ = cohort_with(store, targets, splits)
     denoising = Denoising(config.get("confounds", "none"), config.get("fd_threshold", 0.5),
                           config.get("global_signal", False))  # as the run was fitted
-    features, labels, _ = _features(store, config["atlas"], cohort.participants, config["kind"], False, denoising,
-                                    reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
+    atlas_grid, labels = store_atlas(store, config["atlas"])
+    features, _ = _features(store, (atlas_grid, labels), cohort.participants, config["kind"], False, denoising,
+                            reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
     if list(stored["atlas_labels"]) != labels:
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
     motion = participant_motion(store)

@@ -70,6 +70,9 @@ def parcel_series(store: Store, run_id: str, atlas: np.ndarray, labels: list[int
         return series / counts
 
 
+KINDS = ("fisher_z", "plain", "partial", "tangent")  # what a participant's connectivity matrix is
+
+
 def correlation_matrix(series: np.ndarray, kind: str = "fisher_z") -> np.ndarray:
     """Pearson correlation between parcels (``plain``), its Fisher z (``fisher_z``), the partial
     correlation from the precision matrix (``partial``), or the shrunk correlation that the tangent space
@@ -93,7 +96,7 @@ def correlation_matrix(series: np.ndarray, kind: str = "fisher_z") -> np.ndarray
         corr = np.arctanh(np.clip(corr, -0.999999, 0.999999))
         np.fill_diagonal(corr, 0.0)
     elif kind not in ("plain", "partial"):
-        raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z, partial or tangent")
+        raise ValueError(f"unknown connectivity kind {kind!r}; choose {', '.join(KINDS)}")
     return corr
 
 
@@ -102,16 +105,6 @@ def store_atlas(store: Store, atlas_path: str | Path) -> tuple[np.ndarray, list[
     grid = tuple(store.info["grid"])
     affine = np.array(store.run(store.run_ids[0]).attributes["affine"])
     return atlas_on_grid(atlas_path, grid, affine)
-
-
-def participant_connectivity(store: Store, atlas_path: str | Path, participants: list[str] | None,
-                             kind: str = "fisher_z", progress: bool = True, denoising: Denoising | None = None,
-                             cache: Path | None = None, workers: int = 1) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Participant -> connectivity matrix (``participant_matrices``) of the participants given (None: all)."""
-    atlas, labels = store_atlas(store, atlas_path)
-    runs, _ = prepared_runs(store, participants)
-    return dict(participant_matrices(store, atlas, labels, runs, kind, progress, denoising, cache,
-                                     workers=workers)), labels
 
 
 def participant_matrices(store: Store, atlas: np.ndarray, labels: list[int], runs: dict[str, list[str]],
@@ -193,11 +186,10 @@ def _worker_participant(run_ids: list[str]):
     return participant_runs(_WORKER["store"], run_ids, *_WORKER["setting"])
 
 
-def series_cache(out: str | Path, store: Store, atlas_path: str | Path) -> Path:
+def series_cache(out: str | Path, atlas_grid: np.ndarray) -> Path:
     """Where a command writing to ``out`` keeps each run's parcel series, so that an interrupted run resumes:
-    a folder named by the atlas on the store grid (another atlas never reads it), removed by the command once
-    its outputs are written."""
-    atlas_grid, _ = store_atlas(store, atlas_path)
+    a folder named by the atlas on the store grid (``store_atlas``; another atlas never reads it), removed by
+    the command once its outputs are written."""
     cache = Path(out) / f".series-{hashlib.sha256(atlas_grid.tobytes()).hexdigest()[:12]}"
     cache.mkdir(parents=True, exist_ok=True)
     return cache
@@ -338,8 +330,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     from neurox.data.store import write_tsv
     from neurox.progress import progress as progress_display
 
-    if kind not in ("plain", "fisher_z", "partial", "tangent"):
-        raise ValueError(f"unknown connectivity kind {kind!r}; choose plain, fisher_z, partial or tangent")
+    if kind not in KINDS:
+        raise ValueError(f"unknown connectivity kind {kind!r}; choose {', '.join(KINDS)}")
     store = Store(store_path)
     if not Path(atlas).is_file():
         raise FileNotFoundError(f"{atlas}: no such atlas file")
@@ -361,8 +353,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         if unknown:
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
     out = Path(out)
-    cache = series_cache(out, store, atlas)
     atlas_grid, labels = store_atlas(store, atlas)
+    cache = series_cache(out, atlas_grid)
     runs, _ = prepared_runs(store, participants)
     names, networks = atlas_names(atlas, labels, names_tsv), atlas_networks(atlas, labels, names_tsv)
     size = len(labels)
