@@ -181,7 +181,7 @@ def test_non_finite_loss_stops_with_step_and_participants(store, tmp_path, capsy
     assert "at step" in err and "batch participants: sub-" in err
 
 
-def test_baseline_on_the_same_split(store, tmp_path):
+def test_baseline_on_the_same_split(store, tmp_path, capsys):
     run = tmp_path / "run"
     main(finetune_args(store, run, "--epochs", "1"))
     atlas = tmp_path / "atlas.nii.gz"
@@ -201,6 +201,13 @@ def test_baseline_on_the_same_split(store, tmp_path):
     fc = json.loads((tmp_path / "fc" / "metrics.json").read_text())
     assert fc["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
+    from neurox.data.loader import load_splits, save_splits
+
+    (tmp_path / "no-train").mkdir()  # a split whose training participants are in another store: one line
+    save_splits(tmp_path / "no-train" / "splits.tsv", {p: "test" for p in load_splits(run / "splits.tsv")})
+    assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
+                 str(tmp_path / "fc2"), "--split_from", str(tmp_path / "no-train"), "--quiet", "true"]) == 1
+    assert "no training participant of the split has a prepared run here (0 in" in capsys.readouterr().err
 
 
 def test_linear_fit_with_a_class_of_one_participant_fits_without_cross_validation_warnings():
@@ -243,6 +250,25 @@ def test_linear_fit_with_more_features_than_rows_is_the_fit_on_all_features(task
     outputs = full.predict if task == "regression" else full.decision_function
     expected = outputs(z.transform(test)).reshape(10, -1)
     assert np.allclose(linear_outputs(fitted, test), expected, atol=1e-3 * np.abs(expected).max())
+
+
+def test_wide_linear_fit_is_the_same_from_float32_features_in_column_blocks(monkeypatch):
+    """The Gram matrix of the wide fit is summed over blocks of standardised columns of float32 features (a
+    cohort's connectivity edges are held as float32): blocks of 7 columns, a constant column among them, fit
+    the same model, and score rows block by block, as one block of float64 does."""
+    import neurox.analysis.baseline as baseline
+
+    rng = np.random.default_rng(2)
+    y = np.arange(30) % 2
+    x = rng.standard_normal((30, 200)) + 0.5 * y[:, None] * (np.arange(200) < 20)
+    x[:, 5] = 1.5  # a constant edge: scaled by 1, weighted 0
+    whole = baseline.fit_linear(x, y, "binary", 0)
+    monkeypatch.setattr(baseline, "BLOCK_VALUES", 30 * 7)
+    blocked = baseline.fit_linear(x.astype(np.float32), y, "binary", 0)
+    assert blocked["coef"].dtype == np.float64 and blocked["coef"][0, 5] == 0 and blocked["scale"][5] == 1
+    test = rng.standard_normal((9, 200)).astype(np.float32)
+    assert np.allclose(baseline.linear_outputs(blocked, test), baseline.linear_outputs(whole, test), atol=1e-5)
+    assert baseline.linear_outputs(blocked, test[:0]).shape == (0, 1)
 
 
 def test_fine_tuning_from_a_linear_probe(store, tmp_path):

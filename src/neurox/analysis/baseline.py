@@ -94,49 +94,100 @@ def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: l
     return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in matrices}, reference
 
 
+BLOCK_VALUES = 2**24  # float64 values (128 MB) of standardised features held at once by the wide fit
+
+
 def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
     """Standardised features; LogisticRegressionCV or RidgeCV, cross-validated on these rows only.
 
-    With more features than rows (a per-position embedding: thousands of features, a hundred
-    participants) the model is fitted in the rows' own basis, ``z = U S Vt`` -> ``z Vt.T`` (rows x rows),
-    and its weights mapped back through ``Vt``: an L2-penalised linear model's weights lie in the span
-    of its training rows (of any subset of them too, so the inner cross-validation fits the same models),
-    and ``Vt`` is orthonormal, so at each strength the penalty and every output are the same, at a
-    fraction of the cost. Where the inner folds score two strengths alike, the solvers' last digits can
-    tip the choice to the neighbouring one (benchmarks/probe_fit.py measures both)."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
+    With more features than rows (connectivity edges of a cohort, a per-position embedding: thousands of
+    features, fewer participants) the model is fitted in the rows' own basis, ``z = U S Vt`` -> ``z Vt.T = U S``
+    (rows x rank), and its weights mapped back through ``Vt = S^-1 Ut z``: an L2-penalised linear model's weights
+    lie in the span of its training rows (of any subset of them too, so the inner cross-validation fits the same
+    models), and ``Vt`` is orthonormal, so at each strength the penalty and every output are the same, at a
+    fraction of the cost. ``U`` and ``S`` come from the rows x rows Gram matrix ``z zt``, summed over blocks of
+    standardised columns (``_wide_basis``), so memory is ``x`` (float32 is enough) plus rows x rows, never a
+    float64 copy of ``x``. Where the inner folds score two strengths alike, the solvers' last digits can tip
+    the choice to the neighbouring one (benchmarks/probe_fit.py measures both)."""
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
-    basis = None
-    if z.shape[1] > z.shape[0]:
-        basis = np.linalg.svd(z, full_matrices=False)[2]  # (rows, features), orthonormal rows
-        z = z @ basis.T
+    if x.shape[1] > x.shape[0]:
+        mean, scale, features, to_weights = _wide_basis(x)
+    else:
+        scaler = StandardScaler().fit(x.astype(np.float64))
+        mean, scale = scaler.mean_, scaler.scale_
+        features, to_weights = scaler.transform(x.astype(np.float64)), None
+    coef, intercept = _fit_penalised(features, y, task, seed)
+    if to_weights is not None:
+        coef = to_weights(coef)
+    return {"mean": mean, "scale": scale, "coef": coef, "intercept": intercept}
+
+
+def _column_blocks(x: np.ndarray):
+    """(slice, float64 block) of ``x``'s columns, ``BLOCK_VALUES`` values at a time."""
+    width = max(1, BLOCK_VALUES // max(1, len(x)))
+    for lo in range(0, x.shape[1], width):
+        yield slice(lo, lo + width), x[:, lo : lo + width].astype(np.float64)
+
+
+def _wide_basis(x: np.ndarray):
+    """The standardisation of ``x`` (rows < columns), its rows in their own basis ``U S`` (rows x rank), and the
+    map of weights on those back to weights on the standardised columns."""
+    from sklearn.preprocessing import StandardScaler
+
+    gram = np.zeros((len(x), len(x)))
+    means, scales = [], []
+    for _, block in _column_blocks(x):  # StandardScaler per block: columns are standardised independently
+        scaler = StandardScaler().fit(block)
+        means.append(scaler.mean_)
+        scales.append(scaler.scale_)
+        z = scaler.transform(block)
+        gram += z @ z.T
+    mean, scale = np.concatenate(means), np.concatenate(scales)
+    values, vectors = np.linalg.eigh(gram)  # ascending
+    del gram
+    # eigenvalues below the Gram matrix's rounding (the mean's null direction, at least) carry no row apart
+    first = int(np.searchsorted(values, values[-1] * len(x) * np.finfo(np.float64).eps, side="right"))
+    values = values[first:]
+    on_basis = np.ascontiguousarray(vectors[:, first:] * np.sqrt(values))  # U S: the rows in their own basis
+    del vectors
+
+    def to_weights(coef: np.ndarray) -> np.ndarray:
+        on_rows = (coef / values) @ on_basis.T  # Vt = S^-1 Ut z, so weights = (coef S^-2 (U S)t) z
+        weights = np.empty((len(coef), x.shape[1]))
+        for columns, block in _column_blocks(x):  # one column block of z at a time
+            weights[:, columns] = on_rows @ ((block - mean[columns]) / scale[columns])
+        return weights
+
+    return mean, scale, on_basis, to_weights
+
+
+def _fit_penalised(z: np.ndarray, y: np.ndarray, task: str, seed: int):
+    """(coef, intercept) of RidgeCV (regression) or LogisticRegressionCV on ``z``."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
+
     if task == "regression":
         model = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit(z, y)
-        coef, intercept = model.coef_[None, :], np.atleast_1d(model.intercept_)
-    else:
-        counts = np.bincount(y.astype(int))
-        smallest = int(counts[counts > 0].min())
-        import warnings
+        return model.coef_[None, :], np.atleast_1d(model.intercept_)
+    counts = np.bincount(y.astype(int))
+    smallest = int(counts[counts > 0].min())
+    import warnings
 
-        with warnings.catch_warnings():  # scikit-learn 1.8 announces a change of attribute names
-            warnings.simplefilter("ignore", FutureWarning)
-            if smallest < 2:  # a class of one participant: no fold split can cross-validate the strength
-                model = LogisticRegression(max_iter=5000, random_state=seed).fit(z, y.astype(int))
-            else:
-                model = LogisticRegressionCV(Cs=10, cv=min(5, smallest), max_iter=5000,
-                                             random_state=seed).fit(z, y.astype(int))
-        coef, intercept = model.coef_, model.intercept_
-    if basis is not None:
-        coef = coef @ basis
-    return {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+    with warnings.catch_warnings():  # scikit-learn 1.8 announces a change of attribute names
+        warnings.simplefilter("ignore", FutureWarning)
+        if smallest < 2:  # a class of one participant: no fold split can cross-validate the strength
+            model = LogisticRegression(max_iter=5000, random_state=seed).fit(z, y.astype(int))
+        else:
+            model = LogisticRegressionCV(Cs=10, cv=min(5, smallest), max_iter=5000,
+                                         random_state=seed).fit(z, y.astype(int))
+    return model.coef_, model.intercept_
 
 
 def linear_outputs(params: dict, x: np.ndarray) -> np.ndarray:
-    z = (x - params["mean"]) / params["scale"]
-    return z @ params["coef"].T + params["intercept"]
+    """The fitted model's outputs for rows ``x``, a block of rows at a time (no float64 copy of a cohort)."""
+    rows = max(1, BLOCK_VALUES // max(1, x.shape[1]))
+    return np.concatenate([((x[lo : lo + rows] - params["mean"]) / params["scale"]) @ params["coef"].T
+                           + params["intercept"] for lo in range(0, max(len(x), 1), rows)])
 
 
 def baseline(config: BaselineConfig, progress: bool = True) -> Path:
@@ -160,7 +211,12 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     features, reference = _features(store, (atlas_grid, labels), cohort.participants, config.kind, progress,
                                     denoising, cache, config.workers, train=cohort.in_split("train"))
     train = [p for p in cohort.in_split("train") if p in features]
-    x_train = np.stack([features[p] for p in train]).astype(np.float64)
+    if not train:
+        raise ValueError(f"{config.store}: no training participant of the split has a prepared run here "
+                         f"({len(cohort.in_split('train'))} in the split): nothing to fit the baseline on")
+    x_train = np.empty((len(train), len(features[train[0]])), np.float32)
+    for row, p in enumerate(train):  # moved, not copied: a cohort's edges are held once (fit_linear reads blocks)
+        x_train[row] = features.pop(p)
     y_train = np.stack([cohort.labels(p) for p in train])
 
     params, outputs_by_target = {}, []
