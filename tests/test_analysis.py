@@ -471,6 +471,27 @@ def test_connectivity_in_the_tangent_space(synthetic, tmp_path):
     assert np.abs(data["group_mean"]).max() < 1e-4  # at the geometric mean, the deviations average to zero
 
 
+def test_matrix_table_reads_some_rows_and_transforms_in_place(tmp_path):
+    """The tangent space's two needs of the on-disk table: the training participants' matrices, read again at
+    each step of their mean without a copy; and every matrix replaced by its projection, with no second table."""
+    from neurox.analysis.connectivity import MatrixTable
+
+    rng = np.random.default_rng(0)
+    matrices = [m + m.T for m in rng.standard_normal((5, 4, 4))]
+    table = MatrixTable(tmp_path / "t", 4)
+    with table.appending() as append:
+        for matrix in matrices:
+            append(matrix)
+    some = table.rows([3, 1])
+    assert len(some) == 2
+    for _ in range(2):  # iterated again: read again
+        assert np.allclose(np.stack(list(some)), np.stack([matrices[3], matrices[1]]), atol=1e-6)
+    sizes = sorted(f.stat().st_size for f in tmp_path.iterdir())
+    table.transform(lambda m: m @ m)
+    assert np.allclose(np.stack(list(table)), np.stack([m @ m for m in matrices]), rtol=1e-5, atol=1e-5)
+    assert sorted(f.stat().st_size for f in tmp_path.iterdir()) == sizes  # the same two files, rewritten
+
+
 def test_npz_writer_streams_rows_and_writes_nothing_on_error(tmp_path):
     from neurox.io.npz import npz_writer
 

@@ -68,7 +68,7 @@ def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: l
     tangent) the reference point: the one given (a fitted run's), else the geometric mean of the ``train``
     participants' matrices, so that no validation or test participant shapes the features. The matrices are not
     all held in memory: only the features (a quarter of their float64 bytes; the tangent space keeps them in
-    tables in ``cache`` until the reference is known)."""
+    a table in ``cache`` until the reference is known)."""
     atlas_grid, labels = atlas
     runs, _ = prepared_runs(store, participants)
     matrices = participant_matrices(store, atlas_grid, labels, runs, kind, progress, denoising, cache,
@@ -80,15 +80,13 @@ def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: l
     if reference is None:
         if cache is None:
             raise ValueError("tangent features without a reference need a folder for the training matrices")
-        everyone, training = MatrixTable(cache / "matrices", len(labels)), MatrixTable(cache / "training", len(labels))
-        order, train = [], set(train or [])
-        with everyone.appending() as add, training.appending() as add_training:
+        everyone, order, training, train = MatrixTable(cache / "matrices", len(labels)), [], [], set(train or [])
+        with everyone.appending() as add:
             for p, matrix in matrices:
+                training += [len(order)] * (p in train)
                 order.append(p)
                 add(matrix)
-                if p in train:
-                    add_training(matrix)
-        reference, matrices = geometric_mean(training), zip(order, everyone)
+        reference, matrices = geometric_mean(everyone.rows(training)), zip(order, everyone)
     to_tangent = whitening(reference)
     upper = np.triu_indices(len(labels))  # the diagonal too: a parcel's variance relative to the group's
     return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in matrices}, reference

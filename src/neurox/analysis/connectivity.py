@@ -13,7 +13,7 @@ import json
 import mmap
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -224,13 +224,42 @@ class MatrixTable:
         return self.n
 
     def __iter__(self) -> Iterator[np.ndarray]:
+        return self.matrices()
+
+    def matrices(self, rows: Sequence[int] | None = None) -> Iterator[np.ndarray]:
+        """Every matrix in order, or those of ``rows`` (positions in the order appended)."""
         n_edges = len(self.upper[0])
         with open(self.edges, "rb") as edges, open(self.diagonal, "rb") as diagonal:
-            for _ in range(self.n):
-                matrix = np.diag(np.fromfile(diagonal, dtype=np.float32, count=self.size).astype(np.float64))
-                matrix[self.upper] = np.fromfile(edges, dtype=np.float32, count=n_edges)
-                matrix.T[self.upper] = matrix[self.upper]
-                yield matrix
+            for row in range(self.n) if rows is None else rows:
+                edges.seek(row * n_edges * 4)
+                diagonal.seek(row * self.size * 4)
+                yield self._read(edges, diagonal)
+
+    def rows(self, rows: Sequence[int]) -> TableRows:
+        """Some of the matrices, as something with a length that can be iterated again (not a copy)."""
+        return TableRows(self, list(rows))
+
+    def transform(self, function, progress: bool = False, desc: str = "") -> None:
+        """Replaces each matrix by ``function(matrix)`` (symmetric, same size), in place: one matrix in memory
+        and no second table on disk."""
+        from neurox.progress import progress as progress_display
+
+        n_edges = len(self.upper[0])
+        with open(self.edges, "r+b") as edges, open(self.diagonal, "r+b") as diagonal:
+            for row in progress_display(range(self.n), desc=desc, unit="participant", disable=not progress):
+                edges.seek(row * n_edges * 4)
+                diagonal.seek(row * self.size * 4)
+                matrix = function(self._read(edges, diagonal))
+                edges.seek(row * n_edges * 4)
+                diagonal.seek(row * self.size * 4)
+                edges.write(matrix[self.upper].astype(np.float32).tobytes())
+                diagonal.write(np.diag(matrix).astype(np.float32).tobytes())
+
+    def _read(self, edges, diagonal) -> np.ndarray:
+        matrix = np.diag(np.fromfile(diagonal, dtype=np.float32, count=self.size).astype(np.float64))
+        matrix[self.upper] = np.fromfile(edges, dtype=np.float32, count=len(self.upper[0]))
+        matrix.T[self.upper] = matrix[self.upper]
+        return matrix
 
     def edge_columns(self, lo: int, hi: int) -> np.ndarray:
         """Edges lo..hi of every participant, (n, hi - lo). The file is mapped for this read only, so the pages
@@ -244,6 +273,20 @@ class MatrixTable:
             columns = edges[:, lo:hi].copy()
             del edges  # the map closes only once no array looks into it
         return columns
+
+
+@dataclasses.dataclass
+class TableRows:
+    """Some rows of a MatrixTable, read from it each time they are iterated."""
+
+    table: MatrixTable
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.table.matrices(self.rows)
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:
@@ -328,7 +371,6 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     import sys
 
     from neurox.data.store import write_tsv
-    from neurox.progress import progress as progress_display
 
     if kind not in KINDS:
         raise ValueError(f"unknown connectivity kind {kind!r}; choose {', '.join(KINDS)}")
@@ -385,10 +427,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                       f"{norm:.2g} (done below {tol:g})", file=sys.stderr)
 
         reference = geometric_mean(table, report=report)
-        to_tangent, shrunk, table = whitening(reference), table, MatrixTable(cache / "tangent", size)
-        with table.appending() as append:
-            for matrix in progress_display(shrunk, desc="tangent space", unit="participant", disable=not progress):
-                append(tangent_matrix(matrix, to_tangent))
+        to_tangent = whitening(reference)
+        table.transform(lambda matrix: tangent_matrix(matrix, to_tangent), progress, desc="tangent space")
         arrays["tangent_reference"] = reference.astype(np.float32)
 
     n, total, block_rows = len(subjects), np.zeros((size, size)), []
