@@ -269,6 +269,12 @@ def test_wide_linear_fit_is_the_same_from_float32_features_in_column_blocks(monk
     test = rng.standard_normal((9, 200)).astype(np.float32)
     assert np.allclose(baseline.linear_outputs(blocked, test), baseline.linear_outputs(whole, test), atol=1e-5)
     assert baseline.linear_outputs(blocked, test[:0]).shape == (0, 1)
+    design = baseline.linear_design(x.astype(np.float32))  # computed once for several targets: the same fits
+    score = x[:, :20].sum(1)
+    for target, task in ((y, "binary"), (score, "regression")):
+        shared = baseline.fit_linear(x.astype(np.float32), target, task, 0, design)
+        alone = baseline.fit_linear(x.astype(np.float32), target, task, 0)
+        assert all(np.array_equal(shared[k], alone[k]) for k in alone)
 
 
 def test_fine_tuning_from_a_linear_probe(store, tmp_path):

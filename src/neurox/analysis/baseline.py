@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,30 @@ def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: l
 BLOCK_VALUES = 2**24  # float64 values (128 MB) of standardised features held at once by the wide fit
 
 
-def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
-    """Standardised features; LogisticRegressionCV or RidgeCV, cross-validated on these rows only.
+@dataclasses.dataclass
+class LinearDesign:
+    """Training rows as a linear fit sees them: standardised, and (more columns than rows) in their own basis,
+    with the map of weights on that basis back to weights on the standardised columns. One design serves every
+    target fitted on the same rows (``fit_linear(..., design=)``): for a cohort it is the costly part."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    features: np.ndarray
+    to_weights: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def linear_design(x: np.ndarray) -> LinearDesign:
+    from sklearn.preprocessing import StandardScaler
+
+    if x.shape[1] > x.shape[0]:
+        return _wide_basis(x)
+    scaler = StandardScaler().fit(x.astype(np.float64))
+    return LinearDesign(scaler.mean_, scaler.scale_, scaler.transform(x.astype(np.float64)))
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int, design: LinearDesign | None = None):
+    """Standardised features; LogisticRegressionCV or RidgeCV, cross-validated on these rows only. ``design``:
+    ``linear_design(x)``, when several targets are fitted on the same ``x``.
 
     With more features than rows (connectivity edges of a cohort, a per-position embedding: thousands of
     features, fewer participants) the model is fitted in the rows' own basis, ``z = U S Vt`` -> ``z Vt.T = U S``
@@ -107,18 +130,11 @@ def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int):
     standardised columns (``_wide_basis``), so memory is ``x`` (float32 is enough) plus rows x rows, never a
     float64 copy of ``x``. Where the inner folds score two strengths alike, the solvers' last digits can tip
     the choice to the neighbouring one (benchmarks/probe_fit.py measures both)."""
-    from sklearn.preprocessing import StandardScaler
-
-    if x.shape[1] > x.shape[0]:
-        mean, scale, features, to_weights = _wide_basis(x)
-    else:
-        scaler = StandardScaler().fit(x.astype(np.float64))
-        mean, scale = scaler.mean_, scaler.scale_
-        features, to_weights = scaler.transform(x.astype(np.float64)), None
-    coef, intercept = _fit_penalised(features, y, task, seed)
-    if to_weights is not None:
-        coef = to_weights(coef)
-    return {"mean": mean, "scale": scale, "coef": coef, "intercept": intercept}
+    design = design or linear_design(x)
+    coef, intercept = _fit_penalised(design.features, y, task, seed)
+    if design.to_weights is not None:
+        coef = design.to_weights(coef)
+    return {"mean": design.mean, "scale": design.scale, "coef": coef, "intercept": intercept}
 
 
 def _column_blocks(x: np.ndarray):
@@ -128,9 +144,8 @@ def _column_blocks(x: np.ndarray):
         yield slice(lo, lo + width), x[:, lo : lo + width].astype(np.float64)
 
 
-def _wide_basis(x: np.ndarray):
-    """The standardisation of ``x`` (rows < columns), its rows in their own basis ``U S`` (rows x rank), and the
-    map of weights on those back to weights on the standardised columns."""
+def _wide_basis(x: np.ndarray) -> LinearDesign:
+    """The design of ``x`` with fewer rows than columns: the rows in their own basis ``U S`` (rows x rank)."""
     from sklearn.preprocessing import StandardScaler
 
     gram = np.zeros((len(x), len(x)))
@@ -157,7 +172,7 @@ def _wide_basis(x: np.ndarray):
             weights[:, columns] = on_rows @ ((block - mean[columns]) / scale[columns])
         return weights
 
-    return mean, scale, on_basis, to_weights
+    return LinearDesign(mean, scale, on_basis, to_weights)
 
 
 def _fit_penalised(z: np.ndarray, y: np.ndarray, task: str, seed: int):
@@ -219,8 +234,9 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
     params, outputs_by_target = {}, []
     targets = cohort.targets
+    design = linear_design(x_train)  # one basis for every target
     for i, target in enumerate(targets):
-        fitted = fit_linear(x_train, y_train[:, i], target.task, config.seed)
+        fitted = fit_linear(x_train, y_train[:, i], target.task, config.seed, design)
         params.update({f"{target.column}.{k}": v for k, v in fitted.items()})
         outputs_by_target.append(fitted)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurox.analysis.baseline import fit_linear, linear_outputs
+from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs
 from neurox.analysis.embed import POOLS, load_model, participant_vector, window_embeddings
 from neurox.data.loader import load_cohort, load_splits, prepared_runs, save_splits, split_participants, standardise
 from neurox.data.store import Store
@@ -73,7 +73,8 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
-    fitted = [fit_linear(x_train, y_train[:, i], t.task, seed) for i, t in enumerate(cohort.targets)]
+    design = linear_design(x_train)  # one basis for every target
+    fitted = [fit_linear(x_train, y_train[:, i], t.task, seed, design) for i, t in enumerate(cohort.targets)]
     motion = participant_motion(store)
     results = {}
     for split in ("val", "test"):

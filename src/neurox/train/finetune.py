@@ -312,7 +312,7 @@ def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, l
     to the windows it is trained on (one slope and offset, fitted on the training windows' outputs):
     a direction fitted on means gives single windows overconfident outputs, and fine-tuning would
     first spend its steps undoing that."""
-    from neurox.analysis.baseline import fit_linear
+    from neurox.analysis.baseline import fit_linear, linear_design
 
     head = model.head
     standardised = (pooled - head.feature_mean.cpu()) / head.feature_std.cpu()
@@ -326,7 +326,8 @@ def initialise_head(model: SwiFT, targets: list[Target], pooled: torch.Tensor, l
     if targets[0].task == "multiclass":
         fits = [(slice(None), fit_linear(x, y[:, 0], "multiclass", seed))]
     else:
-        fits = [(slice(i, i + 1), fit_linear(x, y[:, i], t.task, seed)) for i, t in enumerate(targets)]
+        design = linear_design(x)
+        fits = [(slice(i, i + 1), fit_linear(x, y[:, i], t.task, seed, design)) for i, t in enumerate(targets)]
     for rows, fit in fits:
         coef = fit["coef"] / fit["scale"]
         intercept = fit["intercept"] - coef @ fit["mean"]
