@@ -65,17 +65,17 @@ class BaselineConfig:
 def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: list[str], kind: str,
               progress: bool, denoising: Denoising, cache: Path | None = None, workers: int = 1,
               reference: np.ndarray | None = None, train: list[str] | None = None):
-    """Each participant's feature vector (float32) from the atlas on the store grid (``store_atlas``), and (``kind``
-    tangent) the reference point: the one given (a fitted run's), else the geometric mean of the ``train``
-    participants' matrices, so that no validation or test participant shapes the features. The matrices are not
-    all held in memory: only the features (a quarter of their float64 bytes; the tangent space keeps them in
-    a table in ``cache`` until the reference is known)."""
+    """(participant, feature vector float32), one participant at a time in sorted order, from the atlas on the
+    store grid (``store_atlas``); and (``kind`` tangent) the reference point: the one given (a fitted run's), else
+    the geometric mean of the ``train`` participants' matrices, so that no validation or test participant shapes
+    the features. No matrix is held beyond its participant's turn (the tangent space keeps them in a table in
+    ``cache`` until the reference is known), so the caller decides which features to keep."""
     atlas_grid, labels = atlas
     runs, _ = prepared_runs(store, participants)
     matrices = participant_matrices(store, atlas_grid, labels, runs, kind, progress, denoising, cache,
                                     workers=workers)
     if kind != "tangent":
-        return {p: upper_triangle(m).astype(np.float32) for p, m in matrices}, None
+        return ((p, upper_triangle(m).astype(np.float32)) for p, m in matrices), None
     from neurox.analysis.tangent import geometric_mean, tangent_matrix, whitening
 
     if reference is None:
@@ -90,7 +90,7 @@ def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: l
         reference, matrices = geometric_mean(everyone.rows(training)), zip(order, everyone)
     to_tangent = whitening(reference)
     upper = np.triu_indices(len(labels))  # the diagonal too: a parcel's variance relative to the group's
-    return {p: tangent_matrix(m, to_tangent)[upper].astype(np.float32) for p, m in matrices}, reference
+    return ((p, tangent_matrix(m, to_tangent)[upper].astype(np.float32)) for p, m in matrices), reference
 
 
 BLOCK_VALUES = 2**24  # float64 values (128 MB) of standardised features held at once by the wide fit
@@ -223,13 +223,19 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     cache = series_cache(config.out, atlas_grid)  # an interrupted baseline resumes from it
     features, reference = _features(store, (atlas_grid, labels), cohort.participants, config.kind, progress,
                                     denoising, cache, config.workers, train=cohort.in_split("train"))
-    train = [p for p in cohort.in_split("train") if p in features]
+    wanted, x_train, train, held = set(cohort.in_split("train")), None, [], {}
+    for p, vector in features:  # training rows straight into the fit's array; validation and test kept
+        if p in wanted:
+            if x_train is None:
+                x_train = np.empty((len(wanted), len(vector)), np.float32)
+            x_train[len(train)] = vector
+            train.append(p)
+        elif cohort.split.get(p) in ("val", "test"):
+            held[p] = vector
     if not train:
         raise ValueError(f"{config.store}: no training participant of the split has a prepared run here "
-                         f"({len(cohort.in_split('train'))} in the split): nothing to fit the baseline on")
-    x_train = np.empty((len(train), len(features[train[0]])), np.float32)
-    for row, p in enumerate(train):  # moved, not copied: a cohort's edges are held once (fit_linear reads blocks)
-        x_train[row] = features.pop(p)
+                         f"({len(wanted)} in the split): nothing to fit the baseline on")
+    x_train = x_train[: len(train)]  # fit_linear standardises it a block of columns at a time
     y_train = np.stack([cohort.labels(p) for p in train])
 
     params, outputs_by_target = {}, []
@@ -245,10 +251,10 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     motion = participant_motion(store)
     results, rows = {}, []
     for split in ("val", "test"):
-        members = [p for p in cohort.in_split(split) if p in features]
+        members = [p for p in cohort.in_split(split) if p in held]
         if not members:
             continue
-        x = np.stack([features[p] for p in members])
+        x = np.stack([held.pop(p) for p in members])
         outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
                                                              {p: cohort.labels(p) for p in members}, config.n_boot,
@@ -294,17 +300,18 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     denoising = Denoising(config.get("confounds", "none"), config.get("fd_threshold", 0.5),
                           config.get("global_signal", False))  # as the run was fitted
     atlas_grid, labels = store_atlas(store, config["atlas"])
-    features, _ = _features(store, (atlas_grid, labels), cohort.participants, config["kind"], False, denoising,
-                            reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
     if list(stored["atlas_labels"]) != labels:
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
+    features, _ = _features(store, (atlas_grid, labels), cohort.participants, config["kind"], False, denoising,
+                            reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
+    scores = {p: np.concatenate([linear_outputs(f, vector[None]) for f in params], axis=1)[0]
+              for p, vector in features}  # each participant scored as it comes: no cohort of features held
     motion = participant_motion(store)
     results = {}
     for split in ("train", "val", "test", "external"):
-        members = [p for p in cohort.in_split(split) if p in features]
+        members = [p for p in cohort.in_split(split) if p in scores]
         if members:
-            x = np.stack([features[p] for p in members])
-            outputs = np.concatenate([linear_outputs(f, x) for f in params], axis=1)
+            outputs = np.stack([scores[p] for p in members])
             results[split], _, _ = subject_metrics(targets, members, outputs, {p: cohort.labels(p) for p in members},
                                                    n_boot, motion=motion)
     return results
