@@ -5,7 +5,8 @@ then runs `neurox connectivity` (Fisher z, ``simple`` denoising, edgewise statis
 with ``mean_fd`` as covariate) on the first N participants for each N of ``--participants``, each in a
 fresh process, whose peak resident memory is reported (of the main process: with ``--workers``, each
 worker holds one participant's runs besides). The largest N is run again with ``--workers`` processes, and
-the second N with ``--kind tangent`` (the geometric mean's passes over the matrices, then the projection).
+the second N with ``--kind tangent`` (the geometric mean's passes over the matrices, then the projection),
+with one process and with ``--workers``.
 Memory that grows with N is what limits a cohort of tens of thousands (a 400 x 400 float32 matrix is
 0.64 MB a participant). Prints one JSON document.
 
@@ -62,7 +63,8 @@ def main() -> None:
     results = []
     n_tangent = sorted(args.participants)[min(1, len(args.participants) - 1)]
     runs = [(n, 1, "fisher_z") for n in sorted(args.participants)] + [(n_max, args.workers, "fisher_z"),
-                                                                      (n_tangent, 1, "tangent")]
+                                                                      (n_tangent, 1, "tangent"),
+                                                                      (n_tangent, args.workers, "tangent")]
     for n, workers, kind in runs:
         out = work / f"fc-{n}-{workers}-{kind}"
         done = subprocess.run([sys.executable, "-c", MEASURE, str(store), str(atlas), str(out), str(n), str(workers),
@@ -73,7 +75,7 @@ def main() -> None:
                         **{k: round(v, 3) for k, v in measured.items()},
                         "connectivity_npz_mb": round(npz.stat().st_size / 2**20, 1)})
         print(json.dumps(results[-1]), file=sys.stderr)
-    first, last, pooled, tangent = results[0], results[-3], results[-2], results[-1]
+    first, last, pooled, tangent, tangent_pooled = results[0], results[-4], results[-3], results[-2], results[-1]
     fisher_z = next(r for r in results if (r["participants"], r["workers"]) == (n_tangent, 1))
     print(json.dumps({
         "benchmark": "connectivity", "parcels": args.parcels, "frames": args.frames,
@@ -83,6 +85,7 @@ def main() -> None:
         "participants_ratio": last["participants"] / first["participants"],
         f"speedup_{args.workers}_workers": round(last["seconds"] / pooled["seconds"], 2),
         "tangent_over_fisher_z_time": round(tangent["seconds"] / fisher_z["seconds"], 2),
+        f"tangent_speedup_{args.workers}_workers": round(tangent["seconds"] / tangent_pooled["seconds"], 2),
         "this_process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }, indent=2))
 

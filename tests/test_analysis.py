@@ -474,7 +474,7 @@ def test_connectivity_in_the_tangent_space(synthetic, tmp_path):
 def test_matrix_table_reads_some_rows_and_transforms_in_place(tmp_path):
     """The tangent space's two needs of the on-disk table: the training participants' matrices, read again at
     each step of their mean without a copy; and every matrix replaced by its projection, with no second table."""
-    from neurox.analysis.connectivity import MatrixTable
+    from neurox.analysis.matrix_table import MatrixTable
 
     rng = np.random.default_rng(0)
     matrices = [m + m.T for m in rng.standard_normal((5, 4, 4))]
@@ -490,6 +490,29 @@ def test_matrix_table_reads_some_rows_and_transforms_in_place(tmp_path):
     table.transform(lambda m: m @ m)
     assert np.allclose(np.stack(list(table)), np.stack([m @ m for m in matrices]), rtol=1e-5, atol=1e-5)
     assert sorted(f.stat().st_size for f in tmp_path.iterdir()) == sizes  # the same two files, rewritten
+
+
+def test_tangent_table_in_worker_processes_is_the_same(tmp_path):
+    """tangent_table splits each pass (the mean's steps, the projection) over processes that read and write their
+    own rows of the table: the same reference and projections as in one process; the reference is the mean of
+    the rows asked for only."""
+    from neurox.analysis.matrix_table import MatrixTable
+    from neurox.analysis.tangent import geometric_mean, shrunk_correlation, tangent_matrix, tangent_table, whitening
+
+    rng = np.random.default_rng(3)
+    matrices = [shrunk_correlation(rng.standard_normal((30, 5)) @ rng.standard_normal((5, 5))) for _ in range(9)]
+    tables = {}
+    for workers in (1, 2):
+        tables[workers] = table = MatrixTable(tmp_path / f"w{workers}", 5)
+        with table.appending() as append:
+            for matrix in matrices:
+                append(matrix)
+        reference = tangent_table(table, reference_rows=[0, 2, 4, 6], workers=workers)
+        expected = geometric_mean([np.float32(matrices[i]).astype(np.float64) for i in (0, 2, 4, 6)])
+        assert np.allclose(reference, expected, atol=1e-10)
+        projected = np.stack([tangent_matrix(np.float32(m).astype(np.float64), whitening(expected)) for m in matrices])
+        assert np.allclose(np.stack(list(table)), projected, atol=1e-6)
+    assert np.allclose(np.stack(list(tables[1])), np.stack(list(tables[2])), atol=1e-6)
 
 
 def test_npz_writer_streams_rows_and_writes_nothing_on_error(tmp_path):

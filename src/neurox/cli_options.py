@@ -260,7 +260,8 @@ def _connectivity_parser() -> ArgumentParser:
                    "table has a network column or Schaefer names)")
     p.add_argument("--covariates", nargs="+", default=None, help="numeric phenotype columns, or mean_fd (head "
                    "motion), adjusted for in the edgewise statistics")
-    p.add_argument("--workers", type=int, default=1, help="processes reading the runs' frames (each holds one run)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes reading the runs' frames (each holds one run), and for --kind tangent its passes")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +22,12 @@ import yaml
 
 from neurox.analysis.connectivity import (
     KINDS,
-    MatrixTable,
     participant_matrices,
     series_cache,
     store_atlas,
     upper_triangle,
 )
+from neurox.analysis.matrix_table import MatrixTable
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import (
     Target,
@@ -59,7 +60,7 @@ class BaselineConfig:
     confounds: str = "none"  # denoising of each run's parcel series: none, simple, scrubbing or compcor
     fd_threshold: float = 0.5  # mm of framewise displacement above which scrubbing drops a frame
     global_signal: bool = False  # regress the global signal too
-    workers: int = 1  # processes reading the runs' frames for the connectivity features
+    workers: int = 1  # processes reading the runs' frames for the connectivity features (and the tangent passes)
 
 
 def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: list[str], kind: str,
@@ -76,21 +77,28 @@ def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: l
                                     workers=workers)
     if kind != "tangent":
         return ((p, upper_triangle(m).astype(np.float32)) for p, m in matrices), None
-    from neurox.analysis.tangent import geometric_mean, tangent_matrix, whitening
+    from neurox.analysis.tangent import tangent_matrix, tangent_table, whitening
 
-    if reference is None:
-        if cache is None:
-            raise ValueError("tangent features without a reference need a folder for the training matrices")
-        everyone, order, training, train = MatrixTable(cache / "matrices", len(labels)), [], [], set(train or [])
-        with everyone.appending() as add:
-            for p, matrix in matrices:
-                training += [len(order)] * (p in train)
-                order.append(p)
-                add(matrix)
-        reference, matrices = geometric_mean(everyone.rows(training)), zip(order, everyone)
-    to_tangent = whitening(reference)
     upper = np.triu_indices(len(labels))  # the diagonal too: a parcel's variance relative to the group's
-    return ((p, tangent_matrix(m, to_tangent)[upper].astype(np.float32)) for p, m in matrices), reference
+    if reference is not None:  # a fitted run's: each participant projected as it comes
+        to_tangent = whitening(reference)
+        return ((p, tangent_matrix(m, to_tangent)[upper].astype(np.float32)) for p, m in matrices), reference
+    if cache is None:
+        raise ValueError("tangent features without a reference need a folder for the training matrices")
+    table, order, training, train = MatrixTable(cache / "matrices", len(labels)), [], [], set(train or [])
+    with table.appending() as add:
+        for p, matrix in matrices:
+            training += [len(order)] * (p in train)
+            order.append(p)
+            add(matrix)
+
+    def report(step: int, norm: float, tol: float) -> None:
+        if progress:
+            print(f"baseline: tangent space, the training participants' geometric mean: step {step}, gradient "
+                  f"{norm:.2g} (done below {tol:g})", file=sys.stderr)
+
+    reference = tangent_table(table, training, workers, progress, report)  # every matrix projected, in place
+    return ((p, m[upper].astype(np.float32)) for p, m in zip(order, table)), reference
 
 
 BLOCK_VALUES = 2**24  # float64 values (128 MB) of standardised features held at once by the wide fit

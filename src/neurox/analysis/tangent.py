@@ -34,11 +34,12 @@ def _eigen_map(function, matrix: np.ndarray) -> np.ndarray:
     return (vectors * function(values)) @ vectors.T
 
 
-def geometric_mean(matrices, max_iter: int = 30, tol: float = 1e-7, report=None) -> np.ndarray:
+def geometric_mean(matrices, max_iter: int = 30, tol: float = 1e-7, report=None, tangent_sum=None) -> np.ndarray:
     """The Riemannian (affine-invariant) mean of positive definite matrices, by gradient descent from their
     arithmetic mean, halving the step whenever the gradient grows. ``matrices``: a list, or anything with a
     length that can be iterated again (a table on disk), read once per step. ``report(step, norm, tol)``, when
-    given, hears of each step (a cohort's steps take minutes)."""
+    given, hears of each step (a cohort's steps take minutes). ``tangent_sum(W)``, when given, is the sum of
+    ``tangent_matrix(m, W)`` over the matrices, computed elsewhere (``tangent_table``: in worker processes)."""
     n = len(matrices)
     if not n:
         raise ValueError("tangent space: no participant's matrix to take the group mean of")
@@ -50,7 +51,8 @@ def geometric_mean(matrices, max_iter: int = 30, tol: float = 1e-7, report=None)
             raise ValueError("tangent space: the group mean is not positive definite")
         root = (vectors * np.sqrt(values)) @ vectors.T
         inverse_root = (vectors / np.sqrt(values)) @ vectors.T
-        gradient = sum(_eigen_map(np.log, inverse_root @ m @ inverse_root) for m in matrices) / n
+        gradient = (tangent_sum(inverse_root) if tangent_sum is not None
+                    else sum(tangent_matrix(m, inverse_root) for m in matrices)) / n
         mean = root @ _eigen_map(np.exp, step * gradient) @ root
         norm = np.linalg.norm(gradient) / mean.size
         if norm > last_norm:
@@ -73,3 +75,60 @@ def tangent_matrix(matrix: np.ndarray, whitening: np.ndarray) -> np.ndarray:
     """``logm(W C W)``: the matrix in the tangent space at the reference whose ``whitening`` is W. Symmetric; its
     diagonal (a parcel's variance relative to the group's) is information too."""
     return _eigen_map(np.log, whitening @ matrix @ whitening)
+
+
+def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool = False, report=None) -> np.ndarray:
+    """Replaces each matrix of a MatrixTable (neurox.analysis.matrix_table) by its tangent-space projection at
+    the geometric mean of the matrices of ``reference_rows`` (every row by default), in place, and returns that
+    mean. Each step of the mean and the projection is a pass over the table computing an eigendecomposition per
+    matrix; with ``workers`` > 1 each pass is split over that many processes (one BLAS thread each), which
+    read, and for the projection write, their own rows."""
+    from concurrent.futures import as_completed
+    from functools import partial
+
+    from neurox.progress import progress as progress_display
+    from neurox.workers import process_pool
+
+    rows = list(range(len(table))) if reference_rows is None else list(reference_rows)
+    everyone = list(range(len(table)))
+    pool = process_pool(min(workers, len(table))) if workers > 1 and len(table) > 1 else None
+    pieces = max(1, 4 * (workers if pool else 1))  # several pieces a worker: an even finish, a moving progress
+
+    def split(selected: list[int]) -> list[list[int]]:
+        return [list(piece) for piece in np.array_split(selected, min(pieces, len(selected))) if len(piece)]
+
+    def tangent_sum(to_tangent: np.ndarray) -> np.ndarray:
+        jobs = [pool.submit(_sum_in_tangent_space, table.path, table.size, piece, to_tangent) for piece in split(rows)]
+        return sum(job.result() for job in jobs)
+
+    try:
+        reference = geometric_mean(table.rows(rows), report=report, tangent_sum=tangent_sum if pool else None)
+        project = partial(tangent_matrix, whitening=whitening(reference))
+        bar = progress_display(total=len(everyone), desc="tangent space", unit="participant", disable=not progress)
+        if pool is None:
+            for row in everyone:
+                table.transform(project, [row])
+                bar.update(1)
+        else:
+            jobs = {pool.submit(_project_rows, table.path, table.size, piece, project): len(piece)
+                    for piece in split(everyone)}
+            for job in as_completed(jobs):
+                job.result()
+                bar.update(jobs[job])
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return reference
+
+
+def _sum_in_tangent_space(path, size: int, rows: list[int], to_tangent: np.ndarray) -> np.ndarray:
+    from neurox.analysis.matrix_table import MatrixTable
+
+    return sum(tangent_matrix(m, to_tangent) for m in MatrixTable(path, size).matrices(rows))
+
+
+def _project_rows(path, size: int, rows: list[int], project) -> None:
+    from neurox.analysis.matrix_table import MatrixTable
+
+    MatrixTable(path, size).transform(project, rows)
