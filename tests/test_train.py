@@ -269,6 +269,8 @@ def test_wide_linear_fit_is_the_same_from_float32_features_in_column_blocks(monk
     test = rng.standard_normal((9, 200)).astype(np.float32)
     assert np.allclose(baseline.linear_outputs(blocked, test), baseline.linear_outputs(whole, test), atol=1e-5)
     assert baseline.linear_outputs(blocked, test[:0]).shape == (0, 1)
+    alike = baseline.fit_linear(np.ones((30, 200)), y, "binary", 0)  # rows without a difference: the intercept
+    assert not alike["coef"].any() and np.ptp(baseline.linear_outputs(alike, test)) == 0
     design = baseline.linear_design(x.astype(np.float32))  # computed once for several targets: the same fits
     score = x[:, :20].sum(1)
     for target, task in ((y, "binary"), (score, "regression")):

@@ -172,6 +172,8 @@ def _wide_basis(x: np.ndarray) -> LinearDesign:
     values = values[first:]
     on_basis = np.ascontiguousarray(vectors[:, first:] * np.sqrt(values))  # U S: the rows in their own basis
     del vectors
+    if not len(values):  # every row alike once standardised: nothing to weigh, the fit is its intercept
+        return LinearDesign(mean, scale, np.zeros((len(x), 1)), lambda coef: np.zeros((len(coef), x.shape[1])))
 
     def to_weights(coef: np.ndarray) -> np.ndarray:
         on_rows = (coef / values) @ on_basis.T  # Vt = S^-1 Ut z, so weights = (coef S^-2 (U S)t) z

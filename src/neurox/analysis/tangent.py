@@ -92,7 +92,7 @@ def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool =
     rows = list(range(len(table))) if reference_rows is None else list(reference_rows)
     everyone = list(range(len(table)))
     pool = process_pool(min(workers, len(table))) if workers > 1 and len(table) > 1 else None
-    pieces = max(1, 4 * (workers if pool else 1))  # several pieces a worker: an even finish, a moving progress
+    pieces = 4 * workers  # (with a pool) several pieces a worker: an even finish, a moving progress bar
 
     def split(selected: list[int]) -> list[list[int]]:
         return [list(piece) for piece in np.array_split(selected, min(pieces, len(selected))) if len(piece)]
