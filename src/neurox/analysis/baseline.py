@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,13 +90,7 @@ def _features(store: Store, atlas: tuple[np.ndarray, list[int]], participants: l
             training += [len(order)] * (p in train)
             order.append(p)
             add(matrix)
-
-    def report(step: int, norm: float, tol: float) -> None:
-        if progress:
-            print(f"baseline: tangent space, the training participants' geometric mean: step {step}, gradient "
-                  f"{norm:.2g} (done below {tol:g})", file=sys.stderr)
-
-    reference = tangent_table(table, training, workers, progress, report)  # every matrix projected, in place
+    reference = tangent_table(table, training, workers, progress, "baseline")  # every matrix projected, in place
     return ((p, m[upper].astype(np.float32)) for p, m in zip(order, table)), reference
 
 

@@ -280,7 +280,6 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
       within and between networks), ``network_matrices``/``network_names`` in the npz and, with ``group_by``,
       ``network_edges.tsv``.
     """
-    import sys
 
     from neurox.data.store import write_tsv
 
@@ -333,12 +332,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     if kind == "tangent":  # each matrix as its deviation from the group's geometric mean (neurox.analysis.tangent)
         from neurox.analysis.tangent import tangent_table
 
-        def report(step: int, norm: float, tol: float) -> None:
-            if progress:
-                print(f"connectivity: tangent space, the participants' geometric mean: step {step}, gradient "
-                      f"{norm:.2g} (done below {tol:g})", file=sys.stderr)
-
-        reference = tangent_table(table, workers=workers, progress=progress, report=report)
+        reference = tangent_table(table, workers=workers, progress=progress)
         arrays["tangent_reference"] = reference.astype(np.float32)
 
     n, total, block_rows = len(subjects), np.zeros((size, size)), []

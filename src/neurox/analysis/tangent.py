@@ -77,12 +77,15 @@ def tangent_matrix(matrix: np.ndarray, whitening: np.ndarray) -> np.ndarray:
     return _eigen_map(np.log, whitening @ matrix @ whitening)
 
 
-def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool = False, report=None) -> np.ndarray:
+def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool = False,
+                  command: str = "connectivity") -> np.ndarray:
     """Replaces each matrix of a MatrixTable (neurox.analysis.matrix_table) by its tangent-space projection at
     the geometric mean of the matrices of ``reference_rows`` (every row by default), in place, and returns that
     mean. Each step of the mean and the projection is a pass over the table computing an eigendecomposition per
     matrix; with ``workers`` > 1 each pass is split over that many processes (one BLAS thread each), which
-    read, and for the projection write, their own rows."""
+    read, and for the projection write, their own rows. ``progress``: each step of the mean is reported on a
+    line starting with ``command``, and the projection shows a progress bar."""
+    import sys
     from concurrent.futures import as_completed
     from functools import partial
 
@@ -100,6 +103,11 @@ def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool =
     def tangent_sum(to_tangent: np.ndarray) -> np.ndarray:
         jobs = [pool.submit(_sum_in_tangent_space, table.path, table.size, piece, to_tangent) for piece in split(rows)]
         return sum(job.result() for job in jobs)
+
+    def report(step: int, norm: float, tol: float) -> None:
+        if progress:
+            print(f"{command}: tangent space, the geometric mean of {len(rows)} participants: step {step}, gradient "
+                  f"{norm:.2g} (done below {tol:g})", file=sys.stderr)
 
     try:
         reference = geometric_mean(table.rows(rows), report=report, tangent_sum=tangent_sum if pool else None)
