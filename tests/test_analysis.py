@@ -115,11 +115,12 @@ def test_connectivity_recovers_the_planted_coupling(synthetic, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["plain", "partial"])
-def test_connectivity_kinds(synthetic, tmp_path, kind):
+def test_connectivity_kinds(synthetic, tmp_path, kind, capsys):
     cohort, store = synthetic
     assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(tmp_path),
                  "--kind", kind, "--participants", "sub-01", "sub-02", "--group_by", "coupling_group",
-                 "--covariates", "mean_fd", "--quiet", "true"]) == 0
+                 "--covariates", "mean_fd"]) == 0
+    assert "connectivity: 2/2 (100%) participant" in capsys.readouterr().err  # the progress says it finished
     assert "leave no degrees of freedom" in json.loads((tmp_path / "edges.json").read_text())["skipped"]
     data = np.load(tmp_path / "connectivity.npz")
     matrices = data["matrices"]
@@ -300,6 +301,9 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert main(["explain", str(run), "--store", str(store), "--out", str(tmp_path / "x"), "--atlas",
                  str(tmp_path / "none.nii.gz")]) == 1  # refused before any attribution is computed
     assert "none.nii.gz" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["explain", str(run), "--store", str(store), "--out", str(tmp_path / "map.nii.gz"), "--subject",
+                 pair[0]]) == 1  # a folder named like a NIfTI file would pass for a map
+    assert "explain writes a folder" in capsys.readouterr().err and not (tmp_path / "map.nii.gz").exists()
 
     table = tmp_path / "emb.parquet"
     assert main(["embed", str(run), "--store", str(store), "--out", str(table), "--color_by", "amplitude_group",
@@ -316,6 +320,8 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert np.allclose([participants[f"e{i}"][0] for i in range(96)], mean, atol=1e-5) and first.std() > 0
     assert (tmp_path / "emb_pca.png").stat().st_size > 5_000
     assert main(["embed", str(run), "--store", str(store), "--out", str(tmp_path / "e.tsv")]) == 0
+    shown = capsys.readouterr().err  # progress as whole lines in a log, not carriage-return redraws
+    assert "embed: 8/8 (100%) participant" in shown and "windows 80" in shown and "\r" not in shown
     assert read_tsv(tmp_path / "e.tsv")[0]["participant_id"] == "sub-01"
 
     # the closed-form probe of the same run, on its own split, with statistics pooling

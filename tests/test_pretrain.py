@@ -192,9 +192,10 @@ def test_pretrain_writes_a_model_that_finetune_takes(stores, tmp_path, objective
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["input_contract"]["normalization"] == "global_zscore" and config["head"] is None
     assert config["input_contract"]["denoising"] == "none"  # what prepare regressed out, for --like
-    assert "self-supervised" in (out / "model" / "README.md").read_text()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    card = (out / "model" / "README.md").read_text()
+    assert "self-supervised" in card and f"- final loss: {records[-1]['loss']:.4g}" in card
     run = tmp_path / "probe"
     assert main(["finetune", "--store", str(stores[0]), "--target", "group", "--out", str(run), "--epochs", "1",
                  "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0", "--init", str(out / "model"),

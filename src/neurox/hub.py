@@ -132,8 +132,16 @@ def model_card(config: dict[str, Any], card: dict[str, Any]) -> str:
     lines += [f"- {key}: {value}" for key, value in contract.items() if value not in (None, "", {})]
     for section in ("data", "objective", "metrics", "notes"):
         if card.get(section):
-            lines += ["", f"## {section.capitalize()}", "", str(card[section])]
+            lines += ["", f"## {section.capitalize()}", "", *_card_text(card[section])]
     if config.get("source"):
         lines += ["", "## Source", ""] + [f"- {k}: {v}" for k, v in config["source"].items()]
     lines += ["", "Load it with `neurox.load_pretrained(path)`.", ""]
     return "\n".join(lines)
+
+
+def _card_text(value: Any) -> list[str]:
+    """A card section as lines a person reads: a mapping as ``- key: value`` with numbers to 4 significant digits."""
+    if not isinstance(value, dict):
+        return [str(value)]
+    return [f"- {key.replace('_', ' ')}: {f'{item:.4g}' if isinstance(item, float) else item}"
+            for key, item in value.items()]

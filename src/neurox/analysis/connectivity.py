@@ -132,8 +132,10 @@ def participant_matrices(store: Store, atlas: np.ndarray, labels: list[int], run
     else:
         results = (participant_runs(store, runs[p], *setting) for p in order)
     try:
-        for p, (series, matrix, problems) in zip(order, progress_display(results, total=len(order), desc="connectivity",
-                                                                          unit="participant", disable=not progress)):
+        # the display wraps the pairs, so that it sees their end and closes (zip stops on ``order`` first)
+        for p, (series, matrix, problems) in progress_display(zip(order, results), total=len(order),
+                                                              desc="connectivity", unit="participant",
+                                                              disable=not progress):
             for problem in problems:
                 print(f"neurox: {problem}; left out", file=sys.stderr)
             for run_id, run_series in series:

@@ -9,7 +9,6 @@ of the first two principal components, coloured by a chosen column, goes beside 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +154,7 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
           batch_size: int = 4, device: str = "auto", progress: bool = True) -> dict[str, Path]:
     """Write ``out`` (one row per participant), ``<out stem>_windows<suffix>`` (one row per window)
     and ``<out stem>_pca.png``; return their paths."""
+    from neurox.progress import progress as progress_display
     from neurox.train.distributed import detect
     from neurox.train.runs import check_model_store
 
@@ -171,18 +171,19 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
     model.to(detect(device).device).eval()
     runs, _ = prepared_runs(store)
     windows, vectors = [], []
+    bar = progress_display(total=len(runs), desc="embed", unit="participant", disable=not progress)
     for pid in sorted(runs):
         try:
             rows, emb = window_embeddings(model, store, runs[pid], batch_size, progress=False)
         except (OSError, ValueError, KeyError) as err:
-            print(f"neurox embed: {pid}: {err}; left out", file=sys.stderr)
+            bar.write(f"neurox embed: {pid}: {err}; left out")
             continue
+        finally:
+            bar.update(1)
         windows += [(pid, r, s) for r, s in rows]
         vectors.append(emb)
-        if progress:
-            print(f"\rembed: {len(windows)} windows", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        bar.set_postfix(windows=len(windows))
+    bar.close()
     if not windows:
         raise ValueError(f"{store.root}: no window could be embedded")
     vectors = np.concatenate(vectors)

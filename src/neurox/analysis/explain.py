@@ -381,6 +381,9 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     options = options or ExplainOptions()
     _captum()
     run_dir, out = Path(run_dir), Path(out)
+    if out.name.endswith((".nii", ".nii.gz")):  # a folder of that name would pass for a map in a file browser
+        raise ValueError(f"--out {out}: explain writes a folder (each participant's map, group maps, explain.json), "
+                         f"not one NIfTI file; name a folder, e.g. --out {out.parent / out.name.split('.')[0]}")
     _, targets, splits = load_run(run_dir)
     output, output_name = output_index(targets, options)
     store = Store(store_path)

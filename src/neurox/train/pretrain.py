@@ -337,8 +337,8 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     card = {"data": f"{n_participants} participants from {len(stores)} store(s): "
                     + ", ".join(str(s.root) for s in stores),
             "objective": f"self-supervised {objective}; {trainer.step} steps, global batch {trainer.global_batch}",
-            "metrics": {"final_loss": losses[-1] if losses else None,
-                        "first_loss": losses[0] if losses else None},
+            "metrics": {"first_loss": losses[0] if losses else None,
+                        "final_loss": losses[-1] if losses else None},
             "notes": "backbone only (the projection or decoder of the objective is not kept); fine-tune with "
                      "`neurox finetune --init DIR`, or probe with `--init DIR --freeze true`."}
     save_pretrained(backbone, run_dir / "model", contract=contract, card=card,
