@@ -98,6 +98,8 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) == {"val", "test"}
     assert {"auroc", "accuracy", "balanced_accuracy", "auroc_ci_low", "n_subjects"} <= set(metrics["test"])
+    card = (run / "model" / "README.md").read_text()  # the best validation's scores, one per line
+    assert "- validation at step: " in card and "\n- auroc: " in card and "\n- n subjects: " in card
     predictions = read_tsv(run / "predictions.tsv")
     splits = {row["participant_id"]: row["split"] for row in read_tsv(run / "splits.tsv")}
     assert len(predictions) == metrics["val"]["n_subjects"] + metrics["test"]["n_subjects"]

@@ -10,7 +10,6 @@ model directory), ``metrics.json`` and ``predictions.tsv``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -395,8 +394,8 @@ def _card(config, targets, step, metrics) -> dict:
         "objective": f"supervised {', '.join(f'{t.column} ({t.task})' for t in targets)}; "
                      f"{'linear probe' if config.freeze else 'fine-tuned'}"
                      f"{' from ' + config.init if config.init else ' from scratch'}",
-        "metrics": f"validation at step {step}: " + json.dumps({k: round(v, 4) for k, v in metrics.items()
-                                                                if not k.endswith(("_low", "_high"))}),
+        "metrics": {"validation at step": step,
+                    **{k: v for k, v in metrics.items() if not k.endswith(("_low", "_high"))}},
     }
 
 
