@@ -30,14 +30,14 @@ N_SUBJECTS = 10
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
-    rows = ["participant_id\tgroup\tscore\tsite"]
+    rows = ["participant_id\tgroup\tscore\tsite\teducation"]
     for i in range(N_SUBJECTS):
         group = i % 2
         data = bold(n_frames=40, seed=i)
         data[10:20, 20:30, 15:25] *= 1.0 + 0.05 * group  # a weak local effect
         bids_run(root, f"{i:02d}", data=data)
-        rows.append(f"sub-{i:02d}\t{group}\t{i * 1.5 + 20}\t{['a', 'b', 'c'][i % 3]}")
-    rows.append("sub-99\t1\t3.0\ta")  # a participant without runs
+        rows.append(f"sub-{i:02d}\t{group}\t{i * 1.5 + 20}\t{['a', 'b', 'c'][i % 3]}\t{'n/a' if i == 3 else 10 + i}")
+    rows.append("sub-99\t1\t3.0\ta\t40")  # a participant without runs
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path_factory.mktemp("store") / "store"
     assert prepare(root, out, OPTIONS, progress=False).ok
@@ -61,6 +61,17 @@ def test_no_participant_in_two_splits_and_classes_stratified(store):
         members = [p for p, s in split.items() if s == name]
         assert {cohort.values[p][0] for p in members} == {"0", "1"}, name  # both classes on each side
     assert split == split_participants(cohort, seed=0) != split_participants(cohort, seed=1)
+
+
+def test_participants_without_a_target_value_are_left_out_and_said_so(store, tmp_path, capsys):
+    cohort = load_cohort(Store(store), ["education"])
+    assert cohort.left_out == 1 and "sub-03" not in cohort.participants
+    args = finetune_args(store, tmp_path / "run", "--epochs", "1")
+    args[args.index("group")] = "education"
+    assert main(args) == 0
+    assert ("neurox finetune: 1 of 10 participants with prepared runs have no value of education (empty or n/a): "
+            "left out") in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "targets.json").read_text())["participants_left_out"] == 1
 
 
 def test_auroc_and_intervals():

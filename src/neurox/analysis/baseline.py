@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -215,6 +216,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     columns = [c.strip() for c in config.target.split(",") if c.strip()]
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
     cohort = load_cohort(store, columns, tasks)
+    if cohort.left_out:
+        print(f"neurox baseline: {cohort.left_out_note()}", file=sys.stderr)
     if config.split_from:
         splits = load_splits(Path(config.split_from) / "splits.tsv")
         cohort.split = {p: splits[p] for p in cohort.participants if p in splits}
