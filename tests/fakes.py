@@ -80,16 +80,19 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_until_step_then_sigterm(args: list[str], run_dir: Path, step: int) -> tuple[int, str]:
-    """Start ``neurox ARGS`` in a process, send it SIGTERM once ``run_dir/metrics.jsonl`` logs
-    ``step``, and return its exit status and standard output."""
+def run_until_step_then_signal(args: list[str], run_dir: Path, step: int,
+                               signum: int = signal.SIGTERM) -> tuple[int, str]:
+    """Start ``neurox ARGS`` in a process, send it ``signum`` once ``run_dir/metrics.jsonl`` logs ``step``, and
+    return its exit status and standard output. The process takes Ctrl-C as in a terminal, even where the tests
+    run as a background job (which ignores it)."""
     process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *args], env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         if log.is_file() and f'"step": {step},' in log.read_text():
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             break
         time.sleep(0.01)
     stdout, _ = process.communicate(timeout=120)

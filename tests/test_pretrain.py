@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import OPTIONS, bids_run, bold, run_until_step_then_sigterm, subprocess_env
+from fakes import OPTIONS, bids_run, bold, run_until_step_then_signal, subprocess_env
 from safetensors.torch import load_file
 
 from neurox.cli import main
@@ -298,11 +299,13 @@ def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_
     assert consolidated_state(two / "checkpoints" / "last")["step"] == 4
 
 
-def test_sigterm_mid_run_leaves_a_loadable_checkpoint(stores, tmp_path):
+@pytest.mark.parametrize("signum,name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C (SIGINT)")])
+def test_a_signal_mid_run_leaves_a_loadable_checkpoint(stores, tmp_path, signum, name):
+    """SIGTERM from a cluster, or a first Ctrl-C at a terminal: the step finishes, a checkpoint is written."""
     out = tmp_path / "pre"
     args = pretrain_args(stores, out, "--epochs", "50", "--objective", "mim")
-    returncode, stdout = run_until_step_then_sigterm(args, out, step=1)
-    assert returncode == 0 and "stopped by SIGTERM at step" in stdout
+    returncode, stdout = run_until_step_then_signal(args, out, step=1, signum=signum)
+    assert returncode == 0 and f"stopped by {name} at step" in stdout
     state = consolidated_state(out / "checkpoints" / "last")
     assert 1 <= state["step"] < 250 and all(torch.isfinite(v).all() for v in state["model"].values())
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from fakes import subprocess_env
 
 from neurox.cli import main
 from neurox.data.prepare import prepare
@@ -65,6 +70,22 @@ def test_cli(tmp_path, capsys):
     assert "ground truth" in capsys.readouterr().out
     with pytest.raises(ValueError, match="voxel_size_mm must be 2 or 4"):
         SynthOptions(voxel_size_mm=3.0)
+
+
+def test_ctrl_c_ends_a_command_in_one_line(tmp_path):
+    """Outside training (where a first Ctrl-C checkpoints and stops), Ctrl-C ends a command with one line and the
+    shell's status for SIGINT, not a traceback."""
+    out = tmp_path / "c"
+    process = subprocess.Popen([sys.executable, "-m", "neurox.cli", "synth", str(out), "--n_subjects", "400",
+                                "--n_frames", "40", "--voxel_size", "4", "--quiet", "true"], env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None and not any(out.glob("sub-*")):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip() == "neurox synth: interrupted", stderr[-2000:]
 
 
 def test_planted_effects_in_the_network_signals():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import OPTIONS, bids_run, bold, run_until_step_then_sigterm, subprocess_env
+from fakes import OPTIONS, bids_run, bold, run_until_step_then_signal, subprocess_env
 from safetensors.torch import load_file
 
 from neurox.cli import main
@@ -413,7 +413,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, reference)], check=True, env=ENV,
                    capture_output=True)
-    returncode, out = run_until_step_then_sigterm(finetune_args(store, resumed), resumed, step=2)
+    returncode, out = run_until_step_then_signal(finetune_args(store, resumed), resumed, step=2)
     assert returncode == 0 and "stopped by SIGTERM at step" in out
     stopped_at = consolidated_state(resumed / "checkpoints" / "last")["step"]
     assert 2 <= stopped_at < 8  # mid-run: the reference takes 8 steps

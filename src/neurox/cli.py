@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, UserFacingError) as err:
         print(f"neurox {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or the first anywhere else: one line, not a traceback
+        print(f"neurox {args.command}: interrupted", file=sys.stderr)
+        return 130  # the shell's status for a command ended by SIGINT
     except BrokenProcessPool:  # the system killed a --workers process, most often for memory
         print(f"neurox {args.command}: error: a worker process ended abruptly (most often killed by the system for "
               "lack of memory); run the same command again with fewer --workers: what was finished is kept",

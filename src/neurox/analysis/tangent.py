@@ -126,7 +126,7 @@ def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool =
         bar.close()
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)  # nothing is queued unless a piece failed or Ctrl-C came
     return reference
 
 

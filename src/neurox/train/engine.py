@@ -4,8 +4,8 @@ A step is one optimiser update over the global batch (per-process batch x proces
 accumulation). The windows of an epoch and their order are a function of (seed, epoch), so a run
 resumed at step k of an epoch sees exactly the batches it would have seen. Checkpoints hold the
 model, optimiser, scheduler, position and RNG states, and are written at the end of each epoch,
-every ``checkpoint_every`` steps, and when SIGTERM arrives (the signal a cluster sends before
-pre-emption), after which the run exits cleanly. They are ``torch.distributed.checkpoint``
+every ``checkpoint_every`` steps, and when SIGTERM (the signal a cluster sends before pre-emption) or a
+Ctrl-C arrives, after which the run exits cleanly. They are ``torch.distributed.checkpoint``
 directories: every process writes its own shards (FSDP) in parallel, and a run resumes on any
 number of processes. A checkpoint is written beside the last one and swapped in when complete.
 A non-finite loss stops the run with the step and the batch's participants, leaving the last good
@@ -20,6 +20,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -99,24 +100,36 @@ class LoopSettings:
     val_every: int = 0  # steps between validations besides each epoch's end; 0: at epoch ends only
 
 
-class SigtermFlag:
-    """Set when SIGTERM arrives; the loop checks it between steps."""
+class StopSignals:
+    """Records SIGTERM (what a cluster sends before pre-emption) and a first Ctrl-C (SIGINT); the loop checks
+    between steps, then checkpoints and stops. A second Ctrl-C interrupts at once, without the checkpoint."""
 
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.received: str | None = None  # what stopped the run, as its message names it
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        if signal.getsignal(signal.SIGTERM) is not None:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return self  # handlers can only be set from the main thread; such a caller keeps its own
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            current = signal.getsignal(signum)
+            # None: a handler not set from Python, left alone; an ignored Ctrl-C (a background job) stays ignored
+            if current is None or (signum == signal.SIGINT and current is signal.SIG_IGN):
+                continue
+            self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        if signum == signal.SIGINT:
+            if self.received:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: stopping after this step, with a checkpoint (press Ctrl-C again to stop at once, "
+                  "without one)", file=sys.stderr, flush=True)
+        self.received = self.received or ("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def rng_states() -> dict[str, Any]:
@@ -284,6 +297,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, warmup))
         self.step = 0
         self.best_score = -math.inf
+        self.stopped_by: str | None = None  # set when a signal stopped fit()
         self.history: list[dict] = []
         self.bar = None  # the progress display while fit runs: validation lines are written above it
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=settings.precision == "fp16")
@@ -348,12 +362,12 @@ class Trainer:
                 on_best(self.step, metrics)
 
     def fit(self, on_best=None) -> str:
-        """Train to the end (or SIGTERM); returns "done" or "stopped"."""
+        """Train to the end (or to SIGTERM or Ctrl-C: ``stopped_by`` says which); returns "done" or "stopped"."""
         s, env = self.s, self.env
         autocast = torch.autocast(env.device.type, dtype=PRECISIONS[s.precision], enabled=s.precision != "fp32")
         bar = self.bar = progress(total=self.total_steps, initial=self.step, desc="train", unit="step",
                                   disable=not env.is_main)
-        with SigtermFlag() as sigterm:
+        with StopSignals() as signals:
             while self.step < self.total_steps:
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
                 items = self.make_items(epoch)
@@ -400,13 +414,14 @@ class Trainer:
                         end_of_epoch or bool(s.val_every and self.step % s.val_every == 0))
                     if validated:
                         self.validate(on_best, epoch)
-                    stop = dist_utils.all_reduce_flag(sigterm.raised)
+                    stop = dist_utils.all_reduce_flag(signals.received is not None)
                     periodic = bool(s.checkpoint_every and self.step % s.checkpoint_every == 0)
                     if end_of_epoch or validated or stop or periodic:
                         self.save_checkpoint()
                     if stop:
                         bar.close()
                         self.bar = None
+                        self.stopped_by = signals.received or "a signal to another process"
                         return "stopped"
                     if self.step >= self.total_steps:
                         break

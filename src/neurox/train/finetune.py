@@ -261,7 +261,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     outcome = trainer.fit(on_best=save_best)
     if outcome == "stopped":
         if env.is_main:
-            print(f"stopped by SIGTERM at step {trainer.step}; continue with --resume true")
+            print(f"stopped by {trainer.stopped_by} at step {trainer.step}; continue with --resume true")
         return run_dir
     dist_utils.barrier()
     final_evaluation(run_dir, store, cohort, targets, length, grid, env, config, motion)

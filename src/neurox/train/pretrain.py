@@ -306,7 +306,7 @@ def _pretrain(config: PretrainConfig, env: dist_utils.Env) -> Path:
     outcome = trainer.fit()
     if outcome == "stopped":
         if env.is_main:
-            print(f"stopped by SIGTERM at step {trainer.step}; continue with --resume true")
+            print(f"stopped by {trainer.stopped_by} at step {trainer.step}; continue with --resume true")
         return run_dir
     save_backbone(wrapped, arch, run_dir, config, stores, trainer, env)
     return run_dir
