@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -74,18 +75,25 @@ def test_cli(tmp_path, capsys):
 
 def test_ctrl_c_ends_a_command_in_one_line(tmp_path):
     """Outside training (where a first Ctrl-C checkpoints and stops), Ctrl-C ends a command with one line and the
-    shell's status for SIGINT, not a traceback."""
+    shell's status for SIGINT, not a traceback of every worker, and the workers' queue is dropped: the command
+    does not first write every run it had queued."""
     out = tmp_path / "c"
+
+    def as_a_terminal():  # its own process group, taking Ctrl-C (a background job's tests would ignore it)
+        os.setpgrp()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     process = subprocess.Popen([sys.executable, "-m", "neurox.cli", "synth", str(out), "--n_subjects", "400",
-                                "--n_frames", "40", "--voxel_size", "4", "--quiet", "true"], env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                "--n_frames", "40", "--voxel_size", "4", "--workers", "2", "--quiet", "true"],
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=as_a_terminal)
     deadline = time.time() + 60
-    while time.time() < deadline and process.poll() is None and not any(out.glob("sub-*")):
+    while time.time() < deadline and process.poll() is None and not any(out.glob("sub-*/func/*bold.nii.gz")):
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal sends it: to the command and its workers
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and stderr.strip() == "neurox synth: interrupted", stderr[-2000:]
+    assert len(list(out.glob("sub-*/func/*bold.nii.gz"))) < 100  # all 400 when the queue ran to its end
 
 
 def test_planted_effects_in_the_network_signals():
