@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 
+from fakes import run_until_step_then_signal
+
 from neurox.cli import main
 
-# 6 training participants x 2 windows: one epoch of 3 batches of 4
-TINY_DEMO = ["demo", "--n_subjects", "10", "--n_frames", "40", "--epochs", "1", "--batch_size", "4"]
+# 6 training participants x 2 windows: two epochs of 3 batches of 4
+TINY_DEMO = ["demo", "--n_subjects", "10", "--n_frames", "40", "--epochs", "2", "--batch_size", "4"]
 
 
 def test_demo_end_to_end_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
+    # stopped during fine-tuning (Ctrl-C or SIGTERM), it says so and stops; the same command continues
+    returncode, stdout = run_until_step_then_signal(TINY_DEMO + ["--out", str(out)], out / "runs" / "swift", step=1)
+    assert returncode == 0 and "demo stopped during finetune; run the same command again" in stdout, stdout[-2000:]
+    assert not (out / "report.md").exists() and not (out / "runs" / "fc_baseline").exists()
     assert main(TINY_DEMO + ["--out", str(out)]) == 0
     report = (out / "report.md").read_text()
     for target in ("amplitude_group", "coupling_group", "order_group"):
@@ -24,6 +30,7 @@ def test_demo_end_to_end_writes_the_report(tmp_path, capsys):
     assert (out / "training_curve.png").stat().st_size > 5_000
     assert (out / "runs" / "swift" / "model" / "config.json").is_file()
     assert (out / "runs" / "fc_baseline" / "metrics.json").is_file()
-    assert "# neurox demo report" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "resumed" in shown and "# neurox demo report" in shown
     # a second call finds the finished run and does not train again
     assert main(TINY_DEMO + ["--out", str(out)]) == 0

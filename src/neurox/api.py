@@ -159,8 +159,9 @@ def probe(model: str | Path, store: str | Path, target: str, out: str | Path | N
 
 def demo(out: str | Path = "neurox-demo", n_subjects: int = 96, n_frames: int = 200, epochs: int = 3, seed: int = 0,
          normalization: str = "voxel_center", batch_size: int = 16, lr: float = 1e-4, workers: int = 2,
-         head_init: str = "probe") -> Path:
-    """synth -> prepare -> finetune + FC baseline -> evaluate on a synthetic cohort; returns the report."""
+         head_init: str = "probe") -> Path | None:
+    """synth -> prepare -> finetune + FC baseline -> evaluate on a synthetic cohort; returns the report (None
+    when Ctrl-C or SIGTERM stopped the fine-tuning: the same call continues it)."""
     from neurox.demo import run_demo
 
     return run_demo(out, n_subjects=n_subjects, n_frames=n_frames, epochs=epochs, seed=seed,

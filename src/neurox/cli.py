@@ -194,7 +194,9 @@ def cmd_probe(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    print(api.demo(**keywords(api.demo, args)).read_text())
+    report = api.demo(**keywords(api.demo, args))
+    if report is not None:  # else stopped, and said so
+        print(report.read_text())
     return 0
 
 

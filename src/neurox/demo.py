@@ -32,7 +32,8 @@ WHAT = {
 
 def run_demo(out: str | Path, n_subjects: int = 96, n_frames: int = 200, epochs: int = 3, seed: int = 0,
              normalization: str = "voxel_center", batch_size: int = 16, lr: float = 1e-4, workers: int = 2,
-             head_init: str = "probe") -> Path:
+             head_init: str = "probe") -> Path | None:
+    """The report's path, or None when a signal stopped the fine-tuning (the same call continues it)."""
     from neurox.analysis.baseline import BaselineConfig, baseline
     from neurox.data.prepare import prepare
     from neurox.data.preprocess import PrepareOptions, TargetGrid
@@ -63,6 +64,9 @@ def run_demo(out: str | Path, n_subjects: int = 96, n_frames: int = 200, epochs:
         step("finetune", lambda: finetune(FinetuneConfig(
             store=str(store), target=",".join(TARGETS), out=str(run), preset="demo", epochs=epochs,
             batch_size=batch_size, lr=lr, seed=seed, loader_workers=2, head_init=head_init, resume=resume)))
+        if not (run / "metrics.json").is_file():  # stopped by Ctrl-C or SIGTERM, after a checkpoint
+            print(f"demo stopped during finetune; run the same command again to continue from {run}", flush=True)
+            return None
     atlas = next((cohort / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
     fc = out / "runs" / "fc_baseline"
     step("baseline", lambda: baseline(BaselineConfig(
