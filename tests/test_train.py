@@ -69,8 +69,15 @@ def test_participants_without_a_target_value_are_left_out_and_said_so(store, tmp
     args = finetune_args(store, tmp_path / "run", "--epochs", "1")
     args[args.index("group")] = "education"
     assert main(args) == 0
-    assert ("neurox finetune: 1 of 10 participants with prepared runs have no value of education (empty or n/a): "
-            "left out") in capsys.readouterr().err
+    assert ("neurox finetune: 1 of 10 participants with prepared runs have no usable value of education") in \
+        capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "run"), "--store", str(store)]) == 0  # evaluate says it too
+    assert "neurox evaluate: 1 of 10 participants" in capsys.readouterr().err
+    unlabelled = tmp_path / "unlabelled"
+    bids_run(unlabelled, "00", n_frames=40)  # no participants.tsv: outputs can be predicted, not scored
+    assert prepare(unlabelled, tmp_path / "unlabelled-store", OPTIONS, progress=False).ok
+    assert main(["evaluate", str(tmp_path / "run"), "--store", str(tmp_path / "unlabelled-store")]) == 1
+    assert "so there is nothing to score; neurox predict writes" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "targets.json").read_text())["participants_left_out"] == 1
 
 

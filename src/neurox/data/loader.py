@@ -99,13 +99,13 @@ class Cohort:
     def labels(self, participant: str) -> np.ndarray:
         return np.array([t.encode(v) for t, v in zip(self.targets, self.values[participant])], dtype=np.float32)
 
-    def left_out_note(self) -> str | None:
+    def left_out_note(self, unusable: str = "empty or n/a") -> str | None:
         """One line on the participants left out for lack of a target value, or None when there are none."""
         if not self.left_out:
             return None
         columns = ", ".join(t.column for t in self.targets)
         return (f"{self.left_out} of {self.left_out + len(self.participants)} participants with prepared runs have "
-                f"no value of {columns} (empty or n/a): left out")
+                f"no usable value of {columns} ({unusable}): left out")
 
     def in_split(self, name: str) -> list[str]:
         return [p for p in self.participants if self.split.get(p) == name]
