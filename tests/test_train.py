@@ -221,6 +221,14 @@ def test_baseline_on_the_same_split(store, tmp_path, capsys):
     fc = json.loads((tmp_path / "fc" / "metrics.json").read_text())
     assert fc["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
+    capsys.readouterr()
+    # the same baseline again recomputes it; one of other settings does not overwrite it
+    again = ["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
+             str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "20", "--quiet", "true"]
+    assert main(again) == 0
+    assert main(again[:-6] + ["--kind", "tangent"]) == 1
+    assert f"{tmp_path / 'fc'} holds a baseline of other settings (split_from, kind differ)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "fc" / "metrics.json").read_text())["test"]["auroc"] == fc["test"]["auroc"]
     from neurox.data.loader import load_splits, save_splits
 
     (tmp_path / "no-train").mkdir()  # a split whose training participants are in another store: one line
