@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -422,6 +425,27 @@ def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, str
     # turns rounding-level differences of near-zero gradients into steps of up to lr (1e-4) each
     worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert worst < 1e-3, worst
+
+
+def test_ctrl_c_passed_on_by_a_launcher_is_not_a_second_press():
+    """torchrun passes a terminal's Ctrl-C on to workers that had it already: that echo must not cancel the
+    checkpoint the first one asked for; a second press a moment later stops at once."""
+    from neurox.train.engine import StopSignals
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even in a background job
+    try:
+        with StopSignals() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the launcher's copy
+            time.sleep(0.05)
+            assert signals.received == "Ctrl-C (SIGINT)"
+            time.sleep(1.1)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):

@@ -106,6 +106,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: str | None = None  # what stopped the run, as its message names it
+        self._first_ctrl_c = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
@@ -121,8 +122,13 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.received:
-                raise KeyboardInterrupt
+            if self._first_ctrl_c:
+                # a launcher (torchrun) passes on the Ctrl-C its process group already had: only a second press,
+                # not that echo a moment later, stops the run without its checkpoint
+                if time.monotonic() - self._first_ctrl_c > 1.0:
+                    raise KeyboardInterrupt
+                return
+            self._first_ctrl_c = time.monotonic()
             print("\nCtrl-C: stopping after this step, with a checkpoint (press Ctrl-C again to stop at once, "
                   "without one)", file=sys.stderr, flush=True)
         self.received = self.received or ("SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)")
