@@ -190,6 +190,19 @@ def test_bad_input_is_one_clear_line_before_training(store, tmp_path, capsys, ch
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_multiclass_predictions_carry_each_class_probability(store, tmp_path):
+    args = finetune_args(store, tmp_path / "run", "--epochs", "1")
+    args[args.index("group")] = "site"  # a, b, c
+    assert main(args) == 0
+    rows = read_tsv(tmp_path / "run" / "predictions.tsv")
+    columns = [f"site_probability_{label}" for label in ("a", "b", "c")]
+    assert [c for c in rows[0] if c.startswith("site_")] == [*columns, "site_predicted", "site_true"]
+    for row in rows:
+        probabilities = [float(row[c]) for c in columns]
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+        assert row["site_predicted"] == "abc"[int(np.argmax(probabilities))]
+
+
 def test_store_without_phenotypes(tmp_path, capsys):
     path = bids_run(tmp_path / "d", "01")
     prepare(path, tmp_path / "store", OPTIONS, progress=False)

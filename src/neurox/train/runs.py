@@ -184,21 +184,26 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
 
 
 def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outputs) -> list[dict]:
-    """One row per participant: output (logit, or the value in the target's units), prediction, and
-    the true value where known."""
+    """One row per participant: output (logit, the value in the target's units, or for several classes each
+    one's probability), prediction, and the true value where known."""
     rows = []
     for p, out in zip(subjects, outputs):
         row = {"participant_id": p, "split": split}
         known = truth.get(p)
         if targets[0].task == "multiclass":
-            row[f"{targets[0].column}_predicted"] = targets[0].decode(out[None])[0]
-            row[f"{targets[0].column}_true"] = known[0] if known else ""
+            target = targets[0]
+            shifted = np.exp(out - out.max())  # the softmax of the participant's mean logits
+            for label, probability in zip(target.classes, shifted / shifted.sum()):
+                row[f"{target.column}_probability_{label}"] = round(float(probability), 6)
+            row[f"{target.column}_predicted"] = target.decode(out[None])[0]
+            row[f"{target.column}_true"] = known[0] if known else ""
             rows.append(row)
             continue
         for i, t in enumerate(targets):
             value = float(out[i]) * t.std + t.mean if t.task == "regression" else float(out[i])
             row[f"{t.column}_output"] = round(value, 6)
-            row[f"{t.column}_predicted"] = t.decode(out[None, i : i + 1])[0]
+            row[f"{t.column}_predicted"] = round(value, 6) if t.task == "regression" else \
+                t.decode(out[None, i : i + 1])[0]
             row[f"{t.column}_true"] = known[i] if known else ""
         rows.append(row)
     return rows
