@@ -134,7 +134,10 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
     assert main(["predict", str(run), "--store", str(store), "--out", str(tmp_path / "p.tsv")]) == 0
     rows = read_tsv(tmp_path / "p.tsv")
     assert len(rows) == N_SUBJECTS and {"group_output", "group_predicted", "group_true"} <= set(rows[0])
-    capsys.readouterr()
+    shown = capsys.readouterr().err  # the progress of the windows of predict and evaluate, and of the final scoring
+    assert "predict: 20/20 (100%) window" in shown and "\r" not in shown
+    assert main(["evaluate", str(run), "--store", str(store), "--quiet", "true"]) == 0
+    assert "evaluate " not in capsys.readouterr().err
 
     # the model meets a store prepared otherwise than its input contract: refused, or warned for the TR
     cohort = Path(read_tsv(store / "manifest.tsv")[0]["source"]).parents[2]

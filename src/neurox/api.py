@@ -72,7 +72,7 @@ def pretrain(**options: Any) -> Path:
 
 
 def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = None, batch_size: int = 4,
-             out: str | Path | None = None) -> dict:
+             out: str | Path | None = None, quiet: bool = False) -> dict:
     """Subject-level metrics with 95% intervals per split: ``{"model": {split: metrics}}``, and
     ``"fc_baseline"`` beside it when a baseline run is given; written as JSON to ``out`` when given."""
     import json
@@ -80,7 +80,7 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
     from neurox.io.atomic import write_text_atomic
     from neurox.train.runs import evaluate as evaluate_run
 
-    results = {"model": evaluate_run(run, store, batch_size)}
+    results = {"model": evaluate_run(run, store, batch_size, progress=not quiet)}
     if baseline:
         from neurox.analysis.baseline import evaluate_baseline
 
@@ -90,11 +90,11 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
     return results
 
 
-def predict(run: str | Path, store: str | Path, out: str | Path, batch_size: int = 4) -> Path:
+def predict(run: str | Path, store: str | Path, out: str | Path, batch_size: int = 4, quiet: bool = False) -> Path:
     """One row per participant of the store (output and prediction per target) written to ``out``."""
     from neurox.train.runs import predict as predict_run
 
-    return predict_run(run, store, out, batch_size)
+    return predict_run(run, store, out, batch_size, progress=not quiet)
 
 
 def baseline(quiet: bool = False, **options: Any) -> Path:

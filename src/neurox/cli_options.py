@@ -195,6 +195,7 @@ def _evaluate_parser() -> ArgumentParser:
     p.add_argument("--baseline", default=None, help="run directory from neurox baseline")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 
@@ -206,6 +207,7 @@ def _predict_parser() -> ArgumentParser:
     p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--out", required=True, help="the table to write (TSV)")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 

@@ -382,7 +382,8 @@ def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config,
         if not cohort.in_split(split):
             continue
         metrics, subjects, outputs = split_metrics(best, store.root, cohort, targets, split, length, grid, env,
-                                                   config.batch_size, config.precision, config.n_boot, motion)
+                                                   config.batch_size, config.precision, config.n_boot, motion,
+                                                   progress=f"best model, {split}")
         results[split] = metrics
         rows += prediction_rows(targets, cohort.values, split, subjects, outputs)
     if env.is_main:

@@ -76,9 +76,13 @@ def check_contract(contract, store: Store, model_dir: str | Path, announce: bool
 
 @torch.no_grad()
 def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[str], length: int, grid,
-                   env: dist_utils.Env, batch_size: int, precision: str = "fp32", workers: int = 2):
+                   env: dist_utils.Env, batch_size: int, precision: str = "fp32", workers: int = 2,
+                   progress: str | None = None):
     """Outputs of every non-overlapping window of the participants' runs, gathered from every
-    process and computed once; returns (participant per window, outputs (windows, k))."""
+    process and computed once; returns (participant per window, outputs (windows, k)). ``progress``, when
+    given, names a progress display of the first process's windows (validation within training shows none)."""
+    from neurox.progress import progress as progress_display
+
     items = evaluation_items(cohort, participants, length)
     if not items:
         return [], np.zeros((0, 1))
@@ -88,11 +92,15 @@ def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[s
     autocast = torch.autocast(env.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     model.eval()
     indices, outputs = [], []
+    bar = progress_display(total=len(mine), desc=progress or "", unit="window",
+                           disable=progress is None or not env.is_main)
     for x, _, index in loader:
         with autocast:
             out = model(as_model_input(x, env.device)).float().cpu()
         indices += index.tolist()
         outputs.append(out.numpy())
+        bar.update(len(index))
+    bar.close()
     gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None))
     order, rows = first_rows([i for g in gathered for i in g[0]])
     return [dataset.participant(i) for i in order], np.concatenate([g[1] for g in gathered if g[0]])[rows]
@@ -109,12 +117,13 @@ def first_rows(indices: list[int]) -> tuple[list[int], list[int]]:
 
 
 def split_metrics(model, store_root, cohort, targets, split, length, grid, env, batch_size: int,
-                  precision: str = "fp32", n_boot: int = 1000, motion: dict[str, float] | None = None
-                  ) -> tuple[dict, list, np.ndarray]:
+                  precision: str = "fp32", n_boot: int = 1000, motion: dict[str, float] | None = None,
+                  progress: str | None = None) -> tuple[dict, list, np.ndarray]:
     """Subject-level metrics of one split (with the motion check when ``motion`` is given), and each
     participant's mean output."""
     participants = cohort.in_split(split)
-    who, outputs = window_outputs(model, store_root, cohort, participants, length, grid, env, batch_size, precision)
+    who, outputs = window_outputs(model, store_root, cohort, participants, length, grid, env, batch_size, precision,
+                                  progress=progress)
     labels = {p: cohort.labels(p) for p in participants}
     return subject_metrics(targets, who, outputs, labels, n_boot, motion=motion)
 
@@ -128,7 +137,8 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
     return config, targets, load_splits(run_dir / "splits.tsv")
 
 
-def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000) -> dict:
+def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000,
+             progress: bool = True) -> dict:
     """Subject-level metrics of a run's model on a store, per split (participants the run never
     saw form the split ``external``)."""
     from neurox.hub import load_pretrained
@@ -154,11 +164,12 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
         if cohort.in_split(split):
             results[split], _, _ = split_metrics(model, store.root, cohort, targets, split, model.config.img_size[3],
                                                  model.config.img_size[:3], env, batch_size, n_boot=n_boot,
-                                                 motion=motion)
+                                                 motion=motion, progress=f"evaluate {split}" if progress else None)
     return results
 
 
-def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_size: int = 4) -> Path:
+def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_size: int = 4,
+            progress: bool = True) -> Path:
     """One row per participant of the store: the model's output and prediction per target."""
     from neurox.hub import load_pretrained
 
@@ -171,7 +182,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     cohort, truth = cohort_with(store, targets, splits, require_values=False)
     model.to(env.device)
     who, outputs = window_outputs(model, store.root, cohort, cohort.participants, model.config.img_size[3],
-                                  model.config.img_size[:3], env, batch_size)
+                                  model.config.img_size[:3], env, batch_size, progress="predict" if progress else None)
     from neurox.train.metrics import aggregate
 
     subjects, subject_outputs = aggregate(who, outputs)
