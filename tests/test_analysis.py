@@ -330,6 +330,7 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())
     assert metrics["pool"] == "mean_std" and 0.0 <= metrics["test"]["auroc"] <= 1.0
     assert read_tsv(tmp_path / "probe" / "splits.tsv") == read_tsv(run / "splits.tsv")
+    assert "probe: embedding: 8/8 (100%) participant" in capsys.readouterr().err
     # and per last-stage position
     assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
                  "--pool", "tokens", "--out", str(tmp_path / "probe-tokens")]) == 0

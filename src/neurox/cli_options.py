@@ -349,6 +349,7 @@ def _probe_parser() -> ArgumentParser:
                    "merging: with --pool tokens, local effects at a finer resolution")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
+    p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
 

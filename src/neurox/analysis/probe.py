@@ -28,12 +28,15 @@ from neurox.train.objectives import subject_metrics
 
 
 def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4,
-                           pool: str = "mean", stage: int | None = None) -> dict[str, np.ndarray]:
+                           pool: str = "mean", stage: int | None = None, progress: bool = False
+                           ) -> dict[str, np.ndarray]:
     """Each participant's embedding (``participant_vector`` of their windows, pooled by ``pool``), of
     the last stage's output or of ``stage``'s."""
+    from neurox.progress import progress as progress_display
+
     runs, _ = prepared_runs(store, participants)
     out = {}
-    for pid in sorted(runs):
+    for pid in progress_display(sorted(runs), desc="probe: embedding", unit="participant", disable=not progress):
         _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True,
                                       per_position=pool == "tokens", stage=stage)
         if len(series):
@@ -43,7 +46,7 @@ def participant_embeddings(model, store: Store, participants: list[str], batch_s
 
 def probe(model_path: str | Path, store_path: str | Path, target: str, out: str | Path | None = None,
           split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", batch_size: int = 4,
-          device: str = "auto", n_boot: int = 1000, stage: int | None = None) -> dict:
+          device: str = "auto", n_boot: int = 1000, stage: int | None = None, progress: bool = True) -> dict:
     """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given. ``pool``:
     ``mean`` (the representation averaged over space and time), ``mean_std`` (and each feature's
     standard deviation over time) or ``tokens`` (both per position); see
@@ -72,7 +75,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         cohort.split = split_participants(cohort, seed)
     standardise(cohort)
     model.to(detect(device).device).eval()
-    features = participant_embeddings(model, store, cohort.participants, batch_size, pool, stage)
+    features = participant_embeddings(model, store, cohort.participants, batch_size, pool, stage, progress)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     y_train = np.stack([cohort.labels(p) for p in train])
