@@ -240,7 +240,7 @@ def test_baseline_on_the_same_split(store, tmp_path, capsys):
     fc = json.loads((tmp_path / "fc" / "metrics.json").read_text())
     assert fc["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
-    capsys.readouterr()
+    assert "connectivity: 10/10 (100%) participant" in capsys.readouterr().err  # the baseline's features, shown
     # the same baseline again recomputes it; one of other settings does not overwrite it
     again = ["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
              str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "20", "--quiet", "true"]

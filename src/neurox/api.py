@@ -84,7 +84,7 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
     if baseline:
         from neurox.analysis.baseline import evaluate_baseline
 
-        results["fc_baseline"] = evaluate_baseline(baseline, store)
+        results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet)
     if out:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
     return results

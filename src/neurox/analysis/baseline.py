@@ -314,7 +314,7 @@ def _comparable(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000) -> dict:
+def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000, progress: bool = False) -> dict:
     """A baseline run's metrics on a store, per split (unseen participants: ``external``)."""
     run_dir = Path(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -331,7 +331,7 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     atlas_grid, labels = store_atlas(store, config["atlas"])
     if list(stored["atlas_labels"]) != labels:
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
-    features, _ = _features(store, (atlas_grid, labels), cohort.participants, config["kind"], False, denoising,
+    features, _ = _features(store, (atlas_grid, labels), cohort.participants, config["kind"], progress, denoising,
                             reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
     scores = {p: np.concatenate([linear_outputs(f, vector[None]) for f in params], axis=1)[0]
               for p, vector in features}  # each participant scored as it comes: no cohort of features held
