@@ -247,6 +247,9 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
     params, outputs_by_target = {}, []
     targets = cohort.targets
+    if progress:  # minutes at cohort scale (docs/performance.md), with no finer step to show
+        print(f"baseline: fitting {len(targets)} cross-validated linear model(s) on {len(train)} training "
+              f"participants x {x_train.shape[1]} features", file=sys.stderr, flush=True)
     design = linear_design(x_train)  # one basis for every target
     for i, target in enumerate(targets):
         fitted = fit_linear(x_train, y_train[:, i], target.task, config.seed, design)
