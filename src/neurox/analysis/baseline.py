@@ -217,8 +217,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     columns = [c.strip() for c in config.target.split(",") if c.strip()]
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
     cohort = load_cohort(store, columns, tasks)
-    if cohort.left_out:
-        print(f"neurox baseline: {cohort.left_out_note()}", file=sys.stderr)
+    cohort.say_left_out("baseline")
     if config.split_from:
         splits = load_splits(Path(config.split_from) / "splits.tsv")
         cohort.split = {p: splits[p] for p in cohort.participants if p in splits}

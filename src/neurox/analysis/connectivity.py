@@ -7,6 +7,7 @@ parcel's series is the mean over its in-brain voxels, frame by frame.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -125,13 +126,11 @@ def participant_matrices(store: Store, atlas: np.ndarray, labels: list[int], run
 
     order = sorted(runs)
     setting = (atlas, labels, kind, denoising, cache, on_series is not None)
-    pool = None
-    if workers > 1 and len(order) > 1:
-        pool = process_pool(min(workers, len(order)), _start_worker, (store.root, *setting))
-        results = pool.map(_worker_participant, [runs[p] for p in order])
-    else:
-        results = (participant_runs(store, runs[p], *setting) for p in order)
-    try:
+    pool = process_pool(min(workers, len(order)), _start_worker, (store.root, *setting)) \
+        if workers > 1 and len(order) > 1 else None
+    with pool or contextlib.nullcontext():  # the pool, on an error or Ctrl-C, drops what is queued
+        results = pool.map(_worker_participant, [runs[p] for p in order]) if pool \
+            else (participant_runs(store, runs[p], *setting) for p in order)
         # the display wraps the pairs, so that it sees their end and closes (zip stops on ``order`` first)
         for p, (series, matrix, problems) in progress_display(zip(order, results), total=len(order),
                                                               desc="connectivity", unit="participant",
@@ -142,9 +141,6 @@ def participant_matrices(store: Store, atlas: np.ndarray, labels: list[int], run
                 on_series(run_id, run_series)
             if matrix is not None:
                 yield p, matrix
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
 
 
 def participant_runs(store: Store, run_ids: list[str], atlas: np.ndarray, labels: list[int], kind: str,

@@ -14,7 +14,6 @@ probe, for cohorts too large to embed at once.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +65,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     check_model_store(model, store)
     columns = [c.strip() for c in target.split(",") if c.strip()]
     cohort = load_cohort(store, columns)
-    if cohort.left_out:
-        print(f"neurox probe: {cohort.left_out_note()}", file=sys.stderr)
+    cohort.say_left_out("probe")
     if split_from:
         splits = load_splits(Path(split_from) / "splits.tsv")
         cohort.split = {p: splits[p] for p in cohort.participants if p in splits}

@@ -85,6 +85,7 @@ def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool =
     matrix; with ``workers`` > 1 each pass is split over that many processes (one BLAS thread each), which
     read, and for the projection write, their own rows. ``progress``: each step of the mean is reported on a
     line starting with ``command``, and the projection shows a progress bar."""
+    import contextlib
     import sys
     from concurrent.futures import as_completed
     from functools import partial
@@ -100,16 +101,16 @@ def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool =
     def split(selected: list[int]) -> list[list[int]]:
         return [list(piece) for piece in np.array_split(selected, min(pieces, len(selected))) if len(piece)]
 
-    def tangent_sum(to_tangent: np.ndarray) -> np.ndarray:
-        jobs = [pool.submit(_sum_in_tangent_space, table.path, table.size, piece, to_tangent) for piece in split(rows)]
-        return sum(job.result() for job in jobs)
-
     def report(step: int, norm: float, tol: float) -> None:
         if progress:
             print(f"{command}: tangent space, the geometric mean of {len(rows)} participants: step {step}, gradient "
                   f"{norm:.2g} (done below {tol:g})", file=sys.stderr)
 
-    try:
+    def tangent_sum(to_tangent: np.ndarray) -> np.ndarray:
+        jobs = [pool.submit(_sum_in_tangent_space, table.path, table.size, piece, to_tangent) for piece in split(rows)]
+        return sum(job.result() for job in jobs)
+
+    with pool or contextlib.nullcontext():  # the pool, on an error or Ctrl-C, drops what is queued
         reference = geometric_mean(table.rows(rows), report=report, tangent_sum=tangent_sum if pool else None)
         project = partial(tangent_matrix, whitening=whitening(reference))
         bar = progress_display(total=len(everyone), desc="tangent space", unit="participant", disable=not progress)
@@ -124,9 +125,6 @@ def tangent_table(table, reference_rows=None, workers: int = 1, progress: bool =
                 job.result()
                 bar.update(jobs[job])
         bar.close()
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)  # nothing is queued unless a piece failed or Ctrl-C came
     return reference
 
 

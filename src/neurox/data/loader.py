@@ -8,6 +8,7 @@ with the training participants' statistics only; rows without a target are left 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,13 +100,12 @@ class Cohort:
     def labels(self, participant: str) -> np.ndarray:
         return np.array([t.encode(v) for t, v in zip(self.targets, self.values[participant])], dtype=np.float32)
 
-    def left_out_note(self, unusable: str = "empty or n/a") -> str | None:
-        """One line on the participants left out for lack of a target value, or None when there are none."""
-        if not self.left_out:
-            return None
-        columns = ", ".join(t.column for t in self.targets)
-        return (f"{self.left_out} of {self.left_out + len(self.participants)} participants with prepared runs have "
-                f"no usable value of {columns} ({unusable}): left out")
+    def say_left_out(self, command: str, unusable: str = "empty or n/a") -> None:
+        """One line on stderr on the participants left out for lack of a target value, when there are any."""
+        if self.left_out:
+            columns = ", ".join(t.column for t in self.targets)
+            print(f"neurox {command}: {self.left_out} of {self.left_out + len(self.participants)} participants with "
+                  f"prepared runs have no usable value of {columns} ({unusable}): left out", file=sys.stderr)
 
     def in_split(self, name: str) -> list[str]:
         return [p for p in self.participants if self.split.get(p) == name]

@@ -10,7 +10,6 @@ model directory), ``metrics.json`` and ``predictions.tsv``.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,8 +209,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         save_splits(run_dir / "splits.tsv", cohort.split)
         write_json(run_dir / "targets.json", {"targets": [t.to_dict() for t in targets],
                                               "participants_left_out": cohort.left_out})
-        if cohort.left_out:
-            print(f"neurox finetune: {cohort.left_out_note()}", file=sys.stderr)
+        cohort.say_left_out("finetune")
     dist_utils.barrier()
 
     model = build_model(config, arch, targets).to(env.device)

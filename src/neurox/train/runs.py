@@ -154,9 +154,8 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
         raise ValueError(f"{store.root}: no participant with prepared runs has a value of "
                          f"{', '.join(t.column for t in targets)} in its participants.tsv, so there is nothing to "
                          "score; neurox predict writes the model's outputs without labels")
-    if cohort.left_out and env.is_main:
-        print(f"neurox evaluate: {cohort.left_out_note('empty, n/a, or not a class the model learned')}",
-              file=sys.stderr)
+    if env.is_main:
+        cohort.say_left_out("evaluate", "empty, n/a, or not a class the model learned")
     model.to(env.device)
     motion = participant_motion(store)
     results = {}
