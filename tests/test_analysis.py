@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -293,7 +294,7 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert main(args) == 0  # a re-run resumes: existing maps are kept
     assert (out / f"{pair[0]}_attribution.nii.gz").stat().st_mtime_ns == stamp
     assert main(args[:-2] + ["--n_steps", "3"]) == 1  # but never mixes maps of other settings
-    assert f"{out} holds participant maps of another explain (n_steps differ); choose another --out" in \
+    assert f"{out} holds the outputs of neurox explain with other settings (n_steps differ); choose another --out" in \
         capsys.readouterr().err
 
     assert main(["explain", str(run), "--store", str(store), "--out", str(out), "--target", "nope"]) == 1
@@ -331,6 +332,18 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert metrics["pool"] == "mean_std" and 0.0 <= metrics["test"]["auroc"] <= 1.0
     assert read_tsv(tmp_path / "probe" / "splits.tsv") == read_tsv(run / "splits.tsv")
     assert "probe: embedding: 8/8 (100%) participant" in capsys.readouterr().err
+    # the same probe again recomputes it; one of other settings, or another command, never writes over it
+    same = ["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
+            "--pool", "mean_std", "--out", str(tmp_path / "probe"), "--quiet", "true"]
+    assert main(same) == 0
+    assert json.loads((tmp_path / "probe" / "metrics.json").read_text()) == metrics
+    assert main(same[:-6] + ["--pool", "mean", "--seed", "1", "--out", str(tmp_path / "probe")]) == 1
+    assert (f"{tmp_path / 'probe'} holds the outputs of neurox probe with other settings (seed, pool differ); "
+            "choose another --out") in capsys.readouterr().err
+    assert main(["connectivity", "--store", str(store), "--atlas", str(tmp_path / "none.nii.gz"), "--out",
+                 str(tmp_path / "probe")]) == 1  # a wrong atlas is said first: the folder is not claimed yet
+    assert "none.nii.gz: no such atlas file" in capsys.readouterr().err
+    assert json.loads((tmp_path / "probe" / "metrics.json").read_text()) == metrics
     # and per last-stage position
     assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
                  "--pool", "tokens", "--out", str(tmp_path / "probe-tokens")]) == 0
@@ -407,6 +420,41 @@ def test_connectivity_resumes_from_the_series_it_kept(synthetic, tmp_path):
     assert np.array_equal(a["matrices"][1:], b["matrices"][1:]) and not cache.exists()
 
 
+def test_connectivity_never_mixes_outputs_of_other_settings(synthetic, tmp_path, capsys):
+    """Edge tests of a --group_by run would stay beside the matrices of a later run without it; such a run, or
+    another command, is refused in one line, and the same settings recompute the outputs."""
+    cohort, store = synthetic
+    atlas, out = atlas_of(cohort), tmp_path / "fc"
+    grouped = ["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(out), "--quiet", "true",
+               "--group_by", "coupling_group"]
+    assert main(grouped) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".png"}
+    assert "edges.tsv" in before
+    assert main(grouped[:-2] + ["--kind", "plain"]) == 1
+    assert (f"{out} holds the outputs of neurox connectivity with other settings (kind, group_by differ); "
+            "choose another --out") in capsys.readouterr().err
+    assert {p: (out / p).read_bytes() for p in before} == before
+    assert main(["baseline", "--store", str(store), "--target", "coupling_group", "--atlas", str(atlas),
+                 "--out", str(out)]) == 1
+    assert f"{out} holds the outputs of neurox connectivity; choose another --out" in capsys.readouterr().err
+    relative = Path(os.path.relpath(store))  # the same store named another way is the same setting
+    assert main(grouped[:2] + [str(relative)] + grouped[3:]) == 0
+    assert {p: (out / p).read_bytes() for p in before} == before
+
+
+def test_a_folder_claimed_by_a_run_that_wrote_nothing_is_free(tmp_path):
+    from neurox.io.claim import claim_folder
+
+    claim_folder(tmp_path / "out", "probe", {"pool": "mean"})  # the run then failed before writing anything
+    claim_folder(tmp_path / "out", "connectivity", {"kind": "plain"})
+    (tmp_path / "out" / "connectivity.npz").write_bytes(b"")
+    claim_folder(tmp_path / "out", "connectivity", {"kind": "plain"})
+    with pytest.raises(ValueError, match="other settings \\(kind differ\\)"):
+        claim_folder(tmp_path / "out", "connectivity", {"kind": "tangent"})
+    with pytest.raises(ValueError, match="holds the outputs of neurox connectivity; choose another --out"):
+        claim_folder(tmp_path / "out", "probe", {"pool": "mean"})
+
+
 def test_connectivity_writes_what_it_computes_one_participant_at_a_time(synthetic, tmp_path):
     """The outputs are streamed from an on-disk table of edges; they equal the matrices computed in memory."""
     cohort, store = synthetic
@@ -428,7 +476,8 @@ def test_connectivity_writes_what_it_computes_one_participant_at_a_time(syntheti
     frames = reader.read(0, reader.n_frames).astype(np.float64)
     expected = np.stack([frames[:, mask & (grid == label)].mean(1) for label in labels], axis=1)
     assert np.allclose(series[runs[0]], np.nan_to_num(expected), rtol=1e-5, atol=1e-5)
-    assert not list((tmp_path / "fc").glob(".*"))  # neither the kept series nor the table of edges is left
+    # neither the kept series nor the table of edges is left; only the record of what the folder holds
+    assert [p.name for p in (tmp_path / "fc").glob(".*")] == [".neurox-outputs.json"]
     # in worker processes: the same outputs, in the same order
     assert main(["connectivity", "--store", str(store), "--atlas", str(atlas), "--out", str(tmp_path / "fc2"),
                  "--kind", "plain", "--participants", *ids, "--workers", "2", "--quiet", "true"]) == 0

@@ -247,7 +247,8 @@ def test_baseline_on_the_same_split(store, tmp_path, capsys):
     assert main(again) == 0
     assert "baseline: fitting 1 cross-validated linear model(s) on " in capsys.readouterr().err
     assert main(again[:-4] + ["--kind", "tangent"]) == 1
-    assert f"{tmp_path / 'fc'} holds a baseline of other settings (split_from, kind differ)" in capsys.readouterr().err
+    assert (f"{tmp_path / 'fc'} holds the outputs of neurox baseline with other settings (split_from, kind differ)"
+            in capsys.readouterr().err)
     assert json.loads((tmp_path / "fc" / "metrics.json").read_text())["test"]["auroc"] == fc["test"]["auroc"]
     from neurox.data.loader import load_splits, save_splits
 

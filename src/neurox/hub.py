@@ -95,6 +95,21 @@ def load_pretrained(model_dir: str | Path, with_head: bool = True, map_location:
     return model
 
 
+def weights_digest(model_dir: str | Path) -> str:
+    """A digest of a model directory's weights (backbone and head), or of a run directory's ``model/``: what
+    outputs computed from the model depend on, whatever its path."""
+    import hashlib
+
+    model_dir = Path(model_dir)
+    if (model_dir / "model" / "config.json").is_file():
+        model_dir = model_dir / "model"
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "head.safetensors"):
+        if (model_dir / name).is_file():
+            digest.update((model_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
 def load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
     """Load ``state`` into ``module``, refusing with one clear line on the first tensor whose name
     or shape does not match the architecture."""

@@ -40,6 +40,7 @@ from neurox.data.loader import (
 )
 from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
+from neurox.io.claim import claim_folder, resolved
 from neurox.train.objectives import subject_metrics
 
 MODEL_FILE = "baseline.npz"
@@ -213,7 +214,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     if config.kind not in KINDS:
         raise ValueError(f"--kind {config.kind}: choose {', '.join(KINDS)}")
     store = Store(config.store)
-    _check_not_another_baseline(config)
+    claim_folder(config.out, "baseline", {k: resolved(v) if k in PATHS else v
+                                          for k, v in dataclasses.asdict(config).items() if k in SETTINGS})
     columns = [c.strip() for c in config.target.split(",") if c.strip()]
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
     cohort = load_cohort(store, columns, tasks)
@@ -297,23 +299,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 # what makes a baseline another experiment; n_boot, workers and the like only change how it is computed
 SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fractions", "kind", "confounds",
             "fd_threshold", "global_signal")
-
-
-def _check_not_another_baseline(config: BaselineConfig) -> None:
-    """Refuse, in one line, to overwrite a finished baseline of other settings (the same settings recompute it)."""
-    written = Path(config.out) / "config.yaml"
-    if not written.is_file():
-        return
-    before = yaml.safe_load(written.read_text()) or {}
-    now = dataclasses.asdict(config)
-    changed = [k for k in SETTINGS if k in before and _comparable(before[k]) != _comparable(now[k])]
-    if changed:
-        raise ValueError(f"{config.out} holds a baseline of other settings ({', '.join(changed)} differ); "
-                         "choose another --out")
-
-
-def _comparable(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
+PATHS = ("store", "atlas", "split_from")
 
 
 def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000, progress: bool = False) -> dict:

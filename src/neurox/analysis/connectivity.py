@@ -24,6 +24,7 @@ from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
+from neurox.io.claim import claim_folder, resolved
 from neurox.io.nifti import InputError, read_volume_ras
 from neurox.io.npz import npz_writer
 
@@ -305,6 +306,10 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
             raise ValueError(f"{store.root}: no prepared runs for participant(s) {', '.join(unknown[:5])}")
     out = Path(out)
     atlas_grid, labels = store_atlas(store, atlas)
+    claim_folder(out, "connectivity", {"store": resolved(store.root), "atlas": resolved(atlas),
+                                       "names": resolved(names_tsv), "kind": kind, "participants": participants,
+                                       "denoising": dataclasses.asdict(denoising or Denoising()),
+                                       "group_by": group_by, "covariates": covariates or []})
     cache = series_cache(out, atlas_grid)
     runs, _ = prepared_runs(store, participants)
     names, networks = atlas_names(atlas, labels, names_tsv), atlas_networks(atlas, labels, names_tsv)

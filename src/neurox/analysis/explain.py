@@ -34,6 +34,8 @@ import torch
 from neurox.analysis.connectivity import label_index
 from neurox.data.loader import prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
+from neurox.hub import weights_digest
+from neurox.io.claim import claim_folder, resolved
 
 REDUCTIONS = ("abs", "signed")
 BASELINES = ("zero", "temporal_mean")
@@ -62,34 +64,6 @@ class ExplainOptions:
 
 # what a participant's map depends on besides the participant: a resumed run must share them to reuse its maps
 MAP_OPTIONS = ("target", "class_value", "n_steps", "noise_samples", "noise_std", "baseline", "reduce")
-INPUTS_FILE = ".explain-inputs.json"
-
-
-def model_digest(model_dir: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in ("model.safetensors", "head.safetensors"):
-        if (model_dir / name).is_file():
-            digest.update((model_dir / name).read_bytes())
-    return digest.hexdigest()
-
-
-def check_resumable(out: Path, inputs: dict) -> None:
-    """Record what the maps in ``out`` are maps of; refuse, in one line, to add to maps of another model,
-    store or attribution setting (a resumed run reuses the maps it finds)."""
-    from neurox.io.atomic import write_text_atomic
-
-    path = out / INPUTS_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = [key for key in inputs if before.get(key) != inputs[key]]
-        if changed:
-            raise ValueError(f"{out} holds participant maps of another explain ({', '.join(changed)} differ); "
-                             "choose another --out")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(inputs, indent=2) + "\n")
 
 
 def _captum():
@@ -399,7 +373,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     for param in model.parameters():
         param.requires_grad_(False)
 
-    check_resumable(out, {"model": model_digest(run_dir / "model"), "store": str(store.root.resolve()),
+    claim_folder(out, "explain", {"model": weights_digest(run_dir / "model"), "store": resolved(store.root),
                           **{k: v for k, v in asdict(options).items() if k in MAP_OPTIONS}})
     runs, _ = prepared_runs(store, participants)
     store_affine = np.array(store.run(store.run_ids[0]).attributes["affine"])

@@ -22,7 +22,9 @@ from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs
 from neurox.analysis.embed import POOLS, load_model, participant_vector, window_embeddings
 from neurox.data.loader import load_cohort, load_splits, prepared_runs, save_splits, split_participants, standardise
 from neurox.data.store import Store
+from neurox.hub import weights_digest
 from neurox.io.atomic import write_text_atomic
+from neurox.io.claim import claim_folder, resolved
 from neurox.train.objectives import subject_metrics
 
 
@@ -63,6 +65,10 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         raise ValueError(f"--stage {stage}: {model_path} has stages 1 to {stages}")
     store = Store(store_path)
     check_model_store(model, store)
+    if out:
+        claim_folder(out, "probe", {"model": weights_digest(model_path), "store": resolved(store.root),
+                                    "target": target, "split_from": resolved(split_from), "seed": seed, "pool": pool,
+                                    "stage": stage or stages})
     columns = [c.strip() for c in target.split(",") if c.strip()]
     cohort = load_cohort(store, columns)
     cohort.say_left_out("probe")
