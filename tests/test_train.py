@@ -250,6 +250,12 @@ def test_baseline_on_the_same_split(store, tmp_path, capsys):
     assert (f"{tmp_path / 'fc'} holds the outputs of neurox baseline with other settings (split_from, kind differ)"
             in capsys.readouterr().err)
     assert json.loads((tmp_path / "fc" / "metrics.json").read_text())["test"]["auroc"] == fc["test"]["auroc"]
+    # a baseline into a fine-tuning run's folder, or a fine-tuning into a baseline's, would write over its files
+    assert main(again[:7] + ["--out", str(run)]) == 1
+    assert f"{run} holds the outputs of neurox finetune; choose another --out" in capsys.readouterr().err
+    assert main(finetune_args(store, tmp_path / "fc", "--epochs", "1")) == 1
+    assert f"{tmp_path / 'fc'} holds the outputs of neurox baseline; choose another --out" in capsys.readouterr().err
+    assert json.loads((tmp_path / "fc" / "metrics.json").read_text())["test"]["auroc"] == fc["test"]["auroc"]
     from neurox.data.loader import load_splits, save_splits
 
     (tmp_path / "no-train").mkdir()  # a split whose training participants are in another store: one line

@@ -239,10 +239,14 @@ def run_environment(env: dist_utils.Env | None, stores: list) -> dict[str, Any]:
                        for s in stores}}
 
 
-def start_run(run_dir: Path, resume: bool, seed: int, deterministic: bool) -> None:
-    """Refuse to start over a run unless resuming it; seed every generator."""
+def start_run(run_dir: Path, command: str, resume: bool, seed: int, deterministic: bool) -> None:
+    """Refuse to start over a run unless resuming it, or in a folder of another command's outputs; seed every
+    generator."""
+    from neurox.io.claim import claim_folder
+
     if checkpoint_exists(run_dir) and not resume:
         raise ValueError(f"{run_dir} already holds a run; pass --resume true to continue it or choose another --out")
+    claim_folder(run_dir, command, {})  # a baseline's metrics.json or a probe's are not a run's to write over
     torch.manual_seed(seed)
     np.random.seed(seed)
     if deterministic:

@@ -186,7 +186,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     if config.freeze and config.backbone_lr_scale != 1.0:
         raise ValueError("--backbone_lr_scale has no effect with --freeze true (the backbone does not train)")
     run_dir = Path(config.out)
-    start_run(run_dir, config.resume, config.seed, config.deterministic)
+    start_run(run_dir, "finetune", config.resume, config.seed, config.deterministic)
 
     store = Store(config.store)
     arch = architecture(config)

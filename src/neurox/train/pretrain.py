@@ -252,7 +252,7 @@ def pretrain(config: PretrainConfig) -> Path:
 def _pretrain(config: PretrainConfig, env: dist_utils.Env) -> Path:
     config.validate()
     run_dir = Path(config.out)
-    start_run(run_dir, config.resume, config.seed, config.deterministic)
+    start_run(run_dir, "pretrain", config.resume, config.seed, config.deterministic)
     stores = [Store(s) for s in config.store]
     contract_info = check_contracts(stores)
     if config.init:
