@@ -307,7 +307,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     out = Path(out)
     atlas_grid, labels = store_atlas(store, atlas)
     claim_folder(out, "connectivity", {"store": resolved(store.root), "atlas": resolved(atlas),
-                                       "names": resolved(names_tsv), "kind": kind, "participants": participants,
+                                       "names": resolved(names_tsv), "kind": kind,
+                                       "participants": sorted(participants) if participants else None,
                                        "denoising": dataclasses.asdict(denoising or Denoising()),
                                        "group_by": group_by, "covariates": covariates or []})
     cache = series_cache(out, atlas_grid)
