@@ -49,3 +49,17 @@ def test_mode_is_chosen_by_the_environment(monkeypatch):
     monkeypatch.setenv("NEUROX_PROGRESS", "fancy")
     with pytest.raises(ValueError, match="NEUROX_PROGRESS='fancy'"):
         progress(total=1, file=io.StringIO())
+
+
+def test_work_cut_short_says_stopped_not_done(monkeypatch):
+    monkeypatch.setenv("NEUROX_PROGRESS_SECONDS", "3600")
+    log = io.StringIO()
+    bar = progress(total=10, desc="prepare", unit="run", file=log)
+    bar.update(3)
+    bar.close(stopped=True)
+    bar.close()  # a later close (a finally after the except) adds nothing
+    assert log.getvalue().splitlines()[1].startswith("prepare: 3/10 (30%) run, ")
+    assert log.getvalue().splitlines()[1].endswith("(stopped)") and len(log.getvalue().splitlines()) == 2
+    tty = io.StringIO()
+    monkeypatch.setenv("NEUROX_PROGRESS", "bar")
+    progress(total=10, file=tty).close(stopped=True)  # the terminal bar takes the same call

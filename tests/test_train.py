@@ -478,6 +478,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
                    capture_output=True)
     returncode, out = run_until_step_then_signal(finetune_args(store, resumed), resumed, step=2)
     assert returncode == 0 and "stopped by SIGTERM at step" in out
+    assert "(stopped)" in out and "(done)" not in out  # the progress line says where the run stopped
     stopped_at = consolidated_state(resumed / "checkpoints" / "last")["step"]
     assert 2 <= stopped_at < 8  # mid-run: the reference takes 8 steps
     subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed), "--resume", "true"],

@@ -20,7 +20,8 @@ from tqdm import tqdm
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
              initial: int = 0, disable: bool = False, file=None):
     """A tqdm bar in a terminal, else a ``LineProgress``; both take ``update``, ``set_postfix``,
-    ``write`` and ``close``, and iterate over ``iterable`` when given."""
+    ``write`` and ``close`` (``close(stopped=True)`` where the work was cut short), and iterate over ``iterable``
+    when given."""
     file = file or sys.stderr
     mode = os.environ.get("NEUROX_PROGRESS") or ("bar" if getattr(file, "isatty", lambda: False)() else "lines")
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
@@ -38,6 +39,9 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 class _Bar(tqdm):
     def write(self, message: str) -> None:  # above the bar, on the bar's stream (tqdm's default is stdout)
         tqdm.write(message, file=self.fp)
+
+    def close(self, stopped: bool = False) -> None:  # a bar left where it stopped says so by itself
+        super().close()
 
 
 class LineProgress:
@@ -72,10 +76,12 @@ class LineProgress:
     def write(self, message: str) -> None:  # as tqdm's: shown even when the progress itself is not
         print(message, file=self.file, flush=True)
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """The last line: "(done)", or with ``stopped`` (a signal, an error) "(stopped)"."""
         if not self.closed:
             self.closed = True
-            self._print(self._status(time.monotonic()) + " (done)" if self.n > self.initial else "")
+            end = " (stopped)" if stopped else " (done)"
+            self._print(self._status(time.monotonic()) + end if self.n > self.initial or stopped else "")
 
     def _status(self, now: float) -> str:
         elapsed = now - self.started

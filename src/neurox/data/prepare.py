@@ -155,6 +155,9 @@ def prepare(
                 for future in as_completed(futures):
                     job, spec = futures[future]
                     _record(report, root, spec, job, future.result(), bar)
+    except BaseException:  # Ctrl-C, or an error no run could be blamed for: the display says it stopped
+        bar.close(stopped=True)
+        raise
     finally:
         bar.close()
         write_manifest(root, fmt)

@@ -429,7 +429,7 @@ class Trainer:
                     if end_of_epoch or validated or stop or periodic:
                         self.save_checkpoint()
                     if stop:
-                        bar.close()
+                        bar.close(stopped=True)
                         self.bar = None
                         self.stopped_by = signals.received or "a signal to another process"
                         return "stopped"
