@@ -83,8 +83,8 @@ def subprocess_env() -> dict[str, str]:
 def run_until_step_then_signal(args: list[str], run_dir: Path, step: int,
                                signum: int = signal.SIGTERM) -> tuple[int, str]:
     """Start ``neurox ARGS`` in a process, send it ``signum`` once ``run_dir/metrics.jsonl`` logs ``step``, and
-    return its exit status and its output (standard output, then standard error). The process takes Ctrl-C as in a terminal, even where the tests
-    run as a background job (which ignores it)."""
+    return its exit status and its output (standard output, then standard error). The process takes Ctrl-C as in
+    a terminal, even where the tests run as a background job (which ignores it)."""
     process = subprocess.Popen([sys.executable, "-m", "neurox.cli", *args], env=subprocess_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -19,7 +19,7 @@ from fakes import OPTIONS, bids_run, bold, run_until_step_then_signal, subproces
 from safetensors.torch import load_file
 
 from neurox.cli import main
-from neurox.data.loader import load_cohort, split_participants
+from neurox.data.loader import Cohort, infer_target, load_cohort, load_splits, split_participants
 from neurox.data.prepare import prepare
 from neurox.data.store import Store, read_tsv
 from neurox.train.engine import StepSampler, consolidated_state
@@ -33,14 +33,15 @@ N_SUBJECTS = 10
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
-    rows = ["participant_id\tgroup\tscore\tsite\teducation"]
+    rows = ["participant_id\tgroup\tscore\tsite\teducation\tfamily"]
     for i in range(N_SUBJECTS):
         group = i % 2
         data = bold(n_frames=40, seed=i)
         data[10:20, 20:30, 15:25] *= 1.0 + 0.05 * group  # a weak local effect
         bids_run(root, f"{i:02d}", data=data)
-        rows.append(f"sub-{i:02d}\t{group}\t{i * 1.5 + 20}\t{['a', 'b', 'c'][i % 3]}\t{'n/a' if i == 3 else 10 + i}")
-    rows.append("sub-99\t1\t3.0\ta\t40")  # a participant without runs
+        rows.append(f"sub-{i:02d}\t{group}\t{i * 1.5 + 20}\t{['a', 'b', 'c'][i % 3]}\t{'n/a' if i == 3 else 10 + i}"
+                    f"\tF{i // 2}")  # five families of two siblings, one of each group
+    rows.append("sub-99\t1\t3.0\ta\t40\tF9")  # a participant without runs
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path_factory.mktemp("store") / "store"
     assert prepare(root, out, OPTIONS, progress=False).ok
@@ -64,6 +65,71 @@ def test_no_participant_in_two_splits_and_classes_stratified(store):
         members = [p for p, s in split.items() if s == name]
         assert {cohort.values[p][0] for p in members} == {"0", "1"}, name  # both classes on each side
     assert split == split_participants(cohort, seed=0) != split_participants(cohort, seed=1)
+
+
+def family_cohort(n: int = 300, seed: int = 0) -> Cohort:
+    """``n`` participants in families of 1 to 4, a binary target, a family column with a few values missing."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 5, n)
+    family = np.repeat(np.arange(n), sizes)[:n]
+    ids = [f"sub-{i:03d}" for i in range(n)]
+    values = {p: [str(rng.integers(0, 2))] for p in ids}
+    group = {p: f"F{family[i]}" for i, p in enumerate(ids) if i % 50}  # every 50th has no family ID
+    return Cohort([infer_target("dx", [v[0] for v in values.values()])], ids, values, {p: [p] for p in ids}, {},
+                  split_by="family", group=group)
+
+
+def test_split_by_keeps_families_on_one_side(capsys):
+    cohort = family_cohort()
+    split = split_participants(cohort, seed=0)
+    assert set(split) == set(cohort.participants)
+    sides: dict[str, set[str]] = {}
+    for p, family in cohort.group.items():
+        sides.setdefault(family, set()).add(split[p])
+    assert all(len(s) == 1 for s in sides.values())  # no family on two sides
+    counts = {name: sum(s == name for s in split.values()) for name in ("train", "val", "test")}
+    assert 50 <= counts["val"] <= 70 and 50 <= counts["test"] <= 70  # 20% each, give or take a family
+    for name in ("train", "val", "test"):
+        assert {cohort.values[p][0] for p, s in split.items() if s == name} == {"0", "1"}
+    err = capsys.readouterr().err
+    assert "neurox: 6 of 300 participants have no family value: each is split on its own" in err
+    assert f"split by family: {counts['train']} training participants (" in err
+    # without split_by, or with a column that sets everyone apart, the split is the one it always was
+    apart = Cohort(cohort.targets, cohort.participants, cohort.values, cohort.runs, {}, split_by="id",
+                   group={p: p for p in cohort.participants})
+    plain = Cohort(cohort.targets, cohort.participants, cohort.values, cohort.runs, {})
+    assert split_participants(apart, seed=3) == split_participants(plain, seed=3) != split
+    # blocks too few or too large to fill every side: one line, not an empty test set
+    two_sites = Cohort(cohort.targets, cohort.participants, cohort.values, cohort.runs, {}, split_by="site",
+                       group={p: "AB"[i % 2] for i, p in enumerate(cohort.participants)})
+    with pytest.raises(ValueError, match="--split_by site: its 2 values cannot fill the test split"):
+        split_participants(two_sites, seed=0)
+
+
+def test_finetune_baseline_and_probe_split_by_a_column(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run, "--epochs", "1", "--split_by", "family")) == 0
+    split = load_splits(run / "splits.tsv")
+    assert all(split[f"sub-{2 * k:02d}"] == split[f"sub-{2 * k + 1:02d}"] for k in range(5))  # siblings together
+    assert ("split by family: 6 training participants (3 values), 2 validation participants (1 value), 2 test"
+            in capsys.readouterr().err)
+    atlas = tmp_path / "atlas.nii.gz"
+    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20] = 1, 2
+    from fakes import save
+
+    save(atlas, labels)
+    fc = tmp_path / "fc"
+    assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out", str(fc),
+                 "--split_by", "family", "--n_boot", "20", "--quiet", "true"]) == 0
+    assert load_splits(fc / "splits.tsv") == split  # the same seed and column: the same split
+    assert main(["probe", str(run), "--store", str(store), "--target", "group", "--split_by", "family",
+                 "--out", str(tmp_path / "probe"), "--quiet", "true"]) == 0
+    assert load_splits(tmp_path / "probe" / "splits.tsv") == split
+    assert main(finetune_args(store, tmp_path / "by-site", "--split_by", "site")) == 1
+    assert "--split_by site: its 3 values cannot fill the test split" in capsys.readouterr().err
+    assert main(finetune_args(store, tmp_path / "by-x", "--split_by", "hospital")) == 1
+    assert "no --split_by column 'hospital' in participants.tsv" in capsys.readouterr().err
 
 
 def test_participants_without_a_target_value_are_left_out_and_said_so(store, tmp_path, capsys):

@@ -340,6 +340,8 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--out", default=None, help="folder for metrics.json and splits.tsv")
     p.add_argument("--split_from", default=None, help="a finetune run whose splits.tsv to use")
     p.add_argument("--seed", type=int, default=0, help="the split's seed when there is no --split_from")
+    p.add_argument("--split_by", default=None, help="without --split_from, a phenotype column (family ID, site) "
+                   "whose members share one side of the split")
     p.add_argument("--pool", choices=["mean", "mean_std", "tokens"], default="mean",
                    help="mean: the representation averaged over space and time (what the heads see); mean_std: "
                    "also each feature's standard deviation over time (statistics pooling); tokens: the mean and "

@@ -96,6 +96,8 @@ class Cohort:
     split: dict[str, str] = field(default_factory=dict)
     left_out: int = 0  # participants without some target value
     person: dict[str, str] = field(default_factory=dict)  # unit -> participant, where units are sessions
+    split_by: str | None = None  # a phenotype column whose value participants sharing it keep on one split side
+    group: dict[str, str] = field(default_factory=dict)  # unit -> its value of split_by, where it has one
 
     def labels(self, participant: str) -> np.ndarray:
         return np.array([t.encode(v) for t, v in zip(self.targets, self.values[participant])], dtype=np.float32)
@@ -125,17 +127,21 @@ def prepared_runs(store: Store, participants=None, by_person: bool = False) -> t
     return runs, n_frames
 
 
-def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None = None) -> Cohort:
+def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None = None,
+                split_by: str | None = None) -> Cohort:
+    """The store's participants with a value of every target ``columns``; ``split_by``, a column (a family ID,
+    a site) whose value keeps the participants who share it on one side of the split."""
     table = store.phenotypes()
     if not table:
         raise ValueError(f"{store.root}: the store has no phenotype table (participants.tsv); "
                          "give one to neurox prepare --participants")
-    for column in columns:
+    for column in [*columns, *([split_by] if split_by else [])]:
         if column not in table[0]:
             known = ", ".join(c for c in table[0] if c != "participant_id")
-            raise ValueError(f"{store.root}: no target column {column!r} in participants.tsv (columns: {known})")
+            what = "--split_by" if column == split_by and column not in columns else "target"
+            raise ValueError(f"{store.root}: no {what} column {column!r} in participants.tsv (columns: {known})")
     runs, n_frames = prepared_runs(store)
-    values, person, left_out = {}, {}, 0
+    values, person, group, left_out = {}, {}, {}, 0
     for row in table:
         pid = row["participant_id"]
         if pid not in runs:
@@ -145,6 +151,8 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
             continue
         values[pid] = [row[c].strip() for c in columns]
         person[pid] = row.get("person", pid)
+        if split_by and not _missing(row.get(split_by)):
+            group[pid] = row[split_by].strip()
     if len(values) < 3:
         raise ValueError(f"{store.root}: only {len(values)} participants have prepared runs and all of "
                          f"{', '.join(columns)}; need at least 3")
@@ -153,34 +161,65 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
     if len(targets) > 1 and any(t.task == "multiclass" for t in targets):
         raise ValueError("a multiclass target must be the only target")
     return Cohort(targets, sorted(values), values, {p: runs[p] for p in values}, n_frames, left_out=left_out,
-                  person=person)
+                  person=person, split_by=split_by, group=group)
 
 
 def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2)) -> dict[str, str]:
-    """Participant -> train/val/test, seeded; stratified by the first target when it is a class. Where the
-    units are sessions, a participant's sessions share one split (stratified by their first session's class),
-    so no one is both trained on and tested."""
+    """Participant -> train/val/test, seeded; stratified by the first target when it is a class. Units that must
+    not be trained on and tested apart go to one side together: a participant's sessions (where the units are
+    sessions) and, with ``cohort.split_by``, everyone who shares its value (the members of a family, the
+    participants of a site). The fractions count people; such a block is stratified by its first unit's class."""
     rng = np.random.default_rng(seed)
     first = cohort.targets[0]
     sessions: dict[str, list[str]] = {}
     for p in cohort.participants:
         sessions.setdefault(cohort.person.get(p, p), []).append(p)
-    if first.task == "regression":
-        strata = {"all": list(sessions)}
-    else:
-        strata = {}
-        for person, units in sessions.items():
-            strata.setdefault(cohort.values[units[0]][0], []).append(person)
+    blocks: dict[str, list[str]] = {}  # block -> its people; without split_by, each person is a block
+    alone = 0
+    for person, units in sessions.items():
+        value = next((cohort.group[u] for u in units if u in cohort.group), None)
+        alone += bool(cohort.split_by) and value is None
+        blocks.setdefault(person if value is None else f"{cohort.split_by}={value}", []).append(person)
+    if alone:
+        print(f"neurox: {alone} of {len(sessions)} participants have no {cohort.split_by} value: each is split on "
+              "its own", file=sys.stderr)
+    strata: dict[str, list[str]] = {}
+    for block, people in blocks.items():
+        strata.setdefault("all" if first.task == "regression" else cohort.values[sessions[people[0]][0]][0],
+                          []).append(block)
     split = {}
     for members in strata.values():
         members = list(rng.permutation(members))
-        n = len(members)
+        n = sum(len(blocks[b]) for b in members)
         n_val = max(1, int(round(fractions[1] * n))) if n >= 3 else 0
         n_test = max(1, int(round(fractions[2] * n))) if n >= 3 else 0
-        for i, person in enumerate(members):
-            for p in sessions[person]:
-                split[p] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+        placed = 0  # people placed so far: validation first, then test, the rest train
+        for block in members:
+            side = "val" if placed < n_val else "test" if placed < n_val + n_test else "train"
+            placed += len(blocks[block])
+            for person in blocks[block]:
+                for p in sessions[person]:
+                    split[p] = side
+    if cohort.split_by:
+        _say_split_by(cohort.split_by, split, fractions, blocks, sessions)
     return split
+
+
+def _say_split_by(column: str, split: dict[str, str], fractions, blocks: dict[str, list[str]],
+                  sessions: dict[str, list[str]]) -> None:
+    """One line with each side's participants and blocks; an error where a side the fractions ask for is empty
+    (blocks too few or too large to fill it)."""
+    side_of = {block: split[sessions[people[0]][0]] for block, people in blocks.items()}
+    people = {side: sum(len(blocks[b]) for b in blocks if side_of[b] == side) for side in SPLITS}
+    count = {side: sum(side_of[b] == side for b in blocks) for side in SPLITS}
+    empty = [name for name, fraction in zip(SPLITS, fractions) if fraction > 0 and not people[name]]
+    if empty:
+        raise ValueError(f"--split_by {column}: its {len(blocks)} values cannot fill the {' and '.join(empty)} "
+                         f"split (largest holds {max(len(v) for v in blocks.values())} participants); choose a column "
+                         "with more, smaller groups")
+    names = {"train": "training", "val": "validation", "test": "test"}
+    print(f"split by {column}: " + ", ".join(f"{people[s]} {names[s]} participants ({count[s]} value"
+                                             f"{'' if count[s] == 1 else 's'})" for s in SPLITS), file=sys.stderr)
 
 
 def save_splits(path: Path, split: dict[str, str]) -> None:
