@@ -226,7 +226,7 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
 
 def test_regression_and_several_targets(store, tmp_path):
     run = tmp_path / "run"
-    args = finetune_args(store, run, "--epochs", "1")
+    args = finetune_args(store, run, "--epochs", "1", "--split_fractions", "[0.4,0.3,0.3]")
     args[args.index("group")] = "score,group"
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())["test"]
@@ -235,6 +235,43 @@ def test_regression_and_several_targets(store, tmp_path):
     train = [p for p, s in ((r["participant_id"], r["split"]) for r in read_tsv(run / "splits.tsv")) if s == "train"]
     scores = [int(p[4:]) * 1.5 + 20 for p in train]
     assert targets[0]["mean"] == pytest.approx(np.mean(scores))  # standardised on training participants only
+    # the gap and its correction, fitted on the 3 validation participants: their corrected gaps are the residuals
+    # of that fit (mean 0, uncorrelated with the score), and predict applies the run's fit as it is
+    rows = read_tsv(run / "predictions.tsv")
+    assert targets[0]["gap_fit"] is not None and targets[1]["gap_fit"] is None  # the class target has no gap
+    for row in rows:
+        assert float(row["score_gap"]) == pytest.approx(float(row["score_predicted"]) - float(row["score_true"]),
+                                                        abs=2e-6)
+    val = [r for r in rows if r["split"] == "val"]
+    true, corrected = (np.array([float(r[c]) for r in val]) for c in ("score_true", "score_gap_corrected"))
+    assert len(val) == 3 and abs(corrected.mean()) < 1e-5 and abs(np.dot(corrected, true - true.mean())) < 1e-3
+    assert main(["predict", str(run), "--store", str(store), "--out", str(tmp_path / "p.tsv"), "--quiet", "true"]) == 0
+    again = {r["participant_id"]: r for r in read_tsv(tmp_path / "p.tsv")}
+    assert all(again[r["participant_id"]]["score_gap_corrected"] == r["score_gap_corrected"] for r in rows)
+    assert all(r["score_gap_corrected"] != "" for r in again.values())  # training participants' too
+
+
+def test_the_corrected_gap_does_not_follow_the_true_value():
+    """Predictions shrunk towards the mean (what any imperfect model does) give the oldest a negative raw gap and
+    the youngest a positive one; the gap corrected on validation participants does not follow age on test."""
+    from neurox.data.loader import Target
+    from neurox.train.runs import add_gaps
+
+    rng = np.random.default_rng(0)
+    age = rng.uniform(20, 80, 400)
+    predicted = 50 + 0.6 * (age - 50) + rng.normal(0, 4, 400)  # shrunk, plus noise
+    rows = [{"participant_id": f"p{i}", "split": "val" if i < 200 else "test", "age_predicted": float(predicted[i]),
+             "age_true": f"{age[i]:.3f}"} for i in range(400)]
+    rows.append({"participant_id": "new", "split": "external", "age_predicted": 61.0, "age_true": ""})
+    target = Target("age", "regression", mean=50.0, std=17.0)
+    assert add_gaps([target], rows) and target.gap_fit[1] == pytest.approx(-0.4, abs=0.05)
+    test = [r for r in rows if r["split"] == "test"]
+    true = [float(r["age_true"]) for r in test]
+    assert np.corrcoef(true, [r["age_gap"] for r in test])[0, 1] < -0.8
+    assert abs(np.corrcoef(true, [r["age_gap_corrected"] for r in test])[0, 1]) < 0.15
+    assert "age_gap" not in rows[-1]  # no true value, no gap
+    fit = list(target.gap_fit)
+    assert not add_gaps([target], rows[200:]) and target.gap_fit == fit  # kept, not refitted
 
 
 @pytest.mark.parametrize(
@@ -651,3 +688,6 @@ def test_sessions_are_units_and_a_participant_stays_in_one_split(tmp_path, capsy
                  str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "20"]) == 0
     metrics = json.loads((tmp_path / "fc" / "metrics.json").read_text())
     assert metrics["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
+    # the baseline's age gaps, corrected by its own fit on the 4 validation sessions
+    assert json.loads((tmp_path / "fc" / "targets.json").read_text())["targets"][0]["gap_fit"] is not None
+    assert all(r["age_gap_corrected"] != "" for r in read_tsv(tmp_path / "fc" / "predictions.tsv"))

@@ -277,7 +277,9 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         rows += prediction_rows(targets, cohort.values, split, subjects, subject_outputs)
 
     from neurox.train.engine import run_environment, write_json
-    from neurox.train.runs import write_predictions
+    from neurox.train.runs import add_gaps, write_predictions
+
+    add_gaps(targets, rows)  # before targets.json, which keeps the gap correction for evaluate and predict
 
     def save_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as f:

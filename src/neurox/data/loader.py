@@ -31,6 +31,7 @@ class Target:
     classes: list[str] = field(default_factory=list)  # classification: value -> index
     mean: float = 0.0  # regression: standardised with training participants' statistics
     std: float = 1.0
+    gap_fit: list[float] | None = None  # regression: (intercept, slope) of the gap on the true value, validation
 
     @property
     def num_outputs(self) -> int:
@@ -50,7 +51,8 @@ class Target:
         return np.array(self.classes)[output.argmax(1)]
 
     def to_dict(self) -> dict:
-        return {"column": self.column, "task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std}
+        return {"column": self.column, "task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std,
+                "gap_fit": self.gap_fit}
 
 
 def _missing(value: str | None) -> bool:

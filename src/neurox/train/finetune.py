@@ -49,6 +49,7 @@ from neurox.train.engine import (
 )
 from neurox.train.objectives import head_task, num_outputs, selection_score, supervised_loss
 from neurox.train.runs import (
+    add_gaps,
     check_contract,
     check_fits_store,
     first_rows,
@@ -386,6 +387,9 @@ def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config,
         results[split] = metrics
         rows += prediction_rows(targets, cohort.values, split, subjects, outputs)
     if env.is_main:
+        if add_gaps(targets, rows):  # the gap correction, fitted on the validation participants, kept with the run
+            write_json(run_dir / "targets.json", {"targets": [t.to_dict() for t in targets],
+                                                  "participants_left_out": cohort.left_out})
         write_json(run_dir / "metrics.json", results)
         write_predictions(run_dir / "predictions.tsv", targets, rows, motion, cohort.person)
     return results

@@ -189,6 +189,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     for split in ("train", "val", "test", "external"):
         members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
         rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
+    add_gaps(targets, rows)  # corrected as the run fitted it (a run without a fit: on its validation participants)
     write_predictions(Path(out), targets, rows, participant_motion(store), cohort.person)
     return Path(out)
 
@@ -217,6 +218,31 @@ def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outpu
             row[f"{t.column}_true"] = known[i] if known else ""
         rows.append(row)
     return rows
+
+
+def add_gaps(targets: list[Target], rows: list[dict]) -> bool:
+    """Beside each regression target's prediction where the true value is known: ``{col}_gap``, predicted minus
+    true (for age, the brain-age gap), and ``{col}_gap_corrected``, the gap less its linear fit on the true value
+    over the validation participants. Any model that errs shrinks its predictions towards the mean, so the raw
+    gap of the oldest is negative and of the youngest positive whatever their brains; the corrected one is not
+    (the residual correction of Beheshti et al. 2019, fitted on participants the model did not train on). The fit
+    is made once, into ``Target.gap_fit``, and applied as it is to every later prediction (``neurox predict``
+    on new participants). Returns whether a fit was made."""
+    fitted = False
+    for t in [t for t in targets if t.task == "regression"]:
+        known = [r for r in rows if r.get(f"{t.column}_true") not in ("", None)]
+        truth = {id(r): float(r[f"{t.column}_true"]) for r in known}
+        for r in known:
+            r[f"{t.column}_gap"] = round(r[f"{t.column}_predicted"] - truth[id(r)], 6)
+        val = [r for r in known if r["split"] == "val"]
+        if t.gap_fit is None and len(val) >= 3 and np.ptp([truth[id(r)] for r in val]) > 0:
+            slope, intercept = np.polyfit([truth[id(r)] for r in val], [r[f"{t.column}_gap"] for r in val], 1)
+            t.gap_fit, fitted = [float(intercept), float(slope)], True
+        if t.gap_fit:
+            intercept, slope = t.gap_fit
+            for r in known:
+                r[f"{t.column}_gap_corrected"] = round(r[f"{t.column}_gap"] - intercept - slope * truth[id(r)], 6)
+    return fitted
 
 
 def write_predictions(path: Path, targets, rows, motion: dict[str, float] | None = None,
