@@ -18,6 +18,7 @@ import torch
 from fakes import OPTIONS, bids_run, bold, run_until_step_then_signal, subprocess_env
 from safetensors.torch import load_file
 
+from neurox import api
 from neurox.cli import main
 from neurox.data.loader import Cohort, infer_target, load_cohort, load_splits, split_participants
 from neurox.data.prepare import prepare
@@ -366,6 +367,66 @@ def test_baseline_on_the_same_split(store, tmp_path, capsys):
     assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
                  str(tmp_path / "fc2"), "--split_from", str(tmp_path / "no-train"), "--quiet", "true"]) == 1
     assert "no training participant of the split has a prepared run here (0 in" in capsys.readouterr().err
+
+
+def test_covariate_removal_is_fitted_on_training_rows_and_applied_unchanged():
+    from neurox.analysis.covariates import CovariateRemoval
+
+    rng = np.random.default_rng(0)
+    n, width = 120, 50
+    age, site = rng.uniform(20, 80, n), rng.choice(["a", "b", "c"], n)
+    signal = rng.standard_normal((n, width))
+    effect = {"a": 0.0, "b": 2.0, "c": -1.0}
+    x = (signal + np.outer(age, rng.standard_normal(width)) / 10
+         + np.outer([effect[v] for v in site], np.ones(width))).astype(np.float32)
+    rows = [[f"{a:.4f}", v] for a, v in zip(age, site)]
+    train, held = x[:80].copy(), x[80:].copy()
+    removal = CovariateRemoval.fit(["age", "site"], rows[:80], train)
+    design = removal.design(rows[:80])
+    assert design.shape == (80, 4)  # intercept, age, site b, site c
+    assert np.abs(design.T @ train).max() < 1e-2 * np.abs(x[:80]).max() * 80  # no linear trace of age or site left
+    assert np.allclose(train, signal[:80] - signal[:80].mean(0), atol=1.5)  # what is left is the signal
+    # held-out rows: the training fit, not one of their own
+    expected = x[80:] - removal.design(rows[80:]) @ removal.coef
+    assert np.allclose(removal.remove(rows[80:], held), expected, atol=1e-4)
+    again = CovariateRemoval.from_arrays(removal.arrays())
+    assert again.columns == ["age", "site"] and np.allclose(again.coef, removal.coef, atol=1e-5)
+    assert again.design([["50", "d"]])[0, 2:].tolist() == [0.0, 0.0]  # a site no training row had: the first's
+    with pytest.raises(ValueError, match="--covariates age: 'old' is not a number"):
+        removal.design([["old", "a"]])
+
+
+def test_baseline_and_probe_with_covariates(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+    atlas = tmp_path / "atlas.nii.gz"
+    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
+    from fakes import save
+
+    save(atlas, labels)
+    fc = tmp_path / "fc"
+    assert main(["baseline", "--store", str(store), "--target", "score", "--atlas", str(atlas), "--out", str(fc),
+                 "--split_from", str(run), "--covariates", "site", "group", "--n_boot", "20",
+                 "--quiet", "true"]) == 0
+    stored = np.load(fc / "baseline.npz")
+    assert stored["covariates.coef"].shape == (4, 3)  # intercept, site b and c, group x 3 parcels' edges
+    # evaluate applies the saved fit: on the same store it gives the baseline's own validation and test outputs
+    # (their mean absolute error to the last digit: without the covariates removed alike it would differ)
+    evaluated = api.evaluate(run, store, baseline=fc, quiet=True)["fc_baseline"]
+    own = json.loads((fc / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert evaluated[split]["n_subjects"] == own[split]["n_subjects"] == 2
+        assert evaluated[split]["mae"] == pytest.approx(own[split]["mae"], rel=1e-6)
+    assert main(["probe", str(run), "--store", str(store), "--target", "group", "--split_from", str(run),
+                 "--covariates", "education", "site", "--out", str(tmp_path / "probe"), "--quiet", "true"]) == 0
+    assert "neurox probe: 1 of 10 participants have no value of education, site (--covariates)" in \
+        capsys.readouterr().err
+    for column, message in (("hospital", "--covariates hospital: not a column of"),
+                            ("mean_fd", "--covariates mean_fd: " + f"{store} has no head motion")):
+        assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
+                     str(tmp_path / "fc2"), "--covariates", column]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_linear_fit_with_a_class_of_one_participant_fits_without_cross_validation_warnings():

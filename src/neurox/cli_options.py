@@ -226,7 +226,9 @@ def _baseline_parser() -> ArgumentParser:
         "--split_from runs/model --out runs/fc",
     )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
-    p.add_class_arguments(BaselineConfig, fail_untyped=False)
+    p.add_class_arguments(BaselineConfig, fail_untyped=False, skip={"covariates"})
+    p.add_argument("--covariates", nargs="+", default=None, help="phenotype columns (numbers or labels), or "
+                   "mean_fd (head motion), regressed out of the features, fitted on the training participants")
     describe_options(p, BaselineConfig)
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
@@ -342,6 +344,8 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the split's seed when there is no --split_from")
     p.add_argument("--split_by", default=None, help="without --split_from, a phenotype column (family ID, site) "
                    "whose members share one side of the split")
+    p.add_argument("--covariates", nargs="+", default=None, help="phenotype columns (numbers or labels), or "
+                   "mean_fd (head motion), regressed out of the embeddings, fitted on the training participants")
     p.add_argument("--pool", choices=["mean", "mean_std", "tokens"], default="mean",
                    help="mean: the representation averaged over space and time (what the heads see); mean_std: "
                    "also each feature's standard deviation over time (statistics pooling); tokens: the mean and "

@@ -27,6 +27,7 @@ from neurox.analysis.connectivity import (
     store_atlas,
     upper_triangle,
 )
+from neurox.analysis.covariates import CovariateRemoval, covariate_values
 from neurox.analysis.matrix_table import MatrixTable
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import (
@@ -57,6 +58,7 @@ class BaselineConfig:
     seed: int = 0  # the split's seed when there is no --split_from, and the fit's
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
     split_by: str | None = None  # a phenotype column (family ID, site) whose members share one side of the split
+    covariates: list[str] | None = None  # columns (and mean_fd) regressed out of the features, fitted on training
     kind: str = "fisher_z"  # the features: fisher_z, plain, partial correlation, or tangent (the tangent space)
     n_boot: int = 1000  # bootstrap resamples of the participants for the 95% intervals
     confounds: str = "none"  # denoising of each run's parcel series: none, simple, scrubbing or compcor
@@ -226,6 +228,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         cohort.split = {p: splits[p] for p in cohort.participants if p in splits}
     else:
         cohort.split = split_participants(cohort, config.seed, config.split_fractions)
+    covariate_columns = list(config.covariates or [])
+    covariates = with_covariates(store, cohort, covariate_columns, "baseline")  # after the split: it stays the same
     standardise(cohort)
     denoising = Denoising(config.confounds, config.fd_threshold, config.global_signal)
     atlas_grid, labels = store_atlas(store, config.atlas)
@@ -245,6 +249,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         raise ValueError(f"{config.store}: no training participant of the split has a prepared run here "
                          f"({len(wanted)} in the split): nothing to fit the baseline on")
     x_train = x_train[: len(train)]  # fit_linear standardises it a block of columns at a time
+    removal = CovariateRemoval.fit(covariate_columns, [covariates[p] for p in train], x_train) \
+        if covariate_columns else None
     y_train = np.stack([cohort.labels(p) for p in train])
 
     params, outputs_by_target = {}, []
@@ -267,6 +273,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         if not members:
             continue
         x = np.stack([held.pop(p) for p in members])
+        if removal:
+            removal.remove([covariates[p] for p in members], x)
         outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
                                                              {p: cohort.labels(p) for p in members}, config.n_boot,
@@ -283,7 +291,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
     def save_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **params, atlas_labels=np.array(labels),
+            np.savez(f, **params, atlas_labels=np.array(labels), **(removal.arrays() if removal else {}),
                      **({"tangent_reference": reference} if reference is not None else {}))
 
     write_atomic(out / MODEL_FILE, save_arrays)
@@ -300,9 +308,21 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
 
 # what makes a baseline another experiment; n_boot, workers and the like only change how it is computed
-SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fractions", "split_by", "kind",
-            "confounds", "fd_threshold", "global_signal")
+SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fractions", "split_by", "covariates",
+            "kind", "confounds", "fd_threshold", "global_signal")
 PATHS = ("store", "atlas", "split_from")
+
+
+def with_covariates(store: Store, cohort, columns: list[str], command: str) -> dict[str, list[str]]:
+    """Each participant's covariate values; those lacking one are left out of ``cohort`` and said in one line."""
+    if not columns:
+        return {}
+    values, lacking = covariate_values(store, cohort.participants, columns)
+    if lacking:
+        print(f"neurox {command}: {len(lacking)} of {len(cohort.participants)} participants have no value of "
+              f"{', '.join(c for c in columns)} (--covariates): left out", file=sys.stderr)
+        cohort.participants = [p for p in cohort.participants if p in values]
+    return values
 
 
 def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000, progress: bool = False) -> dict:
@@ -317,6 +337,8 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     from neurox.train.runs import cohort_with
 
     cohort, _ = cohort_with(store, targets, splits)
+    removal = CovariateRemoval.from_arrays(stored)  # as the run removed them, with its fit
+    covariates = with_covariates(store, cohort, removal.columns, "evaluate") if removal else {}
     denoising = Denoising(config.get("confounds", "none"), config.get("fd_threshold", 0.5),
                           config.get("global_signal", False))  # as the run was fitted
     atlas_grid, labels = store_atlas(store, config["atlas"])
@@ -324,8 +346,11 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
     features, _ = _features(store, (atlas_grid, labels), cohort.participants, config["kind"], progress, denoising,
                             reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
-    scores = {p: np.concatenate([linear_outputs(f, vector[None]) for f in params], axis=1)[0]
-              for p, vector in features}  # each participant scored as it comes: no cohort of features held
+    def score(p: str, vector: np.ndarray) -> np.ndarray:
+        row = removal.remove([covariates[p]], vector[None]) if removal else vector[None]
+        return np.concatenate([linear_outputs(f, row) for f in params], axis=1)[0]
+
+    scores = {p: score(p, vector) for p, vector in features}  # each scored as it comes: no cohort of features held
     motion = participant_motion(store)
     results = {}
     for split in ("train", "val", "test", "external"):

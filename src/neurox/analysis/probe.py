@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs
+from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs, with_covariates
+from neurox.analysis.covariates import CovariateRemoval
 from neurox.analysis.embed import POOLS, load_model, participant_vector, window_embeddings
 from neurox.data.loader import load_cohort, load_splits, prepared_runs, save_splits, split_participants, standardise
 from neurox.data.store import Store
@@ -48,13 +49,15 @@ def participant_embeddings(model, store: Store, participants: list[str], batch_s
 def probe(model_path: str | Path, store_path: str | Path, target: str, out: str | Path | None = None,
           split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", batch_size: int = 4,
           device: str = "auto", n_boot: int = 1000, stage: int | None = None, progress: bool = True,
-          split_by: str | None = None) -> dict:
+          split_by: str | None = None, covariates: list[str] | None = None) -> dict:
     """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given. ``pool``:
     ``mean`` (the representation averaged over space and time), ``mean_std`` (and each feature's
     standard deviation over time) or ``tokens`` (both per position); see
     ``neurox.analysis.embed.participant_vector``. ``stage`` (1-based, default the last): probe that
     stage's output, before its patch merging (finer positions, fewer channels). ``split_by``: without
-    ``split_from``, a column whose members (a family, a site) share one side of the split."""
+    ``split_from``, a column whose members (a family, a site) share one side of the split. ``covariates``:
+    columns (and ``mean_fd``) regressed out of the embeddings, fitted on the training participants
+    (``neurox.analysis.covariates``)."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.data.confounds import participant_motion
@@ -70,7 +73,8 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     if out:
         claim_folder(out, "probe", {"model": weights_digest(model_path), "store": resolved(store.root),
                                     "target": target, "split_from": resolved(split_from), "seed": seed,
-                                    "split_by": split_by, "pool": pool, "stage": stage or stages})
+                                    "split_by": split_by, "covariates": covariates, "pool": pool,
+                                    "stage": stage or stages})
     columns = [c.strip() for c in target.split(",") if c.strip()]
     cohort = load_cohort(store, columns, split_by=None if split_from else split_by)
     cohort.say_left_out("probe")
@@ -79,11 +83,15 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         cohort.split = {p: splits[p] for p in cohort.participants if p in splits}
     else:
         cohort.split = split_participants(cohort, seed)
+    covariate_columns = list(covariates or [])
+    values = with_covariates(store, cohort, covariate_columns, "probe")
     standardise(cohort)
     model.to(detect(device).device).eval()
     features = participant_embeddings(model, store, cohort.participants, batch_size, pool, stage, progress)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
+    removal = CovariateRemoval.fit(covariate_columns, [values[p] for p in train], x_train) \
+        if covariate_columns else None
     y_train = np.stack([cohort.labels(p) for p in train])
     design = linear_design(x_train)  # one basis for every target
     fitted = [fit_linear(x_train, y_train[:, i], t.task, seed, design) for i, t in enumerate(cohort.targets)]
@@ -93,6 +101,8 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         members = [p for p in cohort.in_split(split) if p in features]
         if members:
             x = np.stack([features[p] for p in members])
+            if removal:
+                removal.remove([values[p] for p in members], x)
             outputs = np.concatenate([linear_outputs(f, x) for f in fitted], axis=1)
             results[split], _, _ = subject_metrics(cohort.targets, members, outputs,
                                                    {p: cohort.labels(p) for p in members}, n_boot,

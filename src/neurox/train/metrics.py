@@ -95,12 +95,13 @@ def motion_warnings(splits: dict[str, dict], target: str | None = None) -> list[
             if correlation_p(r_target, n) < MOTION_ALPHA:
                 lines.append(f"warning: {name} goes with head motion ({split}: r = {r_target:.2f} with mean FD over "
                              f"{n} participants, p = {correlation_p(r_target, n):.2g}); a model can score by reading "
-                             "motion: check with denoised FC (--confounds scrubbing) or motion-matched groups")
+                             "motion: check with denoised FC (--confounds scrubbing), the baseline beyond motion "
+                             "(--covariates mean_fd) or motion-matched groups")
                 warned.add(name)
             elif correlation_p(r_output, n) < MOTION_ALPHA and abs(r_output) > abs(r_target):
                 lines.append(f"warning: the outputs for {name} follow head motion more than {name} does ({split}: "
                              f"r = {r_output:.2f} against {r_target:.2f} over {n} participants); check with denoised "
-                             "FC (--confounds scrubbing)")
+                             "FC (--confounds scrubbing) and the baseline beyond motion (--covariates mean_fd)")
                 warned.add(name)
     return lines
 

@@ -1,0 +1,120 @@
+"""Covariates regressed out of a linear model's features (confound regression) before it is fitted.
+
+``neurox baseline --covariates mean_fd,age,sex`` (and ``neurox probe``) answers whether connectivity (or an
+embedding) predicts the target beyond what these explain: each feature's linear fit on the covariates is
+removed. The fit is made on the training participants only (fitting it on everyone leaks the test participants
+into the features, Snoek et al. 2019), and applied unchanged to validation, test and, from a saved baseline, to
+new participants. Numbers enter as they are (centred and scaled); labels (sex, site) as one indicator per
+level but the first; ``mean_fd`` is each participant's mean framewise displacement from the store.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from neurox.data.confounds import participant_motion
+from neurox.data.store import Store
+
+BLOCK_VALUES = 2**24  # float64 values of features held at once
+
+
+def covariate_values(store: Store, participants: list[str], columns: list[str]
+                     ) -> tuple[dict[str, list[str]], list[str]]:
+    """Participant -> the raw value of each covariate, and the participants lacking one (empty or n/a)."""
+    table = {row["participant_id"]: row for row in store.phenotypes()}
+    known = set(next(iter(table.values()), {}))
+    motion = participant_motion(store) if "mean_fd" in columns else {}
+    for column in columns:
+        if column == "mean_fd" and not motion and "mean_fd" not in known:
+            raise ValueError(f"--covariates mean_fd: {store.root} has no head motion (runs prepared without "
+                             "their confounds)")
+        if column != "mean_fd" and column not in known:
+            raise ValueError(f"--covariates {column}: not a column of {store.root / 'participants.tsv'} "
+                             f"(columns: {', '.join(c for c in known if c != 'participant_id')})")
+    values, lacking = {}, []
+    for p in participants:
+        row = table.get(p, {})
+        raw = [str(motion[p]) if column == "mean_fd" and p in motion else str(row.get(column, "")).strip()
+               for column in columns]
+        if any(v in ("", "n/a", "NA", "nan", "NaN") for v in raw):
+            lacking.append(p)
+        else:
+            values[p] = raw
+    return values, lacking
+
+
+class CovariateRemoval:
+    """What is removed from the features: the covariates' encoding and each feature's weights on them."""
+
+    def __init__(self, columns: list[str], encoding: list[dict], coef: np.ndarray):
+        self.columns, self.encoding, self.coef = columns, encoding, coef
+
+    @classmethod
+    def fit(cls, columns: list[str], rows: list[list[str]], x: np.ndarray) -> CovariateRemoval:
+        """Fitted on the training rows ``x`` (participants x features), whose covariates are removed in place."""
+        encoding = []
+        for i, column in enumerate(columns):
+            raw = [r[i] for r in rows]
+            try:
+                numbers = np.array([float(v) for v in raw])
+                encoding.append({"column": column, "mean": float(numbers.mean()), "std": float(numbers.std()) or 1.0})
+            except ValueError:
+                encoding.append({"column": column, "levels": sorted(set(raw))})
+        removal = cls(columns, encoding, np.zeros((0, x.shape[1])))
+        design = removal.design(rows)
+        inverse = np.linalg.pinv(design)  # least squares, whatever the rank (a level no training row has)
+        removal.coef = np.zeros((design.shape[1], x.shape[1]))
+        for columns_block in _column_blocks(x):
+            removal.coef[:, columns_block] = inverse @ x[:, columns_block].astype(np.float64)
+        removal.remove(rows, x)
+        return removal
+
+    def design(self, rows: list[list[str]]) -> np.ndarray:
+        """(rows, 1 + terms): an intercept, each number standardised, each label but the first level as 0/1."""
+        terms = [np.ones(len(rows))]
+        for i, code in enumerate(self.encoding):
+            raw = [r[i] for r in rows]
+            if "levels" in code:
+                terms += [np.array([v == level for v in raw], dtype=np.float64) for level in code["levels"][1:]]
+            else:
+                try:
+                    terms.append((np.array([float(v) for v in raw]) - code["mean"]) / code["std"])
+                except ValueError:
+                    bad = next(v for v in raw if not _is_number(v))
+                    raise ValueError(f"--covariates {code['column']}: {bad!r} is not a number, as the training "
+                                     "participants' values were") from None
+        return np.stack(terms, axis=1)
+
+    def remove(self, rows: list[list[str]], x: np.ndarray) -> np.ndarray:
+        """``x`` (participants x features, float32) less its fit on the covariates, in place; returned."""
+        design = self.design(rows)
+        for columns_block in _column_blocks(x):
+            x[:, columns_block] -= (design @ self.coef[:, columns_block]).astype(x.dtype)
+        return x
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """For a saved baseline's npz; ``from_arrays`` reads them back."""
+        return {"covariates.coef": self.coef.astype(np.float32),
+                "covariates.encoding": np.array(json.dumps({"columns": self.columns, "encoding": self.encoding}))}
+
+    @classmethod
+    def from_arrays(cls, stored) -> CovariateRemoval | None:
+        if "covariates.coef" not in stored:
+            return None
+        meta = json.loads(str(stored["covariates.encoding"]))
+        return cls(meta["columns"], meta["encoding"], stored["covariates.coef"].astype(np.float64))
+
+
+def _column_blocks(x: np.ndarray):
+    width = max(1, BLOCK_VALUES // max(1, len(x)))
+    return [slice(lo, lo + width) for lo in range(0, x.shape[1], width)]
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
