@@ -340,6 +340,24 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert main(same[:-6] + ["--pool", "mean", "--seed", "1", "--out", str(tmp_path / "probe")]) == 1
     assert (f"{tmp_path / 'probe'} holds the outputs of neurox probe with other settings (seed, pool differ); "
             "choose another --out") in capsys.readouterr().err
+    # an interrupted probe resumes from the embeddings it kept in --out: the same metrics, from what it kept
+    from neurox.analysis.embed import load_model
+    from neurox.analysis.probe import participant_embeddings
+
+    model, _ = load_model(run)
+    regression = ["probe", str(run), "--store", str(store), "--target", "lowfreq_score", "--split_from", str(run),
+                  "--quiet", "true", "--out"]
+    assert main([*regression, str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / ".embeddings").exists()  # gone once the metrics are written
+    for name, change in (("resumed", False), ("marked", True)):
+        kept = tmp_path / name / ".embeddings"
+        vectors = participant_embeddings(model.eval(), Store(store), ["sub-01", "sub-02", "sub-03"], cache=kept)
+        if change:  # marks what is read: a resumed probe reads the kept embedding, not a new one
+            np.save(kept / "sub-01.npy", vectors["sub-01"] + 1.0)
+        assert main([*regression, str(tmp_path / name)]) == 0 and not kept.exists()
+    whole, resumed, marked = (json.loads((tmp_path / n / "metrics.json").read_text())["test"]["mae"]
+                              for n in ("whole", "resumed", "marked"))
+    assert resumed == whole != marked
     assert main(["connectivity", "--store", str(store), "--atlas", str(tmp_path / "none.nii.gz"), "--out",
                  str(tmp_path / "probe")]) == 1  # a wrong atlas is said first: the folder is not claimed yet
     assert "none.nii.gz: no such atlas file" in capsys.readouterr().err
@@ -354,10 +372,6 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
                  "--pool", "tokens", "--stage", "2", "--out", str(tmp_path / "probe-stage-2")]) == 0
     metrics = json.loads((tmp_path / "probe-stage-2" / "metrics.json").read_text())
     assert metrics["stage"] == 2 and 0.0 <= metrics["test"]["auroc"] <= 1.0
-    from neurox.analysis.embed import load_model
-    from neurox.analysis.probe import participant_embeddings
-
-    model, _ = load_model(run)
     vectors = participant_embeddings(model.eval(), Store(store), ["sub-01"], pool="tokens", stage=2)
     assert vectors["sub-01"].shape == (2 * 48 * 4**3,)
     assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--stage", "4"]) == 1

@@ -26,7 +26,7 @@ from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.io.claim import claim_folder, resolved
 from neurox.io.nifti import InputError, read_volume_ras
-from neurox.io.npz import npz_writer
+from neurox.io.npz import npz_writer, save_npy
 
 
 def atlas_on_grid(atlas_path: str | Path, grid_shape, grid_affine: np.ndarray) -> tuple[np.ndarray, list[int]]:
@@ -191,13 +191,6 @@ def series_cache(out: str | Path, atlas_grid: np.ndarray) -> Path:
     cache = Path(out) / f".series-{hashlib.sha256(atlas_grid.tobytes()).hexdigest()[:12]}"
     cache.mkdir(parents=True, exist_ok=True)
     return cache
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    write_atomic(path, write)
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:

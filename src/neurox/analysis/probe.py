@@ -14,6 +14,7 @@ probe, for cohorts too large to embed at once.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +31,27 @@ from neurox.train.objectives import subject_metrics
 
 
 def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4,
-                           pool: str = "mean", stage: int | None = None, progress: bool = False
-                           ) -> dict[str, np.ndarray]:
+                           pool: str = "mean", stage: int | None = None, progress: bool = False,
+                           cache: Path | None = None) -> dict[str, np.ndarray]:
     """Each participant's embedding (``participant_vector`` of their windows, pooled by ``pool``), of
-    the last stage's output or of ``stage``'s."""
+    the last stage's output or of ``stage``'s. ``cache``, a folder: each embedding is kept there as it is
+    computed and read from there when present, so that an interrupted probe resumes where it stopped."""
+    from neurox.io.npz import save_npy
     from neurox.progress import progress as progress_display
 
     runs, _ = prepared_runs(store, participants)
     out = {}
     for pid in progress_display(sorted(runs), desc="probe: embedding", unit="participant", disable=not progress):
+        kept = cache / f"{pid}.npy" if cache is not None else None
+        if kept is not None and kept.is_file():
+            out[pid] = np.load(kept)
+            continue
         _, series = window_embeddings(model, store, runs[pid], batch_size, progress=False, over_time=True,
                                       per_position=pool == "tokens", stage=stage)
         if len(series):
             out[pid] = participant_vector(series, pool)
+            if kept is not None:
+                save_npy(kept, out[pid])
     return out
 
 
@@ -87,7 +96,10 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     values = with_covariates(store, cohort, covariate_columns, "probe")
     standardise(cohort)
     model.to(detect(device).device).eval()
-    features = participant_embeddings(model, store, cohort.participants, batch_size, pool, stage, progress)
+    # with --out, the embeddings are kept there until the metrics are written: an interrupted probe resumes (the
+    # folder's claim guarantees the same model, store and pooling)
+    cache = Path(out) / ".embeddings" if out else None
+    features = participant_embeddings(model, store, cohort.participants, batch_size, pool, stage, progress, cache)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
     removal = CovariateRemoval.fit(covariate_columns, [values[p] for p in train], x_train) \
@@ -114,4 +126,5 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
         summary = {"model": str(model_path), "store": str(store.root), "target": target, "pool": pool,
                    "stage": stage or stages, **results}
         write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        shutil.rmtree(cache, ignore_errors=True)
     return results

@@ -48,3 +48,9 @@ def npz_writer(path):
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
                                                    allowZip64=True) as archive:
         yield NpzWriter(archive)
+
+
+def save_npy(path, array: np.ndarray) -> None:
+    """One array as an ``.npy`` file, atomically (the kept parts of a long job that resumes from them)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
