@@ -320,6 +320,23 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     mean = np.mean([[windows[f"e{i}"][w] for i in range(96)] for w in range(10)], axis=0)
     assert np.allclose([participants[f"e{i}"][0] for i in range(96)], mean, atol=1e-5) and first.std() > 0
     assert (tmp_path / "emb_pca.png").stat().st_size > 5_000
+    assert not (tmp_path / ".emb.parquet.parts").exists()  # the embeddings it kept go once the tables are written
+    # an interrupted embed resumes from the participants it kept; what another model or store left is discarded
+    from neurox.analysis.embed import _save_participant, kept_embeddings
+    from neurox.hub import weights_digest
+
+    settings = {"model": weights_digest(run), "store": str(Path(store).resolve())}
+    for name, kept_settings in (("resumed", settings), ("stale", {**settings, "model": "another"})):
+        cache = kept_embeddings(tmp_path / f"{name}.parquet", kept_settings)
+        rows = [(r, s) for r, s in zip(windows["run_id"][:10], windows["start"][:10])]  # sub-01's windows, marked
+        marked = np.array([[windows[f"e{i}"][w] + 1.0 for i in range(96)] for w in range(10)], dtype=np.float32)
+        _save_participant(cache / "sub-01.npz", rows, marked)
+        assert main(["embed", str(run), "--store", str(store), "--out", str(tmp_path / f"{name}.parquet"),
+                     "--quiet", "true"]) == 0 and not cache.exists()
+        again = pq.read_table(tmp_path / f"{name}.parquet").to_pydict()
+        shift = np.array([again[f"e{i}"][0] - participants[f"e{i}"][0] for i in range(96)])
+        assert np.allclose(shift, 1.0 if name == "resumed" else 0.0, atol=1e-5)  # read, or discarded
+        assert all(again[f"e{i}"][1:] == participants[f"e{i}"][1:] for i in range(96))  # the others: the same
     assert main(["embed", str(run), "--store", str(store), "--out", str(tmp_path / "e.tsv")]) == 0
     shown = capsys.readouterr().err  # progress as whole lines in a log, not carriage-return redraws
     assert "embed: 8/8 (100%) participant" in shown and "windows 80" in shown and "\r" not in shown

@@ -9,6 +9,8 @@ of the first two principal components, coloured by a chosen column, goes beside 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ import torch
 
 from neurox.data.loader import prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
+from neurox.hub import weights_digest
+from neurox.io.atomic import write_atomic, write_text_atomic
 
 
 def load_model(path: str | Path):
@@ -91,7 +95,6 @@ def participant_vector(series: np.ndarray, pool: str = "mean") -> np.ndarray:
 
 def write_table(path: Path, columns: list[str], rows: list[list]) -> Path:
     """TSV, or Parquet for a ``.parquet`` name; written atomically."""
-    from neurox.io.atomic import write_atomic
 
     if path.suffix == ".parquet":
         try:
@@ -128,7 +131,6 @@ def plot_pca(png: Path, points: np.ndarray, variance: np.ndarray, labels: list[s
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from neurox.io.atomic import write_atomic
 
     fig, ax = plt.subplots(figsize=(5, 4.2))
     try:
@@ -170,11 +172,18 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
         raise ValueError(f"--color_by {color_by!r}: not a column of {store.root / 'participants.tsv'} (nor 'split')")
     model.to(detect(device).device).eval()
     runs, _ = prepared_runs(store)
+    cache = kept_embeddings(out, {"model": weights_digest(model_path), "store": str(store.root.resolve())})
     windows, vectors = [], []
     bar = progress_display(total=len(runs), desc="embed", unit="participant", disable=not progress)
     for pid in sorted(runs):
+        kept = cache / f"{pid}.npz"
         try:
-            rows, emb = window_embeddings(model, store, runs[pid], batch_size, progress=False)
+            if kept.is_file():  # embedded by an earlier, interrupted run of the same model on the same store
+                with np.load(kept) as done:
+                    rows, emb = list(zip(done["run_ids"].tolist(), done["starts"].tolist())), done["embeddings"]
+            else:
+                rows, emb = window_embeddings(model, store, runs[pid], batch_size, progress=False)
+                write_atomic(kept, lambda tmp, rows=rows, emb=emb: _save_participant(tmp, rows, emb))
         except (OSError, ValueError, KeyError) as err:
             bar.write(f"neurox embed: {pid}: {err}; left out")
             continue
@@ -205,4 +214,24 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
     labels = [(info(p)[0] if color_by == "split" else table.get(p, {}).get(color_by, "")) if color_by else "all"
               for p in participants]
     png = plot_pca(out.with_name(out.name.removesuffix(out.suffix) + "_pca.png"), points, variance, labels, color_by)
+    shutil.rmtree(cache, ignore_errors=True)
     return {"participants": out, "windows": window_path, **({"pca": png} if png else {})}
+
+
+def kept_embeddings(out: Path, settings: dict) -> Path:
+    """The folder beside ``out`` where each participant's window embeddings are kept until the tables are written,
+    so that an interrupted embed resumes; emptied first when it holds another model's or store's."""
+    cache = out.with_name(f".{out.name}.parts")
+    record = cache / "settings.json"
+    if cache.is_dir() and (not record.is_file() or json.loads(record.read_text()) != settings):
+        shutil.rmtree(cache)
+    if not record.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(record, json.dumps(settings) + "\n")
+    return cache
+
+
+def _save_participant(path: Path, rows: list, embeddings: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, run_ids=np.array([r for r, _ in rows]), starts=np.array([s for _, s in rows]),
+                 embeddings=embeddings)
