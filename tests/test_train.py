@@ -161,7 +161,40 @@ def test_auroc_and_intervals():
     assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.5, 0.5, 0.9])) == pytest.approx(0.875)  # ties
     result = with_intervals("binary", labels, scores[:, None], n_boot=200)
     assert result["auroc_ci_low"] < result["auroc"] < result["auroc_ci_high"]
-    assert result["n_subjects"] == 200
+    assert result["n_subjects"] == 200 and result["auroc_p"] == pytest.approx(1 / 201)  # none of 200 as good
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "regression"])
+def test_permutation_p_is_the_share_of_label_permutations_scoring_as_well(task):
+    """The rank-sum shortcut gives the p-value of recomputing the metric on every permutation."""
+    from neurox.train.metrics import classification_metrics, pearson, permutation_p
+
+    rng = np.random.default_rng(1)
+    n, n_perm = 30, 300
+    labels = rng.integers(0, 3 if task == "multiclass" else 2, n).astype(float) if task != "regression" else \
+        rng.normal(0, 1, n)
+    outputs = rng.normal(0, 1, (n, 3 if task == "multiclass" else 1))
+    outputs[:, 0] += 0.4 * (labels if task != "multiclass" else labels == 0)  # a weak signal: p neither 0 nor 1
+    outputs = np.round(outputs, 1)  # ties, which mid-ranks share
+
+    def metric(y):
+        return pearson(y, outputs[:, 0]) if task == "regression" else classification_metrics(y, outputs)["auroc"]
+
+    draw = np.random.default_rng([0, 1])  # the permutations permutation_p draws, in its order
+    observed = metric(labels)
+    above = sum(metric(draw.permutation(labels)) >= observed - 1e-12 for _ in range(n_perm))
+    key = "pearson_r_p" if task == "regression" else "auroc_p"
+    assert permutation_p(task, labels, outputs, n_perm)[key] == pytest.approx((1 + above) / (1 + n_perm))
+    assert 0.01 < (1 + above) / (1 + n_perm) < 0.9
+
+
+def test_permutation_p_without_signal_is_below_005_about_one_time_in_twenty():
+    from neurox.train.metrics import permutation_p
+
+    rng = np.random.default_rng(2)
+    p = [permutation_p("binary", rng.integers(0, 2, 40).astype(float), rng.normal(0, 1, (40, 1)), 200, seed)
+         ["auroc_p"] for seed in range(300)]
+    assert 0.02 < np.mean(np.array(p) < 0.05) < 0.09
 
 
 def test_step_sampler_gives_each_process_its_part_of_the_global_batch():

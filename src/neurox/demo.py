@@ -113,7 +113,8 @@ def _cell(metrics: dict, target: str, name: str) -> str:
     if value is None:
         return "n/a"
     low, high = metrics.get(f"{target}.{name}_ci_low"), metrics.get(f"{target}.{name}_ci_high")
-    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+    p = metrics.get(f"{target}.{name}_p")
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]" + (f", p {p:.2g}" if p is not None else "")
 
 
 def write_report(out: Path, model: dict, fc: dict, curve: Path | None, timings: dict, n_subjects: int,
@@ -129,10 +130,11 @@ def write_report(out: Path, model: dict, fc: dict, curve: Path | None, timings: 
         "at once" + (", its head started as a linear probe of the random backbone's standardised pooled features "
                      "(LP-FT, `--head_init probe`)" if head_init == "probe" else "") +
         "; test metrics from the best validation checkpoint. Baseline: Fisher-z FC of the synthetic parcels + "
-        "logistic regression, fitted on the same training participants.",
+        "logistic regression, fitted on the same training participants. 95% CI: bootstrap over the test "
+        "participants; p: the share of permutations of their labels (against the fixed outputs) that score as well.",
         "",
-        "| target (test, subject level) | what is planted | model AUROC [95% CI] | model validation AUROC "
-        "| FC baseline AUROC [95% CI] | model output ~ head motion (r) |",
+        "| target (test, subject level) | what is planted | model AUROC [95% CI], p | model validation AUROC "
+        "| FC baseline AUROC [95% CI], p | model output ~ head motion (r) |",
         "|---|---|---|---|---|---|",
     ]
     for target in TARGETS:
