@@ -112,7 +112,7 @@ def test_finetune_baseline_and_probe_split_by_a_column(store, tmp_path, capsys):
     assert main(finetune_args(store, run, "--epochs", "1", "--split_by", "family")) == 0
     split = load_splits(run / "splits.tsv")
     assert all(split[f"sub-{2 * k:02d}"] == split[f"sub-{2 * k + 1:02d}"] for k in range(5))  # siblings together
-    assert ("split by family: 6 training participants (3 values), 2 validation participants (1 value), 2 test"
+    assert ("split by family: 6 training participants (3 groups), 2 validation participants (1 group), 2 test"
             in capsys.readouterr().err)
     atlas = tmp_path / "atlas.nii.gz"
     labels = np.zeros(bold(1).shape[:3], dtype=np.int16)

@@ -166,11 +166,12 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
                   person=person, split_by=split_by, group=group)
 
 
-def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2)) -> dict[str, str]:
+def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2), say: bool = True) -> dict[str, str]:
     """Participant -> train/val/test, seeded; stratified by the first target when it is a class. Units that must
     not be trained on and tested apart go to one side together: a participant's sessions (where the units are
     sessions) and, with ``cohort.split_by``, everyone who shares its value (the members of a family, the
-    participants of a site). The fractions count people; such a block is stratified by its first unit's class."""
+    participants of a site). The fractions count people; such a block is stratified by its first unit's class.
+    ``say``: the split made by ``split_by`` in one line (one process of several says it)."""
     rng = np.random.default_rng(seed)
     first = cohort.targets[0]
     sessions: dict[str, list[str]] = {}
@@ -182,7 +183,7 @@ def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2)) -> 
         value = next((cohort.group[u] for u in units if u in cohort.group), None)
         alone += bool(cohort.split_by) and value is None
         blocks.setdefault(person if value is None else f"{cohort.split_by}={value}", []).append(person)
-    if alone:
+    if alone and say:
         print(f"neurox: {alone} of {len(sessions)} participants have no {cohort.split_by} value: each is split on "
               "its own", file=sys.stderr)
     strata: dict[str, list[str]] = {}
@@ -203,14 +204,14 @@ def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2)) -> 
                 for p in sessions[person]:
                     split[p] = side
     if cohort.split_by:
-        _say_split_by(cohort.split_by, split, fractions, blocks, sessions)
+        _check_split_by(cohort.split_by, split, fractions, blocks, sessions, say)
     return split
 
 
-def _say_split_by(column: str, split: dict[str, str], fractions, blocks: dict[str, list[str]],
-                  sessions: dict[str, list[str]]) -> None:
-    """One line with each side's participants and blocks; an error where a side the fractions ask for is empty
-    (blocks too few or too large to fill it)."""
+def _check_split_by(column: str, split: dict[str, str], fractions, blocks: dict[str, list[str]],
+                    sessions: dict[str, list[str]], say: bool) -> None:
+    """An error where a side the fractions ask for is empty (groups too few or too large to fill it); else, with
+    ``say``, one line with each side's participants and groups (a participant without a value is a group)."""
     side_of = {block: split[sessions[people[0]][0]] for block, people in blocks.items()}
     people = {side: sum(len(blocks[b]) for b in blocks if side_of[b] == side) for side in SPLITS}
     count = {side: sum(side_of[b] == side for b in blocks) for side in SPLITS}
@@ -220,8 +221,9 @@ def _say_split_by(column: str, split: dict[str, str], fractions, blocks: dict[st
                          f"split (largest holds {max(len(v) for v in blocks.values())} participants); choose a column "
                          "with more, smaller groups")
     names = {"train": "training", "val": "validation", "test": "test"}
-    print(f"split by {column}: " + ", ".join(f"{people[s]} {names[s]} participants ({count[s]} value"
-                                             f"{'' if count[s] == 1 else 's'})" for s in SPLITS), file=sys.stderr)
+    if say:
+        print(f"split by {column}: " + ", ".join(f"{people[s]} {names[s]} participants ({count[s]} group"
+                                                 f"{'' if count[s] == 1 else 's'})" for s in SPLITS), file=sys.stderr)
 
 
 def save_splits(path: Path, split: dict[str, str]) -> None:

@@ -148,13 +148,13 @@ def build_model(config: FinetuneConfig, arch: SwiFTConfig, targets: list[Target]
     return model
 
 
-def prepare_cohort(config: FinetuneConfig, store: Store, run_dir: Path, length: int) -> Cohort:
+def prepare_cohort(config: FinetuneConfig, store: Store, run_dir: Path, length: int, say: bool = True) -> Cohort:
     cohort = load_cohort(store, config.targets, config.tasks, config.split_by)
     splits_file = run_dir / "splits.tsv"
     if splits_file.is_file():
         cohort.split = load_splits(splits_file)
     else:
-        cohort.split = split_participants(cohort, config.seed, config.split_fractions)
+        cohort.split = split_participants(cohort, config.seed, config.split_fractions, say)
     standardise(cohort)
     for name in ("train", "val"):
         if not cohort.in_split(name):
@@ -198,7 +198,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
 
         check_contract(read_config(config.init)["input_contract"], store, config.init, env.is_main)
     length, grid = arch.img_size[3], arch.img_size[:3]
-    cohort = prepare_cohort(config, store, run_dir, length)
+    cohort = prepare_cohort(config, store, run_dir, length, say=env.is_main)
     targets = cohort.targets
 
     if env.is_main:
