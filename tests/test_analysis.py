@@ -473,6 +473,17 @@ def test_connectivity_never_mixes_outputs_of_other_settings(synthetic, tmp_path,
     assert {p: (out / p).read_bytes() for p in before} == before
 
 
+def test_explain_chooses_participants_by_phenotype(synthetic):
+    from neurox.analysis.explain import choose_participants
+
+    _, store = synthetic
+    table = {r["participant_id"]: r for r in read_tsv(Path(store) / "participants.tsv")}
+    chosen = choose_participants(Store(store), {}, None, None, "coupling_group=1")
+    assert chosen == sorted(p for p, r in table.items() if r["coupling_group"] == "1") and len(chosen) == 4
+    with pytest.raises(ValueError, match="--where 'site=1': expected COLUMN=VALUE with a column of"):
+        choose_participants(Store(store), {}, None, None, "site=1")
+
+
 def test_a_folder_claimed_by_a_run_that_wrote_nothing_is_free(tmp_path):
     from neurox.io.claim import claim_folder
 

@@ -34,15 +34,15 @@ N_SUBJECTS = 10
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cohort")
-    rows = ["participant_id\tgroup\tscore\tsite\teducation\tfamily"]
+    rows = ["participant_id\tgroup\tscore\tsite\teducation\tfamily\tcohort"]
     for i in range(N_SUBJECTS):
         group = i % 2
         data = bold(n_frames=40, seed=i)
         data[10:20, 20:30, 15:25] *= 1.0 + 0.05 * group  # a weak local effect
         bids_run(root, f"{i:02d}", data=data)
         rows.append(f"sub-{i:02d}\t{group}\t{i * 1.5 + 20}\t{['a', 'b', 'c'][i % 3]}\t{'n/a' if i == 3 else 10 + i}"
-                    f"\tF{i // 2}")  # five families of two siblings, one of each group
-    rows.append("sub-99\t1\t3.0\ta\t40\tF9")  # a participant without runs
+                    f"\tF{i // 2}\t{'patient' if i in (4, 5) else 'control'}")  # five families of two siblings
+    rows.append("sub-99\t1\t3.0\ta\t40\tF9\tcontrol")  # a participant without runs
     (root / "participants.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path_factory.mktemp("store") / "store"
     assert prepare(root, out, OPTIONS, progress=False).ok
@@ -131,6 +131,34 @@ def test_finetune_baseline_and_probe_split_by_a_column(store, tmp_path, capsys):
     assert "--split_by site: its 3 values cannot fill the test split" in capsys.readouterr().err
     assert main(finetune_args(store, tmp_path / "by-x", "--split_by", "hospital")) == 1
     assert "no --split_by column 'hospital' in participants.tsv" in capsys.readouterr().err
+
+
+def test_a_model_of_the_controls_predicts_the_patients_as_external(store, tmp_path, capsys):
+    """--where keeps only the participants with a phenotype value (a normative model of controls); the others
+    are the run's external participants for evaluate and predict."""
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run, "--epochs", "1", "--where", "cohort=control")) == 0
+    split = load_splits(run / "splits.tsv")
+    assert len(split) == 8 and not {"sub-04", "sub-05"} & set(split)
+    api.predict(run, store, tmp_path / "p.tsv", quiet=True)
+    rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "p.tsv")}
+    assert rows["sub-04"]["split"] == rows["sub-05"]["split"] == "external" and len(rows) == 10
+    assert api.evaluate(run, store, quiet=True)["model"]["external"]["n_subjects"] == 2
+    atlas = tmp_path / "atlas.nii.gz"
+    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20] = 1, 2
+    from fakes import save
+
+    save(atlas, labels)
+    assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
+                 str(tmp_path / "fc"), "--where", "cohort=control", "--quiet", "true"]) == 0
+    assert load_splits(tmp_path / "fc" / "splits.tsv") == split  # the same participants, seed and split
+    assert main(["probe", str(run), "--store", str(store), "--target", "group", "--where", "cohort=control",
+                 "--quiet", "true"]) == 0
+    for where, message in (("cohort=athlete", "--where cohort=athlete: no participant of"),
+                           ("diagnosis=control", "--where 'diagnosis=control': expected COLUMN=VALUE")):
+        assert main(finetune_args(store, tmp_path / "x", "--where", where)) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_participants_without_a_target_value_are_left_out_and_said_so(store, tmp_path, capsys):

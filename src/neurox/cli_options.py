@@ -346,6 +346,7 @@ def _probe_parser() -> ArgumentParser:
                    "whose members share one side of the split")
     p.add_argument("--covariates", nargs="+", default=None, help="phenotype columns (numbers or labels), or "
                    "mean_fd (head motion), regressed out of the embeddings, fitted on the training participants")
+    p.add_argument("--where", default=None, help="COLUMN=VALUE: only these participants")
     p.add_argument("--pool", choices=["mean", "mean_std", "tokens"], default="mean",
                    help="mean: the representation averaged over space and time (what the heads see); mean_std: "
                    "also each feature's standard deviation over time (statistics pooling); tokens: the mean and "

@@ -59,6 +59,7 @@ class BaselineConfig:
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
     split_by: str | None = None  # a phenotype column (family ID, site) whose members share one side of the split
     covariates: list[str] | None = None  # columns (and mean_fd) regressed out of the features, fitted on training
+    where: str | None = None  # COLUMN=VALUE: only these participants (controls, for a normative model)
     kind: str = "fisher_z"  # the features: fisher_z, plain, partial correlation, or tangent (the tangent space)
     n_boot: int = 1000  # bootstrap resamples of the participants for the 95% intervals
     confounds: str = "none"  # denoising of each run's parcel series: none, simple, scrubbing or compcor
@@ -221,7 +222,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
                                           for k, v in dataclasses.asdict(config).items() if k in SETTINGS})
     columns = [c.strip() for c in config.target.split(",") if c.strip()]
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
-    cohort = load_cohort(store, columns, tasks, None if config.split_from else config.split_by)
+    cohort = load_cohort(store, columns, tasks, None if config.split_from else config.split_by, config.where)
     cohort.say_left_out("baseline")
     if config.split_from:
         splits = load_splits(Path(config.split_from) / "splits.tsv")
@@ -309,7 +310,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
 # what makes a baseline another experiment; n_boot, workers and the like only change how it is computed
 SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fractions", "split_by", "covariates",
-            "kind", "confounds", "fd_threshold", "global_signal")
+            "where", "kind", "confounds", "fd_threshold", "global_signal")
 PATHS = ("store", "atlas", "split_from")
 
 

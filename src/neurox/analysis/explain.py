@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from neurox.analysis.connectivity import label_index
-from neurox.data.loader import prepared_runs, run_windows, window_batches
+from neurox.data.loader import matching, prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
 from neurox.hub import weights_digest
 from neurox.io.claim import claim_folder, resolved
@@ -202,11 +202,7 @@ def choose_participants(store: Store, splits: dict[str, str], subjects: list[str
     if split:
         chosen = [p for p in chosen if splits.get(p, "external") == split]
     if where:
-        column, _, value = where.partition("=")
-        table = {row["participant_id"]: row for row in store.phenotypes()}
-        if not value or (table and column not in next(iter(table.values()))):
-            raise ValueError(f"--where {where!r}: expected COLUMN=VALUE with a column of the store's participants.tsv")
-        chosen = [p for p in chosen if table.get(p, {}).get(column) == value]
+        chosen = sorted(set(chosen) & matching(store, where))
     if not chosen:
         raise ValueError("no participant matches the selection (--subject / --split / --where)")
     return chosen

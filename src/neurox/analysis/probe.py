@@ -58,7 +58,7 @@ def participant_embeddings(model, store: Store, participants: list[str], batch_s
 def probe(model_path: str | Path, store_path: str | Path, target: str, out: str | Path | None = None,
           split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", batch_size: int = 4,
           device: str = "auto", n_boot: int = 1000, stage: int | None = None, progress: bool = True,
-          split_by: str | None = None, covariates: list[str] | None = None) -> dict:
+          split_by: str | None = None, covariates: list[str] | None = None, where: str | None = None) -> dict:
     """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given. ``pool``:
     ``mean`` (the representation averaged over space and time), ``mean_std`` (and each feature's
     standard deviation over time) or ``tokens`` (both per position); see
@@ -66,7 +66,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     stage's output, before its patch merging (finer positions, fewer channels). ``split_by``: without
     ``split_from``, a column whose members (a family, a site) share one side of the split. ``covariates``:
     columns (and ``mean_fd``) regressed out of the embeddings, fitted on the training participants
-    (``neurox.analysis.covariates``)."""
+    (``neurox.analysis.covariates``). ``where``: ``COLUMN=VALUE``, only these participants."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.data.confounds import participant_motion
@@ -82,10 +82,10 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     if out:
         claim_folder(out, "probe", {"model": weights_digest(model_path), "store": resolved(store.root),
                                     "target": target, "split_from": resolved(split_from), "seed": seed,
-                                    "split_by": split_by, "covariates": covariates, "pool": pool,
+                                    "split_by": split_by, "covariates": covariates, "where": where, "pool": pool,
                                     "stage": stage or stages})
     columns = [c.strip() for c in target.split(",") if c.strip()]
-    cohort = load_cohort(store, columns, split_by=None if split_from else split_by)
+    cohort = load_cohort(store, columns, split_by=None if split_from else split_by, where=where)
     cohort.say_left_out("probe")
     if split_from:
         splits = load_splits(Path(split_from) / "splits.tsv")

@@ -129,14 +129,29 @@ def prepared_runs(store: Store, participants=None, by_person: bool = False) -> t
     return runs, n_frames
 
 
+def matching(store: Store, where: str) -> set[str]:
+    """The participants whose phenotype row has ``where`` (``COLUMN=VALUE``: a diagnosis, a visit, a site)."""
+    table = store.phenotypes()
+    column, _, value = where.partition("=")
+    if not value or not table or column not in table[0]:
+        raise ValueError(f"--where {where!r}: expected COLUMN=VALUE with a column of {store.root / 'participants.tsv'}")
+    return {row["participant_id"] for row in table if row.get(column, "").strip() == value.strip()}
+
+
 def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None = None,
-                split_by: str | None = None) -> Cohort:
+                split_by: str | None = None, where: str | None = None) -> Cohort:
     """The store's participants with a value of every target ``columns``; ``split_by``, a column (a family ID,
-    a site) whose value keeps the participants who share it on one side of the split."""
+    a site) whose value keeps the participants who share it on one side of the split; ``where``, only the
+    participants with this phenotype value (``COLUMN=VALUE``: controls for a normative model)."""
     table = store.phenotypes()
     if not table:
         raise ValueError(f"{store.root}: the store has no phenotype table (participants.tsv); "
                          "give one to neurox prepare --participants")
+    if where:
+        chosen = matching(store, where)
+        table = [row for row in table if row["participant_id"] in chosen]
+        if not table:
+            raise ValueError(f"--where {where}: no participant of {store.root / 'participants.tsv'} has it")
     for column in [*columns, *([split_by] if split_by else [])]:
         if column not in table[0]:
             known = ", ".join(c for c in table[0] if c != "participant_id")

@@ -90,6 +90,7 @@ class FinetuneConfig:
     deterministic: bool = False  # deterministic kernels where torch has them (slower), for runs that repeat exactly
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
     split_by: str | None = None  # a phenotype column (family ID, site) whose members share one side of the split
+    where: str | None = None  # COLUMN=VALUE: only these participants (controls, for a normative model)
     checkpoint_every: int = 0  # steps; 0: at epoch ends (and on SIGTERM)
     max_steps: int | None = None  # stop after this many steps (the learning-rate schedule ends there)
     val_every: int = 0  # steps between validations besides each epoch's end (long epochs); 0: epoch ends only
@@ -149,7 +150,7 @@ def build_model(config: FinetuneConfig, arch: SwiFTConfig, targets: list[Target]
 
 
 def prepare_cohort(config: FinetuneConfig, store: Store, run_dir: Path, length: int, say: bool = True) -> Cohort:
-    cohort = load_cohort(store, config.targets, config.tasks, config.split_by)
+    cohort = load_cohort(store, config.targets, config.tasks, config.split_by, config.where)
     splits_file = run_dir / "splits.tsv"
     if splits_file.is_file():
         cohort.split = load_splits(splits_file)
