@@ -27,7 +27,7 @@ from neurox.analysis.connectivity import (
     store_atlas,
     upper_triangle,
 )
-from neurox.analysis.covariates import CovariateRemoval, covariate_values
+from neurox.analysis.covariates import CovariateRemoval, with_covariates
 from neurox.analysis.matrix_table import MatrixTable
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import (
@@ -314,18 +314,6 @@ SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fra
 PATHS = ("store", "atlas", "split_from")
 
 
-def with_covariates(store: Store, cohort, columns: list[str], command: str) -> dict[str, list[str]]:
-    """Each participant's covariate values; those lacking one are left out of ``cohort`` and said in one line."""
-    if not columns:
-        return {}
-    values, lacking = covariate_values(store, cohort.participants, columns)
-    if lacking:
-        print(f"neurox {command}: {len(lacking)} of {len(cohort.participants)} participants have no value of "
-              f"{', '.join(c for c in columns)} (--covariates): left out", file=sys.stderr)
-        cohort.participants = [p for p in cohort.participants if p in values]
-    return values
-
-
 def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000, progress: bool = False) -> dict:
     """A baseline run's metrics on a store, per split (unseen participants: ``external``)."""
     run_dir = Path(run_dir)
@@ -347,6 +335,7 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
         raise ValueError(f"{store_path}: the atlas covers other parcels on this store's grid than in the baseline run")
     features, _ = _features(store, (atlas_grid, labels), cohort.participants, config["kind"], progress, denoising,
                             reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
+
     def score(p: str, vector: np.ndarray) -> np.ndarray:
         row = removal.remove([covariates[p]], vector[None]) if removal else vector[None]
         return np.concatenate([linear_outputs(f, row) for f in params], axis=1)[0]

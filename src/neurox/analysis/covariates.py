@@ -11,6 +11,7 @@ level but the first; ``mean_fd`` is each participant's mean framewise displaceme
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 
@@ -43,6 +44,19 @@ def covariate_values(store: Store, participants: list[str], columns: list[str]
         else:
             values[p] = raw
     return values, lacking
+
+
+def with_covariates(store: Store, cohort, columns: list[str], command: str) -> dict[str, list[str]]:
+    """Each participant's covariate values; those lacking one are left out of ``cohort`` (a ``Cohort``) and said
+    in one line."""
+    if not columns:
+        return {}
+    values, lacking = covariate_values(store, cohort.participants, columns)
+    if lacking:
+        print(f"neurox {command}: {len(lacking)} of {len(cohort.participants)} participants have no value of "
+              f"{', '.join(columns)} (--covariates): left out", file=sys.stderr)
+        cohort.participants = [p for p in cohort.participants if p in values]
+    return values
 
 
 class CovariateRemoval:

@@ -20,6 +20,7 @@ from neurox.data.loader import prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
 from neurox.hub import weights_digest
 from neurox.io.atomic import write_atomic, write_text_atomic
+from neurox.io.claim import resolved
 
 
 def load_model(path: str | Path):
@@ -95,7 +96,6 @@ def participant_vector(series: np.ndarray, pool: str = "mean") -> np.ndarray:
 
 def write_table(path: Path, columns: list[str], rows: list[list]) -> Path:
     """TSV, or Parquet for a ``.parquet`` name; written atomically."""
-
     if path.suffix == ".parquet":
         try:
             import pyarrow as pa
@@ -172,7 +172,7 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
         raise ValueError(f"--color_by {color_by!r}: not a column of {store.root / 'participants.tsv'} (nor 'split')")
     model.to(detect(device).device).eval()
     runs, _ = prepared_runs(store)
-    cache = kept_embeddings(out, {"model": weights_digest(model_path), "store": str(store.root.resolve())})
+    cache = kept_embeddings(out, {"model": weights_digest(model_path), "store": resolved(store.root)})
     windows, vectors = [], []
     bar = progress_display(total=len(runs), desc="embed", unit="participant", disable=not progress)
     for pid in sorted(runs):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs, with_covariates
-from neurox.analysis.covariates import CovariateRemoval
+from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs
+from neurox.analysis.covariates import CovariateRemoval, with_covariates
 from neurox.analysis.embed import POOLS, load_model, participant_vector, window_embeddings
 from neurox.data.loader import load_cohort, load_splits, prepared_runs, save_splits, split_participants, standardise
 from neurox.data.store import Store

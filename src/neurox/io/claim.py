@@ -1,7 +1,8 @@
 """An output folder says what it holds, so that no result is overwritten by, or mixed with, another's.
 
 A command that writes a folder (``baseline``, ``probe``, ``connectivity``, ``explain``) records in it which
-command wrote it and the settings its results depend on (``.neurox-outputs.json``). Run again into the same
+command wrote it and the settings its results depend on (``.neurox-outputs.json``); ``finetune`` and ``pretrain``
+record their command only (their own checkpoints decide what a resumed run may change). Run again into the same
 folder with the same settings, it recomputes or resumes; with other settings, or as another command, it is
 refused in one line that names the folder and what differs. A record in a folder that holds nothing else (a
 run that failed before writing anything) binds nothing: the next run takes the folder over.
