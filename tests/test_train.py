@@ -107,6 +107,21 @@ def test_split_by_keeps_families_on_one_side(capsys):
         split_participants(two_sites, seed=0)
 
 
+def test_split_by_with_sessions_keeps_a_family_and_all_its_visits_together():
+    """Visits are units; a family ID given at one visit (ABCD's baseline row) holds for every visit."""
+    people = [f"sub-{i:03d}" for i in range(120)]
+    units = [f"{p}_ses-{v}" for p in people for v in (1, 2)]
+    person = {u: u.split("_ses-")[0] for u in units}
+    group = {u: f"F{int(person[u][4:]) // 3}" for u in units if u.endswith("_ses-1")}  # families of 3, visit 1 only
+    values = {u: [str(int(person[u][4:]) % 2)] for u in units}
+    cohort = Cohort([infer_target("dx", ["0", "1"])], units, values, {u: [u] for u in units}, {}, person=person,
+                    split_by="family", group=group)
+    split = split_participants(cohort, seed=0, say=False)
+    for family in range(40):
+        members = [u for u in units if int(person[u][4:]) // 3 == family]
+        assert len(members) == 6 and len({split[u] for u in members}) == 1
+
+
 def test_finetune_baseline_and_probe_split_by_a_column(store, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(finetune_args(store, run, "--epochs", "1", "--split_by", "family")) == 0
