@@ -376,7 +376,7 @@ def test_a_killed_worker_is_one_line_and_the_next_run_resumes(tmp_path):
     """A --workers process killed by the system (as the out-of-memory killer does) stops the command with one
     line saying what to do; the same command again finishes the store."""
     for i in range(6):
-        bids_run(tmp_path / "in", f"{i:02d}", n_frames=24, seed=i)
+        bids_run(tmp_path / "in", f"{i:02d}", n_frames=60, seed=i)
     command = [sys.executable, "-m", "neurox.cli", "prepare", str(tmp_path / "in"), "--out", str(tmp_path / "store"),
                "--voxel_size", "4", "--workers", "2", "--quiet", "true"]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -393,9 +393,12 @@ def test_a_killed_worker_is_one_line_and_the_next_run_resumes(tmp_path):
                 found.append(int(entry.name))
         return found
 
+    def working() -> bool:  # a run being written: the worker is past its start-up, mid-job, as the OOM killer finds it
+        return any((tmp_path / "store" / "runs").glob(".tmp-*")) if (tmp_path / "store" / "runs").is_dir() else False
+
     deadline = time.monotonic() + 60
-    while not workers() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while not (workers() and working()) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert job.poll() is None, "the workers finished before one could be killed"
     os.kill(workers()[0], signal.SIGKILL)
     _, err = job.communicate(timeout=120)
