@@ -106,7 +106,9 @@ def weights_digest(model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     for name in ("model.safetensors", "head.safetensors"):
         if (model_dir / name).is_file():
-            digest.update((model_dir / name).read_bytes())
+            with open(model_dir / name, "rb") as f:  # in pieces: a large model is not read into memory whole
+                for piece in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(piece)
     return digest.hexdigest()
 
 

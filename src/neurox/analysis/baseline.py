@@ -144,7 +144,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, task: str, seed: int, design: Linea
     return {"mean": design.mean, "scale": design.scale, "coef": coef, "intercept": intercept}
 
 
-def _column_blocks(x: np.ndarray):
+def column_blocks(x: np.ndarray):
     """(slice, float64 block) of ``x``'s columns, ``BLOCK_VALUES`` values at a time."""
     width = max(1, BLOCK_VALUES // max(1, len(x)))
     for lo in range(0, x.shape[1], width):
@@ -157,7 +157,7 @@ def _wide_basis(x: np.ndarray) -> LinearDesign:
 
     gram = np.zeros((len(x), len(x)))
     means, scales = [], []
-    for _, block in _column_blocks(x):  # StandardScaler per block: columns are standardised independently
+    for _, block in column_blocks(x):  # StandardScaler per block: columns are standardised independently
         scaler = StandardScaler().fit(block)
         means.append(scaler.mean_)
         scales.append(scaler.scale_)
@@ -177,7 +177,7 @@ def _wide_basis(x: np.ndarray) -> LinearDesign:
     def to_weights(coef: np.ndarray) -> np.ndarray:
         on_rows = (coef / values) @ on_basis.T  # Vt = S^-1 Ut z, so weights = (coef S^-2 (U S)t) z
         weights = np.empty((len(coef), x.shape[1]))
-        for columns, block in _column_blocks(x):  # one column block of z at a time
+        for columns, block in column_blocks(x):  # one column block of z at a time
             weights[:, columns] = on_rows @ ((block - mean[columns]) / scale[columns])
         return weights
 

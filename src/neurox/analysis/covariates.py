@@ -16,9 +16,8 @@ import sys
 import numpy as np
 
 from neurox.data.confounds import participant_motion
+from neurox.data.loader import missing_value, numeric_values
 from neurox.data.store import Store
-
-BLOCK_VALUES = 2**24  # float64 values of features held at once
 
 
 def covariate_values(store: Store, participants: list[str], columns: list[str]
@@ -39,7 +38,7 @@ def covariate_values(store: Store, participants: list[str], columns: list[str]
         row = table.get(p, {})
         raw = [str(motion[p]) if column == "mean_fd" and p in motion else str(row.get(column, "")).strip()
                for column in columns]
-        if any(v in ("", "n/a", "NA", "nan", "NaN") for v in raw):
+        if any(missing_value(v) for v in raw):
             lacking.append(p)
         else:
             values[p] = raw
@@ -68,6 +67,8 @@ class CovariateRemoval:
     @classmethod
     def fit(cls, columns: list[str], rows: list[list[str]], x: np.ndarray) -> CovariateRemoval:
         """Fitted on the training rows ``x`` (participants x features), whose covariates are removed in place."""
+        from neurox.analysis.baseline import column_blocks  # the wide fit's blocks (baseline imports this module)
+
         encoding = []
         for i, column in enumerate(columns):
             raw = [r[i] for r in rows]
@@ -80,8 +81,8 @@ class CovariateRemoval:
         design = removal.design(rows)
         inverse = np.linalg.pinv(design)  # least squares, whatever the rank (a level no training row has)
         removal.coef = np.zeros((design.shape[1], x.shape[1]))
-        for columns_block in _column_blocks(x):
-            removal.coef[:, columns_block] = inverse @ x[:, columns_block].astype(np.float64)
+        for columns_block, block in column_blocks(x):
+            removal.coef[:, columns_block] = inverse @ block
         removal.remove(rows, x)
         return removal
 
@@ -96,15 +97,17 @@ class CovariateRemoval:
                 try:
                     terms.append((np.array([float(v) for v in raw]) - code["mean"]) / code["std"])
                 except ValueError:
-                    bad = next(v for v in raw if not _is_number(v))
+                    bad = next(v for v in raw if not numeric_values([v]))
                     raise ValueError(f"--covariates {code['column']}: {bad!r} is not a number, as the training "
                                      "participants' values were") from None
         return np.stack(terms, axis=1)
 
     def remove(self, rows: list[list[str]], x: np.ndarray) -> np.ndarray:
         """``x`` (participants x features, float32) less its fit on the covariates, in place; returned."""
+        from neurox.analysis.baseline import column_blocks
+
         design = self.design(rows)
-        for columns_block in _column_blocks(x):
+        for columns_block, _ in column_blocks(x):
             x[:, columns_block] -= (design @ self.coef[:, columns_block]).astype(x.dtype)
         return x
 
@@ -119,16 +122,3 @@ class CovariateRemoval:
             return None
         meta = json.loads(str(stored["covariates.encoding"]))
         return cls(meta["columns"], meta["encoding"], stored["covariates.coef"].astype(np.float64))
-
-
-def _column_blocks(x: np.ndarray):
-    width = max(1, BLOCK_VALUES // max(1, len(x)))
-    return [slice(lo, lo + width) for lo in range(0, x.shape[1], width)]
-
-
-def _is_number(value: str) -> bool:
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True

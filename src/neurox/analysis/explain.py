@@ -370,7 +370,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         param.requires_grad_(False)
 
     claim_folder(out, "explain", {"model": weights_digest(run_dir / "model"), "store": resolved(store.root),
-                          **{k: v for k, v in asdict(options).items() if k in MAP_OPTIONS}})
+                                  **{k: v for k, v in asdict(options).items() if k in MAP_OPTIONS}})
     runs, _ = prepared_runs(store, participants)
     store_affine = np.array(store.run(store.run_ids[0]).attributes["affine"])
     length = model.config.img_size[3]

@@ -55,11 +55,11 @@ class Target:
                 "gap_fit": self.gap_fit}
 
 
-def _missing(value: str | None) -> bool:
+def missing_value(value: str | None) -> bool:
     return value is None or value.strip() in ("", "n/a", "NA", "nan", "NaN")
 
 
-def _numeric(values: list[str]) -> bool:
+def numeric_values(values: list[str]) -> bool:
     try:
         [float(v) for v in values]
     except ValueError:
@@ -69,11 +69,11 @@ def _numeric(values: list[str]) -> bool:
 
 def infer_target(column: str, values: list[str], task: str | None = None) -> Target:
     """Binary for two distinct values, multiclass for a few non-numeric ones, regression for numbers."""
-    distinct = sorted(set(values), key=lambda v: (float(v) if _numeric([v]) else math.inf, v))
+    distinct = sorted(set(values), key=lambda v: (float(v) if numeric_values([v]) else math.inf, v))
     if task is None:
         if len(distinct) == 2:
             task = "binary"
-        elif _numeric(distinct):
+        elif numeric_values(distinct):
             task = "regression"
         else:
             task = "multiclass"
@@ -81,7 +81,7 @@ def infer_target(column: str, values: list[str], task: str | None = None) -> Tar
         raise ValueError(f"target {column!r} has {len(distinct)} distinct values; a binary target needs exactly 2")
     if task == "multiclass" and not 3 <= len(distinct) <= 100:
         raise ValueError(f"target {column!r} has {len(distinct)} classes; multiclass needs 3 to 100")
-    if task == "regression" and not _numeric(distinct):
+    if task == "regression" and not numeric_values(distinct):
         raise ValueError(f"target {column!r} is not numeric; it cannot be a regression target")
     return Target(column, task, classes=distinct if task != "regression" else [])
 
@@ -163,12 +163,12 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
         pid = row["participant_id"]
         if pid not in runs:
             continue
-        if any(_missing(row.get(c)) for c in columns):
+        if any(missing_value(row.get(c)) for c in columns):
             left_out += 1
             continue
         values[pid] = [row[c].strip() for c in columns]
         person[pid] = row.get("person", pid)
-        if split_by and not _missing(row.get(split_by)):
+        if split_by and not missing_value(row.get(split_by)):
             group[pid] = row[split_by].strip()
     if len(values) < 3:
         raise ValueError(f"{store.root}: only {len(values)} participants have prepared runs and all of "
