@@ -122,6 +122,91 @@ def test_split_by_with_sessions_keeps_a_family_and_all_its_visits_together():
         assert len(members) == 6 and len({split[u] for u in members}) == 1
 
 
+def test_folds_keep_families_together_and_balance_classes(capsys):
+    from neurox.data.loader import fold_participants
+
+    cohort = family_cohort()
+    folds = fold_participants(cohort, seed=0, folds=5)
+    assert set(folds) == set(cohort.participants) and set(folds.values()) == {1, 2, 3, 4, 5}
+    in_fold: dict[str, set[int]] = {}
+    for p, family in cohort.group.items():
+        in_fold.setdefault(family, set()).add(folds[p])
+    assert all(len(f) == 1 for f in in_fold.values())  # no family in two folds
+    sizes = [sum(f == k for f in folds.values()) for k in range(1, 6)]
+    ones = [sum(f == k and cohort.values[p][0] == "1" for p, f in folds.items()) for k in range(1, 6)]
+    assert max(sizes) - min(sizes) <= 4  # families of up to 4, dealt evenly
+    assert all(0.3 < n / size < 0.7 for n, size in zip(ones, sizes))  # a family's class is its first member's
+    plain = Cohort(cohort.targets, cohort.participants, cohort.values, cohort.runs, {})  # each person alone
+    alone = fold_participants(plain, seed=0, folds=7)
+    for label in ("0", "1"):  # each class dealt evenly: 7 folds differ by one participant at most
+        counts = [sum(f == k and cohort.values[p][0] == label for p, f in alone.items()) for k in range(1, 8)]
+        assert max(counts) - min(counts) <= 1
+    assert "folds by family: " in capsys.readouterr().err
+    assert folds == fold_participants(cohort, seed=0, folds=5, say=False) != fold_participants(cohort, 1, 5, False)
+    two_sites = Cohort(cohort.targets, cohort.participants, cohort.values, cohort.runs, {}, split_by="site",
+                       group={p: "AB"[i % 2] for i, p in enumerate(cohort.participants)})
+    with pytest.raises(ValueError, match="--folds 3: only 2 site groups to deal into them"):
+        fold_participants(two_sites, seed=0, folds=3)
+    with pytest.raises(ValueError, match="--folds 1: cross-validation needs 2 folds or more"):
+        fold_participants(cohort, seed=0, folds=1)
+
+
+def test_cross_validation_fits_every_fold_on_the_others_only():
+    """Each participant's output is that of the model fitted, sites harmonised and covariates removed, on the other
+    folds alone; the pooled metrics, each fold's, and the brain-age gap corrected by the other folds' line."""
+    from neurox.analysis.baseline import fit_linear, linear_outputs
+    from neurox.analysis.covariates import Adjustment, CovariateRemoval
+    from neurox.analysis.crossval import cross_validate
+    from neurox.analysis.harmonize import Harmonisation
+    from neurox.data.loader import fold_participants, standardise
+
+    rng = np.random.default_rng(0)
+    ids = [f"sub-{i:03d}" for i in range(90)]
+    age = rng.uniform(20, 80, 90)
+    site, sex = rng.choice(["a", "b"], 90), rng.choice(["f", "m"], 90)
+    x = rng.standard_normal((90, 40)).astype(np.float32)
+    x[:, :5] += (age[:, None] - 50) / 10 + (site == "b")[:, None] * 3.0 + (sex == "m")[:, None]
+    x[site == "b"] *= 2
+    values = {p: [f"{a:.3f}"] for p, a in zip(ids, age)}
+    cohort = Cohort([infer_target("age", [v[0] for v in values.values()])], ids, values, {p: [p] for p in ids}, {})
+    folds = fold_participants(cohort, seed=0, folds=3)
+    cohort.split = dict.fromkeys(ids, "train")
+    standardise(cohort)
+    adjustment = Adjustment(["sex"], {p: [v] for p, v in zip(ids, sex)}, "site", {p: [v] for p, v in zip(ids, site)})
+    seen = []
+
+    def features_for(train):
+        seen.append(sorted(train))
+        return ids, x
+
+    results, rows = cross_validate(cohort, folds, features_for, adjustment, 0, 50, None, "test", False)
+    assert [len(t) for t in seen] == [sum(f != k for f in folds.values()) for k in (1, 2, 3)]
+    assert set(results) == {"cv", "cv_fold1", "cv_fold2", "cv_fold3"} and results["cv"]["n_subjects"] == 90
+    assert results["cv"]["pearson_r"] > 0.8 and "pearson_r_ci_low" in results["cv"] and "pearson_r_p" in results["cv"]
+    assert "pearson_r_ci_low" not in results["cv_fold1"] and results["cv_fold1"]["n_subjects"] == len(rows) // 3
+    by_id = {r["participant_id"]: r for r in rows}
+    for k in (1, 2, 3):
+        train = [i for i, p in enumerate(ids) if folds[p] != k]
+        test = [i for i, p in enumerate(ids) if folds[p] == k]
+        x_train, x_test = x[train].copy(), x[test].copy()
+        harmonisation = Harmonisation.fit("site", [site[i] for i in train], x_train)
+        harmonisation.apply([site[i] for i in test], x_test)
+        removal = CovariateRemoval.fit(["sex"], [[sex[i]] for i in train], x_train)
+        removal.remove([[sex[i]] for i in test], x_test)
+        y = np.array([cohort.labels(ids[i])[0] for i in train])
+        expected = linear_outputs(fit_linear(x_train, y, "regression", 0), x_test)[:, 0] * cohort.targets[0].std \
+            + cohort.targets[0].mean
+        assert np.allclose([by_id[ids[i]]["age_predicted"] for i in test], expected, atol=1e-4)
+        assert {by_id[ids[i]]["fold"] for i in test} == {k}
+        others = [r for r in rows if r["fold"] != k]
+        slope, intercept = np.polyfit([float(r["age_true"]) for r in others], [r["age_gap"] for r in others], 1)
+        for i in test:
+            r = by_id[ids[i]]
+            expected_gap = r["age_gap"] - intercept - slope * float(r["age_true"])
+            assert r["age_gap_corrected"] == pytest.approx(expected_gap, abs=1e-5)
+    assert cohort.targets[0].gap_fit is not None  # the line of every out-of-fold output, for new participants
+
+
 def test_finetune_baseline_and_probe_split_by_a_column(store, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(finetune_args(store, run, "--epochs", "1", "--split_by", "family")) == 0
@@ -146,6 +231,53 @@ def test_finetune_baseline_and_probe_split_by_a_column(store, tmp_path, capsys):
     assert "--split_by site: its 3 values cannot fill the test split" in capsys.readouterr().err
     assert main(finetune_args(store, tmp_path / "by-x", "--split_by", "hospital")) == 1
     assert "no --split_by column 'hospital' in participants.tsv" in capsys.readouterr().err
+
+
+def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
+    """--folds: every participant tested once out of fold (families kept in one fold), the saved model fitted on
+    everyone, per fold in the tangent space its own reference."""
+    from neurox.analysis.baseline import evaluate_baseline
+
+    atlas = tmp_path / "atlas.nii.gz"
+    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
+    from fakes import save
+
+    save(atlas, labels)
+    fc = tmp_path / "fc"
+    base = ["baseline", "--store", str(store), "--atlas", str(atlas), "--n_boot", "20"]
+    assert main([*base, "--target", "score", "--out", str(fc), "--folds", "5", "--split_by", "family",
+                 "--quiet", "true"]) == 0
+    printed = capsys.readouterr()
+    assert "  cv: mae " in printed.out and "  cv_fold5: mae " in printed.out
+    assert "folds by family: 2 participants (1 group), 2 participants (1 group)" in printed.err
+    metrics = json.loads((fc / "metrics.json").read_text())
+    assert set(metrics) == {"cv", *(f"cv_fold{k}" for k in range(1, 6))}
+    assert metrics["cv"]["n_subjects"] == 10 and "pearson_r_p" in metrics["cv"]
+    rows = read_tsv(fc / "predictions.tsv")
+    assert len(rows) == 10 and {r["split"] for r in rows} == {"cv"} and all(r["score_gap_corrected"] for r in rows)
+    fold = {r["participant_id"]: r["fold"] for r in read_tsv(fc / "folds.tsv")}
+    assert {r["participant_id"]: r["fold"] for r in rows} == fold
+    assert all(fold[f"sub-{2 * k:02d}"] == fold[f"sub-{2 * k + 1:02d}"] for k in range(5))  # siblings together
+    assert set(load_splits(fc / "splits.tsv").values()) == {"train"}  # the saved model: fitted on everyone
+    assert json.loads((fc / "targets.json").read_text())["targets"][0]["gap_fit"]
+    assert evaluate_baseline(fc, store, n_boot=0)["train"]["n_subjects"] == 10
+    # the tangent space: each fold's reference is its 5 training participants' mean, the saved model's everyone's
+    assert main([*base, "--target", "group", "--out", str(tmp_path / "tangent"), "--folds", "2", "--kind",
+                 "tangent"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("tangent space, the geometric mean of 5 participants: step 1,") == 2
+    assert "tangent space, the geometric mean of 10 participants: step 1," in err
+    assert main([*base, "--target", "group", "--out", str(tmp_path / "both"), "--folds", "2", "--split_from",
+                 str(fc)]) == 1
+    assert "--folds cross-validates on folds of its own; it takes no --split_from" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+    assert main(["probe", str(run), "--store", str(store), "--target", "group", "--folds", "3",
+                 "--out", str(tmp_path / "probe"), "--quiet", "true"]) == 0
+    probed = json.loads((tmp_path / "probe" / "metrics.json").read_text())
+    assert probed["cv"]["n_subjects"] == 10 and "auroc_p" in probed["cv"] and "cv_fold3" in probed
+    assert sorted(r["fold"] for r in read_tsv(tmp_path / "probe" / "folds.tsv")) == ["1"] * 4 + ["2"] * 3 + ["3"] * 3
 
 
 def test_a_model_of_the_controls_predicts_the_patients_as_external(store, tmp_path, capsys):
@@ -472,6 +604,54 @@ def test_covariate_removal_is_fitted_on_training_rows_and_applied_unchanged():
         removal.design([["old", "a"]])
 
 
+def test_combat_harmonisation_equals_neurocombat_and_applies_its_training_fit():
+    """neuroCombat's parametric empirical Bayes (no preserved covariates), on sites that shift and scale every
+    feature differently; new participants harmonised with the training fit, as neuroCombatFromTraining does (its
+    formula, written out here: it fails on numpy 2)."""
+    import warnings
+
+    from neuroCombat import neuroCombat
+
+    from neurox.analysis.harmonize import Harmonisation
+
+    rng = np.random.default_rng(0)
+    n, width = 150, 60
+    site = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
+    shift = {"a": 0.0, "b": 1.5, "c": -0.8}
+    scale = {"a": 1.0, "b": 2.0, "c": 0.6}
+    x = rng.standard_normal((n, width)) * rng.uniform(0.5, 2, width) + rng.uniform(-1, 1, width)
+    x = x * np.array([scale[s] for s in site])[:, None] + np.outer([shift[s] for s in site], rng.uniform(0.5, 1.5,
+                                                                                                         width))
+    train, new = slice(0, 110), slice(110, n)
+    import pandas as pd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = neuroCombat(x[train].T.copy(), pd.DataFrame({"site": site[train]}), "site")
+    estimates = theirs["estimates"]
+    mean, sd = estimates["stand.mean"][:, 0], np.sqrt(estimates["var.pooled"][:, 0])
+    which = [list(estimates["batches"]).index(s) for s in site[new]]
+    theirs_new = ((x[new] - mean) / sd - estimates["gamma.star"][which]) / np.sqrt(estimates["delta.star"][which]) \
+        * sd + mean
+    ours = x[train].astype(np.float32)
+    harmonisation = Harmonisation.fit("site", list(site[train]), ours)
+    assert np.allclose(ours, theirs["data"].T, atol=1e-4)
+    assert np.allclose(harmonisation.gamma, theirs["estimates"]["gamma.star"], atol=1e-5)
+    assert np.allclose(harmonisation.delta, theirs["estimates"]["delta.star"], atol=1e-5)
+    assert np.allclose(harmonisation.apply(list(site[new]), x[new].astype(np.float32)), theirs_new, atol=1e-4)
+    for s in "abc":  # what is left of the sites' shifts and scales is small against what was there
+        member = site[train] == s
+        assert np.abs(ours[member].mean(0) - ours.mean(0)).mean() < 0.25 * np.abs(
+            x[train][member].mean(0) - x[train].mean(0)).mean() + 0.05
+    again = Harmonisation.from_arrays(harmonisation.arrays())
+    first = x[:1].astype(np.float32)
+    assert np.allclose(again.apply(["b"], first.copy()), harmonisation.apply(["b"], first.copy()))
+    with pytest.raises(ValueError, match="--harmonize site: no training participant comes from d"):
+        harmonisation.apply(["d"], x[:1].astype(np.float32))
+    with pytest.raises(ValueError, match="a site needs 2 training participants or more .* d \\(1\\)"):
+        Harmonisation.fit("site", ["a", "a", "d"], x[:3].astype(np.float32))
+
+
 def test_baseline_and_probe_with_covariates(store, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(finetune_args(store, run, "--epochs", "1")) == 0
@@ -498,6 +678,31 @@ def test_baseline_and_probe_with_covariates(store, tmp_path, capsys):
                  "--covariates", "education", "site", "--out", str(tmp_path / "probe"), "--quiet", "true"]) == 0
     assert "neurox probe: 1 of 10 participants have no value of education, site (--covariates)" in \
         capsys.readouterr().err
+    # ComBat across sites, fitted on the training participants (two of each site), saved and applied by evaluate
+    from neurox.analysis.baseline import evaluate_baseline
+    from neurox.data.loader import save_splits
+
+    chosen = tmp_path / "by-site"
+    chosen.mkdir()  # sites a: 0 3 6 9, b: 1 4 7, c: 2 5 8
+    save_splits(chosen / "splits.tsv", {f"sub-{i:02d}": "train" if i < 6 else "val" if i < 8 else "test"
+                                        for i in range(10)})
+    harmonised = tmp_path / "fc-harmonised"
+    assert main(["baseline", "--store", str(store), "--target", "score", "--atlas", str(atlas), "--out",
+                 str(harmonised), "--split_from", str(chosen), "--harmonize", "site", "--n_boot", "0",
+                 "--quiet", "true"]) == 0
+    stored = np.load(harmonised / "baseline.npz")
+    assert stored["harmonize.gamma"].shape == (3, 3)  # sites x edges
+    own, evaluated = json.loads((harmonised / "metrics.json").read_text()), evaluate_baseline(harmonised, store, 0)
+    for split in ("val", "test"):
+        assert evaluated[split]["mae"] == pytest.approx(own[split]["mae"], rel=1e-6)
+    plain = json.loads((fc / "metrics.json").read_text())  # (another split: only that it differs from unharmonised)
+    assert own["test"]["mae"] != plain["test"]["mae"]
+    assert main(["probe", str(run), "--store", str(store), "--target", "group", "--split_from", str(chosen),
+                 "--harmonize", "site", "--covariates", "cohort", "--quiet", "true"]) == 0
+    save_splits(chosen / "splits.tsv", {f"sub-{i:02d}": "test" if i in (2, 5, 8) else "train" for i in range(10)})
+    assert main(["baseline", "--store", str(store), "--target", "score", "--atlas", str(atlas), "--out",
+                 str(tmp_path / "fc-unseen"), "--split_from", str(chosen), "--harmonize", "site"]) == 1
+    assert "--harmonize site: no training participant comes from c; ComBat learns" in capsys.readouterr().err
     for column, message in (("hospital", "--covariates hospital: not a column of"),
                             ("mean_fd", "--covariates mean_fd: " + f"{store} has no head motion")):
         assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",

@@ -150,13 +150,14 @@ def embed(model: str | Path, store: str | Path, out: str | Path, color_by: str |
 def probe(model: str | Path, store: str | Path, target: str, out: str | Path | None = None,
           split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", stage: int | None = None,
           batch_size: int = 4, device: str = "auto", split_by: str | None = None, covariates: list[str] | None = None,
-          where: str | None = None, quiet: bool = False) -> dict:
-    """A closed-form linear probe of a frozen model: metrics per split."""
+          where: str | None = None, folds: int | None = None, harmonize: str | None = None,
+          quiet: bool = False) -> dict:
+    """A closed-form linear probe of a frozen model: metrics per split (with ``folds``, cross-validated)."""
     from neurox.analysis.probe import probe as run
 
     return run(model, store, target, out=out, split_from=split_from, seed=seed, pool=pool, batch_size=batch_size,
                device=device, stage=stage, progress=not quiet, split_by=split_by, covariates=covariates,
-               where=where)
+               where=where, folds=folds, harmonize=harmonize)
 
 
 def demo(out: str | Path = "neurox-demo", n_subjects: int = 96, n_frames: int = 200, epochs: int = 3, seed: int = 0,

@@ -343,9 +343,13 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--split_from", default=None, help="a finetune run whose splits.tsv to use")
     p.add_argument("--seed", type=int, default=0, help="the split's seed when there is no --split_from")
     p.add_argument("--split_by", default=None, help="without --split_from, a phenotype column (family ID, site) "
-                   "whose members share one side of the split")
+                   "whose members share one side of the split (or of the folds)")
+    p.add_argument("--folds", type=int, default=None, help="k-fold cross-validation instead of one split: every "
+                   "participant tested once, by a probe fitted on the other folds (metrics cv, cv_fold1, ...)")
     p.add_argument("--covariates", nargs="+", default=None, help="phenotype columns (numbers or labels), or "
                    "mean_fd (head motion), regressed out of the embeddings, fitted on the training participants")
+    p.add_argument("--harmonize", default=None, help="a site or scanner column: ComBat across its values, fitted on "
+                   "the training participants, before --covariates")
     p.add_argument("--where", default=None, help="COLUMN=VALUE: only these participants")
     p.add_argument("--pool", choices=["mean", "mean_std", "tokens"], default="mean",
                    help="mean: the representation averaged over space and time (what the heads see); mean_std: "

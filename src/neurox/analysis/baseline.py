@@ -27,14 +27,16 @@ from neurox.analysis.connectivity import (
     store_atlas,
     upper_triangle,
 )
-from neurox.analysis.covariates import CovariateRemoval, with_covariates
+from neurox.analysis.covariates import Adjustment
 from neurox.analysis.matrix_table import MatrixTable
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import (
     Target,
+    fold_participants,
     load_cohort,
     load_splits,
     prepared_runs,
+    save_folds,
     save_splits,
     split_participants,
     standardise,
@@ -58,7 +60,9 @@ class BaselineConfig:
     seed: int = 0  # the split's seed when there is no --split_from, and the fit's
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
     split_by: str | None = None  # a phenotype column (family ID, site) whose members share one side of the split
+    folds: int | None = None  # k-fold cross-validation instead of one split; the saved model is fitted on everyone
     covariates: list[str] | None = None  # columns (and mean_fd) regressed out of the features, fitted on training
+    harmonize: str | None = None  # a site or scanner column: ComBat across its values, fitted on training
     where: str | None = None  # COLUMN=VALUE: only these participants (controls, for a normative model)
     kind: str = "fisher_z"  # the features: fisher_z, plain, partial correlation, or tangent (the tangent space)
     n_boot: int = 1000  # bootstrap resamples of the participants for the 95% intervals
@@ -224,19 +228,51 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
     cohort = load_cohort(store, columns, tasks, None if config.split_from else config.split_by, config.where)
     cohort.say_left_out("baseline")
+    folds = None
+    if config.folds and config.split_from:
+        raise ValueError("baseline: --folds cross-validates on folds of its own; it takes no --split_from")
     if config.split_from:
         splits = load_splits(Path(config.split_from) / "splits.tsv")
         cohort.split = {p: splits[p] for p in cohort.participants if p in splits}
+    elif config.folds:  # every participant trains the saved model; the folds say how well such a model predicts
+        folds = fold_participants(cohort, config.seed, config.folds)
+        cohort.split = dict.fromkeys(cohort.participants, "train")
     else:
         cohort.split = split_participants(cohort, config.seed, config.split_fractions)
-    covariate_columns = list(config.covariates or [])
-    covariates = with_covariates(store, cohort, covariate_columns, "baseline")  # after the split: it stays the same
+    # after the split, which stays the same: participants without a value are left out
+    adjustment = Adjustment.of(store, cohort, list(config.covariates or []), config.harmonize, "baseline")
     standardise(cohort)
     denoising = Denoising(config.confounds, config.fd_threshold, config.global_signal)
     atlas_grid, labels = store_atlas(store, config.atlas)
     cache = series_cache(config.out, atlas_grid)  # an interrupted baseline resumes from it
-    features, reference = _features(store, (atlas_grid, labels), cohort.participants, config.kind, progress,
-                                    denoising, cache, config.workers, train=cohort.in_split("train"))
+
+    def features_for(train: list[str]):
+        return _features(store, (atlas_grid, labels), cohort.participants, config.kind, progress, denoising, cache,
+                         config.workers, train=train)
+
+    cv_results, cv_rows = {}, []
+    features, reference = None, None
+    if folds:
+        from neurox.analysis.crossval import cross_validate
+
+        kept = []  # features that do not depend on who trains are made once, for every fold and the final fit
+
+        def stacked(made: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+            return list(made), np.stack(list(made.values())) if made else np.empty((0, 0), np.float32)
+
+        def fold_features(train: list[str]) -> tuple[list[str], np.ndarray]:
+            if config.kind == "tangent":  # the reference point is the fold's training participants' mean
+                return stacked(dict(features_for(train)[0]))
+            if not kept:
+                kept.extend(stacked(dict(features_for([])[0])))
+            return kept[0], kept[1]
+
+        cv_results, cv_rows = cross_validate(cohort, folds, fold_features, adjustment, config.seed, config.n_boot,
+                                             participant_motion(store), "baseline", progress)
+        if kept:
+            features = zip(*kept)
+    if features is None:
+        features, reference = features_for(cohort.in_split("train"))
     wanted, x_train, train, held = set(cohort.in_split("train")), None, [], {}
     for p, vector in features:  # training rows straight into the fit's array; validation and test kept
         if p in wanted:
@@ -250,8 +286,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         raise ValueError(f"{config.store}: no training participant of the split has a prepared run here "
                          f"({len(wanted)} in the split): nothing to fit the baseline on")
     x_train = x_train[: len(train)]  # fit_linear standardises it a block of columns at a time
-    removal = CovariateRemoval.fit(covariate_columns, [covariates[p] for p in train], x_train) \
-        if covariate_columns else None
+    adjustment = adjustment.fit(train, x_train)
     y_train = np.stack([cohort.labels(p) for p in train])
 
     params, outputs_by_target = {}, []
@@ -274,8 +309,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         if not members:
             continue
         x = np.stack([held.pop(p) for p in members])
-        if removal:
-            removal.remove([covariates[p] for p in members], x)
+        adjustment.apply(members, x)
         outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
                                                              {p: cohort.labels(p) for p in members}, config.n_boot,
@@ -289,10 +323,12 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     from neurox.train.runs import add_gaps, write_predictions
 
     add_gaps(targets, rows)  # before targets.json, which keeps the gap correction for evaluate and predict
+    results.update(cv_results)
+    rows += cv_rows
 
     def save_arrays(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **params, atlas_labels=np.array(labels), **(removal.arrays() if removal else {}),
+            np.savez(f, **params, atlas_labels=np.array(labels), **adjustment.arrays(),
                      **({"tangent_reference": reference} if reference is not None else {}))
 
     write_atomic(out / MODEL_FILE, save_arrays)
@@ -302,6 +338,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
                                                           "environment": run_environment(None, [store])},
                                                          sort_keys=False))
     save_splits(out / "splits.tsv", cohort.split)
+    if folds:
+        save_folds(out / "folds.tsv", folds)
     write_json(out / "metrics.json", results)
     write_predictions(out / "predictions.tsv", targets, rows, motion, cohort.person)
     shutil.rmtree(cache, ignore_errors=True)
@@ -309,8 +347,8 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
 
 # what makes a baseline another experiment; n_boot, workers and the like only change how it is computed
-SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fractions", "split_by", "covariates",
-            "where", "kind", "confounds", "fd_threshold", "global_signal")
+SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fractions", "split_by", "folds",
+            "covariates", "harmonize", "where", "kind", "confounds", "fd_threshold", "global_signal")
 PATHS = ("store", "atlas", "split_from")
 
 
@@ -326,8 +364,7 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     from neurox.train.runs import cohort_with
 
     cohort, _ = cohort_with(store, targets, splits)
-    removal = CovariateRemoval.from_arrays(stored)  # as the run removed them, with its fit
-    covariates = with_covariates(store, cohort, removal.columns, "evaluate") if removal else {}
+    adjustment = Adjustment.load(stored, store, cohort, "evaluate")  # as the run adjusted its features, its fits
     denoising = Denoising(config.get("confounds", "none"), config.get("fd_threshold", 0.5),
                           config.get("global_signal", False))  # as the run was fitted
     atlas_grid, labels = store_atlas(store, config["atlas"])
@@ -337,7 +374,7 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
                             reference=stored["tangent_reference"] if config["kind"] == "tangent" else None)
 
     def score(p: str, vector: np.ndarray) -> np.ndarray:
-        row = removal.remove([covariates[p]], vector[None]) if removal else vector[None]
+        row = adjustment.apply([p], vector[None].copy())
         return np.concatenate([linear_outputs(f, row) for f in params], axis=1)[0]
 
     scores = {p: score(p, vector) for p, vector in features}  # each scored as it comes: no cohort of features held

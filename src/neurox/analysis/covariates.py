@@ -6,10 +6,14 @@ removed. The fit is made on the training participants only (fitting it on everyo
 into the features, Snoek et al. 2019), and applied unchanged to validation, test and, from a saved baseline, to
 new participants. Numbers enter as they are (centred and scaled); labels (sex, site) as one indicator per
 level but the first; ``mean_fd`` is each participant's mean framewise displacement from the store.
+
+``Adjustment`` is everything fitted on the training rows before the linear model and applied unchanged to the
+others: ComBat across sites first (``--harmonize``, neurox.analysis.harmonize), then the covariates' removal.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -20,7 +24,7 @@ from neurox.data.loader import missing_value, numeric_values
 from neurox.data.store import Store
 
 
-def covariate_values(store: Store, participants: list[str], columns: list[str]
+def covariate_values(store: Store, participants: list[str], columns: list[str], option: str = "--covariates"
                      ) -> tuple[dict[str, list[str]], list[str]]:
     """Participant -> the raw value of each covariate, and the participants lacking one (empty or n/a)."""
     table = {row["participant_id"]: row for row in store.phenotypes()}
@@ -28,10 +32,10 @@ def covariate_values(store: Store, participants: list[str], columns: list[str]
     motion = participant_motion(store) if "mean_fd" in columns else {}
     for column in columns:
         if column == "mean_fd" and not motion and "mean_fd" not in known:
-            raise ValueError(f"--covariates mean_fd: {store.root} has no head motion (runs prepared without "
+            raise ValueError(f"{option} mean_fd: {store.root} has no head motion (runs prepared without "
                              "their confounds)")
         if column != "mean_fd" and column not in known:
-            raise ValueError(f"--covariates {column}: not a column of {store.root / 'participants.tsv'} "
+            raise ValueError(f"{option} {column}: not a column of {store.root / 'participants.tsv'} "
                              f"(columns: {', '.join(c for c in known if c != 'participant_id')})")
     values, lacking = {}, []
     for p in participants:
@@ -45,15 +49,16 @@ def covariate_values(store: Store, participants: list[str], columns: list[str]
     return values, lacking
 
 
-def with_covariates(store: Store, cohort, columns: list[str], command: str) -> dict[str, list[str]]:
+def with_covariates(store: Store, cohort, columns: list[str], command: str, option: str = "--covariates"
+                    ) -> dict[str, list[str]]:
     """Each participant's covariate values; those lacking one are left out of ``cohort`` (a ``Cohort``) and said
     in one line."""
     if not columns:
         return {}
-    values, lacking = covariate_values(store, cohort.participants, columns)
+    values, lacking = covariate_values(store, cohort.participants, columns, option)
     if lacking:
         print(f"neurox {command}: {len(lacking)} of {len(cohort.participants)} participants have no value of "
-              f"{', '.join(columns)} (--covariates): left out", file=sys.stderr)
+              f"{', '.join(columns)} ({option}): left out", file=sys.stderr)
         cohort.participants = [p for p in cohort.participants if p in values]
     return values
 
@@ -122,3 +127,54 @@ class CovariateRemoval:
             return None
         meta = json.loads(str(stored["covariates.encoding"]))
         return cls(meta["columns"], meta["encoding"], stored["covariates.coef"].astype(np.float64))
+
+
+@dataclasses.dataclass
+class Adjustment:
+    """The settings and each participant's values; ``fit`` on training rows returns the fitted adjustment, whose
+    ``apply`` adjusts any rows in place as it adjusted the training ones."""
+
+    covariate_columns: list[str]
+    covariates: dict[str, list[str]]  # participant -> a value per covariate column
+    harmonize: str | None = None  # the site column
+    sites: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # participant -> [its site]
+    harmonisation: object | None = None  # neurox.analysis.harmonize.Harmonisation, once fitted
+    removal: CovariateRemoval | None = None
+
+    @classmethod
+    def of(cls, store: Store, cohort, covariate_columns: list[str], harmonize: str | None, command: str) -> Adjustment:
+        """The values of ``cohort``'s participants; those lacking one are left out of it, in one line."""
+        covariates = with_covariates(store, cohort, covariate_columns, command)
+        sites = with_covariates(store, cohort, [harmonize], command, "--harmonize") if harmonize else {}
+        return cls(list(covariate_columns), covariates, harmonize, sites)
+
+    @classmethod
+    def load(cls, stored, store: Store, cohort, command: str) -> Adjustment:
+        """A saved run's fits (its npz), with the values of ``cohort``'s participants."""
+        from neurox.analysis.harmonize import Harmonisation
+
+        removal, harmonisation = CovariateRemoval.from_arrays(stored), Harmonisation.from_arrays(stored)
+        adjustment = cls.of(store, cohort, removal.columns if removal else [],
+                            harmonisation.column if harmonisation else None, command)
+        return dataclasses.replace(adjustment, harmonisation=harmonisation, removal=removal)
+
+    def fit(self, participants: list[str], x: np.ndarray) -> Adjustment:
+        """Fitted on the rows ``x`` of ``participants``, which are adjusted in place."""
+        from neurox.analysis.harmonize import Harmonisation
+
+        harmonisation = Harmonisation.fit(self.harmonize, [self.sites[p][0] for p in participants], x) \
+            if self.harmonize else None
+        removal = CovariateRemoval.fit(self.covariate_columns, [self.covariates[p] for p in participants], x) \
+            if self.covariate_columns else None
+        return dataclasses.replace(self, harmonisation=harmonisation, removal=removal)
+
+    def apply(self, participants: list[str], x: np.ndarray) -> np.ndarray:
+        if self.harmonisation is not None:
+            self.harmonisation.apply([self.sites[p][0] for p in participants], x)
+        if self.removal is not None:
+            self.removal.remove([self.covariates[p] for p in participants], x)
+        return x
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {**(self.harmonisation.arrays() if self.harmonisation is not None else {}),
+                **(self.removal.arrays() if self.removal is not None else {})}

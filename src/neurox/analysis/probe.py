@@ -20,9 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs
-from neurox.analysis.covariates import CovariateRemoval, with_covariates
+from neurox.analysis.covariates import Adjustment
 from neurox.analysis.embed import POOLS, load_model, participant_vector, window_embeddings
-from neurox.data.loader import load_cohort, load_splits, prepared_runs, save_splits, split_participants, standardise
+from neurox.data.loader import (
+    fold_participants,
+    load_cohort,
+    load_splits,
+    prepared_runs,
+    save_folds,
+    save_splits,
+    split_participants,
+    standardise,
+)
 from neurox.data.store import Store
 from neurox.hub import weights_digest
 from neurox.io.atomic import write_text_atomic
@@ -58,7 +67,8 @@ def participant_embeddings(model, store: Store, participants: list[str], batch_s
 def probe(model_path: str | Path, store_path: str | Path, target: str, out: str | Path | None = None,
           split_from: str | Path | None = None, seed: int = 0, pool: str = "mean", batch_size: int = 4,
           device: str = "auto", n_boot: int = 1000, stage: int | None = None, progress: bool = True,
-          split_by: str | None = None, covariates: list[str] | None = None, where: str | None = None) -> dict:
+          split_by: str | None = None, covariates: list[str] | None = None, where: str | None = None,
+          folds: int | None = None, harmonize: str | None = None) -> dict:
     """Fit and score the probe; write ``metrics.json`` (and the split) to ``out`` when given. ``pool``:
     ``mean`` (the representation averaged over space and time), ``mean_std`` (and each feature's
     standard deviation over time) or ``tokens`` (both per position); see
@@ -66,13 +76,18 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     stage's output, before its patch merging (finer positions, fewer channels). ``split_by``: without
     ``split_from``, a column whose members (a family, a site) share one side of the split. ``covariates``:
     columns (and ``mean_fd``) regressed out of the embeddings, fitted on the training participants
-    (``neurox.analysis.covariates``). ``where``: ``COLUMN=VALUE``, only these participants."""
+    (``neurox.analysis.covariates``). ``where``: ``COLUMN=VALUE``, only these participants. ``folds``: k-fold
+    cross-validation instead of one split (``neurox.analysis.crossval``): metrics ``cv`` and ``cv_fold1`` ...
+    ``harmonize``: a site column, ComBat across its values fitted on the training participants
+    (``neurox.analysis.harmonize``)."""
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     from neurox.data.confounds import participant_motion
     from neurox.train.distributed import detect
     from neurox.train.runs import check_model_store
 
+    if folds and split_from:
+        raise ValueError("probe: --folds cross-validates on folds of its own; it takes no --split_from")
     model, _ = load_model(model_path)
     stages = model.config.num_stages
     if stage is not None and not 1 <= stage <= stages:
@@ -82,49 +97,66 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     if out:
         claim_folder(out, "probe", {"model": weights_digest(model_path), "store": resolved(store.root),
                                     "target": target, "split_from": resolved(split_from), "seed": seed,
-                                    "split_by": split_by, "covariates": covariates, "where": where, "pool": pool,
-                                    "stage": stage or stages})
+                                    "split_by": split_by, "folds": folds, "covariates": covariates,
+                                    "harmonize": harmonize, "where": where, "pool": pool, "stage": stage or stages})
     columns = [c.strip() for c in target.split(",") if c.strip()]
     cohort = load_cohort(store, columns, split_by=None if split_from else split_by, where=where)
     cohort.say_left_out("probe")
+    fold_of = None
     if split_from:
         splits = load_splits(Path(split_from) / "splits.tsv")
         cohort.split = {p: splits[p] for p in cohort.participants if p in splits}
+    elif folds:
+        fold_of = fold_participants(cohort, seed, folds)
+        cohort.split = dict.fromkeys(cohort.participants, "train")
     else:
         cohort.split = split_participants(cohort, seed)
-    covariate_columns = list(covariates or [])
-    values = with_covariates(store, cohort, covariate_columns, "probe")
+    adjustment = Adjustment.of(store, cohort, list(covariates or []), harmonize, "probe")
     standardise(cohort)
     model.to(detect(device).device).eval()
     # with --out, the embeddings are kept there until the metrics are written: an interrupted probe resumes (the
     # folder's claim guarantees the same model, store and pooling)
     cache = Path(out) / ".embeddings" if out else None
     features = participant_embeddings(model, store, cohort.participants, batch_size, pool, stage, progress, cache)
+    motion = participant_motion(store)
+    if fold_of:
+        from neurox.analysis.crossval import cross_validate
+
+        have = [p for p in cohort.participants if p in features]
+        every = (have, np.stack([features[p] for p in have]) if have else np.empty((0, 0), np.float32))
+        results, _ = cross_validate(cohort, fold_of, lambda train: every, adjustment, seed, n_boot, motion, "probe",
+                                    progress)
+        return _write(out, cohort, fold_of, cache, results, model_path, store, target, pool, stage or stages)
     train = [p for p in cohort.in_split("train") if p in features]
     x_train = np.stack([features[p] for p in train])
-    removal = CovariateRemoval.fit(covariate_columns, [values[p] for p in train], x_train) \
-        if covariate_columns else None
+    adjustment = adjustment.fit(train, x_train)
     y_train = np.stack([cohort.labels(p) for p in train])
     design = linear_design(x_train)  # one basis for every target
     fitted = [fit_linear(x_train, y_train[:, i], t.task, seed, design) for i, t in enumerate(cohort.targets)]
-    motion = participant_motion(store)
     results = {}
     for split in ("val", "test"):
         members = [p for p in cohort.in_split(split) if p in features]
         if members:
             x = np.stack([features[p] for p in members])
-            if removal:
-                removal.remove([values[p] for p in members], x)
+            adjustment.apply(members, x)
             outputs = np.concatenate([linear_outputs(f, x) for f in fitted], axis=1)
             results[split], _, _ = subject_metrics(cohort.targets, members, outputs,
                                                    {p: cohort.labels(p) for p in members}, n_boot,
                                                    motion=motion)
+    return _write(out, cohort, None, cache, results, model_path, store, target, pool, stage or stages)
+
+
+def _write(out, cohort, folds: dict[str, int] | None, cache: Path | None, results: dict, model_path, store: Store,
+           target: str, pool: str, stage: int) -> dict:
+    """With ``out``: the split (and folds), the metrics; the kept embeddings are no longer needed."""
     if out:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         save_splits(out / "splits.tsv", cohort.split)
+        if folds:
+            save_folds(out / "folds.tsv", folds)
         summary = {"model": str(model_path), "store": str(store.root), "target": target, "pool": pool,
-                   "stage": stage or stages, **results}
+                   "stage": stage, **results}
         write_text_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
         shutil.rmtree(cache, ignore_errors=True)
     return results

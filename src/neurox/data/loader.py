@@ -181,18 +181,16 @@ def load_cohort(store: Store, columns: list[str], tasks: list[str | None] | None
                   person=person, split_by=split_by, group=group)
 
 
-def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2), say: bool = True) -> dict[str, str]:
-    """Participant -> train/val/test, seeded; stratified by the first target when it is a class. Units that must
-    not be trained on and tested apart go to one side together: a participant's sessions (where the units are
-    sessions) and, with ``cohort.split_by``, everyone who shares its value (the members of a family, the
-    participants of a site). The fractions count people; such a block is stratified by its first unit's class.
-    ``say``: the split made by ``split_by`` in one line (one process of several says it)."""
-    rng = np.random.default_rng(seed)
+def _blocks(cohort: Cohort, say: bool) -> tuple[dict[str, list[str]], dict[str, list[str]], list[list[str]]]:
+    """The units a split or fold keeps together: person -> their units (a participant's sessions, where the units
+    are sessions), block -> its people (without ``cohort.split_by`` each person is a block; with it, everyone who
+    shares a value), and the blocks by stratum (the first target's class of a block's first unit; one stratum
+    for a regression target). ``say``: how many participants have no ``split_by`` value, in one line."""
     first = cohort.targets[0]
     sessions: dict[str, list[str]] = {}
     for p in cohort.participants:
         sessions.setdefault(cohort.person.get(p, p), []).append(p)
-    blocks: dict[str, list[str]] = {}  # block -> its people; without split_by, each person is a block
+    blocks: dict[str, list[str]] = {}
     alone = 0
     for person, units in sessions.items():
         value = next((cohort.group[u] for u in units if u in cohort.group), None)
@@ -205,8 +203,19 @@ def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2), say
     for block, people in blocks.items():
         strata.setdefault("all" if first.task == "regression" else cohort.values[sessions[people[0]][0]][0],
                           []).append(block)
+    return sessions, blocks, list(strata.values())
+
+
+def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2), say: bool = True) -> dict[str, str]:
+    """Participant -> train/val/test, seeded; stratified by the first target when it is a class. Units that must
+    not be trained on and tested apart go to one side together (``_blocks``): a participant's sessions and, with
+    ``cohort.split_by``, everyone who shares its value (the members of a family, the participants of a site).
+    The fractions count people; such a block is stratified by its first unit's class. ``say``: the split made by
+    ``split_by`` in one line (one process of several says it)."""
+    rng = np.random.default_rng(seed)
+    sessions, blocks, strata = _blocks(cohort, say)
     split = {}
-    for members in strata.values():
+    for members in strata:
         members = list(rng.permutation(members))
         n = sum(len(blocks[b]) for b in members)
         n_val = max(1, int(round(fractions[1] * n))) if n >= 3 else 0
@@ -221,6 +230,36 @@ def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2), say
     if cohort.split_by:
         _check_split_by(cohort.split_by, split, fractions, blocks, sessions, say)
     return split
+
+
+def fold_participants(cohort: Cohort, seed: int, folds: int, say: bool = True) -> dict[str, int]:
+    """Participant -> fold (1 to ``folds``), seeded, for k-fold cross-validation: every participant is tested
+    once, by a model fitted on the other folds. The same blocks as ``split_participants`` stay in one fold (a
+    participant's sessions; with ``cohort.split_by`` a family or a site), and each stratum's blocks are dealt, the
+    largest first and otherwise in a seeded order, to the fold with the fewest of that stratum's people (then the
+    fewest people), so the folds are balanced by class and by size."""
+    if folds < 2:
+        raise ValueError(f"--folds {folds}: cross-validation needs 2 folds or more")
+    rng = np.random.default_rng(seed)
+    sessions, blocks, strata = _blocks(cohort, say)
+    if len(blocks) < folds:
+        units = f"{cohort.split_by} groups" if cohort.split_by else "participants"
+        raise ValueError(f"--folds {folds}: only {len(blocks)} {units} to deal into them; choose fewer folds")
+    total = [0] * folds
+    fold_of_block = {}
+    for members in strata:
+        members = sorted(rng.permutation(members), key=lambda b: -len(blocks[b]))  # stable: seeded among equals
+        in_stratum = [0] * folds
+        for block in members:
+            fold = min(range(folds), key=lambda f: (in_stratum[f], total[f], f))
+            fold_of_block[block] = fold + 1
+            in_stratum[fold] += len(blocks[block])
+            total[fold] += len(blocks[block])
+    if cohort.split_by and say:
+        groups = [sum(f == k for f in fold_of_block.values()) for k in range(1, folds + 1)]
+        print(f"folds by {cohort.split_by}: " + ", ".join(f"{n} participants ({g} group{'' if g == 1 else 's'})"
+                                                         for n, g in zip(total, groups)), file=sys.stderr)
+    return {p: fold_of_block[block] for block, people in blocks.items() for person in people for p in sessions[person]}
 
 
 def _check_split_by(column: str, split: dict[str, str], fractions, blocks: dict[str, list[str]],
@@ -247,6 +286,10 @@ def save_splits(path: Path, split: dict[str, str]) -> None:
 
 def load_splits(path: Path) -> dict[str, str]:
     return {row["participant_id"]: row["split"] for row in read_tsv(path)}
+
+
+def save_folds(path: Path, folds: dict[str, int]) -> None:
+    write_tsv(path, [{"participant_id": p, "fold": f} for p, f in sorted(folds.items())], ["participant_id", "fold"])
 
 
 def standardise(cohort: Cohort) -> None:

@@ -220,28 +220,31 @@ def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outpu
     return rows
 
 
-def add_gaps(targets: list[Target], rows: list[dict]) -> bool:
+def add_gaps(targets: list[Target], rows: list[dict], fit_on: list[dict] | None = None) -> bool:
     """Beside each regression target's prediction where the true value is known: ``{col}_gap``, predicted minus
     true (for age, the brain-age gap), and ``{col}_gap_corrected``, the gap less its linear fit on the true value
-    over the validation participants. Any model that errs shrinks its predictions towards the mean, so the raw
-    gap of the oldest is negative and of the youngest positive whatever their brains; the corrected one is not
-    (the residual correction of Beheshti et al. 2019, fitted on participants the model did not train on). The fit
-    is made once, into ``Target.gap_fit``, and applied as it is to every later prediction (``neurox predict``
-    on new participants). Returns whether a fit was made."""
+    over the validation participants (or the rows ``fit_on``: cross-validation fits it on the other folds). Any
+    model that errs shrinks its predictions towards the mean, so the raw gap of the oldest is negative and of the
+    youngest positive whatever their brains; the corrected one is not (the residual correction of Beheshti et al.
+    2019, fitted on participants the model did not train on). The fit is made once, into ``Target.gap_fit``, and
+    applied as it is to every later prediction (``neurox predict`` on new participants). Returns whether a fit was
+    made."""
     fitted = False
     for t in [t for t in targets if t.task == "regression"]:
-        known = [r for r in rows if r.get(f"{t.column}_true") not in ("", None)]
-        truth = {id(r): float(r[f"{t.column}_true"]) for r in known}
+        true, predicted = f"{t.column}_true", f"{t.column}_predicted"
+        known = [r for r in rows if r.get(true) not in ("", None)]
         for r in known:
-            r[f"{t.column}_gap"] = round(r[f"{t.column}_predicted"] - truth[id(r)], 6)
-        val = [r for r in known if r["split"] == "val"]
-        if t.gap_fit is None and len(val) >= 3 and np.ptp([truth[id(r)] for r in val]) > 0:
-            slope, intercept = np.polyfit([truth[id(r)] for r in val], [r[f"{t.column}_gap"] for r in val], 1)
+            r[f"{t.column}_gap"] = round(r[predicted] - float(r[true]), 6)
+        line = [r for r in (rows if fit_on is None else fit_on) if r.get(true) not in ("", None)
+                and (fit_on is not None or r["split"] == "val")]
+        truth = [float(r[true]) for r in line]
+        if t.gap_fit is None and len(line) >= 3 and np.ptp(truth) > 0:
+            slope, intercept = np.polyfit(truth, [r[predicted] - v for r, v in zip(line, truth)], 1)
             t.gap_fit, fitted = [float(intercept), float(slope)], True
         if t.gap_fit:
             intercept, slope = t.gap_fit
             for r in known:
-                r[f"{t.column}_gap_corrected"] = round(r[f"{t.column}_gap"] - intercept - slope * truth[id(r)], 6)
+                r[f"{t.column}_gap_corrected"] = round(r[f"{t.column}_gap"] - intercept - slope * float(r[true]), 6)
     return fitted
 
 

@@ -1,0 +1,124 @@
+"""ComBat harmonisation of features across sites or scanners (``--harmonize COLUMN``), before a linear model.
+
+Multi-site cohorts (ABCD's 21 sites, UK Biobank's imaging centres) carry each site's scanner in every connectivity
+edge: a shift and a scaling per site and feature. ComBat (Johnson et al. 2007, Biostatistics; for connectivity Yu et
+al. 2018, Human Brain Mapping) estimates both per feature, and shrinks them towards the site's average over all
+features by empirical Bayes, so that sites of a few dozen participants are estimated well. Each feature is
+standardised by its overall mean and pooled within-site standard deviation; a site's shift ``gamma`` and scale
+``delta`` (a variance) of the standardised values are drawn towards their priors (normal for ``gamma``, inverse gamma
+for ``delta``, fitted over features by the method of moments) and the feature is rebuilt as
+``(x - mean - sd * gamma) / sqrt(delta) + mean``. This is neuroCombat's parametric empirical Bayes without
+preserved covariates (tested against it).
+
+As for covariates, the fit is made on the training participants only and applied unchanged to validation, test and
+new participants; a site needs 2 training participants or more, and a participant of a site no training participant
+comes from cannot be harmonised (an error: a site is learned from its own participants only). No biological
+covariate is preserved: preserving the target would need the test participants' labels. Where the target differs
+between sites, harmonisation removes that part of it too; `--split_by` a site column (every site tested by a model
+that never saw it) is the check that needs no harmonisation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+MAX_ITERATIONS = 1000  # of the empirical Bayes estimates; they converge in tens
+TOLERANCE = 1e-4  # neuroCombat's: the largest relative change of an estimate
+
+
+class Harmonisation:
+    """What a fit learned: per feature its mean and pooled standard deviation; per site and feature the shrunk
+    shift ``gamma`` and scale ``delta`` of the standardised values."""
+
+    def __init__(self, column: str, sites: list[str], mean: np.ndarray, sd: np.ndarray, gamma: np.ndarray,
+                 delta: np.ndarray):
+        self.column, self.sites, self.mean, self.sd, self.gamma, self.delta = column, sites, mean, sd, gamma, delta
+
+    @classmethod
+    def fit(cls, column: str, site_of_rows: list[str], x: np.ndarray) -> Harmonisation:
+        """Fitted on the training rows ``x`` (participants x features), which are harmonised in place."""
+        from neurox.analysis.baseline import column_blocks  # baseline imports this module
+
+        sites = sorted(set(site_of_rows))
+        index = np.array([sites.index(s) for s in site_of_rows])
+        counts = np.bincount(index, minlength=len(sites))
+        few = [f"{s} ({c})" for s, c in zip(sites, counts) if c < 2]
+        if few:
+            raise ValueError(f"--harmonize {column}: a site needs 2 training participants or more to estimate its "
+                             f"effect; these have fewer: {', '.join(few)}")
+        one_hot = np.eye(len(sites))[index]  # (rows, sites)
+        mean, sd = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        gamma_hat, delta_hat = np.zeros((len(sites), x.shape[1])), np.zeros((len(sites), x.shape[1]))
+        for columns, block in column_blocks(x):
+            site_mean = (one_hot.T @ block) / counts[:, None]
+            mean[columns] = block.mean(0)  # the sites' means weighted by their participants
+            pooled = ((block - site_mean[index]) ** 2).mean(0)
+            sd[columns] = np.sqrt(np.where(pooled > 0, pooled, 1.0))
+            z = (block - mean[columns]) / sd[columns]
+            gamma_hat[:, columns] = (one_hot.T @ z) / counts[:, None]
+            spread = (one_hot.T @ (z - gamma_hat[index, columns]) ** 2) / (counts[:, None] - 1)
+            delta_hat[:, columns] = np.where(spread > 0, spread, 1.0)
+        gamma, delta = _shrunk(gamma_hat, delta_hat, counts)
+        harmonisation = cls(column, sites, mean, sd, gamma, delta)
+        harmonisation.apply(site_of_rows, x)
+        return harmonisation
+
+    def apply(self, site_of_rows: list[str], x: np.ndarray) -> np.ndarray:
+        """``x`` (participants x features, float32) harmonised with the fit, in place; returned."""
+        from neurox.analysis.baseline import column_blocks
+
+        unknown = sorted(set(site_of_rows) - set(self.sites))
+        if unknown:
+            raise ValueError(f"--harmonize {self.column}: no training participant comes from {', '.join(unknown)}; "
+                             "ComBat learns a site's effect from its own participants only (with --split_by "
+                             f"{self.column} every site is tested unseen: leave --harmonize out)")
+        index = np.array([self.sites.index(s) for s in site_of_rows], dtype=int)
+        for columns, block in column_blocks(x):
+            shift = self.mean[columns] + self.sd[columns] * self.gamma[index, columns]
+            x[:, columns] = ((block - shift) / np.sqrt(self.delta[index, columns]) + self.mean[columns]).astype(x.dtype)
+        return x
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """For a saved baseline's npz; ``from_arrays`` reads them back."""
+        return {"harmonize.mean": self.mean, "harmonize.sd": self.sd, "harmonize.gamma": self.gamma.astype(np.float32),
+                "harmonize.delta": self.delta.astype(np.float32),
+                "harmonize.sites": np.array(json.dumps({"column": self.column, "sites": self.sites}))}
+
+    @classmethod
+    def from_arrays(cls, stored) -> Harmonisation | None:
+        if "harmonize.mean" not in stored:
+            return None
+        meta = json.loads(str(stored["harmonize.sites"]))
+        return cls(meta["column"], meta["sites"], stored["harmonize.mean"], stored["harmonize.sd"],
+                   stored["harmonize.gamma"].astype(np.float64), stored["harmonize.delta"].astype(np.float64))
+
+
+def _shrunk(gamma_hat: np.ndarray, delta_hat: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The parametric empirical Bayes estimates (sites x features), from each site's sample shift and variance of
+    the standardised features. The sum of squares about a shift ``g`` comes from the two: ``(n-1) delta_hat +
+    n (gamma_hat - g)^2``, so no pass over the data is needed."""
+    n = counts[:, None].astype(np.float64)
+    gamma_bar = gamma_hat.mean(1, keepdims=True)
+    t2 = gamma_hat.var(1, ddof=1, keepdims=True) if gamma_hat.shape[1] > 1 else np.ones_like(gamma_bar)
+    m = delta_hat.mean(1, keepdims=True)
+    s2 = delta_hat.var(1, ddof=1, keepdims=True) if delta_hat.shape[1] > 1 else np.zeros_like(m)
+    s2 = np.where(s2 > 0, s2, np.finfo(np.float64).tiny)  # every feature alike: the prior holds them fixed
+    a, b = (2 * s2 + m**2) / s2, (m * s2 + m**3) / s2
+    gamma, delta = gamma_hat.copy(), delta_hat.copy()
+    for _ in range(MAX_ITERATIONS):
+        new_gamma = (t2 * n * gamma_hat + delta * gamma_bar) / (t2 * n + delta)
+        squares = (n - 1) * delta_hat + n * (gamma_hat - new_gamma) ** 2
+        new_delta = (0.5 * squares + b) / (n / 2 + a - 1)
+        change = max(_relative(new_gamma, gamma), _relative(new_delta, delta))
+        gamma, delta = new_gamma, new_delta
+        if change < TOLERANCE:
+            break
+    return gamma, delta
+
+
+def _relative(new: np.ndarray, old: np.ndarray) -> float:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = np.abs(new - old) / np.abs(old)
+    return float(np.nanmax(np.where(np.isfinite(change), change, 0.0))) if change.size else 0.0
