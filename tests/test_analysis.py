@@ -322,12 +322,13 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     assert (tmp_path / "emb_pca.png").stat().st_size > 5_000
     assert not (tmp_path / ".emb.parquet.parts").exists()  # the embeddings it kept go once the tables are written
     # an interrupted embed resumes from the participants it kept; what another model or store left is discarded
-    from neurox.analysis.embed import _save_participant, kept_embeddings
+    from neurox.analysis.embed import _save_participant
     from neurox.hub import weights_digest
+    from neurox.io.claim import kept_parts
 
     settings = {"model": weights_digest(run), "store": str(Path(store).resolve())}
     for name, kept_settings in (("resumed", settings), ("stale", {**settings, "model": "another"})):
-        cache = kept_embeddings(tmp_path / f"{name}.parquet", kept_settings)
+        cache = kept_parts(tmp_path / f"{name}.parquet", kept_settings)
         rows = [(r, s) for r, s in zip(windows["run_id"][:10], windows["start"][:10])]  # sub-01's windows, marked
         marked = np.array([[windows[f"e{i}"][w] + 1.0 for i in range(96)] for w in range(10)], dtype=np.float32)
         _save_participant(cache / "sub-01.npz", rows, marked)

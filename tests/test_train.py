@@ -432,6 +432,37 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
     assert (f"warning: the model {run / 'model'} was trained on runs of TR 2 s and the store {tmp_path / 'slow-store'} "
             "has TR 3 s: its 20-frame windows span 60 s here, not 40 s") in capsys.readouterr().err
 
+    # an interrupted predict resumes from the participants' outputs it kept (another model's are discarded); a
+    # participant whose run is damaged is one line, and the others are predicted
+    import shutil
+
+    from neurox.hub import weights_digest
+    from neurox.io.claim import kept_parts
+    from neurox.io.npz import save_npy
+
+    before = {r["participant_id"]: float(r["group_output"]) for r in rows}
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    shard = damaged / "runs" / "sub-03_task-rest_run-1.zarr" / "c" / "0" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:100])
+    settings = {"model": weights_digest(run / "model"), "store": str(damaged.resolve())}
+    for name, kept_settings in (("resumed", settings), ("stale", {**settings, "model": "another"})):
+        cache = kept_parts(tmp_path / f"{name}.tsv", kept_settings)
+        save_npy(cache / "sub-01.npy", np.full((2, 1), 7.0, np.float32))  # sub-01's two windows, marked
+        assert main(["predict", str(run), "--store", str(damaged), "--out", str(tmp_path / f"{name}.tsv")]) == 0
+        assert not cache.exists()
+        assert f"neurox predict: sub-03: {shard}: the run's frame index cannot be read" in capsys.readouterr().err
+        after = {r["participant_id"]: float(r["group_output"]) for r in read_tsv(tmp_path / f"{name}.tsv")}
+        assert "sub-03" not in after and len(after) == N_SUBJECTS - 1
+        assert after["sub-01"] == (7.0 if name == "resumed" else pytest.approx(before["sub-01"], abs=1e-5))
+        assert all(after[p] == pytest.approx(before[p], abs=1e-5) for p in after if p != "sub-01")
+    # evaluate keeps the same parts beside its --out (the same loop): the damaged participant is one line too
+    assert main(["evaluate", str(run), "--store", str(damaged), "--out", str(tmp_path / "d.json")]) == 0
+    assert f"neurox evaluate: sub-03: {shard}: the run's frame index cannot be read" in capsys.readouterr().err
+    scored = json.loads((tmp_path / "d.json").read_text())["model"]
+    assert sum(m["n_subjects"] for m in scored.values()) == N_SUBJECTS - 1
+    assert not (tmp_path / ".d.json.parts").exists()
+
 
 def test_regression_and_several_targets(store, tmp_path):
     run = tmp_path / "run"

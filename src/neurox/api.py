@@ -78,15 +78,17 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
     import json
 
     from neurox.io.atomic import write_text_atomic
+    from neurox.io.claim import discard_parts
     from neurox.train.runs import evaluate as evaluate_run
 
-    results = {"model": evaluate_run(run, store, batch_size, progress=not quiet)}
+    results = {"model": evaluate_run(run, store, batch_size, progress=not quiet, out=out)}
     if baseline:
         from neurox.analysis.baseline import evaluate_baseline
 
         results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet)
     if out:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+        discard_parts(out)  # the model's outputs it kept to resume
     return results
 
 

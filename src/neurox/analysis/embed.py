@@ -9,8 +9,6 @@ of the first two principal components, coloured by a chosen column, goes beside 
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,8 @@ import torch
 from neurox.data.loader import prepared_runs, run_windows, window_batches
 from neurox.data.store import Store
 from neurox.hub import weights_digest
-from neurox.io.atomic import write_atomic, write_text_atomic
-from neurox.io.claim import resolved
+from neurox.io.atomic import write_atomic
+from neurox.io.claim import discard_parts, kept_parts, resolved
 
 
 def load_model(path: str | Path):
@@ -172,7 +170,7 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
         raise ValueError(f"--color_by {color_by!r}: not a column of {store.root / 'participants.tsv'} (nor 'split')")
     model.to(detect(device).device).eval()
     runs, _ = prepared_runs(store)
-    cache = kept_embeddings(out, {"model": weights_digest(model_path), "store": resolved(store.root)})
+    cache = kept_parts(out, {"model": weights_digest(model_path), "store": resolved(store.root)})
     windows, vectors = [], []
     bar = progress_display(total=len(runs), desc="embed", unit="participant", disable=not progress)
     for pid in sorted(runs):
@@ -214,21 +212,8 @@ def embed(model_path: str | Path, store_path: str | Path, out: str | Path, color
     labels = [(info(p)[0] if color_by == "split" else table.get(p, {}).get(color_by, "")) if color_by else "all"
               for p in participants]
     png = plot_pca(out.with_name(out.name.removesuffix(out.suffix) + "_pca.png"), points, variance, labels, color_by)
-    shutil.rmtree(cache, ignore_errors=True)
+    discard_parts(out)
     return {"participants": out, "windows": window_path, **({"pca": png} if png else {})}
-
-
-def kept_embeddings(out: Path, settings: dict) -> Path:
-    """The folder beside ``out`` where each participant's window embeddings are kept until the tables are written,
-    so that an interrupted embed resumes; emptied first when it holds another model's or store's."""
-    cache = out.with_name(f".{out.name}.parts")
-    record = cache / "settings.json"
-    if cache.is_dir() and (not record.is_file() or json.loads(record.read_text()) != settings):
-        shutil.rmtree(cache)
-    if not record.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(record, json.dumps(settings) + "\n")
-    return cache
 
 
 def _save_participant(path: Path, rows: list, embeddings: np.ndarray) -> None:

@@ -184,10 +184,14 @@ class RunReader:
             self.grid = tuple(grid)
             self._shard = path / "c" / "0" / "0" / "0" / "0"
             index_bytes = 16 * self.n_frames + 4
-            with open(self._shard, "rb") as f:
-                f.seek(-index_bytes, os.SEEK_END)
-                raw = f.read(index_bytes)
-            self._index = np.frombuffer(CRC32C().decode(raw), dtype="<u8").reshape(self.n_frames, 2)
+            try:
+                with open(self._shard, "rb") as f:
+                    f.seek(-index_bytes, os.SEEK_END)
+                    raw = f.read(index_bytes)
+                self._index = np.frombuffer(CRC32C().decode(raw), dtype="<u8").reshape(self.n_frames, 2)
+            except (OSError, ValueError, RuntimeError) as err:  # missing, truncated or damaged: its index with it
+                raise OSError(f"{self._shard}: the run's frame index cannot be read ({err}); prepare this run "
+                              "again") from err
             self._codec = _blosc()
         else:
             self.attributes = json.loads((path / "attributes.json").read_text())
@@ -217,7 +221,11 @@ class RunReader:
         view = memoryview(blob)
         for i in range(length):
             offset, size = (int(v) for v in self._index[start + i])
-            self._codec.decode(view[offset - first : offset - first + size], out=out[i])
+            try:
+                self._codec.decode(view[offset - first : offset - first + size], out=out[i])
+            except (OSError, ValueError, RuntimeError) as err:  # a damaged or truncated shard
+                raise OSError(f"{self.path}: frame {start + i} cannot be read ({err}); prepare this run again") \
+                    from err
         return out
 
 

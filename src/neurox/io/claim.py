@@ -6,11 +6,15 @@ record their command only (their own checkpoints decide what a resumed run may c
 folder with the same settings, it recomputes or resumes; with other settings, or as another command, it is
 refused in one line that names the folder and what differs. A record in a folder that holds nothing else (a
 run that failed before writing anything) binds nothing: the next run takes the folder over.
+
+A command that writes one file (``embed``, ``predict``) keeps its parts, participant by participant, in a folder
+beside it until the file is written (``kept_parts``), so that an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from neurox.io.atomic import write_text_atomic
@@ -45,3 +49,25 @@ def resolved(path: str | Path | None) -> str | None:
 
 def _holds_outputs(out: Path) -> bool:
     return any(p.is_file() and p.name != RECORD_FILE for p in out.rglob("*"))
+
+
+def kept_parts(out: Path, settings: dict) -> Path:
+    """The folder beside the file ``out`` (``.{name}.parts``) where a command keeps each participant's part until
+    ``out`` is written, so that an interrupted run resumes; emptied first when it holds parts of other ``settings``
+    (another model's or store's). The command removes it once ``out`` is written (``discard_parts``)."""
+    cache = _parts(out)
+    record = cache / "settings.json"
+    if cache.is_dir() and (not record.is_file() or json.loads(record.read_text()) != settings):
+        shutil.rmtree(cache)
+    if not record.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(record, json.dumps(settings) + "\n")
+    return cache
+
+
+def discard_parts(out: str | Path) -> None:
+    shutil.rmtree(_parts(Path(out)), ignore_errors=True)
+
+
+def _parts(out: Path) -> Path:
+    return out.with_name(f".{out.name}.parts")

@@ -77,10 +77,11 @@ def check_contract(contract, store: Store, model_dir: str | Path, announce: bool
 @torch.no_grad()
 def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[str], length: int, grid,
                    env: dist_utils.Env, batch_size: int, precision: str = "fp32", workers: int = 2,
-                   progress: str | None = None):
+                   progress: str | None = None, bar=None):
     """Outputs of every non-overlapping window of the participants' runs, gathered from every
     process and computed once; returns (participant per window, outputs (windows, k)). ``progress``, when
-    given, names a progress display of the first process's windows (validation within training shows none)."""
+    given, names a progress display of the first process's windows (validation within training shows none);
+    ``bar``, an open display to count them on instead (the caller's, over several calls)."""
     from neurox.progress import progress as progress_display
 
     items = evaluation_items(cohort, participants, length)
@@ -92,15 +93,18 @@ def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[s
     autocast = torch.autocast(env.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     model.eval()
     indices, outputs = [], []
-    bar = progress_display(total=len(mine), desc=progress or "", unit="window",
-                           disable=progress is None or not env.is_main)
+    own = bar is None
+    if own:
+        bar = progress_display(total=len(mine), desc=progress or "", unit="window",
+                               disable=progress is None or not env.is_main)
     for x, _, index in loader:
         with autocast:
             out = model(as_model_input(x, env.device)).float().cpu()
         indices += index.tolist()
         outputs.append(out.numpy())
         bar.update(len(index))
-    bar.close()
+    if own:
+        bar.close()
     gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None))
     order, rows = first_rows([i for g in gathered for i in g[0]])
     return [dataset.participant(i) for i in order], np.concatenate([g[1] for g in gathered if g[0]])[rows]
@@ -114,6 +118,41 @@ def first_rows(indices: list[int]) -> tuple[list[int], list[int]]:
         first.setdefault(i, row)
     order = sorted(first)
     return order, [first[i] for i in order]
+
+
+def participant_outputs(model, store: Store, cohort: Cohort, participants: list[str], env: dist_utils.Env,
+                        batch_size: int, cache: Path | None, command: str, progress: bool = True
+                        ) -> tuple[list[str], np.ndarray]:
+    """``window_outputs`` of the participants one at a time (participant per window, outputs), for ``predict`` and
+    ``evaluate`` of a whole cohort: with ``cache`` (a ``kept_parts`` folder) each participant's outputs are kept
+    there, and read from there when present, so that an interrupted run resumes; a participant whose frames cannot
+    be read is said in one line and left out, and the others go on."""
+    from neurox.io.npz import save_npy
+    from neurox.progress import progress as progress_display
+
+    length, grid = model.config.img_size[3], model.config.img_size[:3]
+    bar = progress_display(total=len(evaluation_items(cohort, participants, length)), desc=command, unit="window",
+                           disable=not progress or not env.is_main)
+    who, outputs = [], []
+    for pid in participants:
+        kept = cache / f"{pid}.npy" if cache is not None else None
+        try:
+            if kept is not None and kept.is_file():
+                mine = np.load(kept)
+                bar.update(len(mine))
+            else:
+                _, mine = window_outputs(model, store.root, cohort, [pid], length, grid, env, batch_size, bar=bar)
+                if kept is not None and env.is_main and len(mine):
+                    save_npy(kept, mine)
+        except (OSError, ValueError, KeyError) as err:
+            bar.write(f"neurox {command.split()[0]}: {pid}: {err}; left out")
+            continue
+        who += [pid] * len(mine)
+        outputs.append(mine)
+    bar.close()
+    if not outputs:
+        raise ValueError(f"{store.root}: no window of {len(participants)} participants could be read")
+    return who, np.concatenate(outputs)
 
 
 def split_metrics(model, store_root, cohort, targets, split, length, grid, env, batch_size: int,
@@ -138,10 +177,12 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
 
 
 def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000,
-             progress: bool = True) -> dict:
+             progress: bool = True, out: str | Path | None = None) -> dict:
     """Subject-level metrics of a run's model on a store, per split (participants the run never
-    saw form the split ``external``)."""
-    from neurox.hub import load_pretrained
+    saw form the split ``external``). ``out``: the file the metrics go to; each participant's outputs are kept
+    beside it until it is written (``neurox.io.claim.discard_parts``), so that an interrupted evaluate resumes."""
+    from neurox.hub import load_pretrained, weights_digest
+    from neurox.io.claim import kept_parts, resolved
 
     run_dir = Path(run_dir)
     config, targets, splits = load_run(run_dir)
@@ -158,21 +199,28 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
         cohort.say_left_out("evaluate", "empty, n/a, or not a class the model learned")
     model.to(env.device)
     motion = participant_motion(store)
+    cache = kept_parts(Path(out), {"model": weights_digest(run_dir / "model"), "store": resolved(store.root)}) \
+        if out else None
     results = {}
     for split in ("train", "val", "test", "external"):
         if cohort.in_split(split):
-            results[split], _, _ = split_metrics(model, store.root, cohort, targets, split, model.config.img_size[3],
-                                                 model.config.img_size[:3], env, batch_size, n_boot=n_boot,
-                                                 motion=motion, progress=f"evaluate {split}" if progress else None)
+            who, outputs = participant_outputs(model, store, cohort, cohort.in_split(split), env, batch_size, cache,
+                                               f"evaluate {split}", progress)
+            results[split], _, _ = subject_metrics(targets, who, outputs, {p: cohort.labels(p) for p in set(who)},
+                                                   n_boot, motion=motion)
     return results
+
 
 
 def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_size: int = 4,
             progress: bool = True) -> Path:
-    """One row per participant of the store: the model's output and prediction per target."""
-    from neurox.hub import load_pretrained
+    """One row per participant of the store: the model's output and prediction per target. Each participant's
+    window outputs are kept beside ``out`` until it is written, so that an interrupted predict resumes; a
+    participant whose frames cannot be read is said in one line and left out."""
+    from neurox.hub import load_pretrained, weights_digest
+    from neurox.io.claim import discard_parts, kept_parts, resolved
 
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
     _, targets, splits = load_run(run_dir)
     store = Store(store_path)
     model = load_pretrained(run_dir / "model")
@@ -180,8 +228,9 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     check_model_store(model, store, env.is_main)
     cohort, truth = cohort_with(store, targets, splits, require_values=False)
     model.to(env.device)
-    who, outputs = window_outputs(model, store.root, cohort, cohort.participants, model.config.img_size[3],
-                                  model.config.img_size[:3], env, batch_size, progress="predict" if progress else None)
+    cache = kept_parts(out, {"model": weights_digest(run_dir / "model"), "store": resolved(store.root)})
+    who, outputs = participant_outputs(model, store, cohort, cohort.participants, env, batch_size, cache,
+                                       "predict", progress)
     from neurox.train.metrics import aggregate
 
     subjects, subject_outputs = aggregate(who, outputs)
@@ -190,8 +239,9 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
         members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
         rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
     add_gaps(targets, rows)  # corrected as the run fitted it (a run without a fit: on its validation participants)
-    write_predictions(Path(out), targets, rows, participant_motion(store), cohort.person)
-    return Path(out)
+    write_predictions(out, targets, rows, participant_motion(store), cohort.person)
+    discard_parts(out)
+    return out
 
 
 def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outputs) -> list[dict]:
