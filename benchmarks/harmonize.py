@@ -26,7 +26,7 @@ from neurox.train.metrics import classification_metrics
 
 def cohort(n: int, edges: int, sites: int, rng: np.random.Generator):
     """(features float32, labels, site of each row)."""
-    sizes = rng.dirichlet(np.full(sites, 2.0))  # unequal sites, as in ABCD or UK Biobank
+    sizes = np.linspace(1, 4, sites) / np.linspace(1, 4, sites).sum()  # unequal sites: the largest 4 times the smallest
     site = rng.choice(sites, n, p=sizes)
     labels = rng.integers(0, 2, n)
     x = np.empty((n, edges), np.float32)
