@@ -60,6 +60,16 @@ def test_work_cut_short_says_stopped_not_done(monkeypatch):
     bar.close()  # a later close (a finally after the except) adds nothing
     assert log.getvalue().splitlines()[1].startswith("prepare: 3/10 (30%) run, ")
     assert log.getvalue().splitlines()[1].endswith("(stopped)") and len(log.getvalue().splitlines()) == 2
+    cut = io.StringIO()  # a loop over the display, cut by an error: its last line says so too
+    with pytest.raises(RuntimeError):
+        for i in progress(range(10), desc="embed", unit="participant", file=cut):
+            if i == 4:
+                raise RuntimeError("a damaged run")
+    assert cut.getvalue().splitlines()[-1].startswith("embed: 4/10 (40%) participant, ")
+    assert cut.getvalue().splitlines()[-1].endswith("(stopped)")
+    whole = io.StringIO()
+    assert list(progress(range(3), desc="x", file=whole)) == [0, 1, 2]
+    assert whole.getvalue().splitlines()[-1].endswith("(done)")
     tty = io.StringIO()
     monkeypatch.setenv("NEUROX_PROGRESS", "bar")
     progress(total=10, file=tty).close(stopped=True)  # the terminal bar takes the same call

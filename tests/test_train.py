@@ -107,6 +107,22 @@ def test_split_by_keeps_families_on_one_side(capsys):
         split_participants(two_sites, seed=0)
 
 
+def test_split_by_large_groups_come_near_the_fractions():
+    """Sites of 30, 25, 20, 15 and 10 participants, split 60/20/20: each site whole, no side over its share by more
+    than the smallest site, whatever the seed (placed in a seeded order, a site of 30 used to fill validation)."""
+    sizes = [30, 25, 20, 15, 10]
+    ids = [f"sub-{i:03d}" for i in range(100)]
+    site = {p: f"S{next(k for k, end in enumerate(np.cumsum(sizes)) if i < end)}" for i, p in enumerate(ids)}
+    values = {p: [str(i * 0.5)] for i, p in enumerate(ids)}
+    cohort = Cohort([infer_target("age", [v[0] for v in values.values()])], ids, values, {p: [p] for p in ids}, {},
+                    split_by="site", group=site)
+    for seed in range(5):
+        split = split_participants(cohort, seed=seed, say=False)
+        assert all(len({split[p] for p in ids if site[p] == s}) == 1 for s in set(site.values()))
+        counts = {name: sum(v == name for v in split.values()) for name in ("train", "val", "test")}
+        assert abs(counts["val"] - 20) <= 10 and abs(counts["test"] - 20) <= 10 and counts["train"] >= 50
+
+
 def test_split_by_with_sessions_keeps_a_family_and_all_its_visits_together():
     """Visits are units; a family ID given at one visit (ABCD's baseline row) holds for every visit."""
     people = [f"sub-{i:03d}" for i in range(120)]

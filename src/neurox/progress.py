@@ -58,10 +58,14 @@ class LineProgress:
         self._print(f"{self.desc}: {self.n}" + (f"/{self.total}" if self.total else "") + f" {self.unit} (starting)")
 
     def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-        self.close()
+        finished = False
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+            finished = True
+        finally:  # a loop cut by an error, a signal or a break still gets its last line
+            self.close(stopped=not finished)
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -220,10 +220,19 @@ def split_participants(cohort: Cohort, seed: int, fractions=(0.6, 0.2, 0.2), say
         n = sum(len(blocks[b]) for b in members)
         n_val = max(1, int(round(fractions[1] * n))) if n >= 3 else 0
         n_test = max(1, int(round(fractions[2] * n))) if n >= 3 else 0
-        placed = 0  # people placed so far: validation first, then test, the rest train
+        # the largest groups first (the order is seeded among groups of one size), each to validation, test or
+        # training, the first with room for all of it; a group too large for any goes where a side is still empty,
+        # else where most room is left. Participants alone (no split_by) fill validation, test, then training.
+        members.sort(key=lambda b: -len(blocks[b]))
+        target = {"val": n_val, "test": n_test, "train": n - n_val - n_test}
+        room = dict(target)
         for block in members:
-            side = "val" if placed < n_val else "test" if placed < n_val + n_test else "train"
-            placed += len(blocks[block])
+            size = len(blocks[block])
+            side = next((name for name in room if size <= room[name]), None)
+            if side is None:
+                empty = [name for name in ("val", "test") if 0 < target[name] == room[name]]
+                side = empty[0] if empty else max(room, key=lambda name: room[name])
+            room[side] -= size
             for person in blocks[block]:
                 for p in sessions[person]:
                     split[p] = side
