@@ -296,6 +296,79 @@ def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
     assert sorted(r["fold"] for r in read_tsv(tmp_path / "probe" / "folds.tsv")) == ["1"] * 4 + ["2"] * 3 + ["3"] * 3
 
 
+def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_path, capsys):
+    """--folds 3: a run per fold testing on it and choosing on the next; every participant tested once; the
+    pooled metrics are those of the pooled test outputs; --resume keeps finished folds and runs the rest."""
+    from sklearn.metrics import roc_auc_score
+
+    out = tmp_path / "cv"
+    assert main(finetune_args(store, out, "--epochs", "1", "--folds", "3")) == 0
+    printed = capsys.readouterr().out
+    assert "  cv: accuracy " in printed and "  cv_fold3: accuracy " in printed
+    fold = {r["participant_id"]: int(r["fold"]) for r in read_tsv(out / "folds.tsv")}
+    assert sorted(fold.values()) == [1] * 4 + [2] * 3 + [3] * 3
+    for k in (1, 2, 3):
+        split = load_splits(out / f"fold{k}" / "splits.tsv")
+        assert {p for p, s in split.items() if s == "test"} == {p for p, f in fold.items() if f == k}
+        assert {p for p, s in split.items() if s == "val"} == {p for p, f in fold.items() if f == k % 3 + 1}
+        assert (out / f"fold{k}" / "model" / "config.json").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"cv", "cv_fold1", "cv_fold2", "cv_fold3"}
+    assert metrics["cv"]["n_subjects"] == 10 and "auroc_p" in metrics["cv"] and "auroc_ci_low" in metrics["cv"]
+    rows = read_tsv(out / "predictions.tsv")
+    assert sorted(r["participant_id"] for r in rows) == sorted(fold) and {r["split"] for r in rows} == {"cv"}
+    assert all(int(r["fold"]) == fold[r["participant_id"]] for r in rows)
+    expected = roc_auc_score([int(r["group_true"]) for r in rows], [float(r["group_output"]) for r in rows])
+    assert metrics["cv"]["auroc"] == pytest.approx(expected, abs=1e-6)
+    assert main(finetune_args(store, out, "--epochs", "1", "--folds", "3")) == 1
+    assert "already holds a run; pass --resume true" in capsys.readouterr().err
+    import shutil
+
+    shutil.rmtree(out / "fold3")  # as if stopped before fold 3 began
+    kept = (out / "fold1" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert main(finetune_args(store, out, "--epochs", "1", "--folds", "3", "--resume", "true")) == 0
+    assert "fold 3 of 3" in capsys.readouterr().out
+    assert (out / "fold1" / "model" / "model.safetensors").stat().st_mtime_ns == kept  # finished: not run again
+    assert json.loads((out / "metrics.json").read_text())["cv"]["n_subjects"] == 10
+    assert main(finetune_args(store, tmp_path / "cv2", "--folds", "2")) == 1
+    assert "--folds 2: fine-tuning needs 3 folds or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["regression", "multiclass"])
+def test_pooled_folds_compare_outputs_in_units_and_probabilities(store, tmp_path, kind):
+    """Each fold standardises a number by its own training participants, and a class target's outputs are
+    probabilities: pooled, the metrics are those of the values in units and of the most probable class."""
+    from neurox.data.loader import Target
+    from neurox.train.engine import write_json
+    from neurox.train.folds import pool_folds
+    from neurox.train.runs import prediction_rows, write_predictions
+
+    rng = np.random.default_rng(0)
+    people = [f"sub-{i:02d}" for i in range(10)]
+    truth = {p: [f"{rng.uniform(20, 60):.2f}" if kind == "regression" else "abc"[i % 3]] for i, p in enumerate(people)}
+    for fold, members in ((1, people[:5]), (2, people[5:])):
+        if kind == "regression":
+            target = Target("age", "regression", mean=30.0 + fold, std=5.0 * fold)  # its own standardisation
+            outputs = np.array([[(float(truth[p][0]) + rng.normal(0, 3) - target.mean) / target.std] for p in members])
+        else:
+            target = Target("dx", "multiclass", classes=["a", "b", "c"])
+            outputs = rng.normal(0, 1, (5, 3)) + 2 * np.eye(3)[[ord(truth[p][0]) - 97 for p in members]]
+        run_dir = tmp_path / f"fold{fold}"
+        run_dir.mkdir()
+        write_json(run_dir / "targets.json", {"targets": [target.to_dict()]})
+        write_json(run_dir / "metrics.json", {"test": {"n_subjects": 5}})
+        rows = prediction_rows([target], truth, "test", members, outputs)
+        write_predictions(run_dir / "predictions.tsv", [target], rows)
+    pooled = pool_folds(tmp_path, 2, 0, Store(store))["cv"]
+    rows = read_tsv(tmp_path / "predictions.tsv")
+    assert len(rows) == 10 and pooled["n_subjects"] == 10
+    if kind == "regression":
+        errors = [abs(float(r["age_predicted"]) - float(r["age_true"])) for r in rows]
+        assert pooled["mae"] == pytest.approx(np.mean(errors), abs=1e-4)
+    else:
+        assert pooled["accuracy"] == pytest.approx(np.mean([r["dx_predicted"] == r["dx_true"] for r in rows]))
+
+
 def test_a_model_of_the_controls_predicts_the_patients_as_external(store, tmp_path, capsys):
     """--where keeps only the participants with a phenotype value (a normative model of controls); the others
     are the run's external participants for evaluate and predict."""

@@ -90,6 +90,7 @@ class FinetuneConfig:
     deterministic: bool = False  # deterministic kernels where torch has them (slower), for runs that repeat exactly
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train, validation, test participants
     split_by: str | None = None  # a phenotype column (family ID, site) whose members share one side of the split
+    folds: int | None = None  # k-fold cross-validation: a run per fold in OUT/fold1 ..., pooled test metrics in OUT
     where: str | None = None  # COLUMN=VALUE: only these participants (controls, for a normative model)
     checkpoint_every: int = 0  # steps; 0: at epoch ends (and on SIGTERM)
     max_steps: int | None = None  # stop after this many steps (the learning-rate schedule ends there)
@@ -170,6 +171,10 @@ def prepare_cohort(config: FinetuneConfig, store: Store, run_dir: Path, length: 
 
 
 def finetune(config: FinetuneConfig) -> Path:
+    if config.folds:
+        from neurox.train.folds import finetune_folds
+
+        return dist_utils.launch(finetune_folds, config)
     return dist_utils.launch(_finetune, config)
 
 

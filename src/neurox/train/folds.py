@@ -1,0 +1,104 @@
+"""``neurox finetune --folds K``: k-fold cross-validation of the fine-tuned model.
+
+The participants are dealt into K folds as for the linear models (``neurox.data.loader.fold_participants``: a
+participant's sessions, and with ``--split_by`` a family or a site, in one fold; classes spread evenly). Fold k's
+run, ``OUT/fold{k}``, is an ordinary fine-tuning run (its own checkpoints, model, metrics and predictions) that tests
+on fold k, chooses its best model on the next fold, and trains on the other K - 2. ``OUT/metrics.json`` then holds
+``cv``, the test outputs of every fold's best model pooled (every participant tested once, by a model that never
+trained on them or chose by them), with bootstrap intervals, permutation p-values and the motion check, and
+``cv_fold{k}``, each fold's test metrics; ``OUT/predictions.tsv`` every participant's test row with its ``fold``.
+With ``--resume true`` finished folds are kept, an interrupted one continues from its checkpoint, and the rest run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from neurox.data.loader import Target, fold_participants, load_cohort, save_folds, save_splits
+from neurox.data.store import Store, read_tsv
+from neurox.train import distributed as dist_utils
+
+
+def finetune_folds(config, env: dist_utils.Env) -> Path:
+    """Every fold's run in turn (``_finetune`` of ``neurox.train.finetune``), then the pooled metrics."""
+    from neurox.io.claim import claim_folder
+    from neurox.train.engine import checkpoint_exists
+    from neurox.train.finetune import _finetune
+
+    if config.folds < 3:
+        raise ValueError(f"--folds {config.folds}: fine-tuning needs 3 folds or more (one tests, the next chooses "
+                         "the best model, the rest train)")
+    out = Path(config.out)
+    claim_folder(out, "finetune", {"folds": config.folds})
+    store = Store(config.store)
+    cohort = load_cohort(store, config.targets, config.tasks, config.split_by, config.where)
+    folds = fold_participants(cohort, config.seed, config.folds, say=env.is_main)
+    if env.is_main:
+        save_folds(out / "folds.tsv", folds)
+    for fold in range(1, config.folds + 1):
+        run_dir = out / f"fold{fold}"
+        if (run_dir / "metrics.json").is_file() and config.resume:
+            continue  # finished: its model chose and scored already
+        if env.is_main and not (run_dir / "splits.tsv").is_file():  # the run reads its split from there
+            run_dir.mkdir(parents=True, exist_ok=True)
+            later = fold % config.folds + 1
+            save_splits(run_dir / "splits.tsv", {p: "test" if f == fold else "val" if f == later else "train"
+                                                 for p, f in folds.items()})
+        dist_utils.barrier()
+        if env.is_main:
+            print(f"finetune: fold {fold} of {config.folds} into {run_dir}", flush=True)
+        resume = config.resume and checkpoint_exists(run_dir)  # a fold not yet begun starts as a new run
+        _finetune(dataclasses.replace(config, out=str(run_dir), folds=None, resume=resume), env)
+    if env.is_main:
+        pool_folds(out, config.folds, config.n_boot, store)
+    dist_utils.barrier()
+    return out
+
+
+def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
+    """``metrics.json`` and ``predictions.tsv`` of ``out`` from its fold runs' test predictions."""
+    from neurox.data.confounds import participant_motion
+    from neurox.train.engine import write_json
+    from neurox.train.objectives import subject_metrics
+    from neurox.train.runs import write_predictions
+
+    rows, results, outputs, who = [], {}, [], []
+    targets = None
+    for fold in range(1, k + 1):
+        run_dir = out / f"fold{fold}"
+        fold_targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+        targets = targets or _in_units(fold_targets)
+        results[f"cv_fold{fold}"] = json.loads((run_dir / "metrics.json").read_text()).get("test", {})
+        tested = [r for r in read_tsv(run_dir / "predictions.tsv") if r["split"] == "test"]
+        for r in tested:
+            rows.append({**r, "split": "cv", "fold": fold})
+            outputs.append(_outputs(fold_targets, r))
+            who.append(r["participant_id"])
+    truth = {r["participant_id"]: [r[f"{t.column}_true"] for t in targets] for r in rows} \
+        if targets[0].task != "multiclass" else {r["participant_id"]: [r[f"{targets[0].column}_true"]] for r in rows}
+    labels = {p: np.array([t.encode(v) for t, v in zip(targets, values)], dtype=np.float32)
+              for p, values in truth.items()}
+    motion = participant_motion(store)
+    results = {"cv": subject_metrics(targets, who, np.stack(outputs), labels, n_boot, motion=motion)[0], **results}
+    write_json(out / "metrics.json", results)
+    write_predictions(out / "predictions.tsv", targets, rows)
+    return results
+
+
+def _in_units(targets: list[Target]) -> list[Target]:
+    """The targets with regression values in their own units (each fold standardised by its own training
+    participants; pooled outputs are compared in units)."""
+    return [dataclasses.replace(t, mean=0.0, std=1.0, gap_fit=None) for t in targets]
+
+
+def _outputs(targets: list[Target], row: dict) -> np.ndarray:
+    """A prediction row's outputs as the pooled metrics read them: logits, values in units, or for several
+    classes the log of each probability (their softmax is the probabilities again)."""
+    if targets[0].task == "multiclass":
+        t = targets[0]
+        return np.log(np.clip([float(row[f"{t.column}_probability_{c}"]) for c in t.classes], 1e-12, None))
+    return np.array([float(row[f"{t.column}_output"]) for t in targets])
