@@ -330,6 +330,8 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
     assert "fold 3 of 3" in capsys.readouterr().out
     assert (out / "fold1" / "model" / "model.safetensors").stat().st_mtime_ns == kept  # finished: not run again
     assert json.loads((out / "metrics.json").read_text())["cv"]["n_subjects"] == 10
+    assert main(["predict", str(out), "--store", str(store), "--out", str(tmp_path / "p.tsv")]) == 1
+    assert "a cross-validated run (finetune --folds) has a model per fold; give one of them" in capsys.readouterr().err
     assert main(finetune_args(store, tmp_path / "cv2", "--folds", "2")) == 1
     assert "--folds 2: fine-tuning needs 3 folds or more" in capsys.readouterr().err
 
