@@ -115,6 +115,36 @@ def test_connectivity_recovers_the_planted_coupling(synthetic, tmp_path):
     assert summary["networks"]["edges"] == len(blocks) == len(names) * (len(names) + 1) // 2
 
 
+def test_activation_patterns_find_the_signal_not_the_noise_a_weight_cancels():
+    """Haufe et al. 2014: x1 = signal + noise, x2 = noise; the model y = x1 - x2 weighs both alike, but only x1
+    goes with what it predicts."""
+    from neurox.analysis.patterns import activation_patterns
+
+    rng = np.random.default_rng(0)
+    signal, noise = rng.standard_normal(500), rng.standard_normal(500)
+    x = np.column_stack([signal + noise, noise, np.ones(500)]).astype(np.float32)  # and an edge that never varies
+    patterns = activation_patterns(x, (x[:, 0] - x[:, 1])[:, None])
+    assert patterns.shape == (1, 3) and patterns[0, 0] > 0.65 and abs(patterns[0, 1]) < 0.1 and patterns[0, 2] == 0
+
+
+def test_baseline_patterns_rank_the_planted_coupling_first(synthetic, tmp_path):
+    cohort, store = synthetic
+    out = tmp_path / "fc"
+    assert main(["baseline", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--target", "coupling_group",
+                 "--folds", "4", "--n_boot", "0", "--out", str(out), "--quiet", "true"]) == 0
+    edges = read_tsv(out / "patterns.tsv")
+    assert len(edges) == 40 * 39 // 2 and list(edges[0])[:6] == ["parcel_a", "parcel_b", "name_a", "name_b",
+                                                                  "network_a", "network_b"]
+    assert {"coupling_group_weight", "coupling_group_pattern"} <= set(edges[0])
+    # the planted pairs first, of 780 (as the edgewise tests find them: with 8 participants, chance correlations
+    # come close behind)
+    assert all({e["network_a"], e["network_b"]} == {"B", "C"} for e in edges[:2])
+    assert float(edges[0]["coupling_group_pattern"]) > 0.8  # stronger in group 1
+    networks = {(r["network_a"], r["network_b"]): float(r["coupling_group_pattern"])
+                for r in read_tsv(out / "network_patterns.tsv")[:2]}
+    assert networks.get(("B", "C"), 0) > 0.5  # among the two strongest of 28 network pairs
+
+
 @pytest.mark.parametrize("kind", ["plain", "partial"])
 def test_connectivity_kinds(synthetic, tmp_path, kind, capsys):
     cohort, store = synthetic

@@ -55,6 +55,7 @@ class BaselineConfig:
     target: str = ""  # a column, or several separated by commas (one linear model each)
     out: str = ""  # the run directory to write
     atlas: str = ""  # label NIfTI in MNI space
+    names: str | None = None  # the parcels' names table (index, name, network) for patterns.tsv; default: the atlas'
     task: str | None = None  # per target, comma-separated: binary, multiclass, regression (default: inferred)
     split_from: str | None = None  # a finetune run directory whose splits.tsv to use
     seed: int = 0  # the split's seed when there is no --split_from, and the fit's
@@ -302,6 +303,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    _write_patterns(out, config, targets, outputs_by_target, x_train, labels)
     motion = participant_motion(store)
     results, rows = {}, []
     for split in ("val", "test"):
@@ -344,6 +346,22 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     write_predictions(out / "predictions.tsv", targets, rows, motion, cohort.person)
     shutil.rmtree(cache, ignore_errors=True)
     return out
+
+
+def _write_patterns(out: Path, config: BaselineConfig, targets, fitted: list[dict], x_train: np.ndarray,
+                    labels: list[int]) -> None:
+    """patterns.tsv (and network_patterns.tsv): each edge's weights and activation patterns, from the training
+    participants' features as the model saw them (neurox.analysis.patterns)."""
+    from neurox.analysis.connectivity import atlas_names, atlas_networks
+    from neurox.analysis.patterns import activation_patterns, write_patterns
+
+    columns = [f"{t.column}_{c}" if t.task == "multiclass" else t.column for t in targets
+               for c in (t.classes if t.task == "multiclass" else [None])]
+    outputs = np.concatenate([linear_outputs(f, x_train) for f in fitted], axis=1)
+    weights = np.concatenate([f["coef"] for f in fitted])
+    write_patterns(out, columns, weights, activation_patterns(x_train, outputs), labels,
+                   atlas_names(config.atlas, labels, config.names), atlas_networks(config.atlas, labels, config.names),
+                   diagonal=config.kind == "tangent")
 
 
 # what makes a baseline another experiment; n_boot, workers and the like only change how it is computed
