@@ -365,9 +365,9 @@ def _write_patterns(out: Path, config: BaselineConfig, targets, fitted: list[dic
 
 
 # what makes a baseline another experiment; n_boot, workers and the like only change how it is computed
-SETTINGS = ("store", "target", "atlas", "task", "split_from", "seed", "split_fractions", "split_by", "folds",
+SETTINGS = ("store", "target", "atlas", "names", "task", "split_from", "seed", "split_fractions", "split_by", "folds",
             "covariates", "harmonize", "where", "kind", "confounds", "fd_threshold", "global_signal")
-PATHS = ("store", "atlas", "split_from")
+PATHS = ("store", "atlas", "names", "split_from")
 
 
 def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000, progress: bool = False) -> dict:
