@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,8 +323,6 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
     assert metrics["cv"]["auroc"] == pytest.approx(expected, abs=1e-6)
     assert main(finetune_args(store, out, "--epochs", "1", "--folds", "3")) == 1
     assert "already holds a run; pass --resume true" in capsys.readouterr().err
-    import shutil
-
     shutil.rmtree(out / "fold3")  # as if stopped before fold 3 began
     kept = (out / "fold1" / "model" / "model.safetensors").stat().st_mtime_ns
     assert main(finetune_args(store, out, "--epochs", "1", "--folds", "3", "--resume", "true")) == 0
@@ -525,8 +524,6 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
 
     # an interrupted predict resumes from the participants' outputs it kept (another model's are discarded); a
     # participant whose run is damaged is one line, and the others are predicted
-    import shutil
-
     from neurox.hub import weights_digest
     from neurox.io.claim import kept_parts
     from neurox.io.npz import save_npy
@@ -817,6 +814,13 @@ def test_baseline_and_probe_with_covariates(store, tmp_path, capsys):
     own, evaluated = json.loads((harmonised / "metrics.json").read_text()), evaluate_baseline(harmonised, store, 0)
     for split in ("val", "test"):
         assert evaluated[split]["mae"] == pytest.approx(own[split]["mae"], rel=1e-6)
+    unseen = tmp_path / "unseen-site"  # a store with a site the harmonisation never saw: those participants go
+    shutil.copytree(store, unseen)
+    table = (unseen / "participants.tsv").read_text().replace("sub-09\t1\t33.5\ta", "sub-09\t1\t33.5\tz")
+    (unseen / "participants.tsv").write_text(table)
+    assert evaluate_baseline(harmonised, unseen, 0)["test"]["n_subjects"] == 1
+    assert ("neurox evaluate: 1 of 10 participants come from sites the baseline's harmonisation was not fitted on "
+            "(z): left out") in capsys.readouterr().err
     plain = json.loads((fc / "metrics.json").read_text())  # (another split: only that it differs from unharmonised)
     assert own["test"]["mae"] != plain["test"]["mae"]
     assert main(["probe", str(run), "--store", str(store), "--target", "group", "--split_from", str(chosen),

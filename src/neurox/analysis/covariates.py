@@ -156,6 +156,14 @@ class Adjustment:
         removal, harmonisation = CovariateRemoval.from_arrays(stored), Harmonisation.from_arrays(stored)
         adjustment = cls.of(store, cohort, removal.columns if removal else [],
                             harmonisation.column if harmonisation else None, command)
+        if harmonisation is not None:  # a site the fit never saw cannot be harmonised: its participants go
+            unseen = [p for p in cohort.participants if adjustment.sites[p][0] not in harmonisation.sites]
+            if unseen:
+                sites = sorted({adjustment.sites[p][0] for p in unseen})
+                print(f"neurox {command}: {len(unseen)} of {len(cohort.participants)} participants come from sites "
+                      f"the baseline's harmonisation was not fitted on ({', '.join(sites)}): left out",
+                      file=sys.stderr)
+                cohort.participants = [p for p in cohort.participants if p not in set(unseen)]
         return dataclasses.replace(adjustment, harmonisation=harmonisation, removal=removal)
 
     def fit(self, participants: list[str], x: np.ndarray) -> Adjustment:
