@@ -251,27 +251,10 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         return _features(store, (atlas_grid, labels), cohort.participants, config.kind, progress, denoising, cache,
                          config.workers, train=train)
 
-    cv_results, cv_rows = {}, []
-    features, reference = None, None
+    cv_results, cv_rows, features, reference = {}, [], None, None
     if folds:
-        from neurox.analysis.crossval import cross_validate
-
-        kept = []  # features that do not depend on who trains are made once, for every fold and the final fit
-
-        def stacked(made: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
-            return list(made), np.stack(list(made.values())) if made else np.empty((0, 0), np.float32)
-
-        def fold_features(train: list[str]) -> tuple[list[str], np.ndarray]:
-            if config.kind == "tangent":  # the reference point is the fold's training participants' mean
-                return stacked(dict(features_for(train)[0]))
-            if not kept:
-                kept.extend(stacked(dict(features_for([])[0])))
-            return kept[0], kept[1]
-
-        cv_results, cv_rows = cross_validate(cohort, folds, fold_features, adjustment, config.seed, config.n_boot,
-                                             participant_motion(store), "baseline", progress)
-        if kept:
-            features = zip(*kept)
+        cv_results, cv_rows, features = _cross_validated(config, cohort, folds, features_for, adjustment,
+                                                         participant_motion(store), progress)
     if features is None:
         features, reference = features_for(cohort.in_split("train"))
     wanted, x_train, train, held = set(cohort.in_split("train")), None, [], {}
@@ -346,6 +329,29 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     write_predictions(out / "predictions.tsv", targets, rows, motion, cohort.person)
     shutil.rmtree(cache, ignore_errors=True)
     return out
+
+
+def _cross_validated(config: BaselineConfig, cohort, folds: dict[str, int], features_for, adjustment, motion,
+                     progress: bool):
+    """The folds' metrics and out-of-fold prediction rows (neurox.analysis.crossval), and the features for the
+    final fit on everyone when they do not depend on who trains (else None: the tangent space's are remade)."""
+    from neurox.analysis.crossval import cross_validate
+
+    kept = []  # made once, for every fold and the final fit
+
+    def stacked(made: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray]:
+        return list(made), np.stack(list(made.values())) if made else np.empty((0, 0), np.float32)
+
+    def fold_features(train: list[str]) -> tuple[list[str], np.ndarray]:
+        if config.kind == "tangent":  # the reference point is the fold's training participants' mean
+            return stacked(dict(features_for(train)[0]))
+        if not kept:
+            kept.extend(stacked(dict(features_for([])[0])))
+        return kept[0], kept[1]
+
+    results, rows = cross_validate(cohort, folds, fold_features, adjustment, config.seed, config.n_boot, motion,
+                                   "baseline", progress)
+    return results, rows, zip(*kept) if kept else None
 
 
 def _write_patterns(out: Path, config: BaselineConfig, targets, fitted: list[dict], x_train: np.ndarray,
