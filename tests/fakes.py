@@ -97,3 +97,33 @@ def run_until_step_then_signal(args: list[str], run_dir: Path, step: int,
         time.sleep(0.01)
     stdout, stderr = process.communicate(timeout=120)
     return process.returncode, stdout + stderr
+
+
+N_SUBJECTS = 10
+
+
+def cohort_store(tmp_path_factory) -> Path:
+    """A prepared store of N_SUBJECTS tiny runs with a weak local effect of ``group``, and phenotypes to split,
+    adjust and select by: score, site (a, b, c in turn), education (one n/a), family (five of two siblings),
+    cohort (two patients); sub-99 has a row but no runs."""
+    from neurox.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("cohort")
+    rows = ["participant_id\tgroup\tscore\tsite\teducation\tfamily\tcohort"]
+    for i in range(N_SUBJECTS):
+        group = i % 2
+        data = bold(n_frames=40, seed=i)
+        data[10:20, 20:30, 15:25] *= 1.0 + 0.05 * group  # a weak local effect
+        bids_run(root, f"{i:02d}", data=data)
+        rows.append(f"sub-{i:02d}\t{group}\t{i * 1.5 + 20}\t{['a', 'b', 'c'][i % 3]}\t{'n/a' if i == 3 else 10 + i}"
+                    f"\tF{i // 2}\t{'patient' if i in (4, 5) else 'control'}")
+    rows.append("sub-99\t1\t3.0\ta\t40\tF9\tcontrol")
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    out = tmp_path_factory.mktemp("store") / "store"
+    assert prepare(root, out, OPTIONS, progress=False).ok
+    return out
+
+
+def finetune_args(store: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--store", str(store), "--target", "group", "--out", str(out), "--epochs", "2",
+            "--batch_size", "2", "--n_boot", "50", "--loader_workers", "0", "--deterministic", "true", *extra]
