@@ -200,12 +200,18 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
         assert {p for p, s in split.items() if s == "val"} == {p for p, f in fold.items() if f == k % 3 + 1}
         assert (out / f"fold{k}" / "model" / "config.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"cv", "cv_fold1", "cv_fold2", "cv_fold3"}
+    assert set(metrics) == {"cv", "cv_mean", "cv_fold1", "cv_fold2", "cv_fold3"}
     assert metrics["cv"]["n_subjects"] == 10 and "auroc_p" in metrics["cv"] and "auroc_ci_low" in metrics["cv"]
     rows = read_tsv(out / "predictions.tsv")
     assert sorted(r["participant_id"] for r in rows) == sorted(fold) and {r["split"] for r in rows} == {"cv"}
     assert all(int(r["fold"]) == fold[r["participant_id"]] for r in rows)
-    expected = roc_auc_score([int(r["group_true"]) for r in rows], [float(r["group_output"]) for r in rows])
+    scale = {}  # each fold's logits, pooled on the scale of its outputs on its validation participants
+    for k in (1, 2, 3):
+        chosen = [float(r["group_output"]) for r in read_tsv(out / f"fold{k}" / "predictions.tsv")
+                  if r["split"] == "val"]
+        scale[str(k)] = (np.mean(chosen), np.std(chosen))
+    pooled = [(float(r["group_output"]) - scale[r["fold"]][0]) / scale[r["fold"]][1] for r in rows]
+    expected = roc_auc_score([int(r["group_true"]) for r in rows], pooled)
     assert metrics["cv"]["auroc"] == pytest.approx(expected, abs=1e-6)
     assert main(finetune_args(store, out, "--epochs", "1", "--folds", "3")) == 1
     assert "already holds a run; pass --resume true" in capsys.readouterr().err
@@ -221,35 +227,53 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
     assert "--folds 2: fine-tuning needs 3 folds or more" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["regression", "multiclass"])
-def test_pooled_folds_compare_outputs_in_units_and_probabilities(store, tmp_path, kind):
-    """Each fold standardises a number by its own training participants, and a class target's outputs are
-    probabilities: pooled, the metrics are those of the values in units and of the most probable class."""
+@pytest.mark.parametrize("kind", ["binary", "regression", "multiclass"])
+def test_pooled_folds_compare_outputs_on_one_scale(store, tmp_path, kind):
+    """Pooled, each fold's outputs are put on one scale: a class's logits by the fold's validation outputs (a fold
+    whose logits all sit 5 higher ranks the pool as well as without), a number in its units (each fold
+    standardised it by its own training participants), several classes as probabilities; cv_mean is the folds'
+    mean and spread."""
     from neurox.data.loader import Target
     from neurox.train.engine import write_json
     from neurox.train.folds import pool_folds
+    from neurox.train.metrics import auroc
     from neurox.train.runs import prediction_rows, write_predictions
 
     rng = np.random.default_rng(0)
-    people = [f"sub-{i:02d}" for i in range(10)]
-    truth = {p: [f"{rng.uniform(20, 60):.2f}" if kind == "regression" else "abc"[i % 3]] for i, p in enumerate(people)}
-    for fold, members in ((1, people[:5]), (2, people[5:])):
-        if kind == "regression":
+    people = [f"sub-{i:02d}" for i in range(40)]
+    values = {"binary": lambda i: str(i % 2), "regression": lambda i: f"{rng.uniform(20, 60):.2f}",
+              "multiclass": lambda i: "abc"[i % 3]}
+    truth = {p: [values[kind](i)] for i, p in enumerate(people)}
+    score = {p: rng.normal(0, 1) for p in people}
+    for fold, tested, chosen in ((1, people[:20], people[20:30]), (2, people[20:], people[:10])):
+        if kind == "binary":
+            target = Target("dx", "binary", classes=["0", "1"])
+            outputs = {p: [1.5 * int(truth[p][0]) + score[p] + 5.0 * (fold == 2)] for p in people}
+        elif kind == "regression":
             target = Target("age", "regression", mean=30.0 + fold, std=5.0 * fold)  # its own standardisation
-            outputs = np.array([[(float(truth[p][0]) + rng.normal(0, 3) - target.mean) / target.std] for p in members])
+            outputs = {p: [(float(truth[p][0]) + 3 * score[p] - target.mean) / target.std] for p in people}
         else:
             target = Target("dx", "multiclass", classes=["a", "b", "c"])
-            outputs = rng.normal(0, 1, (5, 3)) + 2 * np.eye(3)[[ord(truth[p][0]) - 97 for p in members]]
+            outputs = {p: list(rng.normal(0, 1, 3) + 2 * np.eye(3)[ord(truth[p][0]) - 97]) for p in people}
         run_dir = tmp_path / f"fold{fold}"
         run_dir.mkdir()
         write_json(run_dir / "targets.json", {"targets": [target.to_dict()]})
-        write_json(run_dir / "metrics.json", {"test": {"n_subjects": 5}})
-        rows = prediction_rows([target], truth, "test", members, outputs)
+        write_json(run_dir / "metrics.json", {"test": {"auroc": 0.5 + 0.1 * fold, "n_subjects": 20}})
+        rows = [row for split, members in (("val", chosen), ("test", tested)) for row in
+                prediction_rows([target], truth, split, members, np.array([outputs[p] for p in members]))]
         write_predictions(run_dir / "predictions.tsv", [target], rows)
-    pooled = pool_folds(tmp_path, 2, 0, Store(store))["cv"]
+    results = pool_folds(tmp_path, 2, 0, Store(store))
+    pooled = results["cv"]
     rows = read_tsv(tmp_path / "predictions.tsv")
-    assert len(rows) == 10 and pooled["n_subjects"] == 10
-    if kind == "regression":
+    assert len(rows) == 40 and pooled["n_subjects"] == 40 and {r["fold"] for r in rows} == {"1", "2"}
+    assert results["cv_mean"]["auroc"] == pytest.approx(0.65) and results["cv_mean"]["auroc_sd"] == pytest.approx(0.05)
+    if kind == "binary":
+        unshifted = [1.5 * int(truth[p][0]) + score[p] for p in people]
+        assert pooled["auroc"] == pytest.approx(auroc(np.array([int(truth[p][0]) for p in people]),
+                                                      np.array(unshifted)), abs=0.03)
+        raw = [float(r["dx_output"]) for r in rows]  # as the fold's model gave them: fold 2's 5 higher
+        assert auroc(np.array([int(r["dx_true"]) for r in rows]), np.array(raw)) < pooled["auroc"] - 0.1
+    elif kind == "regression":
         errors = [abs(float(r["age_predicted"]) - float(r["age_true"])) for r in rows]
         assert pooled["mae"] == pytest.approx(np.mean(errors), abs=1e-4)
     else:

@@ -446,13 +446,15 @@ HEADLINE = ("auroc", "balanced_accuracy", "mae", "pearson_r", "mean_fd_r")
 
 def summary(metrics: dict, only: tuple[str, ...] | None = None) -> str:
     """``auroc 0.937 [0.890, 0.975] (p 0.001), ..., n 96``: the metrics (of the names in ``only``, when given, with
-    or without a target's prefix) with their intervals and permutation p-values, on one line."""
+    or without a target's prefix) with their intervals, permutation p-values or standard deviations over folds,
+    on one line."""
     shown = [f"{k} {v:.3f}" + (f" [{metrics[k + '_ci_low']:.3f}, {metrics[k + '_ci_high']:.3f}]"
                                 if k + "_ci_low" in metrics and k + "_ci_high" in metrics else "")
              + (f" (p {metrics[k + '_p']:.2g})" if k + "_p" in metrics else "")
+             + (f" (sd {metrics[k + '_sd']:.3f})" if k + "_sd" in metrics else "")
              for k, v in metrics.items()
-             if not k.endswith(("_ci_low", "_ci_high", "_p")) and k != "n_subjects" and isinstance(v, (int, float))
-             and (only is None or k.rsplit(".", 1)[-1] in only)]
+             if not k.endswith(("_ci_low", "_ci_high", "_p", "_sd")) and k != "n_subjects"
+             and isinstance(v, (int, float)) and (only is None or k.rsplit(".", 1)[-1] in only)]
     return ", ".join(shown) + (f", n {metrics['n_subjects']}" if "n_subjects" in metrics else "")
 
 

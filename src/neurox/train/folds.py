@@ -5,8 +5,15 @@ participant's sessions, and with ``--split_by`` a family or a site, in one fold;
 run, ``OUT/fold{k}``, is an ordinary fine-tuning run (its own checkpoints, model, metrics and predictions) that tests
 on fold k, chooses its best model on the next fold, and trains on the other K - 2. ``OUT/metrics.json`` then holds
 ``cv``, the test outputs of every fold's best model pooled (every participant tested once, by a model that never
-trained on them or chose by them), with bootstrap intervals, permutation p-values and the motion check, and
-``cv_fold{k}``, each fold's test metrics; ``OUT/predictions.tsv`` every participant's test row with its ``fold``.
+trained on them or chose by them), with bootstrap intervals, permutation p-values and the motion check;
+``cv_mean``, each metric's mean over the folds with its standard deviation (``_sd``); and ``cv_fold{k}``, each
+fold's test metrics; ``OUT/predictions.tsv`` every participant's test row with its ``fold``.
+
+Separately trained networks do not share a scale: one fold's logits can all sit above another's, and pooled as
+they are, a model that ranks its own fold perfectly can rank the pool poorly (on the demo cohort, five folds of
+AUROC 0.92-1.00 pooled to 0.80). Before pooling, each fold's logits for a class target are centred and scaled by
+that fold's outputs on its validation participants (no labels are read, and a fold's own order is kept; the same
+pool scored 0.97). Numbers are pooled in their units, several classes as probabilities.
 With ``--resume true`` finished folds are kept, an interrupted one continues from its checkpoint, and the rest run.
 """
 
@@ -72,21 +79,50 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
         run_dir = out / f"fold{fold}"
         fold_targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
         targets = targets or _in_units(fold_targets)
-        results[f"cv_fold{fold}"] = json.loads((run_dir / "metrics.json").read_text()).get("test", {})
-        tested = [r for r in read_tsv(run_dir / "predictions.tsv") if r["split"] == "test"]
-        for r in tested:
+        tested = json.loads((run_dir / "metrics.json").read_text()).get("test", {})
+        # the motion check is the pooled one's: a check per fold of a few dozen participants would warn by chance
+        results[f"cv_fold{fold}"] = {k: v for k, v in tested.items() if not k.endswith("mean_fd_r")}
+        predicted = read_tsv(run_dir / "predictions.tsv")
+        centre, scale = _validation_scale(fold_targets, [r for r in predicted if r["split"] == "val"])
+        for r in (r for r in predicted if r["split"] == "test"):
             rows.append({**r, "split": "cv", "fold": fold})
-            outputs.append(_outputs(fold_targets, r))
+            outputs.append((_outputs(fold_targets, r) - centre) / scale)
             who.append(r["participant_id"])
     truth = {r["participant_id"]: [r[f"{t.column}_true"] for t in targets] for r in rows} \
         if targets[0].task != "multiclass" else {r["participant_id"]: [r[f"{targets[0].column}_true"]] for r in rows}
     labels = {p: np.array([t.encode(v) for t, v in zip(targets, values)], dtype=np.float32)
               for p, values in truth.items()}
     motion = participant_motion(store)
-    results = {"cv": subject_metrics(targets, who, np.stack(outputs), labels, n_boot, motion=motion)[0], **results}
+    pooled = subject_metrics(targets, who, np.stack(outputs), labels, n_boot, motion=motion)[0]
+    results = {"cv": pooled, "cv_mean": _mean_over_folds(list(results.values())), **results}
     write_json(out / "metrics.json", results)
     write_predictions(out / "predictions.tsv", targets, rows)
     return results
+
+
+def _validation_scale(targets: list[Target], val_rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Per output, the centre and scale a fold's outputs are pooled on: for a class target (two classes) the mean
+    and standard deviation of the fold's outputs on its validation participants; 0 and 1 otherwise."""
+    width = len(targets[0].classes) if targets[0].task == "multiclass" else len(targets)
+    centre, scale = np.zeros(width), np.ones(width)
+    if targets[0].task == "multiclass" or not val_rows:
+        return centre, scale
+    values = np.stack([_outputs(targets, r) for r in val_rows])
+    for i, t in enumerate(targets):
+        if t.task == "binary" and values[:, i].std() > 0:
+            centre[i], scale[i] = values[:, i].mean(), values[:, i].std()
+    return centre, scale
+
+
+def _mean_over_folds(folds: list[dict]) -> dict:
+    """Each metric's mean over the folds' test metrics, and its standard deviation across them (``_sd``)."""
+    names = [k for k in folds[0] if not k.endswith(("_ci_low", "_ci_high", "_p")) and k != "n_subjects"
+             and all(isinstance(f.get(k), (int, float)) for f in folds)]
+    summary = {}
+    for name in names:
+        values = np.array([f[name] for f in folds], dtype=float)
+        summary[name], summary[f"{name}_sd"] = float(np.nanmean(values)), float(np.nanstd(values))
+    return summary
 
 
 def _in_units(targets: list[Target]) -> list[Target]:
