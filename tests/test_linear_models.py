@@ -52,7 +52,10 @@ def test_cross_validation_fits_every_fold_on_the_others_only():
 
     results, rows = cross_validate(cohort, folds, features_for, adjustment, 0, 50, None, "test", False)
     assert [len(t) for t in seen] == [sum(f != k for f in folds.values()) for k in (1, 2, 3)]
-    assert set(results) == {"cv", "cv_fold1", "cv_fold2", "cv_fold3"} and results["cv"]["n_subjects"] == 90
+    assert set(results) == {"cv", "cv_mean", "cv_fold1", "cv_fold2", "cv_fold3"} and results["cv"]["n_subjects"] == 90
+    folds_r = [results[f"cv_fold{k}"]["pearson_r"] for k in (1, 2, 3)]
+    assert results["cv_mean"]["pearson_r"] == pytest.approx(np.mean(folds_r))
+    assert results["cv_mean"]["pearson_r_sd"] == pytest.approx(np.std(folds_r))
     assert results["cv"]["pearson_r"] > 0.8 and "pearson_r_ci_low" in results["cv"] and "pearson_r_p" in results["cv"]
     assert "pearson_r_ci_low" not in results["cv_fold1"] and results["cv_fold1"]["n_subjects"] == len(rows) // 3
     by_id = {r["participant_id"]: r for r in rows}
@@ -97,7 +100,7 @@ def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
     assert "  cv: mae " in printed.out and "  cv_fold5: mae " in printed.out
     assert "folds by family: 2 participants (1 group), 2 participants (1 group)" in printed.err
     metrics = json.loads((fc / "metrics.json").read_text())
-    assert set(metrics) == {"cv", *(f"cv_fold{k}" for k in range(1, 6))}
+    assert set(metrics) == {"cv", "cv_mean", *(f"cv_fold{k}" for k in range(1, 6))}
     assert metrics["cv"]["n_subjects"] == 10 and "pearson_r_p" in metrics["cv"]
     rows = read_tsv(fc / "predictions.tsv")
     assert len(rows) == 10 and {r["split"] for r in rows} == {"cv"} and all(r["score_gap_corrected"] for r in rows)

@@ -7,9 +7,10 @@ cross-validation, the site harmonisation, the covariate removal and (tangent spa
 on its training participants only. Reported: ``cv``, the metrics of every participant's out-of-fold output pooled,
 with bootstrap intervals, the head-motion check and permutation p-values over participants (each permutation
 re-pairs the outputs with the labels, the models are not refitted: where the features hold nothing, out-of-fold
-outputs lean slightly against the labels, so this p-value errs on the large side), and ``cv_fold1`` ... the
-metrics of each fold alone, without intervals or a motion check (a few dozen participants each: a check per fold
-would warn by chance). The brain-age gap of a fold is corrected with a line fitted on the other folds' participants.
+outputs lean slightly against the labels, so this p-value errs on the large side); ``cv_fold1`` ... the metrics of
+each fold alone, without intervals or a motion check (a few dozen participants each: a check per fold would warn
+by chance); and ``cv_mean``, each metric's mean over the folds and its standard deviation. The brain-age gap of a
+fold is corrected with a line fitted on the other folds' participants.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from neurox.analysis.baseline import fit_linear, linear_design, linear_outputs
 from neurox.analysis.covariates import Adjustment
+from neurox.train.metrics import mean_over_folds
 from neurox.train.objectives import subject_metrics
 
 # the fold's training participants -> (participants, features: one row each); called once per fold, so features
@@ -77,4 +79,4 @@ def cross_validate(cohort, folds: dict[str, int], features_for: FeaturesFor, adj
     for t in targets:  # for new participants (predict, evaluate): the line of every out-of-fold output
         t.gap_fit = None
     add_gaps(targets, [], fit_on=rows)
-    return {"cv": pooled, **results}, rows
+    return {"cv": pooled, "cv_mean": mean_over_folds(list(results.values())), **results}, rows

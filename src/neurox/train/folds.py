@@ -28,6 +28,7 @@ import numpy as np
 from neurox.data.loader import Target, fold_participants, load_cohort, save_folds, save_splits
 from neurox.data.store import Store, read_tsv
 from neurox.train import distributed as dist_utils
+from neurox.train.metrics import mean_over_folds
 
 
 def finetune_folds(config, env: dist_utils.Env) -> Path:
@@ -94,7 +95,7 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
               for p, values in truth.items()}
     motion = participant_motion(store)
     pooled = subject_metrics(targets, who, np.stack(outputs), labels, n_boot, motion=motion)[0]
-    results = {"cv": pooled, "cv_mean": _mean_over_folds(list(results.values())), **results}
+    results = {"cv": pooled, "cv_mean": mean_over_folds(list(results.values())), **results}
     write_json(out / "metrics.json", results)
     write_predictions(out / "predictions.tsv", targets, rows)
     return results
@@ -112,17 +113,6 @@ def _validation_scale(targets: list[Target], val_rows: list[dict]) -> tuple[np.n
         if t.task == "binary" and values[:, i].std() > 0:
             centre[i], scale[i] = values[:, i].mean(), values[:, i].std()
     return centre, scale
-
-
-def _mean_over_folds(folds: list[dict]) -> dict:
-    """Each metric's mean over the folds' test metrics, and its standard deviation across them (``_sd``)."""
-    names = [k for k in folds[0] if not k.endswith(("_ci_low", "_ci_high", "_p")) and k != "n_subjects"
-             and all(isinstance(f.get(k), (int, float)) for f in folds)]
-    summary = {}
-    for name in names:
-        values = np.array([f[name] for f in folds], dtype=float)
-        summary[name], summary[f"{name}_sd"] = float(np.nanmean(values)), float(np.nanstd(values))
-    return summary
 
 
 def _in_units(targets: list[Target]) -> list[Target]:

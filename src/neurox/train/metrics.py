@@ -178,3 +178,14 @@ def permutation_p(task: str, labels: np.ndarray, outputs: np.ndarray, n_perm: in
         batch = np.stack([rng.permutation(permute) for _ in range(min(chunk, n_perm - done))])
         above += int((statistic(batch) >= observed - tolerance).sum())
     return {"auroc_p" if task != "regression" else "pearson_r_p": (1 + above) / (1 + n_perm)}
+
+
+def mean_over_folds(folds: list[dict]) -> dict:
+    """Each metric's mean over the folds' test metrics, and its standard deviation across them (``_sd``)."""
+    names = [k for k in folds[0] if not k.endswith(("_ci_low", "_ci_high", "_p")) and k != "n_subjects"
+             and all(isinstance(f.get(k), (int, float)) for f in folds)]
+    summary = {}
+    for name in names:
+        values = np.array([f[name] for f in folds], dtype=float)
+        summary[name], summary[f"{name}_sd"] = float(np.nanmean(values)), float(np.nanstd(values))
+    return summary
