@@ -148,7 +148,14 @@ def test_baseline_on_the_same_split(store, tmp_path, capsys):
     fc = json.loads((tmp_path / "fc" / "metrics.json").read_text())
     assert fc["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
-    assert "connectivity: 10/10 (100%) participant" in capsys.readouterr().err  # the baseline's features, shown
+    printed = capsys.readouterr()
+    assert "connectivity: 10/10 (100%) participant" in printed.err  # the baseline's features, shown
+    assert "model_minus_fc_baseline\n  train: accuracy_diff " in printed.out and "auroc_diff " in printed.out
+    both = api.evaluate(run, store, baseline=tmp_path / "fc", quiet=True)  # the same participants, paired
+    assert "train" in both["model_minus_fc_baseline"]  # (val and test: 2 participants each, too few to compare)
+    for split, paired in both["model_minus_fc_baseline"].items():
+        difference = both["model"][split]["auroc"] - both["fc_baseline"][split]["auroc"]
+        assert paired["auroc_diff"] == pytest.approx(difference) and paired["n_subjects"] == 6
     # the same baseline again recomputes it; one of other settings does not overwrite it
     again = ["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
              str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "20"]
@@ -171,6 +178,30 @@ def test_baseline_on_the_same_split(store, tmp_path, capsys):
     assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
                  str(tmp_path / "fc2"), "--split_from", str(tmp_path / "no-train"), "--quiet", "true"]) == 1
     assert "no training participant of the split has a prepared run here (0 in" in capsys.readouterr().err
+
+
+def test_paired_difference_of_two_models_on_the_same_participants():
+    """Equal outputs differ by nothing (p 1); a better model's lead has an interval above 0; two models of equal
+    skill differ at p < 0.05 about one time in twenty."""
+    from neurox.train.metrics import auroc, paired_difference
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 2
+    good = (labels * 2.0 + rng.standard_normal(60))[:, None]
+    weak = (labels * 0.3 + rng.standard_normal(60))[:, None]
+    same = paired_difference("binary", labels, good, good, 200)
+    assert same["auroc_diff"] == 0 and same["auroc_diff_p"] == 1
+    lead = paired_difference("binary", labels, good, weak, 500)
+    assert lead["auroc_diff"] == pytest.approx(auroc(labels, good[:, 0]) - auroc(labels, weak[:, 0]))
+    assert lead["auroc_diff_ci_low"] > 0 and lead["auroc_diff_p"] < 0.01
+    rates = []
+    for i in range(100):  # two independent models of the same skill
+        y = rng.integers(0, 2, 50)
+        first, second = (y + rng.standard_normal((2, 50)) * 1.5)[:, :, None]
+        rates.append(paired_difference("binary", y, first, second, 200, seed=i)["auroc_diff_p"] < 0.05)
+    assert 0.0 <= np.mean(rates) <= 0.12
+    numbers = paired_difference("regression", labels * 1.0, good, weak, 100)
+    assert {"mae_diff", "pearson_r_diff_ci_low", "r2_diff_p"} <= set(numbers)
 
 
 def test_covariate_removal_is_fitted_on_training_rows_and_applied_unchanged():

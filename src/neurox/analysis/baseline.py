@@ -376,8 +376,10 @@ SETTINGS = ("store", "target", "atlas", "names", "task", "split_from", "seed", "
 PATHS = ("store", "atlas", "names", "split_from")
 
 
-def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000, progress: bool = False) -> dict:
-    """A baseline run's metrics on a store, per split (unseen participants: ``external``)."""
+def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int = 1000, progress: bool = False,
+                      keep: dict | None = None) -> dict:
+    """A baseline run's metrics on a store, per split (unseen participants: ``external``); ``keep`` as for
+    ``neurox.train.runs.evaluate``."""
     run_dir = Path(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
@@ -408,6 +410,11 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
         members = [p for p in cohort.in_split(split) if p in scores]
         if members:
             outputs = np.stack([scores[p] for p in members])
-            results[split], _, _ = subject_metrics(targets, members, outputs, {p: cohort.labels(p) for p in members},
-                                                   n_boot, motion=motion)
+            labels = {p: cohort.labels(p) for p in members}
+            results[split], subjects, subject_outputs = subject_metrics(targets, members, outputs, labels, n_boot,
+                                                                        motion=motion)
+            if keep is not None:
+                from neurox.train.objectives import in_units
+
+                keep[split] = in_units(targets, subjects, subject_outputs, labels)
     return results

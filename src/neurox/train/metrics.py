@@ -189,3 +189,31 @@ def mean_over_folds(folds: list[dict]) -> dict:
         values = np.array([f[name] for f in folds], dtype=float)
         summary[name], summary[f"{name}_sd"] = float(np.nanmean(values)), float(np.nanstd(values))
     return summary
+
+
+def paired_difference(task: str, labels: np.ndarray, first: np.ndarray, second: np.ndarray, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+    """Each metric of ``first``'s outputs less the same metric of ``second``'s, on the same participants
+    (``<metric>_diff``), with a 95% percentile interval and a two-sided p-value from one bootstrap over the
+    participants, both models scored on each resample: the paired comparison that two intervals side by side
+    are not (they overlap long after the difference is clear)."""
+    point = {name: value - target_metrics(task, labels, second)[name]
+             for name, value in target_metrics(task, labels, first).items()}
+    rng = np.random.default_rng([seed, 2])
+    samples = {name: [] for name in point}
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(labels), len(labels))
+        with np.errstate(all="ignore"):
+            a, b = target_metrics(task, labels[pick], first[pick]), target_metrics(task, labels[pick], second[pick])
+        for name in point:
+            if np.isfinite(a[name] - b[name]):
+                samples[name].append(a[name] - b[name])
+    result = {}
+    for name, value in point.items():
+        drawn = np.array(samples[name])
+        low, high = np.percentile(drawn, [2.5, 97.5]) if len(drawn) else (np.nan, np.nan)
+        tail = min((1 + (drawn <= 0).sum()) / (1 + len(drawn)), (1 + (drawn >= 0).sum()) / (1 + len(drawn)))
+        result.update({f"{name}_diff": value, f"{name}_diff_ci_low": float(low), f"{name}_diff_ci_high": float(high),
+                       f"{name}_diff_p": float(min(1.0, 2 * tail)) if len(drawn) else float("nan")})
+    return result
+

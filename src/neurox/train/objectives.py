@@ -83,3 +83,44 @@ def selection_score(targets: list[Target], metrics: dict) -> float:
         return -metrics[f"{prefix}mse"]
     value = metrics[f"{prefix}auroc"]
     return value if np.isfinite(value) else metrics[f"{prefix}balanced_accuracy"]
+
+
+def in_units(targets: list[Target], participants: list[str], outputs: np.ndarray, labels: dict[str, np.ndarray]):
+    """(participants, outputs, labels) with every regression target's outputs and labels in its own units: what
+    two models standardised by different participants are compared on."""
+    outputs = np.array(outputs, dtype=np.float64)
+    truth = np.stack([labels[p] for p in participants]).astype(np.float64)
+    if targets[0].task != "multiclass":
+        for i, t in enumerate(targets):
+            if t.task == "regression":
+                outputs[:, i] = outputs[:, i] * t.std + t.mean
+                truth[:, i] = truth[:, i] * t.std + t.mean
+    return list(participants), outputs, truth
+
+
+def compare_models(targets: list[Target], first: dict, second: dict, n_boot: int = 1000) -> dict[str, dict]:
+    """Per split that both scored: each metric of the first model less the second's on their shared participants,
+    with a paired bootstrap interval and p-value (``neurox.train.metrics.paired_difference``). ``first`` and
+    ``second``: split -> ``in_units`` triples."""
+    from neurox.train.metrics import paired_difference
+
+    result = {}
+    for split in [s for s in first if s in second]:
+        (who_a, out_a, truth), (who_b, out_b, _) = first[split], second[split]
+        index = {p: i for i, p in enumerate(who_b)}
+        shared = [i for i, p in enumerate(who_a) if p in index]
+        if len(shared) < 3:
+            continue
+        a, b, y = out_a[shared], out_b[[index[who_a[i]] for i in shared]], truth[shared]
+        metrics = {}
+        if targets[0].task == "multiclass":
+            metrics.update(paired_difference("multiclass", y[:, 0], a, b, n_boot))
+        else:
+            for i, t in enumerate(targets):
+                prefix = "" if len(targets) == 1 else f"{t.column}."
+                task = "regression" if t.task == "regression" else "binary"
+                difference = paired_difference(task, y[:, i], a[:, i : i + 1], b[:, i : i + 1], n_boot)
+                metrics.update({f"{prefix}{k}": v for k, v in difference.items()})
+        result[split] = {**metrics, "n_subjects": len(shared)}
+    return result
+

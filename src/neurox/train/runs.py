@@ -28,7 +28,7 @@ from neurox.data.loader import (
 from neurox.data.store import Store, write_tsv
 from neurox.train import distributed as dist_utils
 from neurox.train.engine import PRECISIONS, sharded_indices
-from neurox.train.objectives import subject_metrics
+from neurox.train.objectives import in_units, subject_metrics
 
 
 def check_fits_store(arch: SwiFTConfig, store: Store) -> None:
@@ -180,10 +180,12 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
 
 
 def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000,
-             progress: bool = True, out: str | Path | None = None) -> dict:
+             progress: bool = True, out: str | Path | None = None, keep: dict | None = None) -> dict:
     """Subject-level metrics of a run's model on a store, per split (participants the run never
     saw form the split ``external``). ``out``: the file the metrics go to; each participant's outputs are kept
-    beside it until it is written (``neurox.io.claim.discard_parts``), so that an interrupted evaluate resumes."""
+    beside it until it is written (``neurox.io.claim.discard_parts``), so that an interrupted evaluate resumes.
+    ``keep``: a dict that receives each split's participants, outputs and labels (``objectives.in_units``), for a
+    paired comparison with another model."""
     from neurox.hub import load_pretrained, weights_digest
     from neurox.io.claim import kept_parts, resolved
 
@@ -209,8 +211,11 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
         if cohort.in_split(split):
             who, outputs = participant_outputs(model, store, cohort, cohort.in_split(split), env, batch_size, cache,
                                                f"evaluate {split}", progress)
-            results[split], _, _ = subject_metrics(targets, who, outputs, {p: cohort.labels(p) for p in set(who)},
-                                                   n_boot, motion=motion)
+            labels = {p: cohort.labels(p) for p in set(who)}
+            results[split], subjects, subject_outputs = subject_metrics(targets, who, outputs, labels, n_boot,
+                                                                        motion=motion)
+            if keep is not None:
+                keep[split] = in_units(targets, subjects, subject_outputs, labels)
     return results
 
 
