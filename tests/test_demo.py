@@ -24,6 +24,7 @@ def test_demo_end_to_end_writes_the_report(tmp_path, capsys):
         assert f"| {target} |" in report
     assert "FC baseline" in report and "voxel_center" in report and "training curve" in report
     assert "model output ~ head motion (r)" in report and "the motion check" in report  # 2 test participants: n/a
+    assert "| model - FC baseline [95% CI], p |" in report
     val = json.loads((out / "runs" / "swift" / "metrics.json").read_text())["val"].get("amplitude_group.auroc")
     row = next(line for line in report.splitlines() if line.startswith("| amplitude_group |")).split(" | ")
     assert "| model validation AUROC |" in report and row[3] == ("n/a" if val is None else f"{val:.2f}")

@@ -20,6 +20,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from neurox.io.atomic import write_text_atomic
 
 TARGETS = ("amplitude_group", "coupling_group", "order_group")
@@ -76,7 +78,26 @@ def run_demo(out: str | Path, n_subjects: int = 96, n_frames: int = 200, epochs:
     fc_metrics = json.loads((fc / "metrics.json").read_text())
     curve = training_curve(run, out / "training_curve.png")
     return write_report(out, model_metrics, fc_metrics, curve, timings, n_subjects, n_frames, normalization,
-                        head_init)
+                        head_init, paired_cells(run, fc))
+
+
+def paired_cells(run: Path, fc: Path) -> dict[str, str]:
+    """Per target, the model's test AUROC less the baseline's on the same participants, with the paired bootstrap
+    interval and p-value (``neurox.train.metrics.paired_difference``), from both runs' predictions.tsv."""
+    from neurox.data.store import read_tsv
+    from neurox.train.metrics import paired_difference
+
+    rows = [{r["participant_id"]: r for r in read_tsv(d / "predictions.tsv") if r["split"] == "test"}
+            for d in (run, fc)]
+    shared = sorted(set(rows[0]) & set(rows[1]))
+    cells = {}
+    for target in TARGETS:
+        labels = np.array([float(rows[0][p][f"{target}_true"]) for p in shared])
+        outputs = [np.array([[float(r[p][f"{target}_output"])] for p in shared]) for r in rows]
+        d = paired_difference("binary", labels, outputs[0], outputs[1], 1000) if len(shared) >= 3 else {}
+        cells[target] = (f"{d['auroc_diff']:+.2f} [{d['auroc_diff_ci_low']:+.2f}, {d['auroc_diff_ci_high']:+.2f}], "
+                         f"p {d['auroc_diff_p']:.2g}" if np.isfinite(d.get("auroc_diff_ci_low", np.nan)) else "n/a")
+    return cells
 
 
 def training_curve(run: Path, png: Path) -> Path | None:
@@ -118,7 +139,8 @@ def _cell(metrics: dict, target: str, name: str) -> str:
 
 
 def write_report(out: Path, model: dict, fc: dict, curve: Path | None, timings: dict, n_subjects: int,
-                 n_frames: int, normalization: str = "voxel_center", head_init: str = "probe") -> Path:
+                 n_frames: int, normalization: str = "voxel_center", head_init: str = "probe",
+                 paired: dict[str, str] | None = None) -> Path:
     test_model, test_fc, val_model = model.get("test", {}), fc.get("test", {}), model.get("val", {})
     lines = [
         "# neurox demo report",
@@ -131,17 +153,19 @@ def write_report(out: Path, model: dict, fc: dict, curve: Path | None, timings: 
                      "(LP-FT, `--head_init probe`)" if head_init == "probe" else "") +
         "; test metrics from the best validation checkpoint. Baseline: Fisher-z FC of the synthetic parcels + "
         "logistic regression, fitted on the same training participants. 95% CI: bootstrap over the test "
-        "participants; p: the share of permutations of their labels (against the fixed outputs) that score as well.",
+        "participants; p: the share of permutations of their labels (against the fixed outputs) that score as well. "
+        "Model - FC baseline: the difference of the two AUROCs on the same test participants, with the interval "
+        "and two-sided p-value of one bootstrap that scores both on every resample.",
         "",
         "| target (test, subject level) | what is planted | model AUROC [95% CI], p | model validation AUROC "
-        "| FC baseline AUROC [95% CI], p | model output ~ head motion (r) |",
-        "|---|---|---|---|---|---|",
+        "| FC baseline AUROC [95% CI], p | model - FC baseline [95% CI], p | model output ~ head motion (r) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for target in TARGETS:
         motion, val = test_model.get(f"{target}.mean_fd_r"), val_model.get(f"{target}.auroc")
         lines.append(f"| {target} | {WHAT[target]} | {_cell(test_model, target, 'auroc')} | "
                      f"{'n/a' if val is None else f'{val:.2f}'} | {_cell(test_fc, target, 'auroc')} | "
-                     f"{'n/a' if motion is None else f'{motion:.2f}'} |")
+                     f"{(paired or {}).get(target, 'n/a')} | {'n/a' if motion is None else f'{motion:.2f}'} |")
     amplitude = test_model.get(f"{TARGETS[0]}.auroc", float("nan"))
     lines += [
         "",
