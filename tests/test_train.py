@@ -462,6 +462,30 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
     assert not (tmp_path / ".d.json.parts").exists()
 
 
+def test_evaluate_compares_two_runs_on_the_same_participants(store, tmp_path, capsys):
+    """--compare: another run of the same targets scored alike, and each metric's paired difference (a pretrained
+    run beside a scratch one); runs of other targets do not compare."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(finetune_args(store, first, "--epochs", "1")) == 0
+    assert main(finetune_args(store, second, "--epochs", "1", "--lr", "3e-4")) == 0
+    out = tmp_path / "compared.json"
+    assert main(["evaluate", str(first), "--store", str(store), "--compare", str(second), "--out", str(out)]) == 0
+    assert "model_minus_compared\n  train: accuracy_diff " in capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert set(results) == {"model", "compared", "model_minus_compared"}
+    paired = results["model_minus_compared"]["train"]
+    assert paired["auroc_diff"] == pytest.approx(results["model"]["train"]["auroc"]
+                                                 - results["compared"]["train"]["auroc"])
+    assert {"auroc_diff_ci_low", "auroc_diff_p"} <= set(paired) and paired["n_subjects"] == 6
+    assert not list(tmp_path.glob(".compared.json*.parts"))  # what it kept to resume, gone once written
+    other = tmp_path / "score"
+    args = finetune_args(store, other, "--epochs", "1")
+    args[args.index("group")] = "score"
+    assert main(args) == 0
+    assert main(["evaluate", str(first), "--store", str(store), "--compare", str(other)]) == 1
+    assert "its targets differ from" in capsys.readouterr().err
+
+
 def test_regression_and_several_targets(store, tmp_path):
     run = tmp_path / "run"
     args = finetune_args(store, run, "--epochs", "1", "--split_fractions", "[0.4,0.3,0.3]")

@@ -71,34 +71,44 @@ def pretrain(**options: Any) -> Path:
     return run(PretrainConfig(**_tuples(options)))
 
 
-def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = None, batch_size: int = 4,
-             out: str | Path | None = None, quiet: bool = False) -> dict:
-    """Subject-level metrics with 95% intervals per split: ``{"model": {split: metrics}}``, and with a baseline
-    run of the same targets ``"fc_baseline"`` beside it and ``"model_minus_fc_baseline"``, each metric's paired
-    difference on the same participants with its interval and p-value; written as JSON to ``out`` when given."""
+def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = None,
+             compare: str | Path | None = None, batch_size: int = 4, out: str | Path | None = None,
+             quiet: bool = False) -> dict:
+    """Subject-level metrics with 95% intervals per split: ``{"model": {split: metrics}}``. With a baseline run of
+    the same targets, ``"fc_baseline"`` beside it and ``"model_minus_fc_baseline"``: each metric's paired
+    difference on the same participants, with its interval and p-value. With ``compare``, another fine-tuning run
+    of the same targets (from scratch beside a pretrained one, say), ``"compared"`` and ``"model_minus_compared"``
+    likewise. Written as JSON to ``out`` when given."""
     import json
 
     from neurox.io.atomic import write_text_atomic
     from neurox.io.claim import discard_parts
+    from neurox.train.objectives import compare_models
     from neurox.train.runs import evaluate as evaluate_run
+    from neurox.train.runs import load_run
 
-    model, fc = {}, {}
+    _, targets, _ = load_run(run)
+    described = [(t.column, t.task, t.classes) for t in targets]
+    if compare and [(t.column, t.task, t.classes) for t in load_run(compare)[1]] != described:
+        raise ValueError(f"--compare {compare}: its targets differ from {run}'s, so their metrics do not compare")
+    model, fc, other = {}, {}, {}
     results = {"model": evaluate_run(run, store, batch_size, progress=not quiet, out=out, keep=model)}
     if baseline:
         from neurox.analysis.baseline import evaluate_baseline
-        from neurox.train.objectives import compare_models
-        from neurox.train.runs import load_run
 
         results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet, keep=fc)
-        _, targets, _ = load_run(run)
         baseline_targets = json.loads((Path(baseline) / "targets.json").read_text())["targets"]
-        if [(t.column, t.task, t.classes) for t in targets] == [(t["column"], t["task"], t["classes"])
-                                                                 for t in baseline_targets]:
+        if [(t["column"], t["task"], t["classes"]) for t in baseline_targets] == described:
             # the model less the baseline on the same participants: a paired interval and p-value
             results["model_minus_fc_baseline"] = compare_models(targets, model, fc)
+    if compare:  # its outputs are kept apart from the model's, so that both resume
+        kept = f"{out}.compared" if out else None
+        results["compared"] = evaluate_run(compare, store, batch_size, progress=not quiet, out=kept, keep=other)
+        results["model_minus_compared"] = compare_models(targets, model, other)
     if out:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
-        discard_parts(out)  # the model's outputs it kept to resume
+        discard_parts(out)  # the outputs it kept to resume
+        discard_parts(f"{out}.compared")
     return results
 
 

@@ -188,11 +188,14 @@ def _pretrain_parser() -> ArgumentParser:
 
 def _evaluate_parser() -> ArgumentParser:
     p = ArgumentParser(description="Subject-level metrics of a trained run on a store, per split, with 95% "
-                       "bootstrap intervals; --baseline puts an FC baseline run beside it.",
+                       "bootstrap intervals; --baseline puts an FC baseline run beside it, --compare another run, each "
+                       "with the paired difference on the same participants.",
                        epilog="example: neurox evaluate runs/amp --store synthetic-store --baseline runs/amp-fc")
     p.add_argument("run", help="run directory from neurox finetune")
     p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--baseline", default=None, help="run directory from neurox baseline")
+    p.add_argument("--compare", default=None, help="another finetune run of the same targets (from scratch beside "
+                   "a pretrained one): scored alike, and each metric's paired difference on the same participants")
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
