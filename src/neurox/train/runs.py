@@ -219,7 +219,6 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
     return results
 
 
-
 def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_size: int = 4,
             progress: bool = True) -> Path:
     """One row per participant of the store: the model's output and prediction per target. Each participant's
