@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from neurox.train.objectives import compare_models
+from neurox.train.runs import predictions_of
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from pretrain_probe import val_curve  # noqa: E402
@@ -117,6 +120,13 @@ def summarise_finetuning(runs: dict[str, Path]) -> dict:
         entry["scratch_first_step_at_best"] = next(s for s, v in scratch["val_per_epoch"] if v >= best)
         entry["first_step_reaching_scratch_best"] = next((s for s, v in entry["val_per_epoch"] if v >= best), None)
         entry["best_val"] = max(v for _, v in entry["val_per_epoch"])
+        # the test score less the scratch run's on the same participants, paired (same seed: same split)
+        if not all((runs[n] / "predictions.tsv").is_file() for n in (name, f"scratch-ft{seed}")):
+            continue
+        targets, pretrained = predictions_of(runs[name])
+        paired = compare_models(targets, {"test": pretrained}, {"test": predictions_of(runs[f"scratch-ft{seed}"])[1]})
+        entry["test_minus_scratch"] = {k: round(v, 4) for k, v in paired.get("test", {}).items()
+                                       if k.startswith(("auroc_diff", "pearson_r_diff"))}
     return out
 
 

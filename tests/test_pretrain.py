@@ -319,14 +319,29 @@ def test_transfer_benchmark_pairs_each_pretrained_run_with_its_scratch_run(tmp_p
 
     curves = {"scratch-ft0": [float("nan"), 0.6, 0.8, 0.7], "mim0-ft0": [0.5, 0.85, 0.9, 0.9],
               "mim1-ft0": [0.5, 0.6, 0.7, 0.75], "scratch-ft1": [0.5, 0.9, 0.6, 0.6], "mim0-ft1": [0.7, 0.8, 0.9, 0.95]}
-    runs = {}
+    from neurox.data.loader import Target
+    from neurox.train.metrics import auroc
+    from neurox.train.runs import prediction_rows, write_predictions
+
+    target, rng = Target("group", "binary", classes=["0", "1"]), np.random.default_rng(0)
+    people = [f"sub-{i:02d}" for i in range(30)]
+    truth = {p: [str(i % 2)] for i, p in enumerate(people)}
+    runs, tested = {}, {}
     for name, values in curves.items():
         run = runs[name] = tmp_path / name
         run.mkdir()
         records = [{"step": 10 * (i + 1), "epoch": i, "val": {"auroc": v}} for i, v in enumerate(values)]
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
         (run / "metrics.json").write_text(json.dumps({"test": {"auroc": values[-1]}}))
+        (run / "targets.json").write_text(json.dumps({"targets": [target.to_dict()]}))
+        tested[name] = np.array([[int(truth[p][0]) + rng.normal(0, 1.5)] for p in people])
+        write_predictions(run / "predictions.tsv", [target], prediction_rows([target], truth, "test", people,
+                                                                             tested[name]))
     out = summarise_finetuning(runs)["runs"]
+    labels = np.array([int(truth[p][0]) for p in people])  # the test scores, paired with the scratch run's
+    expected = auroc(labels, tested["mim0-ft0"][:, 0]) - auroc(labels, tested["scratch-ft0"][:, 0])
+    assert out["mim0-ft0"]["test_minus_scratch"]["auroc_diff"] == pytest.approx(expected, abs=1e-4)
+    assert {"auroc_diff_ci_low", "auroc_diff_p"} <= set(out["mim1-ft0"]["test_minus_scratch"])
     assert out["scratch-ft0"]["val_per_epoch"][0] == (20, 0.6)
     assert out["mim0-ft0"]["scratch_best_val"] == 0.8 and out["mim0-ft0"]["scratch_first_step_at_best"] == 30
     assert out["mim0-ft0"]["first_step_reaching_scratch_best"] == 20

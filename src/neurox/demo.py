@@ -83,20 +83,16 @@ def run_demo(out: str | Path, n_subjects: int = 96, n_frames: int = 200, epochs:
 
 def paired_cells(run: Path, fc: Path) -> dict[str, str]:
     """Per target, the model's test AUROC less the baseline's on the same participants, with the paired bootstrap
-    interval and p-value (``neurox.train.metrics.paired_difference``), from both runs' predictions.tsv."""
-    from neurox.data.store import read_tsv
-    from neurox.train.metrics import paired_difference
+    interval and p-value (``neurox.train.objectives.compare_models``), from both runs' predictions.tsv."""
+    from neurox.train.objectives import compare_models
+    from neurox.train.runs import predictions_of
 
-    rows = [{r["participant_id"]: r for r in read_tsv(d / "predictions.tsv") if r["split"] == "test"}
-            for d in (run, fc)]
-    shared = sorted(set(rows[0]) & set(rows[1]))
+    targets, model = predictions_of(run)
+    paired = compare_models(targets, {"test": model}, {"test": predictions_of(fc)[1]}).get("test", {})
     cells = {}
     for target in TARGETS:
-        labels = np.array([float(rows[0][p][f"{target}_true"]) for p in shared])
-        outputs = [np.array([[float(r[p][f"{target}_output"])] for p in shared]) for r in rows]
-        d = paired_difference("binary", labels, outputs[0], outputs[1], 1000) if len(shared) >= 3 else {}
-        cells[target] = (f"{d['auroc_diff']:+.2f} [{d['auroc_diff_ci_low']:+.2f}, {d['auroc_diff_ci_high']:+.2f}], "
-                         f"p {d['auroc_diff_p']:.2g}" if np.isfinite(d.get("auroc_diff_ci_low", np.nan)) else "n/a")
+        d, low, high, p = (paired.get(f"{target}.auroc_diff{k}", np.nan) for k in ("", "_ci_low", "_ci_high", "_p"))
+        cells[target] = f"{d:+.2f} [{low:+.2f}, {high:+.2f}], p {p:.2g}" if np.isfinite(low) else "n/a"
     return cells
 
 

@@ -29,6 +29,7 @@ from neurox.data.loader import Target, fold_participants, load_cohort, save_fold
 from neurox.data.store import Store, read_tsv
 from neurox.train import distributed as dist_utils
 from neurox.train.metrics import mean_over_folds
+from neurox.train.runs import prediction_outputs
 
 
 def finetune_folds(config, env: dist_utils.Env) -> Path:
@@ -87,7 +88,7 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
         centre, scale = _validation_scale(fold_targets, [r for r in predicted if r["split"] == "val"])
         for r in (r for r in predicted if r["split"] == "test"):
             rows.append({**r, "split": "cv", "fold": fold})
-            outputs.append((_outputs(fold_targets, r) - centre) / scale)
+            outputs.append((prediction_outputs(fold_targets, r) - centre) / scale)
             who.append(r["participant_id"])
     truth = {r["participant_id"]: [r[f"{t.column}_true"] for t in targets] for r in rows} \
         if targets[0].task != "multiclass" else {r["participant_id"]: [r[f"{targets[0].column}_true"]] for r in rows}
@@ -108,7 +109,7 @@ def _validation_scale(targets: list[Target], val_rows: list[dict]) -> tuple[np.n
     centre, scale = np.zeros(width), np.ones(width)
     if targets[0].task == "multiclass" or not val_rows:
         return centre, scale
-    values = np.stack([_outputs(targets, r) for r in val_rows])
+    values = np.stack([prediction_outputs(targets, r) for r in val_rows])
     for i, t in enumerate(targets):
         if t.task == "binary" and values[:, i].std() > 0:
             centre[i], scale[i] = values[:, i].mean(), values[:, i].std()
@@ -119,12 +120,3 @@ def _in_units(targets: list[Target]) -> list[Target]:
     """The targets with regression values in their own units (each fold standardised by its own training
     participants; pooled outputs are compared in units)."""
     return [dataclasses.replace(t, mean=0.0, std=1.0, gap_fit=None) for t in targets]
-
-
-def _outputs(targets: list[Target], row: dict) -> np.ndarray:
-    """A prediction row's outputs as the pooled metrics read them: logits, values in units, or for several
-    classes the log of each probability (their softmax is the probabilities again)."""
-    if targets[0].task == "multiclass":
-        t = targets[0]
-        return np.log(np.clip([float(row[f"{t.column}_probability_{c}"]) for c in t.classes], 1e-12, None))
-    return np.array([float(row[f"{t.column}_output"]) for t in targets])

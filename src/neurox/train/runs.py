@@ -277,6 +277,30 @@ def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outpu
     return rows
 
 
+def prediction_outputs(targets: list[Target], row: dict) -> np.ndarray:
+    """A prediction row's outputs as the pooled metrics read them: logits, values in units, or for several
+    classes the log of each probability (their softmax is the probabilities again)."""
+    if targets[0].task == "multiclass":
+        t = targets[0]
+        return np.log(np.clip([float(row[f"{t.column}_probability_{c}"]) for c in t.classes], 1e-12, None))
+    return np.array([float(row[f"{t.column}_output"]) for t in targets])
+
+
+def predictions_of(run_dir: str | Path, split: str = "test") -> tuple[list[Target], tuple]:
+    """A run's targets, and its ``predictions.tsv`` rows of ``split`` as ``objectives.in_units`` triples
+    (participants, outputs, labels in units), for ``objectives.compare_models`` without rescoring the model."""
+    from neurox.data.store import read_tsv
+
+    run_dir = Path(run_dir)
+    targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+    rows = [r for r in read_tsv(run_dir / "predictions.tsv") if r["split"] == split]
+    columns = targets[:1] if targets[0].task == "multiclass" else targets
+    labels = np.array([[float(r[f"{t.column}_true"]) if t.task == "regression" else t.encode(r[f"{t.column}_true"])
+                        for t in columns] for r in rows]).reshape(len(rows), len(columns))
+    outputs = np.stack([prediction_outputs(targets, r) for r in rows]) if rows else np.zeros((0, 1))
+    return targets, ([r["participant_id"] for r in rows], outputs, labels)
+
+
 def add_gaps(targets: list[Target], rows: list[dict], fit_on: list[dict] | None = None) -> bool:
     """Beside each regression target's prediction where the true value is known: ``{col}_gap``, predicted minus
     true (for age, the brain-age gap), and ``{col}_gap_corrected``, the gap less its linear fit on the true value
