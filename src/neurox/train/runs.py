@@ -77,11 +77,10 @@ def check_contract(contract, store: Store, model_dir: str | Path, announce: bool
 @torch.no_grad()
 def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[str], length: int, grid,
                    env: dist_utils.Env, batch_size: int, precision: str = "fp32", workers: int = 2,
-                   progress: str | None = None, bar=None):
+                   progress: str | None = None):
     """Outputs of every non-overlapping window of the participants' runs, gathered from every
     process and computed once; returns (participant per window, outputs (windows, k)). ``progress``, when
-    given, names a progress display of the first process's windows (validation within training shows none);
-    ``bar``, an open display to count them on instead (the caller's, over several calls)."""
+    given, names a progress display of the first process's windows (validation within training shows none)."""
     from neurox.progress import progress as progress_display
 
     items = evaluation_items(cohort, participants, length)
@@ -93,18 +92,15 @@ def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[s
     autocast = torch.autocast(env.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     model.eval()
     indices, outputs = [], []
-    own = bar is None
-    if own:
-        bar = progress_display(total=len(mine), desc=progress or "", unit="window",
-                               disable=progress is None or not env.is_main)
+    bar = progress_display(total=len(mine), desc=progress or "", unit="window",
+                           disable=progress is None or not env.is_main)
     for x, _, index in loader:
         with autocast:
             out = model(as_model_input(x, env.device)).float().cpu()
         indices += index.tolist()
         outputs.append(out.numpy())
         bar.update(len(index))
-    if own:
-        bar.close()
+    bar.close()
     gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None))
     order, rows = first_rows([i for g in gathered for i in g[0]])
     return [dataset.participant(i) for i in order], np.concatenate([g[1] for g in gathered if g[0]])[rows]
@@ -120,39 +116,57 @@ def first_rows(indices: list[int]) -> tuple[list[int], list[int]]:
     return order, [first[i] for i in order]
 
 
+PARTICIPANTS_AT_ONCE = 16  # per pass of the loader: batches run on across participants, and a stop redoes few
+
+
 def participant_outputs(model, store: Store, cohort: Cohort, participants: list[str], env: dist_utils.Env,
                         batch_size: int, cache: Path | None, command: str, progress: bool = True
                         ) -> tuple[list[str], np.ndarray]:
-    """``window_outputs`` of the participants one at a time (participant per window, outputs), for ``predict`` and
-    ``evaluate`` of a whole cohort: with ``cache`` (a ``kept_parts`` folder) each participant's outputs are kept
-    there, and read from there when present, so that an interrupted run resumes; a participant whose frames cannot
-    be read is said in one line and left out, and the others go on."""
+    """``window_outputs`` of the participants (participant per window, outputs), for ``predict`` and ``evaluate``
+    of a whole cohort, ``PARTICIPANTS_AT_ONCE`` at a time: with ``cache`` (a ``kept_parts`` folder) each
+    participant's outputs are kept there, and read from there when present, so that an interrupted run resumes; a
+    participant whose frames cannot be read is said in one line and left out, and the others go on."""
     from neurox.io.npz import save_npy
     from neurox.progress import progress as progress_display
 
     length, grid = model.config.img_size[3], model.config.img_size[:3]
     bar = progress_display(total=len(evaluation_items(cohort, participants, length)), desc=command, unit="window",
                            disable=not progress or not env.is_main)
-    who, outputs = [], []
+    made: dict[str, np.ndarray] = {}
+
+    def outputs_of(group: list[str]) -> dict[str, np.ndarray]:
+        who, outputs = window_outputs(model, store.root, cohort, group, length, grid, env, batch_size)
+        who = np.array(who)
+        return {pid: outputs[who == pid] for pid in group if (who == pid).any()}
+
+    todo = []
     for pid in participants:
         kept = cache / f"{pid}.npy" if cache is not None else None
+        if kept is not None and kept.is_file():
+            made[pid] = np.load(kept)
+            bar.update(len(made[pid]))
+        else:
+            todo.append(pid)
+    for lo in range(0, len(todo), PARTICIPANTS_AT_ONCE):
+        group = todo[lo : lo + PARTICIPANTS_AT_ONCE]
         try:
-            if kept is not None and kept.is_file():
-                mine = np.load(kept)
-                bar.update(len(mine))
-            else:
-                _, mine = window_outputs(model, store.root, cohort, [pid], length, grid, env, batch_size, bar=bar)
-                if kept is not None and env.is_main and len(mine):
-                    save_npy(kept, mine)
-        except (OSError, ValueError, KeyError) as err:
-            bar.write(f"neurox {command.split()[0]}: {pid}: {err}; left out")
-            continue
-        who += [pid] * len(mine)
-        outputs.append(mine)
+            new = outputs_of(group)
+        except (OSError, ValueError, KeyError):  # one of them cannot be read: which, one at a time
+            new = {}
+            for pid in group:
+                try:
+                    new.update(outputs_of([pid]))
+                except (OSError, ValueError, KeyError) as err:
+                    bar.write(f"neurox {command.split()[0]}: {pid}: {err}; left out")
+        for pid, mine in new.items():
+            if cache is not None and env.is_main:
+                save_npy(cache / f"{pid}.npy", mine)
+            bar.update(len(mine))
+        made.update(new)
     bar.close()
-    if not outputs:
+    if not made:
         raise ValueError(f"{store.root}: no window of {len(participants)} participants could be read")
-    return who, np.concatenate(outputs)
+    return [pid for pid, mine in made.items() for _ in range(len(mine))], np.concatenate(list(made.values()))
 
 
 def split_metrics(model, store_root, cohort, targets, split, length, grid, env, batch_size: int,
