@@ -163,7 +163,8 @@ class Adjustment:
                 print(f"neurox {command}: {len(unseen)} of {len(cohort.participants)} participants come from sites "
                       f"the baseline's harmonisation was not fitted on ({', '.join(sites)}): left out",
                       file=sys.stderr)
-                cohort.participants = [p for p in cohort.participants if p not in set(unseen)]
+                left = set(unseen)
+                cohort.participants = [p for p in cohort.participants if p not in left]
         return dataclasses.replace(adjustment, harmonisation=harmonisation, removal=removal)
 
     def fit(self, participants: list[str], x: np.ndarray) -> Adjustment:

@@ -72,9 +72,7 @@ def cross_validate(cohort, folds: dict[str, int], features_for: FeaturesFor, adj
     for r in rows:
         r["fold"] = fold_by[r["participant_id"]]
     for fold in range(1, k + 1):  # each fold's gap corrected by the other folds' line, never its own
-        alone = [dataclasses.replace(t) for t in targets]
-        for t in alone:
-            t.gap_fit = None
+        alone = [dataclasses.replace(t, gap_fit=None) for t in targets]
         add_gaps(alone, [r for r in rows if r["fold"] == fold], fit_on=[r for r in rows if r["fold"] != fold])
     for t in targets:  # for new participants (predict, evaluate): the line of every out-of-fold output
         t.gap_fit = None

@@ -29,7 +29,7 @@ from neurox.data.loader import Target, fold_participants, load_cohort, save_fold
 from neurox.data.store import Store, read_tsv
 from neurox.train import distributed as dist_utils
 from neurox.train.metrics import mean_over_folds
-from neurox.train.runs import prediction_outputs
+from neurox.train.runs import prediction_labels, prediction_outputs
 
 
 def finetune_folds(config, env: dist_utils.Env) -> Path:
@@ -75,7 +75,7 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
     from neurox.train.objectives import subject_metrics
     from neurox.train.runs import write_predictions
 
-    rows, results, outputs, who = [], {}, [], []
+    rows, results, outputs, who, labels = [], {}, [], [], {}
     targets = None
     for fold in range(1, k + 1):
         run_dir = out / f"fold{fold}"
@@ -90,10 +90,7 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
             rows.append({**r, "split": "cv", "fold": fold})
             outputs.append((prediction_outputs(fold_targets, r) - centre) / scale)
             who.append(r["participant_id"])
-    truth = {r["participant_id"]: [r[f"{t.column}_true"] for t in targets] for r in rows} \
-        if targets[0].task != "multiclass" else {r["participant_id"]: [r[f"{targets[0].column}_true"]] for r in rows}
-    labels = {p: np.array([t.encode(v) for t, v in zip(targets, values)], dtype=np.float32)
-              for p, values in truth.items()}
+            labels[r["participant_id"]] = np.array(prediction_labels(fold_targets, r), dtype=np.float32)
     motion = participant_motion(store)
     pooled = subject_metrics(targets, who, np.stack(outputs), labels, n_boot, motion=motion)[0]
     results = {"cv": pooled, "cv_mean": mean_over_folds(list(results.values())), **results}

@@ -300,6 +300,13 @@ def prediction_outputs(targets: list[Target], row: dict) -> np.ndarray:
     return np.array([float(row[f"{t.column}_output"]) for t in targets])
 
 
+def prediction_labels(targets: list[Target], row: dict) -> list[float]:
+    """A prediction row's true values as the metrics read them: a class's index, a number in its units."""
+    columns = targets[:1] if targets[0].task == "multiclass" else targets
+    return [float(row[f"{t.column}_true"]) if t.task == "regression" else t.encode(row[f"{t.column}_true"])
+            for t in columns]
+
+
 def predictions_of(run_dir: str | Path, split: str = "test") -> tuple[list[Target], tuple]:
     """A run's targets, and its ``predictions.tsv`` rows of ``split`` as ``objectives.in_units`` triples
     (participants, outputs, labels in units), for ``objectives.compare_models`` without rescoring the model."""
@@ -308,9 +315,8 @@ def predictions_of(run_dir: str | Path, split: str = "test") -> tuple[list[Targe
     run_dir = Path(run_dir)
     targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
     rows = [r for r in read_tsv(run_dir / "predictions.tsv") if r["split"] == split]
-    columns = targets[:1] if targets[0].task == "multiclass" else targets
-    labels = np.array([[float(r[f"{t.column}_true"]) if t.task == "regression" else t.encode(r[f"{t.column}_true"])
-                        for t in columns] for r in rows]).reshape(len(rows), len(columns))
+    width = 1 if targets[0].task == "multiclass" else len(targets)
+    labels = np.array([prediction_labels(targets, r) for r in rows]).reshape(len(rows), width)
     outputs = np.stack([prediction_outputs(targets, r) for r in rows]) if rows else np.zeros((0, 1))
     return targets, ([r["participant_id"] for r in rows], outputs, labels)
 
@@ -330,8 +336,8 @@ def add_gaps(targets: list[Target], rows: list[dict], fit_on: list[dict] | None 
         known = [r for r in rows if r.get(true) not in ("", None)]
         for r in known:
             r[f"{t.column}_gap"] = round(r[predicted] - float(r[true]), 6)
-        line = [r for r in (rows if fit_on is None else fit_on) if r.get(true) not in ("", None)
-                and (fit_on is not None or r["split"] == "val")]
+        source = [r for r in rows if r["split"] == "val"] if fit_on is None else fit_on
+        line = [r for r in source if r.get(true) not in ("", None)]
         truth = [float(r[true]) for r in line]
         if t.gap_fit is None and len(line) >= 3 and np.ptp(truth) > 0:
             slope, intercept = np.polyfit(truth, [r[predicted] - v for r, v in zip(line, truth)], 1)
