@@ -702,6 +702,34 @@ def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, str
     assert worst < 1e-3, worst
 
 
+def test_predict_and_evaluate_on_two_processes_share_the_windows_and_survive_a_damaged_run(store, tmp_path):
+    """Under a launcher the processes each score part of the windows and the first writes what one process would;
+    a run that one process cannot read is one line and left out, and no process is left waiting for another."""
+    run = tmp_path / "run"
+    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    shard = damaged / "runs" / "sub-03_task-rest_run-1.zarr" / "c" / "0" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:100])
+    for command, out in (("predict", "p.tsv"), ("evaluate", "e.json")):
+        args = [command, str(run), "--store", str(damaged), "--batch_size", "1"]
+        assert main([*args, "--out", str(tmp_path / f"one-{out}")]) == 0
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               "29534", "-m", "neurox.cli", *args, "--out", str(tmp_path / f"two-{out}")],
+                              env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count(f"neurox {command}: sub-03: {shard}: the run's frame index cannot be read") == 1
+        assert not (tmp_path / f".two-{out}.parts").exists()
+    one, two = (read_tsv(tmp_path / f"{n}-p.tsv") for n in ("one", "two"))
+    assert [r["participant_id"] for r in two] == [r["participant_id"] for r in one] and len(one) == N_SUBJECTS - 1
+    assert all(float(a["group_output"]) == pytest.approx(float(b["group_output"]), abs=1e-5) for a, b in zip(one, two))
+    one, two = (json.loads((tmp_path / f"{n}-e.json").read_text())["model"] for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    for split in one:
+        for name in ("auroc", "accuracy", "n_subjects"):
+            assert one[split][name] == pytest.approx(two[split][name], abs=1e-6, nan_ok=True), (split, name)
+
+
 def test_ctrl_c_passed_on_by_a_launcher_is_not_a_second_press():
     """torchrun passes a terminal's Ctrl-C on to workers that had it already: that echo must not cancel the
     checkpoint the first one asked for; a second press a moment later stops at once."""

@@ -79,24 +79,32 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
     difference on the same participants, with its interval and p-value. With ``compare``, another fine-tuning run
     of the same targets (from scratch beside a pretrained one, say), ``"compared"`` and ``"model_minus_compared"``
     likewise. Written as JSON to ``out`` when given."""
-    import json
-
-    from neurox.io.atomic import write_text_atomic
-    from neurox.io.claim import discard_parts
-    from neurox.train.objectives import compare_models
-    from neurox.train.runs import evaluate as evaluate_run
+    from neurox.train.distributed import detect, process_group
     from neurox.train.runs import load_run
 
     _, targets, _ = load_run(run)
     described = [(t.column, t.task, t.classes) for t in targets]
     if compare and [(t.column, t.task, t.classes) for t in load_run(compare)[1]] != described:
         raise ValueError(f"--compare {compare}: its targets differ from {run}'s, so their metrics do not compare")
+    with process_group(detect("auto")) as env:  # under a launcher, the processes share the windows
+        return _evaluate(run, store, targets, baseline, compare, batch_size, out, quiet, env.is_main)
+
+
+def _evaluate(run, store, targets, baseline, compare, batch_size, out, quiet, writes: bool) -> dict:
+    import json
+
+    from neurox.io.atomic import write_text_atomic
+    from neurox.io.claim import discard_parts
+    from neurox.train.objectives import compare_models
+    from neurox.train.runs import evaluate as evaluate_run
+
+    described = [(t.column, t.task, t.classes) for t in targets]
     model, fc, other = {}, {}, {}
     results = {"model": evaluate_run(run, store, batch_size, progress=not quiet, out=out, keep=model)}
     if baseline:
         from neurox.analysis.baseline import evaluate_baseline
 
-        results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet, keep=fc)
+        results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet and writes, keep=fc)
         baseline_targets = json.loads((Path(baseline) / "targets.json").read_text())["targets"]
         if [(t["column"], t["task"], t["classes"]) for t in baseline_targets] == described:
             # the model less the baseline on the same participants: a paired interval and p-value
@@ -105,7 +113,7 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
         kept = f"{out}.compared" if out else None
         results["compared"] = evaluate_run(compare, store, batch_size, progress=not quiet, out=kept, keep=other)
         results["model_minus_compared"] = compare_models(targets, model, other)
-    if out:
+    if out and writes:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         discard_parts(out)  # the outputs it kept to resume
         discard_parts(f"{out}.compared")
@@ -114,9 +122,11 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
 
 def predict(run: str | Path, store: str | Path, out: str | Path, batch_size: int = 4, quiet: bool = False) -> Path:
     """One row per participant of the store (output and prediction per target) written to ``out``."""
+    from neurox.train.distributed import detect, process_group
     from neurox.train.runs import predict as predict_run
 
-    return predict_run(run, store, out, batch_size, progress=not quiet)
+    with process_group(detect("auto")):  # under a launcher, the processes share the windows; the first writes
+        return predict_run(run, store, out, batch_size, progress=not quiet)
 
 
 def baseline(quiet: bool = False, **options: Any) -> Path:

@@ -114,7 +114,11 @@ def cmd_pretrain(args) -> int:
 def cmd_evaluate(args) -> int:
     from pathlib import Path
 
+    from neurox.train.distributed import detect
+
     results = api.evaluate(**keywords(api.evaluate, args))  # checks the run first
+    if not detect("cpu").is_main:
+        return 0
     targets = json.loads((Path(args.run) / "targets.json").read_text())["targets"]
     for name, splits in results.items():
         print_metrics(splits, title=name, target=targets[0]["column"] if len(targets) == 1 else None)
@@ -122,7 +126,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    print(f"wrote {api.predict(**keywords(api.predict, args))}")
+    from neurox.train.distributed import detect
+
+    out = api.predict(**keywords(api.predict, args))
+    if detect("cpu").is_main:
+        print(f"wrote {out}")
     return 0
 
 

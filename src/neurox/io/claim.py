@@ -55,7 +55,7 @@ def kept_parts(out: Path, settings: dict) -> Path:
     """The folder beside the file ``out`` (``.{name}.parts``) where a command keeps each participant's part until
     ``out`` is written, so that an interrupted run resumes; emptied first when it holds parts of other ``settings``
     (another model's or store's). The command removes it once ``out`` is written (``discard_parts``)."""
-    cache = _parts(out)
+    cache = parts_folder(out)
     record = cache / "settings.json"
     if cache.is_dir() and (not record.is_file() or json.loads(record.read_text()) != settings):
         shutil.rmtree(cache)
@@ -66,8 +66,8 @@ def kept_parts(out: Path, settings: dict) -> Path:
 
 
 def discard_parts(out: str | Path) -> None:
-    shutil.rmtree(_parts(Path(out)), ignore_errors=True)
+    shutil.rmtree(parts_folder(Path(out)), ignore_errors=True)
 
 
-def _parts(out: Path) -> Path:
+def parts_folder(out: Path) -> Path:
     return out.with_name(f".{out.name}.parts")

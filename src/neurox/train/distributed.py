@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,17 +67,22 @@ def init(env: Env) -> None:
     dist.init_process_group(BACKENDS.get(env.device.type, "gloo"), rank=env.rank, world_size=env.world_size)
 
 
-def launch(run, config):
-    """``run(config, env)`` inside this process's group (joined first, left after, also on errors)."""
-    env = detect(config.device)
+@contextmanager
+def process_group(env: Env):
+    """Inside this process's group: joined first, left after, also on errors."""
     init(env)
     try:
-        result = run(config, env)
+        yield env
     except BaseException:
         shutdown(settle=False)  # the other processes may never reach a barrier
         raise
     shutdown()
-    return result
+
+
+def launch(run, config):
+    """``run(config, env)`` inside this process's group."""
+    with process_group(detect(config.device)) as env:
+        return run(config, env)
 
 
 def shutdown(settle: bool = True) -> None:
@@ -142,5 +148,5 @@ def all_reduce_flag(flag: bool) -> bool:
     return bool(t.item())
 
 
-__all__ = ["Env", "detect", "init", "launch", "shutdown", "wrap", "all_gather_objects", "broadcast_object", "barrier",
-           "all_reduce_flag"]
+__all__ = ["Env", "detect", "init", "process_group", "launch", "shutdown", "wrap", "all_gather_objects",
+           "broadcast_object", "barrier", "all_reduce_flag"]

@@ -94,14 +94,24 @@ def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[s
     indices, outputs = [], []
     bar = progress_display(total=len(mine), desc=progress or "", unit="window",
                            disable=progress is None or not env.is_main)
-    for x, _, index in loader:
-        with autocast:
-            out = model(as_model_input(x, env.device)).float().cpu()
-        indices += index.tolist()
-        outputs.append(out.numpy())
-        bar.update(len(index))
+    failure = None
+    try:
+        for x, _, index in loader:
+            with autocast:
+                out = model(as_model_input(x, env.device)).float().cpu()
+            indices += index.tolist()
+            outputs.append(out.numpy())
+            bar.update(len(index))
+    except (OSError, ValueError, KeyError) as err:  # every process must still reach the gather, or the others wait
+        failure = err
     bar.close()
-    gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None))
+    gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None,
+                                              None if failure is None else str(failure)))
+    if failure is not None:
+        raise failure
+    elsewhere = [g[2] for g in gathered if g[2] is not None]
+    if elsewhere:  # another process could not read its share: every process raises, and they stay in step
+        raise ValueError(elsewhere[0])
     order, rows = first_rows([i for g in gathered for i in g[0]])
     return [dataset.participant(i) for i in order], np.concatenate([g[1] for g in gathered if g[0]])[rows]
 
@@ -139,14 +149,13 @@ def participant_outputs(model, store: Store, cohort: Cohort, participants: list[
         who = np.array(who)
         return {pid: outputs[who == pid] for pid in group if (who == pid).any()}
 
-    todo = []
-    for pid in participants:
-        kept = cache / f"{pid}.npy" if cache is not None else None
-        if kept is not None and kept.is_file():
-            made[pid] = np.load(kept)
-            bar.update(len(made[pid]))
-        else:
-            todo.append(pid)
+    # the first process says which are kept, so that every process runs the same groups in step
+    kept = dist_utils.broadcast_object([pid for pid in participants if cache is not None and
+                                        (cache / f"{pid}.npy").is_file()] if env.is_main else None)
+    for pid in kept:
+        made[pid] = np.load(cache / f"{pid}.npy")
+        bar.update(len(made[pid]))
+    todo = [pid for pid in participants if pid not in made]
     for lo in range(0, len(todo), PARTICIPANTS_AT_ONCE):
         group = todo[lo : lo + PARTICIPANTS_AT_ONCE]
         try:
@@ -157,7 +166,8 @@ def participant_outputs(model, store: Store, cohort: Cohort, participants: list[
                 try:
                     new.update(outputs_of([pid]))
                 except (OSError, ValueError, KeyError) as err:
-                    bar.write(f"neurox {command.split()[0]}: {pid}: {err}; left out")
+                    if env.is_main:
+                        bar.write(f"neurox {command.split()[0]}: {pid}: {err}; left out")
         for pid, mine in new.items():
             if cache is not None and env.is_main:
                 save_npy(cache / f"{pid}.npy", mine)
@@ -201,7 +211,7 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
     ``keep``: a dict that receives each split's participants, outputs and labels (``objectives.in_units``), for a
     paired comparison with another model."""
     from neurox.hub import load_pretrained, weights_digest
-    from neurox.io.claim import kept_parts, resolved
+    from neurox.io.claim import resolved
 
     run_dir = Path(run_dir)
     config, targets, splits = load_run(run_dir)
@@ -218,8 +228,8 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
         cohort.say_left_out("evaluate", "empty, n/a, or not a class the model learned")
     model.to(env.device)
     motion = participant_motion(store)
-    cache = kept_parts(Path(out), {"model": weights_digest(run_dir / "model"), "store": resolved(store.root)}) \
-        if out else None
+    cache = shared_parts(Path(out), {"model": weights_digest(run_dir / "model"), "store": resolved(store.root)},
+                         env) if out else None
     results = {}
     for split in ("train", "val", "test", "external"):
         if cohort.in_split(split):
@@ -239,7 +249,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     window outputs are kept beside ``out`` until it is written, so that an interrupted predict resumes; a
     participant whose frames cannot be read is said in one line and left out."""
     from neurox.hub import load_pretrained, weights_digest
-    from neurox.io.claim import discard_parts, kept_parts, resolved
+    from neurox.io.claim import discard_parts, resolved
 
     run_dir, out = Path(run_dir), Path(out)
     _, targets, splits = load_run(run_dir)
@@ -249,7 +259,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     check_model_store(model, store, env.is_main)
     cohort, truth = cohort_with(store, targets, splits, require_values=False)
     model.to(env.device)
-    cache = kept_parts(out, {"model": weights_digest(run_dir / "model"), "store": resolved(store.root)})
+    cache = shared_parts(out, {"model": weights_digest(run_dir / "model"), "store": resolved(store.root)}, env)
     who, outputs = participant_outputs(model, store, cohort, cohort.participants, env, batch_size, cache,
                                        "predict", progress)
     from neurox.train.metrics import aggregate
@@ -260,9 +270,19 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
         members = [i for i, p in enumerate(subjects) if cohort.split.get(p) == split]
         rows += prediction_rows(targets, truth, split, [subjects[i] for i in members], subject_outputs[members])
     add_gaps(targets, rows)  # corrected as the run fitted it (a run without a fit: on its validation participants)
-    write_predictions(out, targets, rows, participant_motion(store), cohort.person)
-    discard_parts(out)
+    if env.is_main:
+        write_predictions(out, targets, rows, participant_motion(store), cohort.person)
+        discard_parts(out)
     return out
+
+
+def shared_parts(out: Path, settings: dict, env: dist_utils.Env) -> Path:
+    """``kept_parts`` made (or emptied) by the first process alone, the others waiting until it is."""
+    from neurox.io.claim import kept_parts, parts_folder
+
+    cache = kept_parts(out, settings) if env.is_main else parts_folder(out)
+    dist_utils.barrier()
+    return cache
 
 
 def prediction_rows(targets, truth: dict[str, list[str]], split, subjects, outputs) -> list[dict]:
