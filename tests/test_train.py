@@ -470,7 +470,8 @@ def test_evaluate_compares_two_runs_on_the_same_participants(store, tmp_path, ca
     assert main(finetune_args(store, second, "--epochs", "1", "--lr", "3e-4")) == 0
     out = tmp_path / "compared.json"
     assert main(["evaluate", str(first), "--store", str(store), "--compare", str(second), "--out", str(out)]) == 0
-    assert "model_minus_compared\n  train: accuracy_diff " in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "model_minus_compared\n  train: accuracy_diff " in printed.out and "warning" not in printed.err
     results = json.loads(out.read_text())
     assert set(results) == {"model", "compared", "model_minus_compared"}
     paired = results["model_minus_compared"]["train"]
@@ -484,6 +485,22 @@ def test_evaluate_compares_two_runs_on_the_same_participants(store, tmp_path, ca
     assert main(args) == 0
     assert main(["evaluate", str(first), "--store", str(store), "--compare", str(other)]) == 1
     assert "its targets differ from" in capsys.readouterr().err
+    # a run split otherwise is compared on the participants both held out alike, and said so
+    reseeded = tmp_path / "seed"
+    assert main(finetune_args(store, reseeded, "--epochs", "1", "--seed", "7")) == 0
+    capsys.readouterr()
+    results = api.evaluate(first, store, compare=reseeded, quiet=True)
+    err = capsys.readouterr().err
+    splits = [load_splits(d / "splits.tsv") for d in (first, reseeded)]
+    for split in ("train", "test"):
+        mine = {p for p, s in splits[0].items() if s == split}
+        both = mine & {p for p, s in splits[1].items() if s == split}
+        if len(both) < len(mine):
+            assert (f"warning: --compare {reseeded}: of this run's {len(mine)} {split} participants, {len(both)} are "
+                    f"in that one's {split} split") in err
+        if len(both) >= 3:
+            assert results["model_minus_compared"][split]["n_subjects"] == len(both)
+    assert splits[0] != splits[1] and f"warning: --compare {reseeded}: " in err
 
 
 def test_regression_and_several_targets(store, tmp_path):
@@ -728,6 +745,15 @@ def test_predict_and_evaluate_on_two_processes_share_the_windows_and_survive_a_d
     for split in one:
         for name in ("auroc", "accuracy", "n_subjects"):
             assert one[split][name] == pytest.approx(two[split][name], abs=1e-6, nan_ok=True), (split, name)
+
+
+def test_a_command_that_runs_in_one_process_refuses_a_launchers_many(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["synth", str(tmp_path / "cohort"), "--n_subjects", "2"]) == 1
+    assert ("neurox synth: error: runs in one process, and the launcher started 2; run it without torchrun, srun or "
+            "mpiexec") in capsys.readouterr().err
+    assert not (tmp_path / "cohort").exists()
 
 
 def test_ctrl_c_passed_on_by_a_launcher_is_not_a_second_press():

@@ -109,15 +109,32 @@ def _evaluate(run, store, targets, baseline, compare, batch_size, out, quiet, wr
         if [(t["column"], t["task"], t["classes"]) for t in baseline_targets] == described:
             # the model less the baseline on the same participants: a paired interval and p-value
             results["model_minus_fc_baseline"] = compare_models(targets, model, fc)
+            if writes:
+                _say_overlap(f"--baseline {baseline}", "model_minus_fc_baseline", model, fc)
     if compare:  # its outputs are kept apart from the model's, so that both resume
         kept = f"{out}.compared" if out else None
         results["compared"] = evaluate_run(compare, store, batch_size, progress=not quiet, out=kept, keep=other)
         results["model_minus_compared"] = compare_models(targets, model, other)
+        if writes:
+            _say_overlap(f"--compare {compare}", "model_minus_compared", model, other)
     if out and writes:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         discard_parts(out)  # the outputs it kept to resume
         discard_parts(f"{out}.compared")
     return results
+
+
+def _say_overlap(option: str, key: str, model: dict, other: dict) -> None:
+    """A line per split where the other model was scored on only some of the model's participants: their paired
+    difference is over those alone (the runs were split otherwise)."""
+    import sys
+
+    from neurox.train.objectives import split_overlap
+
+    for split, (shared, n) in split_overlap(model, other).items():
+        print(f"warning: {option}: of this run's {n} {split} participants, {shared} are in that one's {split} split "
+              f"(split with another --seed or --split_by?); {key}.{split} is over those alone"
+              + (" (too few: left out)" if shared < 3 else ""), file=sys.stderr)
 
 
 def predict(run: str | Path, store: str | Path, out: str | Path, batch_size: int = 4, quiet: bool = False) -> Path:

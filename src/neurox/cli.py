@@ -217,6 +217,9 @@ COMMANDS = {
 }
 
 
+SHARED_BY_PROCESSES = ("pretrain", "finetune", "evaluate", "predict")  # split their work across processes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -226,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     from concurrent.futures.process import BrokenProcessPool
 
     from neurox.errors import UserFacingError
+    from neurox.train.distributed import detect
 
+    processes = detect("cpu").world_size
+    if processes > 1 and args.command not in SHARED_BY_PROCESSES:  # each would do all of it, into the same files
+        print(f"neurox {args.command}: error: runs in one process, and the launcher started {processes}; run it "
+              f"without torchrun, srun or mpiexec (--workers sets its parallelism where it has one; "
+              f"{', '.join(SHARED_BY_PROCESSES)} share their work across processes)", file=sys.stderr)
+        return 1
     try:
         return COMMANDS[args.command](args[args.command])
     except (ValueError, FileNotFoundError, UserFacingError) as err:

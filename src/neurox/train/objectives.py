@@ -98,6 +98,18 @@ def in_units(targets: list[Target], participants: list[str], outputs: np.ndarray
     return list(participants), outputs, truth
 
 
+def split_overlap(first: dict, second: dict) -> dict[str, tuple[int, int]]:
+    """Per split of ``first`` (split -> ``in_units`` triples) that ``second`` scored only in part: (participants in
+    both, participants of ``first``). Two runs split otherwise (another ``--seed`` or ``--split_by``) compare on
+    their shared participants alone."""
+    overlap = {}
+    for split, (who, _, _) in first.items():
+        shared = len(set(who) & set(second.get(split, ([], None, None))[0]))
+        if shared < len(who):
+            overlap[split] = (shared, len(who))
+    return overlap
+
+
 def compare_models(targets: list[Target], first: dict, second: dict, n_boot: int = 1000) -> dict[str, dict]:
     """Per split that both scored: each metric of the first model less the second's on their shared participants,
     with a paired bootstrap interval and p-value (``neurox.train.metrics.paired_difference``). ``first`` and
