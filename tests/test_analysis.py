@@ -686,6 +686,31 @@ def test_edgewise_statistics_adjust_for_covariates_and_correct_for_many_edges():
         edge_design(["a", "b", "c"], {})
 
 
+def test_edgewise_statistics_compare_groups_within_the_sites_of_a_label_covariate():
+    from neurox.analysis.edges import edge_design, edge_tests
+
+    rng = np.random.default_rng(2)
+    n = 90
+    site = np.array(["a", "b", "c"] * (n // 3))
+    group = (rng.uniform(size=n) < np.select([site == "a", site == "b"], [0.8, 0.5], 0.2)).astype(int)  # unbalanced
+    shift = np.select([site == "a", site == "b"], [2.0, 0.0], -2.0)
+    edges = np.column_stack([shift + rng.normal(0, 0.5, n),  # a site effect only
+                             shift + 1.0 * group + rng.normal(0, 0.5, n)])  # and a group difference
+    values = [str(g) for g in group]
+    alone = edge_tests(edges, edge_design(values, {})[0])
+    design, kept, _, _ = edge_design(values + ["1"], {"site": [*site, "n/a"]})  # the row without a site goes
+    within = edge_tests(edges, design)
+    assert kept == list(range(n)) and design.shape == (n, 4)  # intercept, group, site b, site c
+    assert alone["p"][0] < 1e-3 and within["p"][0] > 0.01  # the site-driven edge is explained by the sites
+    indicators = np.column_stack([np.ones(n), group, site == "b", site == "c"]).astype(float)
+    assert within["beta"][1] == pytest.approx(np.linalg.lstsq(indicators, edges[:, 1], rcond=None)[0][1])
+    se = within["beta"][1] / within["t"][1]
+    assert abs(within["beta"][1] - 1.0) < 4 * se and within["p"][1] < 1e-3
+    with pytest.raises(ValueError, match=r"the effect \(two groups: 1 vs 0\) cannot be told apart from the "
+                                         r"covariates \(site\)"):
+        edge_design(values, {"site": [f"s{g}" for g in group]})  # each site holds one group
+
+
 def test_edgewise_statistics_are_the_same_in_slices_of_edges(tmp_path):
     from neurox.analysis.edges import pair_statistics
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import bold, cohort_store, finetune_args
+from fakes import bold, cohort_store, finetune_args, save
 
 from neurox import api
 from neurox.cli import main
@@ -20,6 +20,24 @@ from neurox.data.store import read_tsv
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return cohort_store(tmp_path_factory)
+
+
+def three_parcel_atlas(folder: Path) -> Path:
+    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
+    save(folder / "atlas.nii.gz", labels)
+    return folder / "atlas.nii.gz"
+
+
+def test_connectivity_compares_groups_within_sites(store, tmp_path, capsys):
+    """A label covariate (site a, b, c) enters the edgewise statistics as an indicator per site but the first,
+    as it enters the linear models."""
+    out = tmp_path / "fc"
+    assert main(["connectivity", "--store", str(store), "--atlas", str(three_parcel_atlas(tmp_path)), "--out",
+                 str(out), "--group_by", "group", "--covariates", "site", "--quiet", "true"]) == 0
+    summary = json.loads((out / "edges.json").read_text())
+    assert (summary["covariates"], summary["n"], summary["dof"]) == (["site"], 10, 10 - 4)  # 1, group, site b, c
+    assert "edgewise, group (two groups: 1 vs 0; n=10; covariates: site)" in capsys.readouterr().out
 
 
 def test_cross_validation_fits_every_fold_on_the_others_only():
@@ -86,12 +104,7 @@ def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
     everyone, per fold in the tangent space its own reference."""
     from neurox.analysis.baseline import evaluate_baseline
 
-    atlas = tmp_path / "atlas.nii.gz"
-    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
-    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
-    from fakes import save
-
-    save(atlas, labels)
+    atlas = three_parcel_atlas(tmp_path)
     fc = tmp_path / "fc"
     base = ["baseline", "--store", str(store), "--atlas", str(atlas), "--n_boot", "20"]
     assert main([*base, "--target", "score", "--out", str(fc), "--folds", "5", "--split_by", "family",
@@ -131,12 +144,7 @@ def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
 def test_baseline_on_the_same_split(store, tmp_path, capsys):
     run = tmp_path / "run"
     main(finetune_args(store, run, "--epochs", "1"))
-    atlas = tmp_path / "atlas.nii.gz"
-    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
-    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
-    from fakes import save
-
-    save(atlas, labels)
+    atlas = three_parcel_atlas(tmp_path)
     assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
                  str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "50", "--quiet", "true"]) == 0
     assert read_tsv(tmp_path / "fc" / "splits.tsv") == read_tsv(run / "splits.tsv")
@@ -282,12 +290,7 @@ def test_combat_harmonisation_equals_neurocombat_and_applies_its_training_fit():
 def test_baseline_and_probe_with_covariates(store, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(finetune_args(store, run, "--epochs", "1")) == 0
-    atlas = tmp_path / "atlas.nii.gz"
-    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
-    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
-    from fakes import save
-
-    save(atlas, labels)
+    atlas = three_parcel_atlas(tmp_path)
     fc = tmp_path / "fc"
     assert main(["baseline", "--store", str(store), "--target", "score", "--atlas", str(atlas), "--out", str(fc),
                  "--split_from", str(run), "--covariates", "site", "group", "--n_boot", "20",

@@ -265,8 +265,8 @@ def _connectivity_parser() -> ArgumentParser:
                    "each and their difference, and edgewise statistics (two groups, or a numeric column's slope) in "
                    "edges.tsv, FDR-corrected (and per network block in network_edges.tsv, where the atlas' names "
                    "table has a network column or Schaefer names)")
-    p.add_argument("--covariates", nargs="+", default=None, help="numeric phenotype columns, or mean_fd (head "
-                   "motion), adjusted for in the edgewise statistics")
+    p.add_argument("--covariates", nargs="+", default=None, help="phenotype columns (numbers, or labels such as "
+                   "site: an indicator per level), or mean_fd (head motion), adjusted for in the edgewise statistics")
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading the runs' frames (each holds one run), and for --kind tangent its passes")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")

@@ -63,6 +63,37 @@ def with_covariates(store: Store, cohort, columns: list[str], command: str, opti
     return values
 
 
+def covariate_encoding(columns: list[str], rows: list[list[str]]) -> list[dict]:
+    """How each covariate enters a design, learned from ``rows`` (a value per column): a number column's mean and
+    standard deviation, or a label column's levels."""
+    encoding = []
+    for i, column in enumerate(columns):
+        raw = [r[i] for r in rows]
+        try:
+            numbers = np.array([float(v) for v in raw])
+            encoding.append({"column": column, "mean": float(numbers.mean()), "std": float(numbers.std()) or 1.0})
+        except ValueError:
+            encoding.append({"column": column, "levels": sorted(set(raw))})
+    return encoding
+
+
+def covariate_design(encoding: list[dict], rows: list[list[str]]) -> np.ndarray:
+    """(rows, 1 + terms): an intercept, each number standardised, each label but the first level as 0/1."""
+    terms = [np.ones(len(rows))]
+    for i, code in enumerate(encoding):
+        raw = [r[i] for r in rows]
+        if "levels" in code:
+            terms += [np.array([v == level for v in raw], dtype=np.float64) for level in code["levels"][1:]]
+        else:
+            try:
+                terms.append((np.array([float(v) for v in raw]) - code["mean"]) / code["std"])
+            except ValueError:
+                bad = next(v for v in raw if not numeric_values([v]))
+                raise ValueError(f"--covariates {code['column']}: {bad!r} is not a number, as the training "
+                                 "participants' values were") from None
+    return np.stack(terms, axis=1)
+
+
 class CovariateRemoval:
     """What is removed from the features: the covariates' encoding and each feature's weights on them."""
 
@@ -74,15 +105,7 @@ class CovariateRemoval:
         """Fitted on the training rows ``x`` (participants x features), whose covariates are removed in place."""
         from neurox.analysis.baseline import column_blocks  # the wide fit's blocks (baseline imports this module)
 
-        encoding = []
-        for i, column in enumerate(columns):
-            raw = [r[i] for r in rows]
-            try:
-                numbers = np.array([float(v) for v in raw])
-                encoding.append({"column": column, "mean": float(numbers.mean()), "std": float(numbers.std()) or 1.0})
-            except ValueError:
-                encoding.append({"column": column, "levels": sorted(set(raw))})
-        removal = cls(columns, encoding, np.zeros((0, x.shape[1])))
+        removal = cls(columns, covariate_encoding(columns, rows), np.zeros((0, x.shape[1])))
         design = removal.design(rows)
         inverse = np.linalg.pinv(design)  # least squares, whatever the rank (a level no training row has)
         removal.coef = np.zeros((design.shape[1], x.shape[1]))
@@ -92,20 +115,7 @@ class CovariateRemoval:
         return removal
 
     def design(self, rows: list[list[str]]) -> np.ndarray:
-        """(rows, 1 + terms): an intercept, each number standardised, each label but the first level as 0/1."""
-        terms = [np.ones(len(rows))]
-        for i, code in enumerate(self.encoding):
-            raw = [r[i] for r in rows]
-            if "levels" in code:
-                terms += [np.array([v == level for v in raw], dtype=np.float64) for level in code["levels"][1:]]
-            else:
-                try:
-                    terms.append((np.array([float(v) for v in raw]) - code["mean"]) / code["std"])
-                except ValueError:
-                    bad = next(v for v in raw if not numeric_values([v]))
-                    raise ValueError(f"--covariates {code['column']}: {bad!r} is not a number, as the training "
-                                     "participants' values were") from None
-        return np.stack(terms, axis=1)
+        return covariate_design(self.encoding, rows)
 
     def remove(self, rows: list[list[str]], x: np.ndarray) -> np.ndarray:
         """``x`` (participants x features, float32) less its fit on the covariates, in place; returned."""

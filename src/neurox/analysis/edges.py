@@ -4,9 +4,10 @@ with covariates (head motion first among them), corrected for the number of edge
 Each edge (the upper triangle of the participants' matrices) gets one ordinary least-squares fit of
 ``edge ~ 1 + effect + covariates``: ``effect`` is the indicator of the second of two groups (so its
 coefficient is the group difference, adjusted; without covariates its t equals the pooled two-sample
-t-test's), or a numeric column itself (a slope per unit). Covariates are standardised. The p-values are
-two-sided, from Student's t with n - rank degrees of freedom, and the q-values Benjamini-Hochberg's over
-every edge.
+t-test's), or a numeric column itself (a slope per unit). Covariates enter as in the linear models
+(neurox.analysis.covariates): numbers standardised, labels (site, scanner, sex) as one indicator per level but
+the first, so that ``--covariates site`` compares the groups within sites. The p-values are two-sided, from
+Student's t with n - rank degrees of freedom, and the q-values Benjamini-Hochberg's over every edge.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
+from neurox.analysis.covariates import covariate_design, covariate_encoding
+from neurox.data.loader import missing_value
 
 FDR = 0.05
 SLICE_VALUES = 1 << 22  # participants x pairs tested at once: 32 MiB of float64 (8,192 pairs of 512 participants)
@@ -33,14 +37,17 @@ def edge_design(values: list[str], covariates: dict[str, list[str]]) -> tuple[np
     else:
         raise ValueError(f"edgewise statistics need two groups or a numeric column; found {len(distinct)} values "
                          f"({', '.join(distinct[:5])}{', ...' if len(distinct) > 5 else ''})")
-    columns = [effect] + [[float(v) if _is_number(v) else np.nan for v in c] for c in covariates.values()]
-    x = np.array(columns, dtype=float).T
-    kept = [i for i in range(len(values)) if np.isfinite(x[i]).all()]
-    x = x[kept]
-    if x.shape[1] > 1:
-        spread = x[:, 1:].std(0)
-        x[:, 1:] = (x[:, 1:] - x[:, 1:].mean(0)) / np.where(spread > 0, spread, 1.0)
-    return np.column_stack([np.ones(len(x)), x]), kept, coding, groups
+    raw = [[str(c[i]).strip() for c in covariates.values()] for i in range(len(values))]
+    kept = [i for i in range(len(values)) if np.isfinite(effect[i]) and not any(missing_value(v) for v in raw[i])]
+    rows = [raw[i] for i in kept]
+    terms = covariate_design(covariate_encoding(list(covariates), rows), rows)[:, 1:]
+    design = np.column_stack([np.ones(len(kept)), np.array(effect)[kept], terms])
+    rank = np.linalg.matrix_rank(design) if len(kept) else 0
+    if len(kept) > rank and rank == np.linalg.matrix_rank(np.delete(design, 1, axis=1)):  # (too few rows: edge_tests)
+        raise ValueError(f"the effect ({coding}) cannot be told apart from the covariates "
+                         f"({', '.join(covariates)}): each level of a label covariate needs participants of both "
+                         "groups (or several values of the number)")
+    return design, kept, coding, groups
 
 
 def edge_tests(edges: np.ndarray, design: np.ndarray) -> dict[str, np.ndarray]:
