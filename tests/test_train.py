@@ -496,11 +496,11 @@ def test_evaluate_compares_two_runs_on_the_same_participants(store, tmp_path, ca
         mine = {p for p, s in splits[0].items() if s == split}
         both = mine & {p for p, s in splits[1].items() if s == split}
         if len(both) < len(mine):
-            assert (f"warning: --compare {reseeded}: of this run's {len(mine)} {split} participants, {len(both)} are "
-                    f"in that one's {split} split") in err
+            assert (f"warning: --compare {reseeded} scored {len(both)} of this run's {len(mine)} {split} participants "
+                    f"as {split} participants") in err
         if len(both) >= 3:
             assert results["model_minus_compared"][split]["n_subjects"] == len(both)
-    assert splits[0] != splits[1] and f"warning: --compare {reseeded}: " in err
+    assert splits[0] != splits[1] and f"warning: --compare {reseeded} scored " in err
 
 
 def test_regression_and_several_targets(store, tmp_path):

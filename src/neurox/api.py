@@ -132,9 +132,9 @@ def _say_overlap(option: str, key: str, model: dict, other: dict) -> None:
     from neurox.train.objectives import split_overlap
 
     for split, (shared, n) in split_overlap(model, other).items():
-        print(f"warning: {option}: of this run's {n} {split} participants, {shared} are in that one's {split} split "
-              f"(split with another --seed or --split_by?); {key}.{split} is over those alone"
-              + (" (too few: left out)" if shared < 3 else ""), file=sys.stderr)
+        print(f"warning: {option} scored {shared} of this run's {n} {split} participants as {split} participants (it "
+              f"was split otherwise, or left some out); {key}.{split} is over those {shared}"
+              + (", too few: left out" if shared < 3 else ""), file=sys.stderr)
 
 
 def predict(run: str | Path, store: str | Path, out: str | Path, batch_size: int = 4, quiet: bool = False) -> Path:
