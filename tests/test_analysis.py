@@ -32,15 +32,34 @@ from neurox.data.store import Store, read_tsv
 from neurox.data.synthetic import SynthOptions, synthesize
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> tuple[Path, Path]:
-    """(cohort, store): 8 participants, 4 in each coupling group, 200 frames on the 4 mm grid."""
-    root = tmp_path_factory.mktemp("synthetic")
-    cohort = synthesize(root / "cohort", SynthOptions(n_subjects=8, n_frames=200, voxel_size_mm=4.0, seed=5),
-                        progress=False)
-    report = prepare(cohort, root / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False)
+def cohort_and_store(root: Path, n_frames: int) -> tuple[Path, Path]:
+    """8 participants, 4 in each group of every planted effect, on the 4 mm grid (two processes: both cores)."""
+    cohort = synthesize(root / "cohort", SynthOptions(n_subjects=8, n_frames=n_frames, voxel_size_mm=4.0, seed=5),
+                        progress=False, workers=2)
+    report = prepare(cohort, root / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False, workers=2)
     assert report.ok
     return cohort, root / "store"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, Path]:
+    """(cohort, store) of 200 frames: enough for the planted coupling to show in each participant's FC."""
+    return cohort_and_store(tmp_path_factory.mktemp("synthetic"), 200)
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory) -> tuple[Path, Path]:
+    """(cohort, store) of 40 frames, two windows each: what a model reads, at a fifth of the cost."""
+    return cohort_and_store(tmp_path_factory.mktemp("short"), 40)
+
+
+@pytest.fixture(scope="module")
+def trained(short, tmp_path_factory) -> Path:
+    """A run fine-tuned for two steps on the short store (its weights barely moved: what matters is the path)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(["finetune", "--store", str(short[1]), "--target", "amplitude_group", "--out", str(run), "--epochs",
+                 "1", "--max_steps", "2", "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0"]) == 0
+    return run
 
 
 def atlas_of(cohort: Path) -> Path:
@@ -266,11 +285,8 @@ def test_group_maps_are_smoothed_inside_the_brain_only():
     assert smooth_in_brain(spike, brain, 0.0, 4.0) is spike
 
 
-def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
-    cohort, store = synthetic
-    run = tmp_path / "run"
-    assert main(["finetune", "--store", str(store), "--target", "amplitude_group", "--out", str(run), "--epochs",
-                 "1", "--max_steps", "2", "--batch_size", "2", "--n_boot", "20", "--loader_workers", "0"]) == 0
+def test_explain_a_trained_run(short, trained, tmp_path, capsys):
+    (cohort, store), run = short, trained
     out = tmp_path / "explain"
     group = {row["participant_id"]: row["amplitude_group"] for row in Store(store).phenotypes()}
     pair = [min(p for p in group if group[p] == value) for value in ("0", "1")]  # one of each group
@@ -336,18 +352,29 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
                  pair[0]]) == 1  # a folder named like a NIfTI file would pass for a map
     assert "explain writes a folder" in capsys.readouterr().err and not (tmp_path / "map.nii.gz").exists()
 
+
+def embedding_columns(path: Path) -> dict[str, list]:
+    """A table from neurox embed, column by column, from Parquet or TSV (whose embedding values are read as numbers)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pydict()
+    rows = read_tsv(path)
+    return {key: [float(r[key]) if key[0] == "e" and key[1:].isdigit() else r[key] for r in rows] for key in rows[0]}
+
+
+def test_embed_a_trained_run(short, trained, tmp_path, capsys):
+    (_, store), run = short, trained
     table = tmp_path / "emb.parquet"
     assert main(["embed", str(run), "--store", str(store), "--out", str(table), "--color_by", "amplitude_group",
                  "--quiet", "true"]) == 0
-    import pyarrow.parquet as pq
-
-    participants = pq.read_table(table).to_pydict()
+    participants = embedding_columns(table)
     assert participants["participant_id"] == [f"sub-{i:02d}" for i in range(1, 9)]
     assert set(participants["split"]) <= {"train", "val", "test"} and "amplitude_group" in participants
-    windows = pq.read_table(tmp_path / "emb_windows.parquet").to_pydict()
-    assert len(windows["participant_id"]) == 8 * 10  # 200 frames: 10 windows of 20 each
+    windows = embedding_columns(tmp_path / "emb_windows.parquet")
+    assert len(windows["participant_id"]) == 8 * 2  # 40 frames: 2 windows of 20 each
     first = np.array([windows[f"e{i}"][0] for i in range(96)])
-    mean = np.mean([[windows[f"e{i}"][w] for i in range(96)] for w in range(10)], axis=0)
+    mean = np.mean([[windows[f"e{i}"][w] for i in range(96)] for w in range(2)], axis=0)
     assert np.allclose([participants[f"e{i}"][0] for i in range(96)], mean, atol=1e-5) and first.std() > 0
     assert (tmp_path / "emb_pca.png").stat().st_size > 5_000
     assert not (tmp_path / ".emb.parquet.parts").exists()  # the embeddings it kept go once the tables are written
@@ -357,23 +384,29 @@ def test_explain_and_embed_a_trained_run(synthetic, tmp_path, capsys):
     from neurox.io.claim import kept_parts
 
     settings = {"model": weights_digest(run), "store": str(Path(store).resolve())}
-    for name, kept_settings in (("resumed", settings), ("stale", {**settings, "model": "another"})):
-        cache = kept_parts(tmp_path / f"{name}.parquet", kept_settings)
-        rows = [(r, s) for r, s in zip(windows["run_id"][:10], windows["start"][:10])]  # sub-01's windows, marked
-        marked = np.array([[windows[f"e{i}"][w] + 1.0 for i in range(96)] for w in range(10)], dtype=np.float32)
+    # the stale one is also written as TSV, with its progress shown
+    for out, kept_settings in ((tmp_path / "resumed.parquet", settings),
+                               (tmp_path / "stale.tsv", {**settings, "model": "another"})):
+        cache = kept_parts(out, kept_settings)
+        rows = [(r, s) for r, s in zip(windows["run_id"][:2], windows["start"][:2])]  # sub-01's windows, marked
+        marked = np.array([[windows[f"e{i}"][w] + 1.0 for i in range(96)] for w in range(2)], dtype=np.float32)
         _save_participant(cache / "sub-01.npz", rows, marked)
-        assert main(["embed", str(run), "--store", str(store), "--out", str(tmp_path / f"{name}.parquet"),
-                     "--quiet", "true"]) == 0 and not cache.exists()
-        again = pq.read_table(tmp_path / f"{name}.parquet").to_pydict()
+        quiet = ["--quiet", "true"] if out.suffix == ".parquet" else []
+        assert main(["embed", str(run), "--store", str(store), "--out", str(out), *quiet]) == 0 and not cache.exists()
+        again = embedding_columns(out)
         shift = np.array([again[f"e{i}"][0] - participants[f"e{i}"][0] for i in range(96)])
-        assert np.allclose(shift, 1.0 if name == "resumed" else 0.0, atol=1e-5)  # read, or discarded
-        assert all(again[f"e{i}"][1:] == participants[f"e{i}"][1:] for i in range(96))  # the others: the same
-    assert main(["embed", str(run), "--store", str(store), "--out", str(tmp_path / "e.tsv")]) == 0
+        assert np.allclose(shift, 1.0 if out.stem == "resumed" else 0.0, atol=1e-5)  # read, or discarded
+        for i in range(96):  # the others: the same (TSV keeps six significant digits)
+            assert np.allclose(again[f"e{i}"][1:], participants[f"e{i}"][1:], rtol=1e-5, atol=1e-7), i
     shown = capsys.readouterr().err  # progress as whole lines in a log, not carriage-return redraws
-    assert "embed: 8/8 (100%) participant" in shown and "windows 80" in shown and "\r" not in shown
-    assert read_tsv(tmp_path / "e.tsv")[0]["participant_id"] == "sub-01"
+    assert "embed: 8/8 (100%) participant" in shown and "windows 16" in shown and "\r" not in shown
+    assert read_tsv(tmp_path / "stale.tsv")[0]["participant_id"] == "sub-01"
 
-    # the closed-form probe of the same run, on its own split, with statistics pooling
+
+def test_probe_a_trained_run(short, trained, tmp_path, capsys):
+    """The closed-form probe of the same run, on its own split, with statistics pooling; it resumes from the
+    embeddings it kept, never mixes settings, and reads a stage's per-position output."""
+    (_, store), run = short, trained
     assert main(["probe", str(run), "--store", str(store), "--target", "amplitude_group", "--split_from", str(run),
                  "--pool", "mean_std", "--out", str(tmp_path / "probe")]) == 0
     metrics = json.loads((tmp_path / "probe" / "metrics.json").read_text())

@@ -43,8 +43,8 @@ N_FRAMES = 200
 def cohort_and_store(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("confounds")
     cohort = synthesize(root / "cohort", SynthOptions(n_subjects=10, n_frames=N_FRAMES, voxel_size_mm=4.0, seed=3),
-                        progress=False)
-    assert prepare(cohort, root / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False).ok
+                        progress=False, workers=2)
+    assert prepare(cohort, root / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False, workers=2).ok
     return cohort, root / "store"
 
 
@@ -210,10 +210,11 @@ def test_the_motion_summary_names_the_runs_that_moved_most():
 def test_a_motion_confounded_target_is_caught_and_denoising_removes_it(tmp_path, capsys):
     # motion_group has no neural effect: its group 1 only moves more (four times the head jumps and spikes)
     cohort = synthesize(tmp_path / "cohort", SynthOptions(n_subjects=16, n_frames=120, voxel_size_mm=4.0,
-                                                          motion_effect=3.0, seed=5), progress=False)
+                                                          motion_effect=3.0, seed=5), progress=False, workers=2)
     truth = json.loads((cohort / "ground_truth" / "ground_truth.json").read_text())["motion_group"]
     assert truth["spikes_per_run"] == [2, 8] and truth["map"] is None
-    assert prepare(cohort, tmp_path / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False).ok
+    assert prepare(cohort, tmp_path / "store", PrepareOptions(grid=TargetGrid.default(4.0)), progress=False,
+                   workers=2).ok
     store = Store(tmp_path / "store")
     group = {r["participant_id"]: int(r["motion_group"]) for r in store.phenotypes()}
     fd = {r["participant_id"]: float(r["mean_fd"]) for r in store.manifest}
