@@ -44,6 +44,24 @@ def store(tmp_path_factory) -> Path:
     return cohort_store(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def one_process_run(store, tmp_path_factory) -> Path:
+    """The default run in a process of its own (one thread, on the CPU): what the runs on two processes and the
+    interrupted run must reproduce. Only read."""
+    run = tmp_path_factory.mktemp("one-process") / "run"
+    subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, run, "--device", "cpu")], check=True,
+                   env=ENV, capture_output=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(store, tmp_path_factory) -> Path:
+    """A run of one epoch, for the tests that score a trained model. Only read."""
+    run = tmp_path_factory.mktemp("one-epoch") / "run"
+    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+    return run
+
+
 # --- splits, metrics, sampler ------------------------------------------------------------------------
 
 
@@ -462,11 +480,10 @@ def test_finetune_evaluate_predict(store, tmp_path, capsys):
     assert not (tmp_path / ".d.json.parts").exists()
 
 
-def test_evaluate_compares_two_runs_on_the_same_participants(store, tmp_path, capsys):
+def test_evaluate_compares_two_runs_on_the_same_participants(store, one_epoch_run, tmp_path, capsys):
     """--compare: another run of the same targets scored alike, and each metric's paired difference (a pretrained
     run beside a scratch one); runs of other targets do not compare."""
-    first, second = tmp_path / "a", tmp_path / "b"
-    assert main(finetune_args(store, first, "--epochs", "1")) == 0
+    first, second = one_epoch_run, tmp_path / "b"
     assert main(finetune_args(store, second, "--epochs", "1", "--lr", "3e-4")) == 0
     out = tmp_path / "compared.json"
     assert main(["evaluate", str(first), "--store", str(store), "--compare", str(second), "--out", str(out)]) == 0
@@ -698,10 +715,8 @@ def test_fine_tuning_a_per_position_head(store, tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, strategy):
-    one, two = tmp_path / "one", tmp_path / "two"
-    base = finetune_args(store, one, "--device", "cpu")
-    subprocess.run([sys.executable, "-m", "neurox.cli", *base], check=True, env=ENV, capture_output=True)
+def test_two_processes_match_one_with_the_same_global_batch(store, one_process_run, tmp_path, strategy):
+    one, two = one_process_run, tmp_path / "two"
     args = finetune_args(store, two, "--device", "cpu", "--strategy", strategy)
     args[args.index("--batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -719,11 +734,11 @@ def test_two_processes_match_one_with_the_same_global_batch(store, tmp_path, str
     assert worst < 1e-3, worst
 
 
-def test_predict_and_evaluate_on_two_processes_share_the_windows_and_survive_a_damaged_run(store, tmp_path):
+def test_predict_and_evaluate_on_two_processes_share_the_windows_and_survive_a_damaged_run(store, one_epoch_run,
+                                                                                          tmp_path):
     """Under a launcher the processes each score part of the windows and the first writes what one process would;
     a run that one process cannot read is one line and left out, and no process is left waiting for another."""
-    run = tmp_path / "run"
-    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+    run = one_epoch_run
     damaged = tmp_path / "damaged"
     shutil.copytree(store, damaged)
     shard = damaged / "runs" / "sub-03_task-rest_run-1.zarr" / "c" / "0" / "0" / "0" / "0"
@@ -777,17 +792,16 @@ def test_ctrl_c_passed_on_by_a_launcher_is_not_a_second_press():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, tmp_path):
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, reference)], check=True, env=ENV,
-                   capture_output=True)
-    returncode, out = run_until_step_then_signal(finetune_args(store, resumed), resumed, step=2)
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(store, one_process_run, tmp_path):
+    reference, resumed = one_process_run, tmp_path / "resumed"
+    args = finetune_args(store, resumed, "--device", "cpu")
+    returncode, out = run_until_step_then_signal(args, resumed, step=2)
     assert returncode == 0 and "stopped by SIGTERM at step" in out
     assert "(stopped)" in out and "(done)" not in out  # the progress line says where the run stopped
     stopped_at = consolidated_state(resumed / "checkpoints" / "last")["step"]
     assert 2 <= stopped_at < 8  # mid-run: the reference takes 8 steps
-    subprocess.run([sys.executable, "-m", "neurox.cli", *finetune_args(store, resumed), "--resume", "true"],
-                   check=True, env=ENV, capture_output=True)
+    subprocess.run([sys.executable, "-m", "neurox.cli", *args, "--resume", "true"], check=True, env=ENV,
+                   capture_output=True)
     a = consolidated_state(reference / "checkpoints" / "last")
     b = consolidated_state(resumed / "checkpoints" / "last")
     assert a["step"] == b["step"]
