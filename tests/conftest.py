@@ -35,6 +35,19 @@ def swift_fixture_dir() -> Path:
     return require_shared("fixtures/swift_reference")
 
 
+@pytest.fixture(scope="module")
+def one_epoch_run(store, tmp_path_factory) -> Path:
+    """A run of one epoch on the module's ``store`` (tests.fakes.cohort_store), for the tests that score a trained
+    model. Only read."""
+    from fakes import finetune_args
+
+    from neurox.cli import main
+
+    run = tmp_path_factory.mktemp("one-epoch") / "run"
+    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

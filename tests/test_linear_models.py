@@ -99,7 +99,7 @@ def test_cross_validation_fits_every_fold_on_the_others_only():
     assert cohort.targets[0].gap_fit is not None  # the line of every out-of-fold output, for new participants
 
 
-def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
+def test_baseline_and_probe_cross_validated(store, one_epoch_run, tmp_path, capsys):
     """--folds: every participant tested once out of fold (families kept in one fold), the saved model fitted on
     everyone, per fold in the tangent space its own reference."""
     from neurox.analysis.baseline import evaluate_baseline
@@ -132,8 +132,7 @@ def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
     assert main([*base, "--target", "group", "--out", str(tmp_path / "both"), "--folds", "2", "--split_from",
                  str(fc)]) == 1
     assert "--folds cross-validates on folds of its own; it takes no --split_from" in capsys.readouterr().err
-    run = tmp_path / "run"
-    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+    run = one_epoch_run
     assert main(["probe", str(run), "--store", str(store), "--target", "group", "--folds", "3",
                  "--out", str(tmp_path / "probe"), "--quiet", "true"]) == 0
     probed = json.loads((tmp_path / "probe" / "metrics.json").read_text())
@@ -141,9 +140,8 @@ def test_baseline_and_probe_cross_validated(store, tmp_path, capsys):
     assert sorted(r["fold"] for r in read_tsv(tmp_path / "probe" / "folds.tsv")) == ["1"] * 4 + ["2"] * 3 + ["3"] * 3
 
 
-def test_baseline_on_the_same_split(store, tmp_path, capsys):
-    run = tmp_path / "run"
-    main(finetune_args(store, run, "--epochs", "1"))
+def test_baseline_on_the_same_split(store, one_epoch_run, tmp_path, capsys):
+    run = one_epoch_run
     atlas = three_parcel_atlas(tmp_path)
     assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(atlas), "--out",
                  str(tmp_path / "fc"), "--split_from", str(run), "--n_boot", "50", "--quiet", "true"]) == 0
@@ -287,9 +285,8 @@ def test_combat_harmonisation_equals_neurocombat_and_applies_its_training_fit():
         Harmonisation.fit("site", ["a", "a", "d"], x[:3].astype(np.float32))
 
 
-def test_baseline_and_probe_with_covariates(store, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(finetune_args(store, run, "--epochs", "1")) == 0
+def test_baseline_and_probe_with_covariates(store, one_epoch_run, tmp_path, capsys):
+    run = one_epoch_run
     atlas = three_parcel_atlas(tmp_path)
     fc = tmp_path / "fc"
     assert main(["baseline", "--store", str(store), "--target", "score", "--atlas", str(atlas), "--out", str(fc),

@@ -54,14 +54,6 @@ def one_process_run(store, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
-def one_epoch_run(store, tmp_path_factory) -> Path:
-    """A run of one epoch, for the tests that score a trained model. Only read."""
-    run = tmp_path_factory.mktemp("one-epoch") / "run"
-    assert main(finetune_args(store, run, "--epochs", "1")) == 0
-    return run
-
-
 # --- splits, metrics, sampler ------------------------------------------------------------------------
 
 
@@ -403,9 +395,8 @@ def test_step_sampler_gives_each_process_its_part_of_the_global_batch():
 # --- the commands ----------------------------------------------------------------------------------------
 
 
-def test_finetune_evaluate_predict(store, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(finetune_args(store, run)) == 0
+def test_finetune_evaluate_predict(store, one_epoch_run, tmp_path, capsys):
+    run = one_epoch_run
     for name in ("config.yaml", "splits.tsv", "targets.json", "metrics.jsonl", "metrics.json", "predictions.tsv",
                  "model/config.json", "checkpoints/last/trainer.pt"):
         assert (run / name).is_file(), name
