@@ -40,6 +40,45 @@ def test_connectivity_compares_groups_within_sites(store, tmp_path, capsys):
     assert "edgewise, group (two groups: 1 vs 0; n=10; covariates: site)" in capsys.readouterr().out
 
 
+def test_connectivity_harmonises_the_sites_before_the_edgewise_statistics(store, tmp_path, capsys):
+    """--harmonize site: the edges tested are neuroCombat's, with the group preserved; site cannot also be a
+    covariate or the effect."""
+    import warnings
+
+    import pandas as pd
+    from neuroCombat import neuroCombat
+
+    from neurox.analysis.edges import edge_tests
+
+    out, atlas = tmp_path / "fc", three_parcel_atlas(tmp_path)
+    base = ["connectivity", "--store", str(store), "--atlas", str(atlas), "--group_by", "group", "--quiet", "true"]
+    assert main([*base, "--out", str(out), "--harmonize", "site"]) == 0
+    summary = json.loads((out / "edges.json").read_text())
+    assert (summary["harmonize"], summary["n"], summary["dof"]) == ("site", 10, 10 - 2)
+    assert "edgewise, group (two groups: 1 vs 0; n=10; covariates: none; ComBat across site)" in capsys.readouterr().out
+    data = np.load(out / "connectivity.npz")
+    phenotypes = {r["participant_id"]: r for r in read_tsv(out / "participants.tsv")}
+    covars = pd.DataFrame([{k: phenotypes[p][k] for k in ("site", "group")} for p in data["participants"]])
+    upper = np.triu_indices(3, 1)
+    edges = data["matrices"][:, upper[0], upper[1]].astype(np.float64)  # the matrices are written as computed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = neuroCombat(edges.T.copy(), covars, "site", categorical_cols=["group"])["data"].T
+    design = np.column_stack([np.ones(10), covars["group"].astype(float)])
+    expected = edge_tests(theirs, design)["t"]
+    rows = {(r["parcel_a"], r["parcel_b"]): float(r["t"]) for r in read_tsv(out / "edges.tsv")}
+    names = [r["name"] for r in read_tsv(out / "parcels.tsv")]
+    got = [rows[(names[a], names[b])] for a, b in zip(*upper)]
+    assert np.allclose(got, expected, atol=1e-3)
+    for extra, message in ((["--covariates", "site"], "--harmonize site: ComBat removes the effect of site; it "
+                                                      "cannot also be a covariate"),
+                           (["--group_by", "site"], "it cannot also be the effect tested"),
+                           (["--group_by", "group", "--harmonize", "nope"], "--harmonize nope: not a column of")):
+        harmonize = [] if "--harmonize" in extra else ["--harmonize", "site"]
+        assert main([*base, "--out", str(tmp_path / "x"), *harmonize, *extra]) == 1
+        assert message in capsys.readouterr().err
+
+
 def test_cross_validation_fits_every_fold_on_the_others_only():
     """Each participant's output is that of the model fitted, sites harmonised and covariates removed, on the other
     folds alone; the pooled metrics, each fold's, and the brain-age gap corrected by the other folds' line."""
@@ -283,6 +322,45 @@ def test_combat_harmonisation_equals_neurocombat_and_applies_its_training_fit():
         harmonisation.apply(["d"], x[:1].astype(np.float32))
     with pytest.raises(ValueError, match="a site needs 2 training participants or more .* d \\(1\\)"):
         Harmonisation.fit("site", ["a", "a", "d"], x[:3].astype(np.float32))
+
+
+def test_combat_in_slices_of_edges_preserves_the_effect_tested_as_neurocombat_does():
+    """ComBat before edgewise statistics: the group and a number preserved (neuroCombat's categorical and
+    continuous covariates), the same in slices of any size; sites that cannot be told from the group, refused."""
+    import warnings
+
+    import pandas as pd
+    from neuroCombat import neuroCombat
+
+    from neurox.analysis.harmonize import harmonised_slices
+
+    rng = np.random.default_rng(1)
+    n, width = 72, 50
+    site = np.array(["a", "b", "c"])[np.arange(n) % 3]
+    group = (np.arange(n) // 3) % 2  # both groups at every site
+    age = rng.uniform(20, 80, n)
+    x = rng.standard_normal((n, width)) + rng.uniform(-1, 1, width)
+    x[:, :10] += 1.0 * group[:, None]  # the effect tested, on ten features
+    x += 0.02 * (age[:, None] - 50)
+    x = x * np.array([{"a": 1.0, "b": 1.8, "c": 0.7}[s] for s in site])[:, None] \
+        + np.array([{"a": 0.0, "b": 1.2, "c": -0.6}[s] for s in site])[:, None]
+    covars = pd.DataFrame({"site": site, "group": group, "age": age})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = neuroCombat(x.T.copy(), covars, "site", categorical_cols=["group"], continuous_cols=["age"])
+    preserved = np.column_stack([group, (age - age.mean()) / age.std()])
+    for chunk in (7, 50):
+        slices = list(harmonised_slices(lambda lo, hi: x[:, lo:hi], width, chunk, "site", list(site), preserved))
+        assert [lo for lo, _ in slices] == list(range(0, width, chunk))
+        ours = np.concatenate([part for _, part in slices], axis=1)
+        assert np.allclose(ours, theirs["data"].T, atol=1e-5), chunk  # (their iterations stop per site)
+    difference = ours[group == 1, :10].mean() - ours[group == 0, :10].mean()
+    # the effect kept as the fit across sites sees it: 1.0 at each site's scale, on average over the sites
+    assert difference == pytest.approx(np.mean([1.0, 1.8, 0.7]), abs=0.25)
+    with pytest.raises(ValueError, match="--harmonize site: the sites cannot be told apart from the effect"):
+        list(harmonised_slices(lambda lo, hi: x[:, lo:hi], width, 50, "site", list(site), (site == "b")[:, None]))
+    with pytest.raises(ValueError, match="a site needs 2 participants or more to estimate its effect; .* d \\(1\\)"):
+        list(harmonised_slices(lambda lo, hi: x[:3, lo:hi], width, 50, "site", ["a", "a", "d"], preserved[:3]))
 
 
 def test_baseline_and_probe_with_covariates(store, one_epoch_run, tmp_path, capsys):

@@ -167,9 +167,10 @@ def cmd_connectivity(args) -> int:
                 continue
             top = "; ".join(f"{'-'.join(str(v) for v in list(e.values())[:2])} t={e['t']:.2f} q={e['q']:.3g}"
                             for e in result["top"][:3])
+            harmonized = f"; ComBat across {result['harmonize']}" if "harmonize" in result else ""
             print(f"{level}, {summary['group_by']} ({result['test']}; n={result['n']}; covariates: "
-                  f"{', '.join(result['covariates']) or 'none'}): {result['significant']} of {result['edges']} at "
-                  f"FDR q < {result['fdr']} ({out / table}); strongest: {top}")
+                  f"{', '.join(result['covariates']) or 'none'}{harmonized}): {result['significant']} of "
+                  f"{result['edges']} at FDR q < {result['fdr']} ({out / table}); strongest: {top}")
     return 0
 
 

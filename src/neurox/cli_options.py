@@ -267,6 +267,8 @@ def _connectivity_parser() -> ArgumentParser:
                    "table has a network column or Schaefer names)")
     p.add_argument("--covariates", nargs="+", default=None, help="phenotype columns (numbers, or labels such as "
                    "site: an indicator per level), or mean_fd (head motion), adjusted for in the edgewise statistics")
+    p.add_argument("--harmonize", default=None, help="a site or scanner column: ComBat across its values before the "
+                   "edgewise statistics, the --group_by effect and --covariates preserved (neuroCombat's design)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading the runs' frames (each holds one run), and for --kind tangent its passes")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")

@@ -255,7 +255,8 @@ def square(values: np.ndarray, pairs: list[tuple[int, int]], size: int) -> np.nd
 def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kind: str = "fisher_z",
                  participants: list[str] | None = None, group_by: str | None = None,
                  names_tsv: str | Path | None = None, progress: bool = True,
-                 denoising: Denoising | None = None, covariates: list[str] | None = None, workers: int = 1) -> Path:
+                 denoising: Denoising | None = None, covariates: list[str] | None = None, workers: int = 1,
+                 harmonize: str | None = None) -> Path:
     """Parcel series per run and a connectivity matrix per participant, written to ``out``:
 
     - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
@@ -268,6 +269,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     - ``group_mean.png``: the group-mean matrix (one panel per group and their difference with ``group_by``);
     - with ``group_by``: ``edges.tsv`` (every edge's effect, t, p and FDR q, adjusted for ``covariates``;
       neurox.analysis.edges) and ``edges.json`` (the test and its summary), ``edge_t``/``edge_q`` in the npz;
+      with ``harmonize`` (a site or scanner column) the edges are harmonised by ComBat first, the group and
+      covariates preserved (neurox.analysis.harmonize; the matrices written stay as computed);
     - where the atlas' parcels have networks (``atlas_networks``): ``networks.tsv`` (each participant's mean
       within and between networks), ``network_matrices``/``network_names`` in the npz and, with ``group_by``,
       ``network_edges.tsv``.
@@ -293,6 +296,13 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                              + ("" if motion else " (and the store has no head motion for mean_fd)"))
     if covariates and not group_by:
         raise ValueError("--covariates: give --group_by, the effect they are adjusted for")
+    if harmonize and not group_by:
+        raise ValueError("--harmonize: give --group_by; the edgewise statistics are what it harmonises for")
+    if harmonize and harmonize not in known:
+        raise ValueError(f"--harmonize {harmonize}: not a column of {store.root / 'participants.tsv'}")
+    if harmonize and harmonize in (covariates or []) or harmonize and harmonize == group_by:
+        raise ValueError(f"--harmonize {harmonize}: ComBat removes the effect of {harmonize}; it cannot also be "
+                         + ("a covariate" if harmonize != group_by else "the effect tested"))
     if participants:
         participants, unknown = store.units_of(participants, list(prepared_runs(store)[0]))
         if unknown:
@@ -303,7 +313,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                                        "names": resolved(names_tsv), "kind": kind,
                                        "participants": sorted(participants) if participants else None,
                                        "denoising": dataclasses.asdict(denoising or Denoising()),
-                                       "group_by": group_by, "covariates": covariates or []})
+                                       "group_by": group_by, "covariates": covariates or [],
+                                       **({"harmonize": harmonize} if harmonize else {})})
     cache = series_cache(out, atlas_grid)
     runs, _ = prepared_runs(store, participants)
     names, networks = atlas_names(atlas, labels, names_tsv), atlas_networks(atlas, labels, names_tsv)
@@ -356,7 +367,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     if group_by:
         known = {p: dict(phenotypes.get(p, {}), mean_fd=motion.get(p, "")) for p in subjects}
         test = {"values": [known[p].get(group_by, "") for p in subjects], "subjects": subjects,
-                "covariates": {c: [str(known[p].get(c, "")) for p in subjects] for c in covariates or []}}
+                "covariates": {c: [str(known[p].get(c, "")) for p in subjects] for c in covariates or []},
+                "harmonize": (harmonize, [str(known[p].get(harmonize, "")) for p in subjects]) if harmonize else None}
         summary, per_edge = pair_statistics(table.edge_columns, [(names[a], names[b]) for a, b in zip(i, j)],
                                             out / "edges.tsv", **test)
         if per_edge:

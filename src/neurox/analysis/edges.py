@@ -81,20 +81,33 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values: list[str],
                     covariates: dict[str, list[str]], subjects: list[str], columns=("parcel_a", "parcel_b"),
-                    chunk: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+                    chunk: int | None = None,
+                    harmonize: tuple[str, list[str]] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """The statistics of every pair (``pair_values(lo, hi)``: the participants' values of pairs lo..hi, (n, hi-lo)),
-    written to ``tsv`` sorted by p. Returns the summary (the test, n, edges at q < FDR, the five strongest; or
-    why none was computed) and the per-pair t and q."""
+    written to ``tsv`` sorted by p. ``harmonize``, (a site column, each participant's value): ComBat across its
+    values first, preserving the effect and covariates (the group means too are of the harmonised values).
+    Returns the summary (the test, n, edges at q < FDR, the five strongest; or why none was computed) and the
+    per-pair t and q."""
+    from neurox.analysis.harmonize import harmonised_slices
     from neurox.data.store import write_tsv
 
     parts, means = [], {}
+    if harmonize:  # a participant of no known site is left out, as one of no known group
+        values = ["" if missing_value(site) else v for v, site in zip(values, harmonize[1])]
     try:
         design, kept, coding, groups = edge_design(values, covariates)
         members = {g: [k for k, row in enumerate(kept) if values[row] == g] for g in groups}
         # in slices of pairs: memory stays at participants x chunk (float64, a few copies), whatever the cohort
         chunk = chunk or max(64, SLICE_VALUES // max(len(kept), 1))
-        for lo in range(0, len(pairs), chunk):
-            edges = np.asarray(pair_values(lo, lo + chunk))[kept].astype(np.float64)
+
+        def read(lo: int, hi: int) -> np.ndarray:
+            return np.asarray(pair_values(lo, hi))[kept].astype(np.float64)
+
+        slices = ((lo, read(lo, lo + chunk)) for lo in range(0, len(pairs), chunk))
+        if harmonize:
+            slices = harmonised_slices(read, len(pairs), chunk, harmonize[0], [harmonize[1][k] for k in kept],
+                                       design[:, 1:])
+        for _, edges in slices:
             parts.append(edge_tests(edges, design))
             for g in groups:
                 means.setdefault(g, []).append(edges[members[g]].mean(0))
@@ -110,7 +123,8 @@ def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values
                      "q": f"{tests['q'][e]:.4g}"} for e in order],
               [a, b, *[f"mean_{g}" for g in groups], "effect", "t", "p", "q"])
     kept_set = set(kept)
-    summary = {"test": coding, "covariates": list(covariates), "n": len(kept),
+    summary = {"test": coding, "covariates": list(covariates),
+               **({"harmonize": harmonize[0]} if harmonize else {}), "n": len(kept),
                "left_out": [s for k, s in enumerate(subjects) if k not in kept_set], "dof": int(parts[0]["dof"]),
                "edges": len(order), "fdr": FDR, "significant": int((tests["q"] < FDR).sum()),
                "top": [{a: pairs[e][0], b: pairs[e][1], "t": round(float(tests["t"][e]), 3),

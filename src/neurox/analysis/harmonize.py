@@ -1,4 +1,5 @@
-"""ComBat harmonisation of features across sites or scanners (``--harmonize COLUMN``), before a linear model.
+"""ComBat harmonisation of features across sites or scanners (``--harmonize COLUMN``): before a linear model, and
+before edgewise statistics.
 
 Multi-site cohorts (ABCD's 21 sites, UK Biobank's imaging centres) carry each site's scanner in every connectivity
 edge: a shift and a scaling per site and feature. ComBat (Johnson et al. 2007, Biostatistics; for connectivity Yu et
@@ -7,15 +8,21 @@ features by empirical Bayes, so that sites of a few dozen participants are estim
 standardised by its overall mean and pooled within-site standard deviation; a site's shift ``gamma`` and scale
 ``delta`` (a variance) of the standardised values are drawn towards their priors (normal for ``gamma``, inverse gamma
 for ``delta``, fitted over features by the method of moments) and the feature is rebuilt as
-``(x - mean - sd * gamma) / sqrt(delta) + mean``. This is neuroCombat's parametric empirical Bayes without
-preserved covariates (tested against it).
+``(x - mean - sd * gamma) / sqrt(delta) + mean``. This is neuroCombat's parametric empirical Bayes (tested
+against it).
 
-As for covariates, the fit is made on the training participants only and applied unchanged to validation, test and
-new participants; a site needs 2 training participants or more, and a participant of a site no training participant
-comes from cannot be harmonised (an error: a site is learned from its own participants only). No biological
-covariate is preserved: preserving the target would need the test participants' labels. Where the target differs
-between sites, harmonisation removes that part of it too; `--split_by` a site column (every site tested by a model
-that never saw it) is the check that needs no harmonisation.
+Before a linear model (``--harmonize`` of baseline and probe), as for covariates, the fit is made on the training
+participants only and applied unchanged to validation, test and new participants; a site needs 2 training
+participants or more, and a participant of a site no training participant comes from cannot be harmonised (an error:
+a site is learned from its own participants only). No biological covariate is preserved: preserving the target would
+need the test participants' labels. Where the target differs between sites, harmonisation removes that part of it
+too; `--split_by` a site column (every site tested by a model that never saw it) is the check that needs no
+harmonisation.
+
+For edgewise statistics (``neurox connectivity --group_by G --harmonize SITE``, ``harmonised_slices``): all
+participants are harmonised together and the group (or slope) and covariates tested are preserved, as neuroCombat
+does with covariates: each feature's expected value is the least-squares fit on the sites and those terms, without
+the sites' part. The features are read in slices of edges, twice (the priors need every edge's site estimates).
 """
 
 from __future__ import annotations
@@ -41,25 +48,14 @@ class Harmonisation:
         """Fitted on the training rows ``x`` (participants x features), which are harmonised in place."""
         from neurox.analysis.baseline import column_blocks  # baseline imports this module
 
-        sites = sorted(set(site_of_rows))
-        index = np.array([sites.index(s) for s in site_of_rows])
-        counts = np.bincount(index, minlength=len(sites))
-        few = [f"{s} ({c})" for s, c in zip(sites, counts) if c < 2]
-        if few:
-            raise ValueError(f"--harmonize {column}: a site needs 2 training participants or more to estimate its "
-                             f"effect; these have fewer: {', '.join(few)}")
+        sites, index, counts = _site_index(column, site_of_rows, "training participants")
         one_hot = np.eye(len(sites))[index]  # (rows, sites)
         mean, sd = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         gamma_hat, delta_hat = np.zeros((len(sites), x.shape[1])), np.zeros((len(sites), x.shape[1]))
         for columns, block in column_blocks(x):
-            site_mean = (one_hot.T @ block) / counts[:, None]
-            mean[columns] = block.mean(0)  # the sites' means weighted by their participants
-            pooled = ((block - site_mean[index]) ** 2).mean(0)
-            sd[columns] = np.sqrt(np.where(pooled > 0, pooled, 1.0))
-            z = (block - mean[columns]) / sd[columns]
-            gamma_hat[:, columns] = (one_hot.T @ z) / counts[:, None]
-            spread = (one_hot.T @ (z - gamma_hat[index, columns]) ** 2) / (counts[:, None] - 1)
-            delta_hat[:, columns] = np.where(spread > 0, spread, 1.0)
+            z, stand_mean, sd[columns] = _standardised(block.astype(np.float64), one_hot, counts)
+            mean[columns] = stand_mean[0]  # no covariates: the sites' means weighted by their participants
+            gamma_hat[:, columns], delta_hat[:, columns] = _site_estimates(z, one_hot, index, counts)
         gamma, delta = _shrunk(gamma_hat, delta_hat, counts)
         harmonisation = cls(column, sites, mean, sd, gamma, delta)
         harmonisation.apply(site_of_rows, x)
@@ -93,6 +89,65 @@ class Harmonisation:
         meta = json.loads(str(stored["harmonize.sites"]))
         return cls(meta["column"], meta["sites"], stored["harmonize.mean"], stored["harmonize.sd"],
                    stored["harmonize.gamma"].astype(np.float64), stored["harmonize.delta"].astype(np.float64))
+
+
+def harmonised_slices(read, n_features: int, chunk: int, column: str, site_of_rows: list[str],
+                      preserved: np.ndarray):
+    """ComBat of features read in slices, keeping the effects of ``preserved`` (rows x k: the group or slope and
+    the covariates tested afterwards), as neuroCombat does with covariates. ``read(lo, hi)`` gives the rows'
+    features lo..hi (rows x (hi - lo), float64); yields ``(lo, harmonised slice)``. Two passes: the first takes
+    each site's sample shift and variance of every standardised feature (what the empirical Bayes priors are
+    fitted over), the second rebuilds each slice with the shrunk estimates. Memory stays at rows x ``chunk``."""
+    sites, index, counts = _site_index(column, site_of_rows, "participants")
+    one_hot = np.eye(len(sites))[index]
+    design = np.column_stack([one_hot, preserved])
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise ValueError(f"--harmonize {column}: the sites cannot be told apart from the effect and covariates "
+                         "tested (a site of one group only, or a covariate that is the site); ComBat would remove "
+                         "the effect with the sites")
+    gamma_hat, delta_hat = [], []
+    for lo in range(0, n_features, chunk):
+        z, _, _ = _standardised(read(lo, lo + chunk), design, counts)
+        g, d = _site_estimates(z, one_hot, index, counts)
+        gamma_hat.append(g)
+        delta_hat.append(d)
+    gamma, delta = _shrunk(np.concatenate(gamma_hat, axis=1), np.concatenate(delta_hat, axis=1), counts)
+    for lo in range(0, n_features, chunk):
+        z, stand_mean, sd = _standardised(read(lo, lo + chunk), design, counts)
+        columns = slice(lo, lo + z.shape[1])
+        yield lo, (z - gamma[index, columns]) / np.sqrt(delta[index, columns]) * sd + stand_mean
+
+
+def _site_index(column: str, site_of_rows: list[str], who: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The sites (sorted), each row's site index and each site's count; a site of fewer than 2 rows is an error."""
+    sites = sorted(set(site_of_rows))
+    index = np.array([sites.index(s) for s in site_of_rows], dtype=int)
+    counts = np.bincount(index, minlength=len(sites))
+    few = [f"{s} ({c})" for s, c in zip(sites, counts) if c < 2]
+    if few:
+        raise ValueError(f"--harmonize {column}: a site needs 2 {who} or more to estimate its effect; these have "
+                         f"fewer: {', '.join(few)}")
+    return sites, index, counts
+
+
+def _standardised(block: np.ndarray, design: np.ndarray, counts: np.ndarray):
+    """neuroCombat's standardisation of ``block`` (rows x features): the least-squares fit on ``design`` (the sites'
+    indicators, then any preserved covariates); each row's expected value without the site (the sites' coefficients
+    weighted by their participants, plus the covariates' part), and the pooled residual standard deviation.
+    Returns (z, that expected value, sd)."""
+    n_sites = len(counts)
+    beta = np.linalg.lstsq(design, block, rcond=None)[0]
+    stand_mean = (counts / counts.sum()) @ beta[:n_sites] + design[:, n_sites:] @ beta[n_sites:]
+    pooled = ((block - design @ beta) ** 2).mean(0)
+    sd = np.sqrt(np.where(pooled > 0, pooled, 1.0))
+    return (block - stand_mean) / sd, stand_mean, sd
+
+
+def _site_estimates(z: np.ndarray, one_hot: np.ndarray, index: np.ndarray, counts: np.ndarray):
+    """Each site's sample shift and variance of the standardised features (sites x features)."""
+    gamma_hat = (one_hot.T @ z) / counts[:, None]
+    spread = (one_hot.T @ (z - gamma_hat[index]) ** 2) / (counts[:, None] - 1)
+    return gamma_hat, np.where(spread > 0, spread, 1.0)
 
 
 def _shrunk(gamma_hat: np.ndarray, delta_hat: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
