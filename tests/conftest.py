@@ -15,6 +15,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several test processes: one thread each, as the cores allow
+    torch.set_num_threads(1)
+
 
 def shared_dir() -> Path:
     return Path(os.environ.get("NEUROX_SHARED_DIR", REPO.parent / "shared"))

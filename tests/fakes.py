@@ -55,6 +55,14 @@ def bids_run(root: Path, sub: str, n_frames: int = 24, seed: int = 0, space: str
     return path
 
 
+def three_parcel_atlas(folder: Path) -> Path:
+    """A label image of three blocks inside the brain blob, on the runs' grid."""
+    labels = np.zeros(SHAPE, dtype=np.int16)
+    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
+    save(folder / "atlas.nii.gz", labels)
+    return folder / "atlas.nii.gz"
+
+
 def truncate_gzip(path: Path) -> None:
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
@@ -71,6 +79,15 @@ def as_las(path: Path, out: Path) -> Path:
 
 def gz_bytes(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now, for a launcher's rendezvous: tests that run at once never share one."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def subprocess_env() -> dict[str, str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import bold, cohort_store, finetune_args, save
+from fakes import cohort_store, finetune_args, three_parcel_atlas
 
 from neurox import api
 from neurox.cli import main
@@ -20,13 +20,6 @@ from neurox.data.store import read_tsv
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return cohort_store(tmp_path_factory)
-
-
-def three_parcel_atlas(folder: Path) -> Path:
-    labels = np.zeros(bold(1).shape[:3], dtype=np.int16)
-    labels[5:20, 10:25, 10:20], labels[20:35, 10:25, 10:20], labels[10:30, 25:40, 20:30] = 1, 2, 3
-    save(folder / "atlas.nii.gz", labels)
-    return folder / "atlas.nii.gz"
 
 
 def test_connectivity_compares_groups_within_sites(store, tmp_path, capsys):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fakes import OPTIONS, bids_run, bold, run_until_step_then_signal, subprocess_env
+from fakes import OPTIONS, bids_run, bold, free_port, run_until_step_then_signal, subprocess_env
 from safetensors.torch import load_file
 
 from neurox.cli import main
@@ -278,7 +278,7 @@ def test_fsdp_on_two_processes_resumes_on_one_with_the_same_weights(stores, tmp_
     args = pretrain_args(stores[:1], two, "--strategy", "fsdp", "--batch_size", "1", "--epochs", "10",
                          "--max_steps", "3", "--checkpoint_every", "3", "--device", "cpu", "--augment", "false")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29541", "-m", "neurox.cli", *args], env=ENV, capture_output=True, text=True)
+                           str(free_port()), "-m", "neurox.cli", *args], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     state = consolidated_state(two / "checkpoints" / "last")
     assert state["step"] == 3 and state["world_size"] == 2

@@ -23,8 +23,10 @@ from fakes import (
     bold,
     cohort_store,
     finetune_args,
+    free_port,
     run_until_step_then_signal,
     subprocess_env,
+    three_parcel_atlas,
 )
 from safetensors.torch import load_file
 
@@ -711,7 +713,7 @@ def test_two_processes_match_one_with_the_same_global_batch(store, one_process_r
     args = finetune_args(store, two, "--device", "cpu", "--strategy", strategy)
     args[args.index("--batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", "-m", "neurox.cli", *args], env=ENV, capture_output=True,
+                           "--master_port", str(free_port()), "-m", "neurox.cli", *args], env=ENV, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
@@ -727,18 +729,22 @@ def test_two_processes_match_one_with_the_same_global_batch(store, one_process_r
 
 def test_predict_and_evaluate_on_two_processes_share_the_windows_and_survive_a_damaged_run(store, one_epoch_run,
                                                                                           tmp_path):
-    """Under a launcher the processes each score part of the windows and the first writes what one process would;
-    a run that one process cannot read is one line and left out, and no process is left waiting for another."""
-    run = one_epoch_run
+    """Under a launcher the processes each score part of the windows and the first writes what one process would
+    (with the FC baseline, which the first scores alone once the others are done); a run that one process cannot
+    read is one line and left out, and no process is left waiting for another."""
+    run, fc = one_epoch_run, tmp_path / "fc"
+    assert main(["baseline", "--store", str(store), "--target", "group", "--atlas", str(three_parcel_atlas(tmp_path)),
+                 "--split_from", str(run), "--out", str(fc), "--n_boot", "20", "--quiet", "true"]) == 0
     damaged = tmp_path / "damaged"
     shutil.copytree(store, damaged)
     shard = damaged / "runs" / "sub-03_task-rest_run-1.zarr" / "c" / "0" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:100])
     for command, out in (("predict", "p.tsv"), ("evaluate", "e.json")):
-        args = [command, str(run), "--store", str(damaged), "--batch_size", "1"]
+        args = [command, str(run), "--store", str(damaged), "--batch_size", "1",
+                *(["--baseline", str(fc)] if command == "evaluate" else [])]
         assert main([*args, "--out", str(tmp_path / f"one-{out}")]) == 0
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                               "29534", "-m", "neurox.cli", *args, "--out", str(tmp_path / f"two-{out}")],
+                               str(free_port()), "-m", "neurox.cli", *args, "--out", str(tmp_path / f"two-{out}")],
                               env=ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stderr.count(f"neurox {command}: sub-03: {shard}: the run's frame index cannot be read") == 1
@@ -746,11 +752,16 @@ def test_predict_and_evaluate_on_two_processes_share_the_windows_and_survive_a_d
     one, two = (read_tsv(tmp_path / f"{n}-p.tsv") for n in ("one", "two"))
     assert [r["participant_id"] for r in two] == [r["participant_id"] for r in one] and len(one) == N_SUBJECTS - 1
     assert all(float(a["group_output"]) == pytest.approx(float(b["group_output"]), abs=1e-5) for a, b in zip(one, two))
-    one, two = (json.loads((tmp_path / f"{n}-e.json").read_text())["model"] for n in ("one", "two"))
-    assert one.keys() == two.keys()
-    for split in one:
-        for name in ("auroc", "accuracy", "n_subjects"):
-            assert one[split][name] == pytest.approx(two[split][name], abs=1e-6, nan_ok=True), (split, name)
+    one, two = (json.loads((tmp_path / f"{n}-e.json").read_text()) for n in ("one", "two"))
+    assert list(one) == list(two) == ["model", "fc_baseline", "model_minus_fc_baseline"]
+    assert one["fc_baseline"] == two["fc_baseline"]  # the baseline is scored by one process either way
+    for key in ("model", "model_minus_fc_baseline"):
+        assert one[key].keys() == two[key].keys() and one[key]
+        for split in one[key]:
+            for name in ("auroc", "auroc_diff", "accuracy", "n_subjects"):
+                if name in one[key][split]:
+                    assert one[key][split][name] == pytest.approx(two[key][split][name], abs=1e-6, nan_ok=True), \
+                        (key, split, name)
 
 
 def test_a_command_that_runs_in_one_process_refuses_a_launchers_many(monkeypatch, tmp_path, capsys):

@@ -80,44 +80,51 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
     of the same targets (from scratch beside a pretrained one, say), ``"compared"`` and ``"model_minus_compared"``
     likewise. Written as JSON to ``out`` when given."""
     from neurox.train.distributed import detect, process_group
+    from neurox.train.runs import evaluate as evaluate_run
     from neurox.train.runs import load_run
 
     _, targets, _ = load_run(run)
     described = [(t.column, t.task, t.classes) for t in targets]
     if compare and [(t.column, t.task, t.classes) for t in load_run(compare)[1]] != described:
         raise ValueError(f"--compare {compare}: its targets differ from {run}'s, so their metrics do not compare")
-    with process_group(detect("auto")) as env:  # under a launcher, the processes share the windows
-        return _evaluate(run, store, targets, baseline, compare, batch_size, out, quiet, env.is_main)
+    model, other = {}, {}  # each participant's outputs, for the paired differences
+    with process_group(detect("auto")) as env:  # under a launcher, the processes share the windows of both runs
+        scored = {"model": evaluate_run(run, store, batch_size, progress=not quiet, out=out, keep=model)}
+        if compare:  # its outputs are kept apart from the model's, so that both resume
+            kept = f"{out}.compared" if out else None
+            scored["compared"] = evaluate_run(compare, store, batch_size, progress=not quiet, out=kept, keep=other)
+        first = env.is_main
+    if not first:  # what follows needs no other process: the first alone scores the baseline and writes
+        return scored
+    return _compared(targets, scored, model, other, store, baseline, compare, out, quiet)
 
 
-def _evaluate(run, store, targets, baseline, compare, batch_size, out, quiet, writes: bool) -> dict:
+def _compared(targets, scored: dict, model: dict, other: dict, store, baseline, compare, out, quiet) -> dict:
+    """The results of ``evaluate`` from the runs' metrics and outputs: the baseline scored beside them, each paired
+    difference, the file written."""
     import json
 
     from neurox.io.atomic import write_text_atomic
     from neurox.io.claim import discard_parts
     from neurox.train.objectives import compare_models
-    from neurox.train.runs import evaluate as evaluate_run
 
-    described = [(t.column, t.task, t.classes) for t in targets]
-    model, fc, other = {}, {}, {}
-    results = {"model": evaluate_run(run, store, batch_size, progress=not quiet, out=out, keep=model)}
+    results = {"model": scored["model"]}
     if baseline:
         from neurox.analysis.baseline import evaluate_baseline
 
-        results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet and writes, keep=fc)
+        fc = {}
+        results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet, keep=fc)
         baseline_targets = json.loads((Path(baseline) / "targets.json").read_text())["targets"]
-        if [(t["column"], t["task"], t["classes"]) for t in baseline_targets] == described:
+        if [(t["column"], t["task"], t["classes"]) for t in baseline_targets] == \
+                [(t.column, t.task, t.classes) for t in targets]:
             # the model less the baseline on the same participants: a paired interval and p-value
             results["model_minus_fc_baseline"] = compare_models(targets, model, fc)
-            if writes:
-                _say_overlap(f"--baseline {baseline}", "model_minus_fc_baseline", model, fc)
-    if compare:  # its outputs are kept apart from the model's, so that both resume
-        kept = f"{out}.compared" if out else None
-        results["compared"] = evaluate_run(compare, store, batch_size, progress=not quiet, out=kept, keep=other)
+            _say_overlap(f"--baseline {baseline}", "model_minus_fc_baseline", model, fc)
+    if compare:
+        results["compared"] = scored["compared"]
         results["model_minus_compared"] = compare_models(targets, model, other)
-        if writes:
-            _say_overlap(f"--compare {compare}", "model_minus_compared", model, other)
-    if out and writes:
+        _say_overlap(f"--compare {compare}", "model_minus_compared", model, other)
+    if out:
         write_text_atomic(out, json.dumps(results, indent=2) + "\n")
         discard_parts(out)  # the outputs it kept to resume
         discard_parts(f"{out}.compared")
