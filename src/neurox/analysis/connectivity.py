@@ -300,7 +300,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         raise ValueError("--harmonize: give --group_by; the edgewise statistics are what it harmonises for")
     if harmonize and harmonize not in known:
         raise ValueError(f"--harmonize {harmonize}: not a column of {store.root / 'participants.tsv'}")
-    if harmonize and harmonize in (covariates or []) or harmonize and harmonize == group_by:
+    if harmonize and (harmonize in (covariates or []) or harmonize == group_by):
         raise ValueError(f"--harmonize {harmonize}: ComBat removes the effect of {harmonize}; it cannot also be "
                          + ("a covariate" if harmonize != group_by else "the effect tested"))
     if participants:
