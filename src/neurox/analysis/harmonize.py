@@ -50,10 +50,11 @@ class Harmonisation:
 
         sites, index, counts = _site_index(column, site_of_rows, "training participants")
         one_hot = np.eye(len(sites))[index]  # (rows, sites)
+        solve = np.linalg.pinv(one_hot)
         mean, sd = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         gamma_hat, delta_hat = np.zeros((len(sites), x.shape[1])), np.zeros((len(sites), x.shape[1]))
         for columns, block in column_blocks(x):
-            z, stand_mean, sd[columns] = _standardised(block.astype(np.float64), one_hot, counts)
+            z, stand_mean, sd[columns] = _standardised(block.astype(np.float64), one_hot, solve, counts)
             mean[columns] = stand_mean[0]  # no covariates: the sites' means weighted by their participants
             gamma_hat[:, columns], delta_hat[:, columns] = _site_estimates(z, one_hot, index, counts)
         gamma, delta = _shrunk(gamma_hat, delta_hat, counts)
@@ -105,15 +106,16 @@ def harmonised_slices(read, n_features: int, chunk: int, column: str, site_of_ro
         raise ValueError(f"--harmonize {column}: the sites cannot be told apart from the effect and covariates "
                          "tested (a site of one group only, or a covariate that is the site); ComBat would remove "
                          "the effect with the sites")
+    solve = np.linalg.pinv(design)  # once: each slice's least-squares fit is then one product
     gamma_hat, delta_hat = [], []
     for lo in range(0, n_features, chunk):
-        z, _, _ = _standardised(read(lo, lo + chunk), design, counts)
+        z, _, _ = _standardised(read(lo, lo + chunk), design, solve, counts)
         g, d = _site_estimates(z, one_hot, index, counts)
         gamma_hat.append(g)
         delta_hat.append(d)
     gamma, delta = _shrunk(np.concatenate(gamma_hat, axis=1), np.concatenate(delta_hat, axis=1), counts)
     for lo in range(0, n_features, chunk):
-        z, stand_mean, sd = _standardised(read(lo, lo + chunk), design, counts)
+        z, stand_mean, sd = _standardised(read(lo, lo + chunk), design, solve, counts)
         columns = slice(lo, lo + z.shape[1])
         yield lo, (z - gamma[index, columns]) / np.sqrt(delta[index, columns]) * sd + stand_mean
 
@@ -130,13 +132,13 @@ def _site_index(column: str, site_of_rows: list[str], who: str) -> tuple[list[st
     return sites, index, counts
 
 
-def _standardised(block: np.ndarray, design: np.ndarray, counts: np.ndarray):
+def _standardised(block: np.ndarray, design: np.ndarray, solve: np.ndarray, counts: np.ndarray):
     """neuroCombat's standardisation of ``block`` (rows x features): the least-squares fit on ``design`` (the sites'
-    indicators, then any preserved covariates); each row's expected value without the site (the sites' coefficients
-    weighted by their participants, plus the covariates' part), and the pooled residual standard deviation.
-    Returns (z, that expected value, sd)."""
+    indicators, then any preserved covariates; ``solve`` its pseudo-inverse); each row's expected value without the
+    site (the sites' coefficients weighted by their participants, plus the covariates' part), and the pooled
+    residual standard deviation. Returns (z, that expected value, sd)."""
     n_sites = len(counts)
-    beta = np.linalg.lstsq(design, block, rcond=None)[0]
+    beta = solve @ block
     stand_mean = (counts / counts.sum()) @ beta[:n_sites] + design[:, n_sites:] @ beta[n_sites:]
     pooled = ((block - design @ beta) ** 2).mean(0)
     sd = np.sqrt(np.where(pooled > 0, pooled, 1.0))
