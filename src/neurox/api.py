@@ -96,12 +96,13 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
         first = env.is_main
     if not first:  # what follows needs no other process: the first alone scores the baseline and writes
         return scored
-    return _compared(targets, scored, model, other, store, baseline, compare, out, quiet)
+    return _compared(targets, described, scored, model, other, store, baseline, compare, out, quiet)
 
 
-def _compared(targets, scored: dict, model: dict, other: dict, store, baseline, compare, out, quiet) -> dict:
-    """The results of ``evaluate`` from the runs' metrics and outputs: the baseline scored beside them, each paired
-    difference, the file written."""
+def _compared(targets, described: list[tuple], scored: dict, model: dict, other: dict, store, baseline, compare,
+              out, quiet) -> dict:
+    """The results of ``evaluate`` from the runs' metrics and outputs (``described``: each target's column, task
+    and classes): the baseline scored beside them, each paired difference, the file written."""
     import json
 
     from neurox.io.atomic import write_text_atomic
@@ -115,8 +116,7 @@ def _compared(targets, scored: dict, model: dict, other: dict, store, baseline, 
         fc = {}
         results["fc_baseline"] = evaluate_baseline(baseline, store, progress=not quiet, keep=fc)
         baseline_targets = json.loads((Path(baseline) / "targets.json").read_text())["targets"]
-        if [(t["column"], t["task"], t["classes"]) for t in baseline_targets] == \
-                [(t.column, t.task, t.classes) for t in targets]:
+        if [(t["column"], t["task"], t["classes"]) for t in baseline_targets] == described:
             # the model less the baseline on the same participants: a paired interval and p-value
             results["model_minus_fc_baseline"] = compare_models(targets, model, fc)
             _say_overlap(f"--baseline {baseline}", "model_minus_fc_baseline", model, fc)
