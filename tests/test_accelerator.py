@@ -1,5 +1,6 @@
 """Checks that need a GPU (skipped without one): published parity on the device, exact head-dim
-padding, and the fused attention kernels actually running (no silent fallback to the math path)."""
+padding, the fused attention kernels actually running (no silent fallback to the math path), and the
+helpers between processes on an NCCL group."""
 
 from __future__ import annotations
 
@@ -61,3 +62,22 @@ def test_fused_kernels_run_in_bf16_training():
             loss = model(x).float().sum()
         loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_helpers_between_processes_work_on_an_nccl_group():
+    """NCCL groups carry no CPU tensors: each helper the loops call between processes must still dispatch
+    (a group of one process takes the same path as many)."""
+    import torch.distributed as dist
+    from fakes import free_port
+
+    from neurox.train import distributed as dist_utils
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert dist_utils.all_reduce_flag(True) and not dist_utils.all_reduce_flag(False)
+        assert dist_utils.all_gather_objects({"a": 1}) == [{"a": 1}]
+        assert dist_utils.broadcast_object([1, 2]) == [1, 2]
+        dist_utils.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -21,6 +21,7 @@ from neurox.cli import main
 from neurox.data.prepare import options_from_model, prepare
 from neurox.data.preprocess import TargetGrid
 from neurox.data.store import Store, read_tsv
+from neurox.errors import UnreadableRun
 
 
 def store_contents(root: Path) -> dict:
@@ -208,6 +209,22 @@ def test_a_fixed_run_is_taken_on_the_next_pass(tmp_path):
     report = prepare(root, tmp_path / "store", OPTIONS, progress=False)
     assert report.ok and report.done == ["sub-02_task-rest_run-1"] and report.skipped == ["sub-01_task-rest_run-1"]
     assert (tmp_path / "store" / "failures.tsv").read_text().count("\n") == 1  # header only
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "npy"])
+def test_a_run_cut_short_in_the_store_is_said_and_redone_by_the_next_pass(tmp_path, fmt):
+    root, store = tmp_path / "d", tmp_path / "store"
+    bids_run(root, "01")
+    bids_run(root, "02", seed=1)
+    assert prepare(root, store, OPTIONS, fmt=fmt, progress=False).ok
+    reference = Store(store).read_frames("sub-02_task-rest_run-1", 0, 24)
+    damaged = store / "runs" / f"sub-02_task-rest_run-1.{fmt}" / ("c/0/0/0/0" if fmt == "zarr" else "data.npy")
+    damaged.write_bytes(damaged.read_bytes()[:-200])  # a copy or a disk that ran out part-way
+    with pytest.raises(UnreadableRun, match=f"^{damaged}: .* run neurox prepare into this store again to redo it$"):
+        Store(store).read_frames("sub-02_task-rest_run-1", 0, 24)
+    report = prepare(root, store, OPTIONS, fmt=fmt, progress=False)
+    assert report.ok and report.done == ["sub-02_task-rest_run-1"] and report.skipped == ["sub-01_task-rest_run-1"]
+    np.testing.assert_array_equal(Store(store).read_frames("sub-02_task-rest_run-1", 0, 24), reference)
 
 
 def test_inputs_are_never_modified(cohort, tmp_path):

@@ -727,6 +727,28 @@ def test_two_processes_match_one_with_the_same_global_batch(store, one_process_r
     assert worst < 1e-3, worst
 
 
+def test_a_validation_run_that_cannot_be_read_stops_training_with_one_line_on_every_process(store, one_process_run,
+                                                                                           tmp_path, capsys):
+    """Under FSDP the forward is a collective: a process that cannot read its batch must not leave the other in it."""
+    last_val = [r["participant_id"] for r in read_tsv(one_process_run / "splits.tsv") if r["split"] == "val"][-1]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    shard = damaged / "runs" / f"{last_val}_task-rest_run-1.zarr" / "c" / "0" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:100])
+    line = f"neurox finetune: error: {shard}: the run's frame index cannot be read"
+    assert main(finetune_args(damaged, tmp_path / "one", "--epochs", "1")) == 1
+    err = capsys.readouterr().err
+    assert line in err and "Traceback" not in err
+    args = finetune_args(damaged, tmp_path / "two", "--device", "cpu", "--strategy", "fsdp", "--epochs", "1")
+    args[args.index("--batch_size") + 1] = "1"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), "-m", "neurox.cli", *args], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count(line) == 2, done.stderr[-3000:]  # each process stops on it, at the same batch
+    assert "collective mismatch" not in done.stderr
+
+
 def test_predict_and_evaluate_on_two_processes_share_the_windows_and_survive_a_damaged_run(store, one_epoch_run,
                                                                                           tmp_path):
     """Under a launcher the processes each score part of the windows and the first writes what one process would

@@ -34,12 +34,14 @@ from neurox.data.store import (
     RUNS_DIR,
     STORE_DEFAULTS,
     STORE_FILE,
+    RunReader,
     RunWriter,
     remove,
     run_path,
     write_tsv,
 )
 from neurox.data.survey import survey
+from neurox.errors import UnreadableRun
 from neurox.io.atomic import write_text_atomic
 from neurox.io.bids import RunSpec, discover, task_counts
 from neurox.io.nifti import InputError
@@ -212,9 +214,13 @@ def init_store(root: Path, options: PrepareOptions, fmt: str) -> None:
 
 
 def is_current(root: Path, spec: RunSpec, fmt: str) -> bool:
-    """Finished, and prepared from the file as it is now."""
+    """Finished, readable (a truncated or damaged file is redone), and prepared from the file as it is now."""
     path = run_path(root, spec.run_id, fmt)
     if not _meta_file(path, fmt).is_file():
+        return False
+    try:
+        RunReader(path)  # reads the frame index, whose checksum fails where the shard was cut short or damaged
+    except UnreadableRun:
         return False
     source = _attributes(path, fmt)[1].get("source", {})
     try:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from numcodecs import CRC32C, Blosc
 
+from neurox.errors import UnreadableRun
 from neurox.io.atomic import write_text_atomic
 
 STORE_FILE = "store.json"
@@ -172,6 +173,9 @@ def unpack_mask(packed: dict[str, Any]) -> np.ndarray:
 # --- reading -----------------------------------------------------------------------------------
 
 
+REDO = "run neurox prepare into this store again to redo it"  # prepare's is_current reads the index: redoes such runs
+
+
 class RunReader:
     """Random access to the frames of one run, without Zarr's machinery on the hot path."""
 
@@ -190,12 +194,14 @@ class RunReader:
                     raw = f.read(index_bytes)
                 self._index = np.frombuffer(CRC32C().decode(raw), dtype="<u8").reshape(self.n_frames, 2)
             except (OSError, ValueError, RuntimeError) as err:  # missing, truncated or damaged: its index with it
-                raise OSError(f"{self._shard}: the run's frame index cannot be read ({err}); prepare this run "
-                              "again") from err
+                raise UnreadableRun(f"{self._shard}: the run's frame index cannot be read ({err}); {REDO}") from err
             self._codec = _blosc()
         else:
             self.attributes = json.loads((path / "attributes.json").read_text())
-            self._array = np.load(path / "data.npy", mmap_mode="r")
+            try:
+                self._array = np.load(path / "data.npy", mmap_mode="r")
+            except (OSError, ValueError) as err:  # missing or truncated
+                raise UnreadableRun(f"{path / 'data.npy'}: the run cannot be read ({err}); {REDO}") from err
             self.n_frames, *grid = self._array.shape
             self.grid = tuple(grid)
 
@@ -224,8 +230,9 @@ class RunReader:
             try:
                 self._codec.decode(view[offset - first : offset - first + size], out=out[i])
             except (OSError, ValueError, RuntimeError) as err:  # a damaged or truncated shard
-                raise OSError(f"{self.path}: frame {start + i} cannot be read ({err}); prepare this run again") \
-                    from err
+                # the index is intact, so prepare would keep the run: it has to go first
+                raise UnreadableRun(f"{self.path}: frame {start + i} cannot be read ({err}); remove {self.path}, "
+                                    f"then {REDO}") from err
         return out
 
 

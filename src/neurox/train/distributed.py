@@ -143,7 +143,10 @@ def all_reduce_flag(flag: bool) -> bool:
     """True on every rank if it is True on any (to stop together)."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    # NCCL and XCCL groups carry no CPU tensors ("no backend type associated with device type cpu"): there the
+    # flag goes through the accelerator that init made current
+    device = "cpu" if "cpu:" in dist.get_backend_config() else torch.accelerator.current_accelerator()
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

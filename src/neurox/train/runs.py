@@ -95,15 +95,26 @@ def window_outputs(model, store_root: Path, cohort: Cohort, participants: list[s
     bar = progress_display(total=len(mine), desc=progress or "", unit="window",
                            disable=progress is None or not env.is_main)
     failure = None
+    batches = iter(loader)
     try:
-        for x, _, index in loader:
+        while True:
+            try:
+                x, _, index = next(batches)
+            except StopIteration:
+                x = None
+            except (OSError, ValueError, KeyError) as err:  # every process must still reach the gather
+                failure, x = err, None
+            # the shares are of equal length, so the processes run out together; one that cannot read its batch
+            # stops them all at that batch, since a sharded model's forward is a collective the others would wait in
+            if dist_utils.all_reduce_flag(x is None):
+                break
             with autocast:
                 out = model(as_model_input(x, env.device)).float().cpu()
             indices += index.tolist()
             outputs.append(out.numpy())
             bar.update(len(index))
-    except (OSError, ValueError, KeyError) as err:  # every process must still reach the gather, or the others wait
-        failure = err
+    finally:
+        batches.close()
     bar.close()
     gathered = dist_utils.all_gather_objects((indices, np.concatenate(outputs) if outputs else None,
                                               None if failure is None else str(failure)))
