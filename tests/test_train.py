@@ -854,6 +854,15 @@ def test_launcher_detection(monkeypatch, variables, expected):
     assert env.is_main == (expected[0] == 0)
 
 
+def test_each_process_takes_its_own_device_or_the_one_it_was_given():
+    from neurox.train.distributed import device_index
+
+    assert [device_index(local, "cuda", visible=4) for local in range(4)] == [0, 1, 2, 3]  # torchrun: all visible
+    assert [device_index(local, "xpu", visible=1) for local in range(4)] == [0, 0, 0, 0]  # bound one per process
+    with pytest.raises(ValueError, match="local rank 5 of its node, and sees 4 cuda devices"):
+        device_index(5, "cuda", visible=4)
+
+
 def test_yaml_config_and_resolved_options_saved(store, tmp_path):
     import yaml
 

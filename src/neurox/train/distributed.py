@@ -51,8 +51,22 @@ def detect(device: str | None = None) -> Env:
     if device is None or device == "auto":
         accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         device = accel.type if accel is not None else "cpu"
-    dev = torch.device(device if device == "cpu" else f"{device}:{local}")
+    dev = torch.device("cpu") if device == "cpu" else torch.device(device, device_index(local, device))
     return Env(rank, world, local, dev)
+
+
+def device_index(local_rank: int, device_type: str, visible: int | None = None) -> int:
+    """The process's device among the ``visible`` ones (by default, those the process sees): its local rank where
+    the node's devices are all visible (torchrun), the only one where the launcher bound one to each process
+    (``srun --gpus-per-task=1``, PBS affinity scripts setting CUDA_VISIBLE_DEVICES or ZE_AFFINITY_MASK per rank)."""
+    if visible is None:
+        visible = torch.accelerator.device_count() if torch.accelerator.is_available() else 0
+    if local_rank < visible or visible == 0:  # none visible: torch says so when the device is first used
+        return local_rank
+    if visible == 1:
+        return 0
+    raise ValueError(f"this process is local rank {local_rank} of its node, and sees {visible} {device_type} "
+                     f"devices: start at most {visible} processes per node, or bind one device to each")
 
 
 def init(env: Env) -> None:
