@@ -727,6 +727,21 @@ def test_two_processes_match_one_with_the_same_global_batch(store, one_process_r
     assert worst < 1e-3, worst
 
 
+def test_out_of_accelerator_memory_is_one_line_with_the_options_that_need_less(store, monkeypatch, tmp_path, capsys):
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                     "79.10 GiB of which 1.05 GiB is free. Including non-PyTorch memory, ...")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", exhausted)
+    assert main(finetune_args(store, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "neurox finetune: error: CUDA out of memory. Tried to allocate 2.00 GiB; what needs less: a lower "
+        "--batch_size (--accumulation keeps the global batch), --grad_checkpointing true, --precision bf16; "
+        "--resume true goes on from the last checkpoint")
+    assert "Traceback" not in err
+
+
 def test_a_validation_run_that_cannot_be_read_stops_training_with_one_line_on_every_process(store, one_process_run,
                                                                                            tmp_path, capsys):
     """Under FSDP the forward is a collective: a process that cannot read its batch must not leave the other in it."""

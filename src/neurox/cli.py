@@ -218,6 +218,20 @@ COMMANDS = {
 }
 
 
+def out_of_memory(err: Exception, options) -> str:
+    """What ran out (torch's first two sentences: the device and the allocation), and the command's options that
+    need less memory."""
+    said = ". ".join(str(err).strip().split(". ")[:2]).rstrip(".")
+    advice = [text for name, text in (
+        ("batch_size", "a lower --batch_size" + (" (--accumulation keeps the global batch)"
+                                                  if "accumulation" in options else "")),
+        ("grad_checkpointing", "--grad_checkpointing true"),
+        ("precision", "--precision bf16")) if name in options]
+    resume = "; --resume true goes on from the last checkpoint" if "resume" in options else ""
+    return f"{said or 'out of memory'}; " + (f"what needs less: {', '.join(advice)}" if advice else
+                                            "run it on a device with more memory") + resume
+
+
 SHARED_BY_PROCESSES = ("pretrain", "finetune", "evaluate", "predict")  # split their work across processes
 
 
@@ -228,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from concurrent.futures.process import BrokenProcessPool
+
+    import torch
 
     from neurox.errors import UserFacingError
     from neurox.train.distributed import detect
@@ -246,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C in training, or the first anywhere else: one line, not a traceback
         print(f"neurox {args.command}: interrupted", file=sys.stderr)
         return 130  # the shell's status for a command ended by SIGINT
+    except torch.OutOfMemoryError as err:  # the accelerator's: one line on what to change, not a traceback
+        print(f"neurox {args.command}: error: {out_of_memory(err, args[args.command])}", file=sys.stderr)
+        return 1
     except BrokenProcessPool:  # the system killed a --workers process, most often for memory
         print(f"neurox {args.command}: error: a worker process ended abruptly (most often killed by the system for "
               "lack of memory); run the same command again with fewer --workers: what was finished is kept",
