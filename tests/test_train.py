@@ -727,6 +727,15 @@ def test_two_processes_match_one_with_the_same_global_batch(store, one_process_r
     assert worst < 1e-3, worst
 
 
+def test_an_output_that_cannot_be_written_is_one_line(store, one_epoch_run, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "p.tsv"
+    assert main(["predict", str(one_epoch_run), "--store", str(store), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("neurox predict: error: [Errno 20] Not a directory: ")
+    assert "Traceback" not in err
+
+
 def test_out_of_accelerator_memory_is_one_line_with_the_options_that_need_less(store, monkeypatch, tmp_path, capsys):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "

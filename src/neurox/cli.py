@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return COMMANDS[args.command](args[args.command])
-    except (ValueError, FileNotFoundError, UserFacingError) as err:
+    except (ValueError, OSError, UserFacingError) as err:  # OSError: a folder that cannot be written, a full disk
         print(f"neurox {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C in training, or the first anywhere else: one line, not a traceback
