@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -70,7 +72,7 @@ def test_connectivity_recovers_the_planted_coupling(synthetic, tmp_path):
     cohort, store = synthetic
     out = tmp_path / "fc"
     assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(out),
-                 "--group_by", "coupling_group", "--quiet", "true"]) == 0
+                 "--group_by", "coupling_group", "--nbs", "3", "--permutations", "200", "--quiet", "true"]) == 0
     data = np.load(out / "connectivity.npz")
     assert data["matrices"].shape == (8, 40, 40) and str(data["kind"]) == "fisher_z"
     assert list(data["names"][:2]) == ["parcel001", "parcel002"]  # names from the atlas' TSV
@@ -133,6 +135,27 @@ def test_connectivity_recovers_the_planted_coupling(synthetic, tmp_path):
     assert float(blocks["B", "C"]["t"]) > 3  # the planted coupling (8 participants: third of the 45 blocks)
     assert summary["networks"]["edges"] == len(blocks) == len(names) * (len(names) + 1) // 2
 
+    # the network-based statistic: what nbs.tsv, the npz and edges.json say is what its parts give on the matrices
+    # written (8 participants are too few for its p-values to find the coupling: its unit tests show its power)
+    from neurox.analysis.edges import edge_design
+    from neurox.analysis.nbs import NBSOptions, PermutedT, network_based_statistic, permutations
+
+    i, j = np.triu_indices(40, k=1)
+    edges, design = data["matrices"][:, i, j].astype(np.float64), edge_design([str(int(m)) for m in member], {})[0]
+    permuted = PermutedT(design, permutations(8, NBSOptions(3.0, 200, 0))).t(edges)
+    found, edge_component, _ = network_based_statistic(
+        PermutedT(design, np.arange(8)[None]).t(edges)[0], (permuted > 3).astype(np.int8) - (permuted < -3), 3.0,
+        i, j, 40)
+    rows = read_tsv(out / "nbs.tsv")
+    assert [(int(r["edges"]), r["sign"], float(r["p_fwe"])) for r in rows] == \
+        [(c["edges"], c["sign"], pytest.approx(c["p_fwe"], rel=1e-3)) for c in found] and len(rows) >= 2
+    assert np.array_equal(data["nbs_components"][i, j], edge_component)
+    assert (np.abs(data["edge_t"][i, j][edge_component > 0]) > 3).all()
+    assert len(rows[0]["parcels_by_degree"].split(", ")) == int(rows[0]["parcels"])
+    nbs = summary["nbs"]
+    assert (nbs["threshold"], nbs["permutations"], nbs["seed"]) == (3.0, 200, 0)
+    assert [c["edges"] for c in nbs["components"]] == [c["edges"] for c in found[:10]]
+
 
 def test_activation_patterns_find_the_signal_not_the_noise_a_weight_cancels():
     """Haufe et al. 2014: x1 = signal + noise, x2 = noise; the model y = x1 - x2 weighs both alike, but only x1
@@ -189,9 +212,12 @@ def test_connectivity_bad_input_is_one_line(synthetic, tmp_path, capsys):
                  "--participants", "sub-77"]) == 1
     assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(tmp_path / "d"),
                  "--group_by", "coupling_group", "--covariates", "age_at_scan"]) == 1
+    assert main(["connectivity", "--store", str(store), "--atlas", str(atlas_of(cohort)), "--out", str(tmp_path / "e"),
+                 "--nbs", "3"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 4 and "none.nii.gz" in lines[0] and "no_such_column" in lines[1] and "sub-77" in lines[2]
+    assert len(lines) == 5 and "none.nii.gz" in lines[0] and "no_such_column" in lines[1] and "sub-77" in lines[2]
     assert "--covariates age_at_scan: not a column of" in lines[3]
+    assert lines[4] == "neurox connectivity: error: --nbs: give --group_by, the effect whose edges it tests"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -757,6 +783,83 @@ def test_edgewise_statistics_are_the_same_in_slices_of_edges(tmp_path):
                                         **test)  # 36 edges in 8 slices
     assert (tmp_path / "whole.tsv").read_text() == (tmp_path / "sliced.tsv").read_text()
     assert np.array_equal(per_edge["q"], per_slice["q"]) and whole == sliced and whole["edges"] == 36
+
+
+def test_permuted_t_is_the_refit_of_freedman_lanes_permuted_data():
+    """Each permutation's t, computed without a refit, is the full model's t on the covariates' fit plus the
+    permuted residuals (Freedman & Lane), covariates of both kinds included."""
+    from neurox.analysis.edges import edge_design, edge_tests
+    from neurox.analysis.nbs import PermutedT
+
+    rng = np.random.default_rng(3)
+    n = 30
+    design = edge_design([str(k % 2) for k in range(n)], {"age": [str(a) for a in rng.normal(40, 9, n)],
+                                                          "site": ["abc"[k % 3] for k in range(n)]})[0]
+    edges = rng.normal(size=(n, 25)) + design[:, 2:3]
+    permutations = np.stack([np.arange(n), *(rng.permutation(n) for _ in range(7))])
+    t = PermutedT(design, permutations).t(edges)
+    nuisance = np.delete(design, 1, axis=1)
+    fitted = nuisance @ np.linalg.lstsq(nuisance, edges, rcond=None)[0]
+    for row, order in zip(t, permutations):
+        assert np.allclose(row, edge_tests(fitted + (edges - fitted)[order], design)["t"], atol=1e-10)
+
+
+def test_network_based_statistic_equals_bctpys():
+    """Given bctpy's permutations, the null distribution of the largest component (one-sided, as bctpy's
+    tail='right') and the observed components are bctpy's nbs_bct's, edge for edge."""
+    import bct
+
+    from neurox.analysis.nbs import PermutedT, components, largest_null
+
+    rng = np.random.default_rng(1)
+    size, nx, ny, k = 16, 12, 14, 60
+    i, j = np.triu_indices(size, k=1)
+    x, y = rng.normal(size=(nx, len(i))), rng.normal(size=(ny, len(i)))
+    x[:, (i < 6) & (j < 6)] += 1.2  # a component among parcels 0-5, stronger in the first group
+
+    def stack(edges):
+        out = np.zeros((size, size, len(edges)))
+        for s, row in enumerate(edges):
+            out[i, j, s] = out[j, i, s] = row
+        return out
+
+    with contextlib.redirect_stdout(io.StringIO()):  # bctpy prints its progress
+        _, adjacency, null = bct.nbs_bct(stack(x), stack(y), thresh=2.0, k=k, tail="right", seed=7)
+    state = np.random.RandomState(7)  # the permutations bctpy drew, in its order
+    permutations = np.stack([state.permutation(nx + ny) for _ in range(k)])
+    design = np.column_stack([np.ones(nx + ny), np.r_[np.ones(nx), np.zeros(ny)]])  # x is the group tested
+    edges = np.vstack([x, y])
+    t = PermutedT(design, np.arange(nx + ny)[None]).t(edges)[0]
+    permuted = PermutedT(design, permutations).t(edges)
+    signs = (permuted > 2.0).astype(np.int8) - (permuted < -2.0).astype(np.int8)
+    assert np.array_equal(largest_null(signs, i, j, size)[:, 0], null.astype(int))
+    label, sizes = components(t > 2.0, i, j, size)
+    ours = {frozenset(np.flatnonzero(label == c)) for c in range(len(sizes))}
+    theirs = {frozenset(np.flatnonzero(adjacency[i, j] == c)) for c in range(1, int(adjacency.max()) + 1)}
+    assert ours == theirs and sizes[0] >= 10
+
+
+def test_network_based_statistic_holds_its_error_rate_and_finds_a_planted_component():
+    from neurox.analysis.edges import edge_design
+    from neurox.analysis.nbs import NBSOptions, PermutedT, network_based_statistic, permutations
+
+    size, n = 12, 24
+    i, j = np.triu_indices(size, k=1)
+    design = edge_design([str(k % 2) for k in range(n)], {})[0]
+    rng = np.random.default_rng(4)
+
+    def smallest_p(shift: float, seed: int) -> float:
+        edges = rng.normal(size=(n, len(i)))
+        edges[design[:, 1] == 1] += shift * ((i < 5) & (j < 5))  # 10 edges among parcels 0-4
+        t = PermutedT(design, np.arange(n)[None]).t(edges)[0]
+        permuted = PermutedT(design, permutations(n, NBSOptions(2.5, 99, seed))).t(edges)
+        signs = (permuted > 2.5).astype(np.int8) - (permuted < -2.5).astype(np.int8)
+        found = network_based_statistic(t, signs, 2.5, i, j, size)[0]
+        return min((c["p_fwe"] for c in found), default=1.0)
+
+    false = sum(smallest_p(0.0, seed) < 0.05 for seed in range(40))
+    assert false <= 6  # at 5%, 2 of 40 expected; 7 or more has probability 0.003
+    assert all(smallest_p(1.5, seed) < 0.05 for seed in range(5))
 
 
 def test_networks_come_from_a_network_column_or_schaefer_names(tmp_path):

@@ -165,17 +165,21 @@ def connectivity(store: str | Path, atlas: str | Path, out: str | Path, kind: st
                  confounds: str = "none", fd_threshold: float = 0.5, global_signal: bool = False,
                  names: str | Path | None = None, participants: list[str] | None = None,
                  group_by: str | None = None, covariates: list[str] | None = None, workers: int = 1,
-                 harmonize: str | None = None, quiet: bool = False) -> Path:
+                 harmonize: str | None = None, nbs: float | None = None, permutations: int = 1000, seed: int = 0,
+                 quiet: bool = False) -> Path:
     """Parcel series (denoised by the ``confounds`` strategy) and a connectivity matrix per participant,
     written to the folder ``out``; with ``group_by``, edgewise statistics (``edges.tsv``, ``edges.json``)
     adjusted for ``covariates``, of edges harmonised across the ``harmonize`` column's sites by ComBat (the
-    group and covariates preserved). ``workers``: processes reading the runs."""
+    group and covariates preserved), and with ``nbs`` (a t threshold) the network-based statistic's components
+    (``nbs.tsv``) from ``permutations`` permutations drawn with ``seed``. ``workers``: processes reading the runs."""
     from neurox.analysis.connectivity import connectivity as run
+    from neurox.analysis.nbs import NBSOptions
     from neurox.data.confounds import Denoising
 
     return run(store, atlas, out, kind=kind, participants=participants, group_by=group_by, names_tsv=names,
                progress=not quiet, denoising=Denoising(confounds, fd_threshold, global_signal),
-               covariates=covariates, workers=workers, harmonize=harmonize)
+               covariates=covariates, workers=workers, harmonize=harmonize,
+               nbs=NBSOptions(nbs, permutations, seed) if nbs is not None else None)
 
 
 def explain(run: str | Path, store: str | Path, out: str | Path, subject: list[str] | None = None,

@@ -171,6 +171,13 @@ def cmd_connectivity(args) -> int:
             print(f"{level}, {summary['group_by']} ({result['test']}; n={result['n']}; covariates: "
                   f"{', '.join(result['covariates']) or 'none'}{harmonized}): {result['significant']} of "
                   f"{result['edges']} at FDR q < {result['fdr']} ({out / table}); strongest: {top}")
+        nbs = summary.get("nbs")
+        if nbs:
+            largest = "; ".join(f"{c['edges']} edges among {c['parcels']} parcels ({c['sign']}), p {c['p_fwe']:.3g}"
+                                for c in nbs["components"][:3])
+            print(f"network-based statistic (|t| > {nbs['threshold']:g}, {nbs['permutations']} permutations): "
+                  f"{nbs['significant']} component(s) at p_FWE < {nbs['alpha']} ({out / 'nbs.tsv'})"
+                  + (f"; largest: {largest}" if largest else ""))
     return 0
 
 

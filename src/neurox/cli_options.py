@@ -269,6 +269,11 @@ def _connectivity_parser() -> ArgumentParser:
                    "site: an indicator per level), or mean_fd (head motion), adjusted for in the edgewise statistics")
     p.add_argument("--harmonize", default=None, help="a site or scanner column: ComBat across its values before the "
                    "edgewise statistics, the --group_by effect and --covariates preserved (neuroCombat's design)")
+    p.add_argument("--nbs", type=float, default=None, help="network-based statistic: the t above which (or below "
+                   "minus which) edges form components, each given a family-wise p-value from --permutations "
+                   "(Freedman-Lane with --covariates); 3 to 3.5 are usual. Writes nbs.tsv")
+    p.add_argument("--permutations", type=int, default=1000, help="--nbs: permutations of the participants")
+    p.add_argument("--seed", type=int, default=0, help="--nbs: of the permutations")
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading the runs' frames (each holds one run), and for --kind tangent its passes")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")

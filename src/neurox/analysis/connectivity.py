@@ -20,6 +20,7 @@ import numpy as np
 
 from neurox.analysis.edges import network_blocks, pair_statistics
 from neurox.analysis.matrix_table import MatrixTable
+from neurox.analysis.nbs import NBSOptions
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import prepared_runs
 from neurox.data.store import Store
@@ -256,7 +257,7 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                  participants: list[str] | None = None, group_by: str | None = None,
                  names_tsv: str | Path | None = None, progress: bool = True,
                  denoising: Denoising | None = None, covariates: list[str] | None = None, workers: int = 1,
-                 harmonize: str | None = None) -> Path:
+                 harmonize: str | None = None, nbs: NBSOptions | None = None) -> Path:
     """Parcel series per run and a connectivity matrix per participant, written to ``out``:
 
     - ``connectivity.npz``: ``matrices`` (participants, parcels, parcels), ``participants``, ``labels``,
@@ -270,7 +271,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     - with ``group_by``: ``edges.tsv`` (every edge's effect, t, p and FDR q, adjusted for ``covariates``;
       neurox.analysis.edges) and ``edges.json`` (the test and its summary), ``edge_t``/``edge_q`` in the npz;
       with ``harmonize`` (a site or scanner column) the edges are harmonised by ComBat first, the group and
-      covariates preserved (neurox.analysis.harmonize; the matrices written stay as computed);
+      covariates preserved (neurox.analysis.harmonize; the matrices written stay as computed); with ``nbs``, the
+      network-based statistic's components (``nbs.tsv``, ``nbs_components`` in the npz; neurox.analysis.nbs);
     - where the atlas' parcels have networks (``atlas_networks``): ``networks.tsv`` (each participant's mean
       within and between networks), ``network_matrices``/``network_names`` in the npz and, with ``group_by``,
       ``network_edges.tsv``.
@@ -303,6 +305,11 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     if harmonize and (harmonize in (covariates or []) or harmonize == group_by):
         raise ValueError(f"--harmonize {harmonize}: ComBat removes the effect of {harmonize}; it cannot also be "
                          + ("a covariate" if harmonize != group_by else "the effect tested"))
+    if nbs and not group_by:
+        raise ValueError("--nbs: give --group_by, the effect whose edges it tests")
+    if nbs and (nbs.threshold <= 0 or nbs.permutations < 1):
+        raise ValueError(f"--nbs {nbs.threshold} --permutations {nbs.permutations}: the threshold is a t above 0 "
+                         "(3 to 3.5 are usual) and at least one permutation is needed (1000 or more for p-values)")
     if participants:
         participants, unknown = store.units_of(participants, list(prepared_runs(store)[0]))
         if unknown:
@@ -314,7 +321,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                                        "participants": sorted(participants) if participants else None,
                                        "denoising": dataclasses.asdict(denoising or Denoising()),
                                        "group_by": group_by, "covariates": covariates or [],
-                                       **({"harmonize": harmonize} if harmonize else {})})
+                                       **({"harmonize": harmonize} if harmonize else {}),
+                                       **({"nbs": dataclasses.asdict(nbs)} if nbs else {})})
     cache = series_cache(out, atlas_grid)
     runs, _ = prepared_runs(store, participants)
     names, networks = atlas_names(atlas, labels, names_tsv), atlas_networks(atlas, labels, names_tsv)
@@ -370,9 +378,12 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
                 "covariates": {c: [str(known[p].get(c, "")) for p in subjects] for c in covariates or []},
                 "harmonize": (harmonize, [str(known[p].get(harmonize, "")) for p in subjects]) if harmonize else None}
         summary, per_edge = pair_statistics(table.edge_columns, [(names[a], names[b]) for a, b in zip(i, j)],
-                                            out / "edges.tsv", **test)
+                                            out / "edges.tsv", nbs=nbs, progress=progress and nbs is not None,
+                                            **test)
         if per_edge:
             arrays["edge_t"], arrays["edge_q"] = (square(per_edge[k], list(zip(i, j)), size) for k in "tq")
+        if per_edge and nbs:
+            summary["nbs"], arrays["nbs_components"] = write_nbs(out / "nbs.tsv", per_edge, nbs, i, j, names)
         if networks:
             summary["networks"], _ = pair_statistics(
                 lambda lo, hi: blocks[:, lo:hi], [(network_names[a], network_names[b]) for a, b in pairs],
@@ -395,6 +406,30 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     plot_matrices(out / "group_mean.png", mean, groups, names, kind, group_by, arrays.get("edge_t"))
     shutil.rmtree(cache, ignore_errors=True)
     return out
+
+
+def write_nbs(tsv: Path, per_edge: dict, nbs: NBSOptions, i: np.ndarray, j: np.ndarray, names: list[str]):
+    """The network-based statistic's components in ``tsv`` (each one's sign, edges, parcels by degree and family-wise
+    p); returns the summary for edges.json and each edge's component as a (parcels, parcels) matrix."""
+    from neurox.analysis.nbs import ALPHA, network_based_statistic
+    from neurox.data.store import write_tsv
+
+    found, edge_component, null = network_based_statistic(per_edge["t"], per_edge.pop("null_signs"), nbs.threshold,
+                                                          i, j, len(names))
+    rows = []
+    for component in found:
+        members = edge_component == component["component"]
+        degree = np.bincount(np.concatenate([i[members], j[members]]), minlength=len(names))
+        hubs = np.argsort(-degree, kind="stable")[: len(component["parcels"])]
+        rows.append({"component": component["component"], "sign": component["sign"], "edges": component["edges"],
+                     "parcels": len(component["parcels"]), "p_fwe": f"{component['p_fwe']:.4g}",
+                     "parcels_by_degree": ", ".join(f"{names[h]} ({degree[h]})" for h in hubs)})
+    write_tsv(tsv, rows, ["component", "sign", "edges", "parcels", "p_fwe", "parcels_by_degree"])
+    summary = {**dataclasses.asdict(nbs), "null_largest_95": float(np.quantile(null, 0.95)),
+               "alpha": ALPHA, "significant": sum(c["p_fwe"] < ALPHA for c in found),
+               "components": [{**{k: v for k, v in c.items() if k != "parcels"}, "parcels": len(c["parcels"])}
+                              for c in found[:10]]}
+    return summary, square(edge_component.astype(np.float32), list(zip(i, j)), len(names)).astype(np.int32)
 
 
 def plot_matrices(png: Path, mean: np.ndarray, groups: dict[str, np.ndarray], names: list[str], kind: str,

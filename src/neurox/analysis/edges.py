@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from neurox.analysis.covariates import covariate_design, covariate_encoding
+from neurox.analysis.nbs import NBSOptions
 from neurox.data.loader import missing_value
 
 FDR = 0.05
@@ -81,17 +82,20 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
 
 def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values: list[str],
                     covariates: dict[str, list[str]], subjects: list[str], columns=("parcel_a", "parcel_b"),
-                    chunk: int | None = None,
-                    harmonize: tuple[str, list[str]] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+                    chunk: int | None = None, harmonize: tuple[str, list[str]] | None = None,
+                    nbs: NBSOptions | None = None, progress: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
     """The statistics of every pair (``pair_values(lo, hi)``: the participants' values of pairs lo..hi, (n, hi-lo)),
     written to ``tsv`` sorted by p. ``harmonize``, (a site column, each participant's value): ComBat across its
     values first, preserving the effect and covariates (the group means too are of the harmonised values).
-    Returns the summary (the test, n, edges at q < FDR, the five strongest; or why none was computed) and the
-    per-pair t and q."""
+    ``nbs``: the t of each of its permutations too, as ``null_signs`` (permutations, pairs: +1 above its
+    threshold, -1 below the negative, else 0; neurox.analysis.nbs). Returns the summary (the test, n, edges at
+    q < FDR, the five strongest; or why none was computed) and the per-pair t and q."""
     from neurox.analysis.harmonize import harmonised_slices
+    from neurox.analysis.nbs import PermutedT, permutations
     from neurox.data.store import write_tsv
+    from neurox.progress import progress as progress_display
 
-    parts, means = [], {}
+    parts, means, signs = [], {}, []
     if harmonize:  # a participant of no known site is left out, as one of no known group
         values = ["" if missing_value(site) else v for v, site in zip(values, harmonize[1])]
     try:
@@ -107,10 +111,17 @@ def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values
         if harmonize:
             slices = harmonised_slices(read, len(pairs), chunk, harmonize[0], [harmonize[1][k] for k in kept],
                                        design[:, 1:])
+        null = PermutedT(design, permutations(len(kept), nbs)) if nbs else None
+        bar = progress_display(total=len(pairs), desc="edges", unit="edge", disable=not progress)
         for _, edges in slices:
             parts.append(edge_tests(edges, design))
             for g in groups:
                 means.setdefault(g, []).append(edges[members[g]].mean(0))
+            if null is not None:
+                t = null.t(edges)
+                signs.append((t > nbs.threshold).astype(np.int8) - (t < -nbs.threshold).astype(np.int8))
+            bar.update(edges.shape[1])
+        bar.close()
     except ValueError as err:
         return {"skipped": str(err)}, {}
     tests = {key: np.concatenate([part[key] for part in parts]) for key in ("beta", "t", "p")}
@@ -129,7 +140,7 @@ def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values
                "edges": len(order), "fdr": FDR, "significant": int((tests["q"] < FDR).sum()),
                "top": [{a: pairs[e][0], b: pairs[e][1], "t": round(float(tests["t"][e]), 3),
                         "q": float(f"{tests['q'][e]:.4g}")} for e in order[:5]]}
-    return summary, {"t": tests["t"], "q": tests["q"]}
+    return summary, {"t": tests["t"], "q": tests["q"], **({"null_signs": np.concatenate(signs, axis=1)} if nbs else {})}
 
 
 def network_blocks(stack: np.ndarray, networks: list[str]) -> tuple[np.ndarray, list[tuple[int, int]], list[str]]:
