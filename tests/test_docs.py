@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def shown_commands() -> list[tuple[str, str]]:
     """(where, command line) of every ``neurox ...`` line in the bash blocks of the README and docs/ (continuation
-    lines joined, comments dropped) and in each command's example."""
+    lines joined, comments dropped), of the job scripts in examples/ and of each command's example."""
     found = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S):
@@ -25,6 +25,12 @@ def shown_commands() -> list[tuple[str, str]]:
                 line = line.split(" #")[0].strip()
                 if line.startswith("neurox ") and "..." not in line and "$" not in line:
                     found.append((doc.name, line))
+    for script in sorted(p for p in (ROOT / "examples").iterdir() if p.suffix in (".sbatch", ".pbs")):
+        # the job scripts' variables as a first start sets them
+        joined = re.sub(r"\\\n\s*", " ", script.read_text()).replace('"$OUT"', "runs/pretrain").replace(
+            '"$RESUME"', "false")
+        found += [(script.name, "neurox " + re.split(r" &| \|\|", command)[0])
+                  for command in re.findall(r"-m neurox\.cli (.*)", joined)]
     for name in dir(cli_options):
         if name.startswith("_") and name.endswith("_parser"):
             epilog = getattr(cli_options, name)().epilog or ""
@@ -34,6 +40,7 @@ def shown_commands() -> list[tuple[str, str]]:
 
 def test_every_command_shown_parses():
     commands = shown_commands()
+    assert {where for where, _ in commands} >= {"README.md", "slurm_pretrain.sbatch", "pbs_pretrain.pbs"}
     assert len(commands) > 40 and {line.split()[1] for _, line in commands} >= {
         "prepare", "finetune", "pretrain", "evaluate", "predict", "baseline", "connectivity", "explain", "embed",
         "probe", "demo", "synth", "convert-swift"}
