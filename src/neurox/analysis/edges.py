@@ -102,7 +102,9 @@ def pair_statistics(pair_values, pairs: list[tuple[str, str]], tsv: Path, values
         design, kept, coding, groups = edge_design(values, covariates)
         members = {g: [k for k, row in enumerate(kept) if values[row] == g] for g in groups}
         # in slices of pairs: memory stays at participants x chunk (float64, a few copies), whatever the cohort
-        chunk = chunk or max(64, SLICE_VALUES // max(len(kept), 1))
+        # (with --nbs, wider: each slice's permutations gather the permuted covariates once per batch of them,
+        # and a slice of 512 edges or more keeps that below the products' work at any cohort size)
+        chunk = chunk or max(512 if nbs else 64, SLICE_VALUES // max(len(kept), 1))
 
         def read(lo: int, hi: int) -> np.ndarray:
             return np.asarray(pair_values(lo, hi))[kept].astype(np.float64)
