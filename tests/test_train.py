@@ -878,6 +878,15 @@ def test_launcher_detection(monkeypatch, variables, expected):
     assert env.is_main == (expected[0] == 0)
 
 
+def test_a_device_that_is_not_there_is_one_line(store, tmp_path, capsys):
+    absent = "xpu" if torch.accelerator.is_available() else "cuda"
+    assert main(finetune_args(store, tmp_path / "run", "--device", absent)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"neurox finetune: error: --device {absent}: torch {torch.__version__} finds no {absent} "
+                          "device") and "--device auto takes the accelerator there is, else the CPU" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_each_process_takes_its_own_device_or_the_one_it_was_given():
     from neurox.train.distributed import device_index
 

@@ -47,12 +47,26 @@ def _first(names, default: int) -> int:
 
 
 def detect(device: str | None = None) -> Env:
+    """This process's place among the launcher's (rank, world size, local rank) and its device: ``auto`` (or None)
+    the accelerator if there is one, else the CPU; ``cpu``; or an accelerator type (``cuda``, ``xpu``), which must
+    be there. ``cuda:N`` names the device of a single process."""
     rank, world, local = _first(RANK_VARS, 0), _first(SIZE_VARS, 1), _first(LOCAL_VARS, 0)
+    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     if device is None or device == "auto":
-        accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
         device = accel.type if accel is not None else "cpu"
-    dev = torch.device("cpu") if device == "cpu" else torch.device(device, device_index(local, device))
-    return Env(rank, world, local, dev)
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return Env(rank, world, local, torch.device("cpu"))
+    if accel is None or accel.type != kind:
+        from neurox.errors import UserFacingError
+
+        raise UserFacingError(f"--device {device}: torch {torch.__version__} finds no {kind} device"
+                              + (f" (it finds {accel.type})" if accel is not None else "")
+                              + "; --device auto takes the accelerator there is, else the CPU")
+    if index and world > 1:
+        raise UserFacingError(f"--device {device}: under a launcher each process takes the device of its local "
+                              f"rank; give --device {kind}")
+    return Env(rank, world, local, torch.device(kind, int(index) if index else device_index(local, kind)))
 
 
 def device_index(local_rank: int, device_type: str, visible: int | None = None) -> int:
