@@ -688,7 +688,7 @@ def test_fine_tuning_from_a_linear_probe(store, tmp_path):
     assert np.allclose(head_scores[:, 0], slope * probe_scores + offset, atol=1e-4)
 
 
-def test_fine_tuning_a_per_position_head(store, tmp_path):
+def test_fine_tuning_a_per_position_head(store, tmp_path, capsys):
     """--head_pool tokens: the head reads each last-stage position's mean and standard deviation over the
     window's frames, starts as their probe, and the saved model reads the same and evaluates."""
     from neurox.hub import load_pretrained
@@ -702,6 +702,13 @@ def test_fine_tuning_a_per_position_head(store, tmp_path):
     assert np.isfinite(json.loads((run / "metrics.json").read_text())["test"]["auroc"])
     assert main(finetune_args(store, tmp_path / "bad", "--head_pool", "max")) == 1
     assert main(finetune_args(store, tmp_path / "bad", "--val_every", "-1")) == 1
+    for option, value, wanted in (("--batch_size", "0", "1 or more"), ("--accumulation", "0", "1 or more"),
+                                  ("--epochs", "0", "1 or more"), ("--lr", "-1", "a value above 0")):
+        capsys.readouterr()
+        assert main(finetune_args(store, tmp_path / "bad", option, value)) == 1
+        shown = float(value) if option == "--lr" else value
+        assert capsys.readouterr().err.strip() == f"neurox finetune: error: {option} {shown}: give {wanted}"
+    assert not (tmp_path / "bad").exists()  # refused before the run's folder is made
 
 
 # --- processes: distributed parity and SIGTERM resume ----------------------------------------------
@@ -734,6 +741,15 @@ def test_an_output_that_cannot_be_written_is_one_line(store, one_epoch_run, tmp_
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("neurox predict: error: [Errno 20] Not a directory: ")
     assert "Traceback" not in err
+
+
+def test_a_batch_of_no_windows_is_refused_by_the_parser(store, one_epoch_run, tmp_path, capsys):
+    for command in (["predict", str(one_epoch_run), "--out", str(tmp_path / "p.tsv")],
+                    ["evaluate", str(one_epoch_run)]):
+        with pytest.raises(SystemExit):
+            main([*command, "--store", str(store), "--batch_size", "0"])
+        assert 'Parser key "batch_size"' in capsys.readouterr().err
+    assert not (tmp_path / "p.tsv").exists()
 
 
 def test_out_of_accelerator_memory_is_one_line_with_the_options_that_need_less(store, monkeypatch, tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 
 from jsonargparse import ArgumentParser
+from jsonargparse.typing import PositiveInt
 
 
 def describe_options(parser: ArgumentParser, config_class) -> ArgumentParser:
@@ -110,7 +111,7 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")
     p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")
-    p.add_argument("--workers", type=int, default=1, help="runs prepared in parallel")
+    p.add_argument("--workers", type=PositiveInt, default=1, help="runs prepared in parallel")
     p.add_argument("--shard", default="0/1", help="i/N: prepare only every N-th run from the i-th (array jobs)")
     p.add_argument("--format", choices=["zarr", "npy"], default="zarr",
                    help="zarr (compressed, one shard per run) or npy (uncompressed, memory-mapped)")
@@ -143,7 +144,8 @@ def _synth_parser() -> ArgumentParser:
     p.add_argument("--n_parcels", type=int, default=40,
                    help="parcels of the atlas; the eight networks are made of bilateral pairs of them")
     p.add_argument("--seed", type=int, default=0, help="the same options and seed give the same bytes")
-    p.add_argument("--workers", type=int, default=1, help="runs written in parallel (same bytes for any number)")
+    p.add_argument("--workers", type=PositiveInt, default=1,
+                   help="runs written in parallel (same bytes for any number)")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
@@ -196,7 +198,7 @@ def _evaluate_parser() -> ArgumentParser:
     p.add_argument("--baseline", default=None, help="run directory from neurox baseline")
     p.add_argument("--compare", default=None, help="another finetune run of the same targets (from scratch beside "
                    "a pretrained one): scored alike, and each metric's paired difference on the same participants")
-    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch_size", type=PositiveInt, default=4, help="windows per forward pass")
     p.add_argument("--out", default=None, help="write the metrics as JSON here")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
@@ -209,7 +211,7 @@ def _predict_parser() -> ArgumentParser:
     p.add_argument("run", help="run directory from neurox finetune")
     p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--out", required=True, help="the table to write (TSV)")
-    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch_size", type=PositiveInt, default=4, help="windows per forward pass")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
 
@@ -272,9 +274,9 @@ def _connectivity_parser() -> ArgumentParser:
     p.add_argument("--nbs", type=float, default=None, help="network-based statistic: the t above which (or below "
                    "minus which) edges form components, each given a family-wise p-value from --permutations "
                    "(Freedman-Lane with --covariates); 3 to 3.5 are usual. Writes nbs.tsv")
-    p.add_argument("--permutations", type=int, default=1000, help="--nbs: permutations of the participants")
+    p.add_argument("--permutations", type=PositiveInt, default=1000, help="--nbs: permutations of the participants")
     p.add_argument("--seed", type=int, default=0, help="--nbs: of the permutations")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=PositiveInt, default=1,
                    help="processes reading the runs' frames (each holds one run), and for --kind tangent its passes")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
@@ -313,7 +315,7 @@ def _explain_parser() -> ArgumentParser:
     p.add_argument("--atlas", default=None, help="3D label NIfTI in MNI space: also rank its regions by attribution "
                    "(regions.tsv, participant_regions.tsv)")
     p.add_argument("--names", default=None, help="TSV with index and name columns (default: found beside the atlas)")
-    p.add_argument("--batch_size", type=int, default=2, help="windows per forward pass")
+    p.add_argument("--batch_size", type=PositiveInt, default=2, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
@@ -330,7 +332,7 @@ def _embed_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="table of participants (.tsv or .parquet); the windows' table and "
                    "the PCA plot go beside it")
     p.add_argument("--color_by", default=None, help="phenotype column (or 'split') to colour the PCA plot by")
-    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch_size", type=PositiveInt, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
@@ -368,7 +370,7 @@ def _probe_parser() -> ArgumentParser:
     p.add_argument("--stage", type=int, default=None,
                    help="probe this stage's output (1 = the first, finest) instead of the last's, before its patch "
                    "merging: with --pool tokens, local effects at a finer resolution")
-    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--batch_size", type=PositiveInt, default=4, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto (the accelerator if any), cpu, cuda, xpu ...")
     p.add_argument("--quiet", type=bool, default=False, help="no progress display")
     return p
@@ -387,9 +389,9 @@ def _demo_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="of the cohort and of the run")
     p.add_argument("--normalization", choices=["global_zscore", "voxel_zscore", "voxel_center"],
                    default="voxel_center", help="of the prepared store (see neurox prepare --help)")
-    p.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--batch_size", type=PositiveInt, default=16, help="windows per forward pass")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--workers", type=int, default=2, help="processes for synth and prepare")
+    p.add_argument("--workers", type=PositiveInt, default=2, help="processes for synth and prepare")
     p.add_argument("--head_init", choices=["random", "probe"], default="probe",
                    help="probe: the head starts as a linear probe of the backbone's features (LP-FT)")
     return p

@@ -99,6 +99,21 @@ class LoopSettings:
     backbone_lr_scale: float = 1.0  # of every parameter not in the head: a gentler step for pretrained weights
     val_every: int = 0  # steps between validations besides each epoch's end; 0: at epoch ends only
 
+    def __post_init__(self):
+        """Counts and rates out of range are refused by name, before any run folder is made."""
+        rules = (("epochs", self.epochs >= 1, "1 or more"), ("batch_size", self.batch_size >= 1, "1 or more"),
+                 ("accumulation", self.accumulation >= 1, "1 or more"), ("lr", self.lr > 0, "a value above 0"),
+                 ("weight_decay", self.weight_decay >= 0, "0 or more"),
+                 ("warmup_fraction", 0 <= self.warmup_fraction < 1, "a fraction from 0 to below 1"),
+                 ("clip_grad", self.clip_grad >= 0, "0 or more (0: no clipping)"),
+                 ("loader_workers", self.loader_workers >= 0, "0 or more (0: read in the training thread)"),
+                 ("checkpoint_every", self.checkpoint_every >= 0, "0 or more (0: at epoch ends)"),
+                 ("max_steps", self.max_steps is None or self.max_steps >= 0, "0 or more (0: no limit)"),
+                 ("val_every", self.val_every >= 0, "a number of steps, or 0 for epoch ends only"))
+        for name, ok, wanted in rules:
+            if not ok:
+                raise ValueError(f"--{name} {getattr(self, name)}: give {wanted}")
+
 
 class StopSignals:
     """Records SIGTERM (what a cluster sends before pre-emption) and a first Ctrl-C (SIGINT); the loop checks

@@ -187,8 +187,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         raise ValueError(f"unknown --head_init {config.head_init!r}; choose random or probe")
     if config.head_pool not in HEAD_POOLS:
         raise ValueError(f"unknown --head_pool {config.head_pool!r}; choose one of {', '.join(HEAD_POOLS)}")
-    if config.val_every < 0:
-        raise ValueError(f"--val_every {config.val_every}: give a number of steps, or 0 for epoch ends only")
+    config.settings()  # the loop's counts and rates, refused by name where out of range
     if not config.backbone_lr_scale >= 0:
         raise ValueError(f"--backbone_lr_scale {config.backbone_lr_scale}: give a fraction of --lr, 0 or more")
     if config.freeze and config.backbone_lr_scale != 1.0:

@@ -80,6 +80,7 @@ class PretrainConfig:
     def validate(self) -> None:
         if not self.store or not self.out:
             raise ValueError("pretrain needs --store (one or more) and --out")
+        self.settings()  # the loop's counts and rates, refused by name where out of range
         if self.objective not in ssl.OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(ssl.OBJECTIVES)}")
         if self.contrastive_mode not in ssl.CONTRASTIVE_MODES:
