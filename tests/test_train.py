@@ -703,7 +703,7 @@ def test_fine_tuning_a_per_position_head(store, tmp_path, capsys):
     assert main(finetune_args(store, tmp_path / "bad", "--head_pool", "max")) == 1
     assert main(finetune_args(store, tmp_path / "bad", "--val_every", "-1")) == 1
     for option, value, wanted in (("--batch_size", "0", "1 or more"), ("--accumulation", "0", "1 or more"),
-                                  ("--epochs", "0", "1 or more"), ("--lr", "-1", "a value above 0")):
+                                  ("--epochs", "0", "1 or more"), ("--lr", "-1", "0 or more (0: nothing trains)")):
         capsys.readouterr()
         assert main(finetune_args(store, tmp_path / "bad", option, value)) == 1
         shown = float(value) if option == "--lr" else value

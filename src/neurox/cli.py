@@ -56,14 +56,19 @@ def cmd_smoke(args) -> int:
 
 def keywords(function, args) -> dict:
     """The parsed options that ``function`` (one of ``neurox.api``) takes, by name."""
-    return {name: args[name] for name in inspect.signature(function).parameters if name in args}
+    return {name: plain(args[name]) for name in inspect.signature(function).parameters if name in args}
 
 
 def config_options(cls, args) -> dict:
     """The parsed options that a config dataclass holds (for the commands configured by YAML too)."""
     import dataclasses
 
-    return {f.name: args[f.name] for f in dataclasses.fields(cls) if f.name in args}
+    return {f.name: plain(args[f.name]) for f in dataclasses.fields(cls) if f.name in args}
+
+
+def plain(value):
+    """An int for the parser's checked integers (``PositiveInt`` is a subclass the YAML writer refuses)."""
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def cmd_synth(args) -> int:

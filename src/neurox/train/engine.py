@@ -102,7 +102,8 @@ class LoopSettings:
     def __post_init__(self):
         """Counts and rates out of range are refused by name, before any run folder is made."""
         rules = (("epochs", self.epochs >= 1, "1 or more"), ("batch_size", self.batch_size >= 1, "1 or more"),
-                 ("accumulation", self.accumulation >= 1, "1 or more"), ("lr", self.lr > 0, "a value above 0"),
+                 ("accumulation", self.accumulation >= 1, "1 or more"),
+                 ("lr", self.lr >= 0, "0 or more (0: nothing trains)"),
                  ("weight_decay", self.weight_decay >= 0, "0 or more"),
                  ("warmup_fraction", 0 <= self.warmup_fraction < 1, "a fraction from 0 to below 1"),
                  ("clip_grad", self.clip_grad >= 0, "0 or more (0: no clipping)"),
