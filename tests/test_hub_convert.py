@@ -96,6 +96,10 @@ def test_smoke_command_writes_a_loadable_model(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.split("\nwrote")[0])
     assert report["features"] == [1, 96, 2, 2, 2, 20]
     assert neurox.load_pretrained(tmp_path / "m").head.task == "binary"
+    (tmp_path / "run").mkdir()  # a run's folder given where its model is meant
+    (tmp_path / "m").rename(tmp_path / "run" / "model")
+    with pytest.raises(FileNotFoundError, match=f"; the run's model is {tmp_path / 'run' / 'model'}$"):
+        neurox.load_pretrained(tmp_path / "run")
 
 
 def main_raising(argv):

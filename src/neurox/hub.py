@@ -63,7 +63,9 @@ def save_pretrained(
 def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir}: not a neurox model directory (no {CONFIG_FILE})")
+        inside = Path(model_dir) / "model"  # a run's folder given for its model
+        raise FileNotFoundError(f"{model_dir}: not a neurox model directory (no {CONFIG_FILE})"
+                                + (f"; the run's model is {inside}" if (inside / CONFIG_FILE).is_file() else ""))
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
