@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,6 +153,9 @@ def test_connectivity_recovers_the_planted_coupling(synthetic, tmp_path):
     assert np.array_equal(data["nbs_components"][i, j], edge_component)
     assert (np.abs(data["edge_t"][i, j][edge_component > 0]) > 3).all()
     assert len(rows[0]["parcels_by_degree"].split(", ")) == int(rows[0]["parcels"])
+    for row in rows:  # the atlas' networks: each edge counted once, under its (sorted) pair of networks
+        counted = [re.fullmatch(r"(\S+)-(\S+) \((\d+)\)", part).groups() for part in row["network_pairs"].split(", ")]
+        assert sum(int(c) for _, _, c in counted) == int(row["edges"]) and all(a <= b for a, b, _ in counted)
     nbs = summary["nbs"]
     assert (nbs["threshold"], nbs["permutations"], nbs["seed"]) == (3.0, 200, 0)
     assert [c["edges"] for c in nbs["components"]] == [c["edges"] for c in found[:10]]

@@ -383,7 +383,8 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
         if per_edge:
             arrays["edge_t"], arrays["edge_q"] = (square(per_edge[k], list(zip(i, j)), size) for k in "tq")
         if per_edge and nbs:
-            summary["nbs"], arrays["nbs_components"] = write_nbs(out / "nbs.tsv", per_edge, nbs, i, j, names)
+            summary["nbs"], arrays["nbs_components"] = write_nbs(out / "nbs.tsv", per_edge, nbs, i, j, names,
+                                                                 networks)
         if networks:
             summary["networks"], _ = pair_statistics(
                 lambda lo, hi: blocks[:, lo:hi], [(network_names[a], network_names[b]) for a, b in pairs],
@@ -408,9 +409,11 @@ def connectivity(store_path: str | Path, atlas: str | Path, out: str | Path, kin
     return out
 
 
-def write_nbs(tsv: Path, per_edge: dict, nbs: NBSOptions, i: np.ndarray, j: np.ndarray, names: list[str]):
-    """The network-based statistic's components in ``tsv`` (each one's sign, edges, parcels by degree and family-wise
-    p); returns the summary for edges.json and each edge's component as a (parcels, parcels) matrix."""
+def write_nbs(tsv: Path, per_edge: dict, nbs: NBSOptions, i: np.ndarray, j: np.ndarray, names: list[str],
+              networks: list[str] | None = None):
+    """The network-based statistic's components in ``tsv`` (each one's sign, edges, parcels by degree, family-wise
+    p and, where parcels have networks, its edges per pair of networks); returns the summary for edges.json and each
+    edge's component as a (parcels, parcels) matrix."""
     from neurox.analysis.nbs import ALPHA, network_based_statistic
     from neurox.data.store import write_tsv
 
@@ -424,7 +427,12 @@ def write_nbs(tsv: Path, per_edge: dict, nbs: NBSOptions, i: np.ndarray, j: np.n
         rows.append({"component": component["component"], "sign": component["sign"], "edges": component["edges"],
                      "parcels": len(component["parcels"]), "p_fwe": f"{component['p_fwe']:.4g}",
                      "parcels_by_degree": ", ".join(f"{names[h]} ({degree[h]})" for h in hubs)})
-    write_tsv(tsv, rows, ["component", "sign", "edges", "parcels", "p_fwe", "parcels_by_degree"])
+        if networks:  # where the component lies: its edges within and between networks, most first
+            pairs = [tuple(sorted((networks[a], networks[b]))) for a, b in zip(i[members], j[members])]
+            counts = sorted({pair: pairs.count(pair) for pair in pairs}.items(), key=lambda item: (-item[1], item[0]))
+            rows[-1]["network_pairs"] = ", ".join(f"{a}-{b} ({count})" for (a, b), count in counts)
+    write_tsv(tsv, rows, ["component", "sign", "edges", "parcels", "p_fwe", "parcels_by_degree",
+                          *(["network_pairs"] if networks else [])])
     summary = {**dataclasses.asdict(nbs), "null_largest_95": float(np.quantile(null, 0.95)),
                "alpha": ALPHA, "significant": sum(c["p_fwe"] < ALPHA for c in found),
                "components": [{**{k: v for k, v in c.items() if k != "parcels"}, "parcels": len(c["parcels"])}
