@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -428,8 +429,8 @@ def write_nbs(tsv: Path, per_edge: dict, nbs: NBSOptions, i: np.ndarray, j: np.n
                      "parcels": len(component["parcels"]), "p_fwe": f"{component['p_fwe']:.4g}",
                      "parcels_by_degree": ", ".join(f"{names[h]} ({degree[h]})" for h in hubs)})
         if networks:  # where the component lies: its edges within and between networks, most first
-            pairs = [tuple(sorted((networks[a], networks[b]))) for a, b in zip(i[members], j[members])]
-            counts = sorted({pair: pairs.count(pair) for pair in pairs}.items(), key=lambda item: (-item[1], item[0]))
+            pairs = Counter(tuple(sorted((networks[a], networks[b]))) for a, b in zip(i[members], j[members]))
+            counts = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))
             rows[-1]["network_pairs"] = ", ".join(f"{a}-{b} ({count})" for (a, b), count in counts)
     write_tsv(tsv, rows, ["component", "sign", "edges", "parcels", "p_fwe", "parcels_by_degree",
                           *(["network_pairs"] if networks else [])])

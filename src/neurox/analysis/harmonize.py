@@ -54,7 +54,7 @@ class Harmonisation:
         mean, sd = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         gamma_hat, delta_hat = np.zeros((len(sites), x.shape[1])), np.zeros((len(sites), x.shape[1]))
         for columns, block in column_blocks(x):
-            z, stand_mean, sd[columns] = _standardised(block.astype(np.float64), one_hot, solve, counts)
+            z, stand_mean, sd[columns] = _standardised(block, one_hot, solve, counts)  # blocks come as float64
             mean[columns] = stand_mean[0]  # no covariates: the sites' means weighted by their participants
             gamma_hat[:, columns], delta_hat[:, columns] = _site_estimates(z, one_hot, index, counts)
         gamma, delta = _shrunk(gamma_hat, delta_hat, counts)

@@ -219,10 +219,10 @@ def is_current(root: Path, spec: RunSpec, fmt: str) -> bool:
     if not _meta_file(path, fmt).is_file():
         return False
     try:
-        RunReader(path)  # reads the frame index, whose checksum fails where the shard was cut short or damaged
+        reader = RunReader(path)  # reads the frame index, whose checksum fails where the shard was cut short
     except UnreadableRun:
         return False
-    source = _attributes(path, fmt)[1].get("source", {})
+    source = reader.attributes.get("source", {})
     try:
         stat = spec.bold.stat()
     except OSError:

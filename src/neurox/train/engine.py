@@ -110,7 +110,8 @@ class LoopSettings:
                  ("loader_workers", self.loader_workers >= 0, "0 or more (0: read in the training thread)"),
                  ("checkpoint_every", self.checkpoint_every >= 0, "0 or more (0: at epoch ends)"),
                  ("max_steps", self.max_steps is None or self.max_steps >= 0, "0 or more (0: no limit)"),
-                 ("val_every", self.val_every >= 0, "a number of steps, or 0 for epoch ends only"))
+                 ("val_every", self.val_every >= 0, "a number of steps, or 0 for epoch ends only"),
+                 ("backbone_lr_scale", self.backbone_lr_scale >= 0, "a fraction of --lr, 0 or more"))
         for name, ok, wanted in rules:
             if not ok:
                 raise ValueError(f"--{name} {getattr(self, name)}: give {wanted}")

@@ -188,8 +188,6 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     if config.head_pool not in HEAD_POOLS:
         raise ValueError(f"unknown --head_pool {config.head_pool!r}; choose one of {', '.join(HEAD_POOLS)}")
     config.settings()  # the loop's counts and rates, refused by name where out of range
-    if not config.backbone_lr_scale >= 0:
-        raise ValueError(f"--backbone_lr_scale {config.backbone_lr_scale}: give a fraction of --lr, 0 or more")
     if config.freeze and config.backbone_lr_scale != 1.0:
         raise ValueError("--backbone_lr_scale has no effect with --freeze true (the backbone does not train)")
     run_dir = Path(config.out)
