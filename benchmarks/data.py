@@ -10,7 +10,8 @@ cosine drift basis, regressed out of every voxel), and a third time laid out as 
 (``Movement_Regressors.txt`` and a ``wmparc.2.nii.gz`` from the MNI152 tissue masks) with ``--confounds
 compcor``: prepare then computes the tissue signals, CompCor and the cosines from the frames (one more
 pass) before regressing them out; and without denoising, where they are computed in the first pass and
-only stored. Prints one JSON document.
+only stored. Last, each run is prepared resampled in time (``--resample_tr``) from its 0.72 s to ABCD's 0.8 s and
+to 2 s. Prints one JSON document.
 
     python benchmarks/data.py --workdir /tmp/neurox-bench
 """
@@ -121,13 +122,14 @@ def nib_data(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(str(path)).dataobj)
 
 
-def prepare_in_child(source: Path, out: Path, confounds: str = "none") -> dict:
+def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_tr: float | None = None) -> dict:
     code = (
         "import sys, time, resource;"
         "from neurox.data.prepare import prepare;"
         "from neurox.data.preprocess import PrepareOptions;"
         "t = time.perf_counter();"
-        "r = prepare(sys.argv[1], sys.argv[2], PrepareOptions(confounds=sys.argv[3]), progress=False);"
+        "tr = float(sys.argv[4]) or None;"
+        "r = prepare(sys.argv[1], sys.argv[2], PrepareOptions(confounds=sys.argv[3], resample_tr=tr), progress=False);"
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.ok);"
         "sys.stderr.write(str(r.failed))"
     )
@@ -137,8 +139,8 @@ def prepare_in_child(source: Path, out: Path, confounds: str = "none") -> dict:
         manifest.write_text(f"participant_id\tpath\tmask\tconfounds\nsub-bench\t{source.name}\t"
                             f"{source.name.replace('_bold', '_mask')}\t{table.name}\n")
         source = manifest
-    done = subprocess.run([sys.executable, "-c", code, str(source), str(out), confounds], capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(out), confounds, str(resample_tr or 0)],
+                          capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     seconds, max_rss_kib, ok = done.stdout.split()
@@ -178,6 +180,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/neurox-bench-data")
     parser.add_argument("--frames", type=int, nargs="+", default=[600, 1200])
     args = parser.parse_args()
+    from neurox.data.store import Store
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -185,7 +188,8 @@ def main() -> None:
         source = make_input(work / f"run{n}_bold.nii.gz", n)
         confounds_table(work / f"run{n}_confounds.tsv", n)
         out = work / f"store{n}"
-        for old in (out, work / f"store{n}-simple", work / f"store{n}-hcp", work / f"store{n}-hcp-compcor"):
+        for old in (out, work / f"store{n}-simple", work / f"store{n}-hcp", work / f"store{n}-hcp-compcor",
+                    work / f"store{n}-tr0.8", work / f"store{n}-tr2"):
             if old.exists():
                 import shutil
 
@@ -195,6 +199,7 @@ def main() -> None:
         hcp_input = hcp_layout(source, work / f"hcp{n}", n)
         hcp_plain = prepare_in_child(hcp_input, work / f"store{n}-hcp", "none")  # tissue signals in the first pass
         hcp = prepare_in_child(hcp_input, work / f"store{n}-hcp-compcor", "compcor")
+        in_time = {tr: prepare_in_child(source, work / f"store{n}-tr{tr:g}", resample_tr=tr) for tr in (0.8, 2.0)}
         frame_bytes = 96 * 96 * 96 * 2
         ours = store_bytes(out)
         results[f"{n}_frames"] = {
@@ -213,6 +218,9 @@ def main() -> None:
             "hcp_confounds_compcor": {"prepare_s": hcp["seconds"], "frames_per_s": round(n / hcp["seconds"], 1),
                                       "peak_rss_gib": hcp["peak_rss_gib"],
                                       "regressors": 24 + 5 + int(2 * n * 0.72 / 128)},
+            **{f"resample_tr_{tr:g}": {"prepare_s": r["seconds"], "peak_rss_gib": r["peak_rss_gib"],
+                                       "frames_out": Store(work / f"store{n}-tr{tr:g}").manifest[0]["n_frames"]}
+               for tr, r in in_time.items()},
         }
     largest = work / f"store{max(args.frames)}"
     results["window_reads_per_s"] = {f"{w}_workers": window_reads(largest, w) for w in (1, 2)}

@@ -184,6 +184,7 @@ class InputContract:
     denoising: str | None = None  # confounds regressed out by prepare (none, simple, compcor, +global_signal)
     window_frames: int = 20
     tr: float | None = None
+    tr_resampled: bool = False  # every run was resampled in time onto ``tr`` (prepare --resample_tr): --like does too
     channels: int = 1
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

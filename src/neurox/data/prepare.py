@@ -41,6 +41,7 @@ from neurox.data.store import (
     write_tsv,
 )
 from neurox.data.survey import survey
+from neurox.data.temporal import resample_table
 from neurox.errors import UnreadableRun
 from neurox.io.atomic import write_text_atomic
 from neurox.io.bids import RunSpec, discover, task_counts
@@ -50,7 +51,8 @@ from neurox.workers import process_pool
 
 FAILURE_SUFFIX = ".failed.json"
 # what every run of a store must share; a second prepare into the store must agree on these
-SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization", "denoising")
+SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization", "denoising",
+               "resample_tr")
 
 
 @dataclass
@@ -89,7 +91,8 @@ def options_from_model(model_dir: str | Path, **overrides) -> PrepareOptions:
     strategy, global_signal = parse_denoising(contract.get("denoising") or "none")
     values = {"grid": grid, "normalization": contract.get("normalization") or "global_zscore",
               "min_frames": int(contract.get("window_frames") or 20), "confounds": strategy,
-              "global_signal": global_signal}
+              "global_signal": global_signal,
+              "resample_tr": contract.get("tr") if contract.get("tr_resampled") else None}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PrepareOptions(**values)
 
@@ -239,8 +242,12 @@ def confounds_incomplete(root: Path, spec: RunSpec, fmt: str) -> bool:
     stored = path / CONFOUNDS_FILE
     if not stored.is_file():
         return True
-    attributes = _attributes(path, fmt)[1]
-    return bool(computable_confounds(spec, table_columns(stored), attributes["n_frames"], attributes["tr"]))
+    return bool(computable_confounds(spec, table_columns(stored), *source_timing(_attributes(path, fmt)[1])))
+
+
+def source_timing(attributes: dict) -> tuple[int, float | None]:
+    """A prepared run's source frames and TR, before any resampling in time."""
+    return attributes["source"]["shape"][3], attributes["source"].get("tr", attributes["tr"])
 
 
 def _meta_file(path: Path, fmt: str) -> Path:
@@ -260,18 +267,20 @@ def complete_confounds(spec: RunSpec, options: PrepareOptions, root: Path, fmt: 
     path = run_path(root, spec.run_id, fmt)
     meta, attributes = _attributes(path, fmt)
     stored = path / CONFOUNDS_FILE
+    n_frames, tr = source_timing(attributes)
+    in_time = attributes.get("resampled_in_time", False)  # the stored table is resampled: start from the source
     try:
-        if stored.is_file():
+        if stored.is_file() and not in_time:
             table = read_confounds(stored)
         else:
-            table = run_confounds(spec.confounds, attributes["n_frames"], spec.bold.name)
+            table = run_confounds(spec.confounds, n_frames, spec.bold.name)
             attributes["source"]["confounds"] = str(spec.confounds.resolve())
         if not table:
             return None
-        computed = add_frame_signals(spec, table, attributes["tr"], options.block_frames)
+        computed = add_frame_signals(spec, table, tr, options.block_frames)
     except InputError as err:
         return str(err)
-    write_text_atomic(stored, confounds_text(table))
+    write_text_atomic(stored, confounds_text(resample_table(table, tr, attributes["tr"]) if in_time else table))
     attributes.update(motion=motion_summary(table), confounds=sorted(table),
                       computed_confounds=attributes.get("computed_confounds", []) + computed)
     write_text_atomic(_meta_file(path, fmt), json.dumps(meta))

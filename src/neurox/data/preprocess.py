@@ -11,7 +11,9 @@ tissue signals of an HCP run, whose table has motion only) costs a pass before t
 The model grid is a box fixed in MNI coordinates (``TargetGrid``), so every subject lands on the
 same voxels. An input already on a grid that aligns with it (same voxel size, origin an integer
 number of voxels away: the usual fMRIPrep/HCP MNI outputs) is cut and padded, no interpolation;
-anything else is resampled (trilinear) only when asked to.
+anything else is resampled (trilinear) only when asked to. Resampling in time onto another TR
+(``resample_tr``, ``neurox.data.temporal``) comes last, after denoising and normalisation at the run's own TR,
+in the second pass.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from neurox.data.confounds import (
     run_confounds,
 )
 from neurox.data.store import pack_mask
+from neurox.data.temporal import TemporalResampler, output_frames, resample_table
 from neurox.data.tissue import FrameSignals, cosine_basis, tissue_masks
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
@@ -81,10 +84,13 @@ class PrepareOptions:
     tr: float | None = None  # used where neither a sidecar nor the header gives one
     confounds: str = "none"  # regressed out of every voxel before normalising: none, simple or compcor
     global_signal: bool = False  # the global signal regressed out too
+    resample_tr: float | None = None  # every run resampled in time onto this TR (s); None: each keeps its own
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+        if self.resample_tr is not None and not self.resample_tr > 0:
+            raise ValueError(f"--resample_tr {self.resample_tr}: give a repetition time in seconds, above 0")
         denoising_name(self.confounds, self.global_signal)  # refuses a strategy prepare cannot apply
 
     @property
@@ -96,7 +102,7 @@ class PrepareOptions:
             "grid": list(self.grid.shape), "voxel_size_mm": self.grid.voxel_size_mm,
             "origin_mm": list(self.grid.origin_mm), "crop_box_mm": self.grid.crop_box_mm,
             "normalization": self.normalization, "resample": self.resample, "min_frames": self.min_frames,
-            "denoising": self.denoising,
+            "denoising": self.denoising, "resample_tr": self.resample_tr,
         }
 
 
@@ -187,6 +193,15 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     # as fMRIPrep computes them (neurox.data.tissue): in pass 1, or in a pass before it where the input's
     # denoising needs them
     tr = spec.tr or header_tr(info) or options.tr
+    n_out, tr_out = info.n_frames, tr
+    if options.resample_tr is not None:
+        if tr is None:
+            raise InputError(f"{spec.bold}: no TR in its sidecar or header to resample from; give it with --tr")
+        n_out, tr_out = output_frames(info.n_frames, tr, options.resample_tr), options.resample_tr
+        if n_out < options.min_frames:
+            raise InputError(f"{spec.bold}: {n_out} frames at TR {tr_out:g} s ({info.n_frames} at {tr:g} s), fewer "
+                             f"than one window ({options.min_frames})")
+    in_time = tr_out != tr  # resampled in time as the last step of pass 2
     signals = _frame_signals(spec, confounds, given_mask, info, tr)
     computed = []
     design = None  # the regressors removed from every voxel (frames, k), centred
@@ -280,8 +295,9 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         scale = (1.0 / voxel_std).astype(np.float32)[..., None]
         shift = mean_image.astype(np.float32)[..., None]
 
-    # pass 2: normalise and write
-    writer = writer_factory(n)
+    # pass 2: normalise (then resample in time) and write
+    writer = writer_factory(n_out)
+    resampler = TemporalResampler(n, tr, tr_out) if in_time else None
     try:
         outside = ~mask[..., None]
         for start, frames in iter_frame_blocks(info, options.block_frames):
@@ -290,6 +306,10 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
                 fit = regressors[start : start + on_grid.shape[3]] @ coefficients  # (frames, voxels)
                 on_grid = on_grid - fit.T.reshape(on_grid.shape, order="F")  # a view in the block's own order
             z = (on_grid - shift) * scale
+            if resampler is not None:
+                z = resampler.push(z)  # the frames of the new TR whose input has all arrived
+                if not z.shape[3]:
+                    continue
             z[np.broadcast_to(outside, z.shape)] = background
             # the one transposing copy of the run: to C order (n, X, Y, Z), at half the bytes
             writer.write_frames(np.ascontiguousarray(np.moveaxis(z, 3, 0), dtype=np.float16))
@@ -304,8 +324,9 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         "session": spec.session,
         "run": spec.run,
         "run_id": spec.run_id,
-        "n_frames": n,
-        "tr": tr,
+        "n_frames": n_out,
+        "tr": tr_out,
+        "resampled_in_time": in_time,
         "affine": options.grid.affine.tolist(),
         "grid": list(grid_shape),
         "voxel_size_mm": options.grid.voxel_size_mm,
@@ -321,6 +342,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
             "size": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             "shape": list(info.shape),
+            "tr": tr,
             "affine": info.affine.tolist(),
             "mask": str(spec.mask.resolve()) if spec.mask else None,
             "resampled": not mapping.aligned,
@@ -331,7 +353,8 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         "confounds": sorted(confounds),
         "computed_confounds": computed,  # columns neurox added to the run's table (from its frames)
     }
-    writer.commit(attributes, {CONFOUNDS_FILE: confounds_text(confounds)} if confounds else None)
+    stored = resample_table(confounds, tr, tr_out) if in_time else confounds  # one row per stored frame
+    writer.commit(attributes, {CONFOUNDS_FILE: confounds_text(stored)} if confounds else None)
     return PreparedRun(n, attributes)
 
 

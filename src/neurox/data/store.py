@@ -37,7 +37,7 @@ from neurox.io.atomic import write_text_atomic
 
 STORE_FILE = "store.json"
 RUNS_DIR = "runs"
-STORE_DEFAULTS = {"denoising": "none"}  # what a store written before the key existed holds
+STORE_DEFAULTS = {"denoising": "none", "resample_tr": None}  # what a store written before the key existed holds
 MANIFEST_COLUMNS = ["participant_id", "session", "run", "run_id", "path", "n_frames", "tr", "shape", "status",
                     "mean_fd", "max_fd", "source"]
 # Blosc-LZ4 with byte shuffle: float16 frames to about 0.3 of their size (the background is one

@@ -14,6 +14,7 @@ import numpy as np
 
 from neurox.data.confounds import table_columns
 from neurox.data.preprocess import GridMapping, PrepareOptions, computable_confounds, header_tr, run_design
+from neurox.data.temporal import output_frames
 from neurox.io.bids import RunSpec
 from neurox.io.nifti import InputError, read_info
 from neurox.progress import progress as progress_display
@@ -37,10 +38,17 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
             problems.setdefault("not 4D", []).append(spec.run_id)
             continue
         frames[info.n_frames] += 1
-        if info.n_frames < options.min_frames:
-            problems.setdefault(f"fewer than --min_frames {options.min_frames} frames", []).append(spec.run_id)
         tr = spec.tr or header_tr(info) or options.tr
         trs["unknown (give --tr)" if tr is None else f"{tr:g} s"] += 1
+        n_frames = info.n_frames  # as stored: after resampling in time
+        if options.resample_tr is not None and tr is None:
+            problems.setdefault("no TR to resample from (give --tr)", []).append(spec.run_id)
+        elif options.resample_tr is not None:
+            n_frames = output_frames(info.n_frames, tr, options.resample_tr)
+        if n_frames < options.min_frames:
+            problems.setdefault(f"fewer than --min_frames {options.min_frames} frames"
+                                + (f" at TR {options.resample_tr:g} s" if options.resample_tr else ""),
+                                []).append(spec.run_id)
         zooms = "x".join(f"{z:g}" for z in np.sqrt((info.ras_affine[:3, :3] ** 2).sum(0)))
         try:
             GridMapping(info, options.grid, resample=False)
@@ -59,7 +67,8 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
                      f"{_count(todo, lambda s: s.confounds is not None)} with a confounds table, "
                      f"{_count(todo, lambda s: s.segmentation is not None)} with FreeSurfer labels (HCP wmparc)")
         lines.append("frames: " + _tally(frames, "{}"))
-        lines.append("TR: " + _tally(trs, "{}"))
+        lines.append("TR: " + _tally(trs, "{}") + (f"; every run resampled to {options.resample_tr:g} s"
+                                                   if options.resample_tr else ""))
         lines.append("grid: " + _tally(grids, "{}"))
     for problem, runs in problems.items():
         named = ", ".join(runs[:NAMED]) + (f", ... ({len(runs)} in all)" if len(runs) > NAMED else "")

@@ -52,6 +52,7 @@ from neurox.train.runs import (
     add_gaps,
     check_contract,
     check_fits_store,
+    check_trs,
     first_rows,
     prediction_rows,
     split_metrics,
@@ -196,6 +197,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     store = Store(config.store)
     arch = architecture(config)
     check_fits_store(arch, store)  # all of these fail before any training starts
+    check_trs([store], env.is_main)
     if config.init:
         from neurox.hub import read_config
 

@@ -262,8 +262,9 @@ def _pretrain(config: PretrainConfig, env: dist_utils.Env) -> Path:
         arch = SwiFTConfig.from_dict(read_config(config.init)["model"])
     else:
         arch = preset(config.preset)
-    from neurox.train.runs import check_contract, check_fits_store
+    from neurox.train.runs import check_contract, check_fits_store, check_trs
 
+    check_trs(stores, env.is_main)
     for store in stores:
         check_fits_store(arch, store)
         if config.init:

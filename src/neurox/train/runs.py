@@ -71,7 +71,8 @@ def check_contract(contract, store: Store, model_dir: str | Path, announce: bool
         frames = contract.get("window_frames", 20)
         print(f"warning: the model {model_dir} was trained on runs of TR {tr:g} s and the store {store.root} has TR "
               f"{found_tr:g} s: its {frames}-frame windows span {frames * found_tr:.0f} s here, not "
-              f"{frames * tr:.0f} s", file=sys.stderr)
+              f"{frames * tr:.0f} s (neurox prepare ... --resample_tr {tr:g} gives the store the model's TR)",
+              file=sys.stderr)
 
 
 @torch.no_grad()
@@ -438,7 +439,30 @@ def store_contract(info: dict) -> dict:
     """What a model trained on a store records of it in its input contract, as the store says it (not as the
     model's grid would suggest: a 48^3 grid may hold 2 mm voxels of a smaller box)."""
     return {"normalization": info["normalization"], "denoising": info.get("denoising", "none"),
-            "voxel_size_mm": info["voxel_size_mm"], "crop_box": tuple(tuple(b) for b in info["crop_box_mm"])}
+            "voxel_size_mm": info["voxel_size_mm"], "crop_box": tuple(tuple(b) for b in info["crop_box_mm"]),
+            "tr_resampled": info.get("resample_tr") is not None}
+
+
+def check_trs(stores: list[Store], announce: bool = True) -> None:
+    """A window of so many frames spans one length of time only where the runs share a TR: stores whose TRs
+    (each store's median) differ by more than ``TR_TOLERANCE`` are refused together, and a store whose own runs do
+    is a warning (printed when ``announce``). ``prepare --resample_tr`` gives every run one TR."""
+    medians = []
+    for store in stores:
+        trs = sorted(float(row["tr"]) for row in store.manifest if row.get("tr") and row.get("status") == "ok")
+        if not trs:
+            continue
+        if announce and trs[-1] / trs[0] - 1 > TR_TOLERANCE:
+            print(f"warning: the store {store.root} holds runs of TR {trs[0]:g} to {trs[-1]:g} s, so a window spans "
+                  f"{trs[-1] / trs[0]:.1f} times as long in some as in others; neurox prepare ... --resample_tr "
+                  "SECONDS gives every run one TR", file=sys.stderr)
+        medians.append((store, float(np.median(trs))))
+    for store, tr in medians[1:]:
+        first, first_tr = medians[0]
+        if abs(tr / first_tr - 1) > TR_TOLERANCE:
+            raise ValueError(f"{store.root} has runs of TR {tr:g} s but {first.root} of {first_tr:g} s; stores trained "
+                             f"together must share a TR within {TR_TOLERANCE:.0%} (prepare them with the same "
+                             f"--resample_tr, for example {first_tr:g})")
 
 
 def store_tr(store: Store) -> float | None:

@@ -1,0 +1,106 @@
+"""Resampling a run in time onto another repetition time (``prepare --resample_tr``), streaming.
+
+Cohorts are scanned at different TRs (HCP 0.72 s, UK Biobank 0.735 s, ABCD 0.8 s, many clinical cohorts 2-3
+s), and a model's window of 20 frames spans 14 s of one and 60 s of another. Resampling every run onto one TR
+gives every window one length in seconds.
+
+Each output frame at ``k * tr_out`` is a weighted sum of the input frames at ``j * tr_in`` around it, with a
+Lanczos kernel (a sinc windowed by a wider sinc, ``LOBES`` lobes each side) whose cutoff is the Nyquist
+frequency of the coarser of the two TRs: upsampling interpolates band-limited, and downsampling first removes
+what the new TR cannot hold (which would otherwise alias into the slow fluctuations resting-state work reads).
+Each output frame's weights sum to one, so a constant stays that constant (a voxel's mean, the background)
+at the edges of the run too, where the kernel is cut.
+
+The weights are a small (output frames x input frames) matrix; the frames go through it a block at a time, so
+memory is the kernel's span of frames, not the run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOBES = 3
+OUTLIER_PREFIX = "non_steady_state_outlier"
+
+
+def output_frames(n_frames: int, tr_in: float, tr_out: float) -> int:
+    """How many frames of ``tr_out`` fit in the time ``n_frames`` of ``tr_in`` span (first frame at 0 s)."""
+    return int(np.floor((n_frames - 1) * tr_in / tr_out + 1e-9)) + 1
+
+
+def _kernel_positions(n_frames: int, tr_in: float, tr_out: float) -> np.ndarray:
+    """Each output frame's distance to each input frame, in units of the coarser TR."""
+    t_out = np.arange(output_frames(n_frames, tr_in, tr_out)) * tr_out
+    t_in = np.arange(n_frames) * tr_in
+    return (t_out[:, None] - t_in[None, :]) / max(tr_in, tr_out)
+
+
+def resampling_weights(n_frames: int, tr_in: float, tr_out: float) -> np.ndarray:
+    """(output frames, input frames): each output frame's Lanczos weights on the input frames, summing to 1."""
+    if not (tr_in > 0 and tr_out > 0):
+        raise ValueError(f"repetition times must be positive (from {tr_in} s to {tr_out} s)")
+    x = _kernel_positions(n_frames, tr_in, tr_out)
+    weights = np.where(np.abs(x) < LOBES, np.sinc(x) * np.sinc(x / LOBES), 0.0)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+class TemporalResampler:
+    """Frames in (``push`` blocks of ``(X, Y, Z, t)`` in time order), resampled frames out, each as soon as the
+    input frames its kernel spans have arrived; frames no later output needs are let go."""
+
+    def __init__(self, n_frames: int, tr_in: float, tr_out: float):
+        self.weights = resampling_weights(n_frames, tr_in, tr_out).astype(np.float32)
+        inside = np.abs(_kernel_positions(n_frames, tr_in, tr_out)) < LOBES
+        # the span of input frames each output frame reads: both ends grow with the output frame
+        self.first = inside.argmax(axis=1)
+        self.last = n_frames - 1 - inside[:, ::-1].argmax(axis=1)
+        self.n_in, self.n_out = n_frames, len(self.weights)
+        self.held: np.ndarray | None = None  # input frames [held_from, received)
+        self.held_from = self.received = self.emitted = 0
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """Take the next input frames ``(X, Y, Z, t)``; give the output frames now complete ``(X, Y, Z, k)``
+        (k may be 0)."""
+        self.held = block if self.held is None else np.concatenate([self.held, block], axis=3)
+        self.received += block.shape[3]
+        if self.received > self.n_in:
+            raise ValueError(f"{self.received} frames pushed into a resampler of {self.n_in}")
+        ready = int(np.searchsorted(self.last, self.received, side="left"))  # outputs whose last input is here
+        start, stop = self.emitted, ready
+        if stop <= start:
+            return self.held[..., :0]
+        lo, hi = int(self.first[start]), int(self.last[stop - 1]) + 1
+        frames = np.asfortranarray(self.held[..., lo - self.held_from : hi - self.held_from])
+        spatial = frames.shape[:3]
+        flat = frames.reshape(-1, hi - lo, order="F")  # (voxels, frames), a view
+        out = (self.weights[start:stop, lo:hi] @ flat.T).T  # (voxels, k) in Fortran order
+        self.emitted = stop
+        if stop < self.n_out:  # frames before the next output's span are no longer needed
+            drop = int(self.first[stop]) - self.held_from
+            self.held, self.held_from = self.held[..., drop:], int(self.first[stop])
+        else:
+            self.held = self.held[..., :0]
+        return out.reshape(*spatial, stop - start, order="F")
+
+    @property
+    def done(self) -> bool:
+        return self.emitted == self.n_out
+
+
+def resample_table(table: dict[str, np.ndarray], tr_in: float, tr_out: float) -> dict[str, np.ndarray]:
+    """A run's confounds table resampled with its frames: each series through the same kernel (n/a as 0, as
+    the denoising strategies fill it); a non-steady-state marker set on every output frame whose kernel spans
+    the marked input frame, whose outsized values it draws on. Framewise displacement is interpolated, not
+    recomputed: it stays the displacement between the source's frames."""
+    if not table:
+        return {}
+    n_frames = len(next(iter(table.values())))
+    weights = resampling_weights(n_frames, tr_in, tr_out)
+    spans = np.abs(_kernel_positions(n_frames, tr_in, tr_out)) < LOBES
+    resampled = {}
+    for name, values in table.items():
+        if name.startswith(OUTLIER_PREFIX):
+            resampled[name] = (spans & (values != 0)[None, :]).any(axis=1).astype(float)
+        else:
+            resampled[name] = weights @ np.nan_to_num(values.astype(float))
+    return resampled
