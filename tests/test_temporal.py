@@ -100,6 +100,12 @@ def test_prepare_resamples_every_run_after_normalising_it(tmp_path):
         np.testing.assert_allclose(got, expected, atol=0.01)  # float16 of both sides
         mask = after.attributes["mask"]
         assert mask == before.attributes["mask"]
+    # runs already at the TR (to the float32 of a NIfTI header) are stored as they are
+    assert prepare(root, tmp_path / "same", replace(OPTIONS, resample_tr=2.0000001), progress=False).ok
+    same = Store(tmp_path / "same")
+    for run_id in native.run_ids:
+        assert not same.run(run_id).attributes["resampled_in_time"]
+        assert np.array_equal(same.run(run_id).read(0, 24), native.run(run_id).read(0, 24))
     # a second pass skips every run; preparing into the store at another TR is refused
     assert prepare(root, tmp_path / "fast", replace(OPTIONS, resample_tr=0.8), progress=False).skipped
     with pytest.raises(ValueError, match="resample_tr=0.8, not 1.0"):

@@ -441,7 +441,12 @@ def test_finetune_evaluate_predict(store, one_epoch_run, tmp_path, capsys):
     assert prepare(slow, tmp_path / "slow-store", OPTIONS, progress=False).ok
     assert main(["predict", str(run), "--store", str(tmp_path / "slow-store"), "--out", str(tmp_path / "s.tsv")]) == 0
     assert (f"warning: the model {run / 'model'} was trained on runs of TR 2 s and the store {tmp_path / 'slow-store'} "
-            "has TR 3 s: its 20-frame windows span 60 s here, not 40 s") in capsys.readouterr().err
+            "has TR 3 s: its 20-frame windows span 60 s here, not 40 s (neurox prepare ... --resample_tr 2 gives the "
+            "store the model's TR)") in capsys.readouterr().err
+    # as the warning says: the same run resampled onto the model's TR
+    assert prepare(slow, tmp_path / "slow-2s", replace(OPTIONS, resample_tr=2.0), progress=False).ok
+    assert main(["predict", str(run), "--store", str(tmp_path / "slow-2s"), "--out", str(tmp_path / "f.tsv")]) == 0
+    assert "warning" not in capsys.readouterr().err
 
     # an interrupted predict resumes from the participants' outputs it kept (another model's are discarded); a
     # participant whose run is damaged is one line, and the others are predicted

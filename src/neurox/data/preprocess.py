@@ -36,7 +36,7 @@ from neurox.data.confounds import (
     run_confounds,
 )
 from neurox.data.store import pack_mask
-from neurox.data.temporal import TemporalResampler, output_frames, resample_table
+from neurox.data.temporal import TemporalResampler, differs, output_frames, resample_table
 from neurox.data.tissue import FrameSignals, cosine_basis, tissue_masks
 from neurox.io.bids import RunSpec, is_mni_space
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
@@ -189,19 +189,19 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         if not given_mask.any():
             raise InputError(f"{spec.mask}: the brain mask is empty")
 
-    # columns the run's confounds table lacks (the HCP pipelines write motion only) come from its frames,
-    # as fMRIPrep computes them (neurox.data.tissue): in pass 1, or in a pass before it where the input's
-    # denoising needs them
     tr = spec.tr or header_tr(info) or options.tr
-    n_out, tr_out = info.n_frames, tr
+    n_out, tr_out, in_time = info.n_frames, tr, False  # in_time: resampled as the last step of pass 2
     if options.resample_tr is not None:
         if tr is None:
             raise InputError(f"{spec.bold}: no TR in its sidecar or header to resample from; give it with --tr")
-        n_out, tr_out = output_frames(info.n_frames, tr, options.resample_tr), options.resample_tr
+        in_time, tr_out = differs(tr, options.resample_tr), options.resample_tr
+        n_out = output_frames(info.n_frames, tr, tr_out)
         if n_out < options.min_frames:
             raise InputError(f"{spec.bold}: {n_out} frames at TR {tr_out:g} s ({info.n_frames} at {tr:g} s), fewer "
                              f"than one window ({options.min_frames})")
-    in_time = tr_out != tr  # resampled in time as the last step of pass 2
+    # columns the run's confounds table lacks (the HCP pipelines write motion only) come from its frames,
+    # as fMRIPrep computes them (neurox.data.tissue): in pass 1, or in a pass before it where the input's
+    # denoising needs them
     signals = _frame_signals(spec, confounds, given_mask, info, tr)
     computed = []
     design = None  # the regressors removed from every voxel (frames, k), centred
@@ -355,7 +355,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     }
     stored = resample_table(confounds, tr, tr_out) if in_time else confounds  # one row per stored frame
     writer.commit(attributes, {CONFOUNDS_FILE: confounds_text(stored)} if confounds else None)
-    return PreparedRun(n, attributes)
+    return PreparedRun(n_out, attributes)
 
 
 def _volume_on_run_grid(path: Path, info, bold: Path) -> np.ndarray:

@@ -23,8 +23,17 @@ LOBES = 3
 OUTLIER_PREFIX = "non_steady_state_outlier"
 
 
+def differs(tr_in: float, tr_out: float) -> bool:
+    """Whether a run of ``tr_in`` needs resampling onto ``tr_out``: not where the two agree to 0.01% (a NIfTI
+    header's float32 0.8 s reads 0.800000012)."""
+    return abs(tr_out / tr_in - 1) > 1e-4
+
+
 def output_frames(n_frames: int, tr_in: float, tr_out: float) -> int:
-    """How many frames of ``tr_out`` fit in the time ``n_frames`` of ``tr_in`` span (first frame at 0 s)."""
+    """How many frames of ``tr_out`` fit in the time ``n_frames`` of ``tr_in`` span (first frame at 0 s); as
+    many as there are where the TRs do not differ."""
+    if not differs(tr_in, tr_out):
+        return n_frames
     return int(np.floor((n_frames - 1) * tr_in / tr_out + 1e-9)) + 1
 
 
