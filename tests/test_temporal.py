@@ -181,3 +181,7 @@ def test_stores_of_different_trs_are_refused_together_and_a_mixed_store_is_a_war
     assert main(["prepare", str(mixed), "--out", str(tmp_path / "m"), *common]) == 0
     check_trs([Store(tmp_path / "m")])
     assert "holds runs of TR 0.8 to 2 s" in capsys.readouterr().err
+    # which the dry run says before anything is written
+    dry = "\n".join(prepare(mixed, tmp_path / "n", OPTIONS, progress=False, dry_run=True).survey)
+    assert "TR: 0.8 s (6 run(s)); 2 s (1 run(s))" in dry
+    assert "TRs differ by more than 10%: a window of so many frames would span 2.5 times as long" in dry

@@ -14,7 +14,7 @@ import numpy as np
 
 from neurox.data.confounds import table_columns
 from neurox.data.preprocess import GridMapping, PrepareOptions, computable_confounds, header_tr, run_design
-from neurox.data.temporal import output_frames
+from neurox.data.temporal import TR_TOLERANCE, output_frames
 from neurox.io.bids import RunSpec
 from neurox.io.nifti import InputError, read_info
 from neurox.progress import progress as progress_display
@@ -27,6 +27,7 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
     the store already holds a run."""
     problems: dict[str, list[str]] = {}
     frames, trs, grids = Counter(), Counter(), Counter()
+    known_trs = []
     todo = [spec for spec in specs if not is_done(spec)]
     for spec in progress_display(todo, desc="dry run", unit="run", disable=not progress):
         try:
@@ -40,6 +41,8 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
         frames[info.n_frames] += 1
         tr = spec.tr or header_tr(info) or options.tr
         trs["unknown (give --tr)" if tr is None else f"{tr:g} s"] += 1
+        if tr is not None:
+            known_trs.append(tr)
         n_frames = info.n_frames  # as stored: after resampling in time
         if options.resample_tr is not None and tr is None:
             problems.setdefault("no TR to resample from (give --tr)", []).append(spec.run_id)
@@ -69,6 +72,10 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
         lines.append("frames: " + _tally(frames, "{}"))
         lines.append("TR: " + _tally(trs, "{}") + (f"; every run resampled to {options.resample_tr:g} s"
                                                    if options.resample_tr else ""))
+        if not options.resample_tr and known_trs and max(known_trs) / min(known_trs) - 1 > TR_TOLERANCE:
+            lines.append(f"TRs differ by more than {TR_TOLERANCE:.0%}: a window of so many frames would span "
+                         f"{max(known_trs) / min(known_trs):.1f} times as long in some runs as in others; "
+                         "--resample_tr SECONDS gives every run one TR")
         lines.append("grid: " + _tally(grids, "{}"))
     for problem, runs in problems.items():
         named = ", ".join(runs[:NAMED]) + (f", ... ({len(runs)} in all)" if len(runs) > NAMED else "")

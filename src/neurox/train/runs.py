@@ -26,6 +26,7 @@ from neurox.data.loader import (
     prepared_runs,
 )
 from neurox.data.store import Store, write_tsv
+from neurox.data.temporal import TR_TOLERANCE
 from neurox.train import distributed as dist_utils
 from neurox.train.engine import PRECISIONS, sharded_indices
 from neurox.train.objectives import in_units, subject_metrics
@@ -47,7 +48,6 @@ def check_model_store(model, store: Store, announce: bool = True) -> None:
     check_contract(model.input_contract, store, model.model_dir, announce)
 
 
-TR_TOLERANCE = 0.1  # a store whose TR is this fraction off the model's gets a warning
 
 
 def check_contract(contract, store: Store, model_dir: str | Path, announce: bool = True) -> None:
