@@ -185,3 +185,22 @@ def test_stores_of_different_trs_are_refused_together_and_a_mixed_store_is_a_war
     dry = "\n".join(prepare(mixed, tmp_path / "n", OPTIONS, progress=False, dry_run=True).survey)
     assert "TR: 0.8 s (6 run(s)); 2 s (1 run(s))" in dry
     assert "TRs differ by more than 10%: a window of so many frames would span 2.5 times as long" in dry
+
+
+def test_a_confounds_table_that_appears_later_is_resampled_onto_the_stored_frames(tmp_path):
+    root = tmp_path / "bids"
+    bold = bids_run(root, "01", n_frames=24)
+    options = replace(OPTIONS, resample_tr=0.8)
+    assert prepare(root, tmp_path / "store", options, progress=False).ok
+    reader = Store(tmp_path / "store").run("sub-01_task-rest_run-1")
+    assert reader.confounds() is None and reader.n_frames == 58
+    fd = np.linspace(0.1, 0.3, 24)
+    bold.with_name("sub-01_task-rest_run-1_desc-confounds_timeseries.tsv").write_text(
+        "framewise_displacement\ttrans_x\n" + "".join(f"{v}\t{v / 10}\n" for v in fd))
+    report = prepare(root, tmp_path / "store", options, progress=False)
+    assert report.ok and report.skipped == ["sub-01_task-rest_run-1"] and not report.done  # frames kept
+    table = Store(tmp_path / "store").run("sub-01_task-rest_run-1").confounds()
+    np.testing.assert_allclose(table["framewise_displacement"], resampling_weights(24, 2.0, 0.8) @ fd, atol=1e-7)
+    assert len(table["trans_x"]) == 58
+    row = Store(tmp_path / "store").manifest[0]
+    assert float(row["mean_fd"]) == pytest.approx(fd.mean(), abs=1e-4)  # the source's own, at its TR
