@@ -48,8 +48,6 @@ def check_model_store(model, store: Store, announce: bool = True) -> None:
     check_contract(model.input_contract, store, model.model_dir, announce)
 
 
-
-
 def check_contract(contract, store: Store, model_dir: str | Path, announce: bool = True) -> None:
     """Refuse, in one line naming both, a store prepared otherwise than a model's input contract says
     (normalisation, denoising, voxel size): the model would read numbers of a kind it never saw, and its
