@@ -113,8 +113,8 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")
     p.add_argument("--resample_tr", type=float, default=None,
                    help="seconds: resample every run in time onto this TR (band-limited, after normalising), so that "
-                   "cohorts scanned at different TRs give windows of one length in seconds (docs/data.md); with "
-                   "--like, a model prepared so is followed without it")
+                   "cohorts scanned at different TRs give windows of one length in seconds (docs/data.md); --like "
+                   "MODEL_DIR of a model trained on resampled runs resamples onto its TR without it")
     p.add_argument("--workers", type=PositiveInt, default=1, help="runs prepared in parallel")
     p.add_argument("--shard", default="0/1", help="i/N: prepare only every N-th run from the i-th (array jobs)")
     p.add_argument("--format", choices=["zarr", "npy"], default="zarr",
