@@ -40,20 +40,21 @@ def output_frames(n_frames: int, tr_in: float, tr_out: float) -> int:
     return int(np.floor((n_frames - 1) * tr_in / tr_out + 1e-9)) + 1
 
 
-def _kernel_positions(n_frames: int, tr_in: float, tr_out: float) -> np.ndarray:
-    """Each output frame's distance to each input frame, in units of the coarser TR."""
+def _kernel(n_frames: int, tr_in: float, tr_out: float) -> tuple[np.ndarray, np.ndarray]:
+    """(output frames, input frames): each output frame's Lanczos weights on the input frames, summing to 1, and
+    where its kernel reaches (within ``LOBES`` of the coarser TR)."""
+    if not (tr_in > 0 and tr_out > 0):
+        raise ValueError(f"repetition times must be positive (from {tr_in} s to {tr_out} s)")
     t_out = np.arange(output_frames(n_frames, tr_in, tr_out)) * tr_out
-    t_in = np.arange(n_frames) * tr_in
-    return (t_out[:, None] - t_in[None, :]) / max(tr_in, tr_out)
+    x = (t_out[:, None] - np.arange(n_frames)[None, :] * tr_in) / max(tr_in, tr_out)  # in coarser TRs
+    inside = np.abs(x) < LOBES
+    weights = np.where(inside, np.sinc(x) * np.sinc(x / LOBES), 0.0)
+    return weights / weights.sum(axis=1, keepdims=True), inside
 
 
 def resampling_weights(n_frames: int, tr_in: float, tr_out: float) -> np.ndarray:
     """(output frames, input frames): each output frame's Lanczos weights on the input frames, summing to 1."""
-    if not (tr_in > 0 and tr_out > 0):
-        raise ValueError(f"repetition times must be positive (from {tr_in} s to {tr_out} s)")
-    x = _kernel_positions(n_frames, tr_in, tr_out)
-    weights = np.where(np.abs(x) < LOBES, np.sinc(x) * np.sinc(x / LOBES), 0.0)
-    return weights / weights.sum(axis=1, keepdims=True)
+    return _kernel(n_frames, tr_in, tr_out)[0]
 
 
 class TemporalResampler:
@@ -61,38 +62,36 @@ class TemporalResampler:
     input frames its kernel spans have arrived; frames no later output needs are let go."""
 
     def __init__(self, n_frames: int, tr_in: float, tr_out: float):
-        self.weights = resampling_weights(n_frames, tr_in, tr_out).astype(np.float32)
-        inside = np.abs(_kernel_positions(n_frames, tr_in, tr_out)) < LOBES
+        weights, inside = _kernel(n_frames, tr_in, tr_out)
+        self.weights = weights.astype(np.float32)
         # the span of input frames each output frame reads: both ends grow with the output frame
         self.first = inside.argmax(axis=1)
         self.last = n_frames - 1 - inside[:, ::-1].argmax(axis=1)
         self.n_in, self.n_out = n_frames, len(self.weights)
-        self.held: np.ndarray | None = None  # input frames [held_from, received)
+        self.held: np.ndarray | None = None  # input frames [held_from, received) as (frames, voxels)
         self.held_from = self.received = self.emitted = 0
 
     def push(self, block: np.ndarray) -> np.ndarray:
-        """Take the next input frames ``(X, Y, Z, t)``; give the output frames now complete ``(X, Y, Z, k)``
-        (k may be 0)."""
-        self.held = block if self.held is None else np.concatenate([self.held, block], axis=3)
+        """Take the next input frames ``(X, Y, Z, t)`` (kept, not copied, until the frames after them arrive: do
+        not change them); give the output frames now complete ``(X, Y, Z, k)`` (k may be 0)."""
+        spatial = block.shape[:3]
+        # (frames, voxels) in C order: a view of a Fortran-ordered block, and what the product below reads
+        frames = np.asfortranarray(block).reshape(-1, block.shape[3], order="F").T
+        self.held = frames if self.held is None else np.concatenate([self.held, frames])
         self.received += block.shape[3]
         if self.received > self.n_in:
             raise ValueError(f"{self.received} frames pushed into a resampler of {self.n_in}")
         ready = int(np.searchsorted(self.last, self.received, side="left"))  # outputs whose last input is here
         start, stop = self.emitted, ready
         if stop <= start:
-            return self.held[..., :0]
+            return np.empty((*spatial, 0), dtype=block.dtype)
         lo, hi = int(self.first[start]), int(self.last[stop - 1]) + 1
-        frames = np.asfortranarray(self.held[..., lo - self.held_from : hi - self.held_from])
-        spatial = frames.shape[:3]
-        flat = frames.reshape(-1, hi - lo, order="F")  # (voxels, frames), a view
-        out = (self.weights[start:stop, lo:hi] @ flat.T).T  # (voxels, k) in Fortran order
+        out = self.weights[start:stop, lo:hi] @ self.held[lo - self.held_from : hi - self.held_from]  # (k, voxels)
         self.emitted = stop
-        if stop < self.n_out:  # frames before the next output's span are no longer needed
-            drop = int(self.first[stop]) - self.held_from
-            self.held, self.held_from = self.held[..., drop:], int(self.first[stop])
-        else:
-            self.held = self.held[..., :0]
-        return out.reshape(*spatial, stop - start, order="F")
+        # frames before the next output's span are no longer needed
+        drop = (int(self.first[stop]) if stop < self.n_out else self.received) - self.held_from
+        self.held, self.held_from = self.held[drop:], self.held_from + drop
+        return out.T.reshape(*spatial, stop - start, order="F")  # a view
 
     @property
     def done(self) -> bool:
@@ -106,9 +105,7 @@ def resample_table(table: dict[str, np.ndarray], tr_in: float, tr_out: float) ->
     recomputed: it stays the displacement between the source's frames."""
     if not table:
         return {}
-    n_frames = len(next(iter(table.values())))
-    weights = resampling_weights(n_frames, tr_in, tr_out)
-    spans = np.abs(_kernel_positions(n_frames, tr_in, tr_out)) < LOBES
+    weights, spans = _kernel(len(next(iter(table.values()))), tr_in, tr_out)
     resampled = {}
     for name, values in table.items():
         if name.startswith(OUTLIER_PREFIX):

@@ -327,10 +327,9 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
 
     backbone = SwiFT(arch)
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-    contract = InputContract.for_model(arch, **{
-        **store_contract(stores[0].info), "tr": store_tr(stores[0]),
-        # where any store was resampled in time, prepare --like resamples new data (a run at the TR stays as it is)
-        "tr_resampled": any(s.info.get("resample_tr") is not None for s in stores)})
+    # where any store was resampled in time, prepare --like resamples new data (a run at the TR stays as it is)
+    resampled = {"tr_resampled": any(s.info.get("resample_tr") is not None for s in stores)}
+    contract = InputContract.for_model(arch, tr=store_tr(stores[0]), **store_contract(stores[0].info) | resampled)
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     decoder = (f"decoder of {config.decoder_depth} transformer layers and a linear map" if config.decoder_depth
                else "linear decoder")
