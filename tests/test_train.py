@@ -234,9 +234,63 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
     assert (out / "fold1" / "model" / "model.safetensors").stat().st_mtime_ns == kept  # finished: not run again
     assert json.loads((out / "metrics.json").read_text())["cv"]["n_subjects"] == 10
     assert main(["predict", str(out), "--store", str(store), "--out", str(tmp_path / "p.tsv")]) == 1
+    assert "every participant was in the cross-validation" in capsys.readouterr().err  # the folds' models saw them
+    assert main(["explain", str(out), "--store", str(store), "--subject", "sub-01", "--out", str(tmp_path / "x")]) == 1
     assert "a cross-validated run (finetune --folds) has a model per fold; give one of them" in capsys.readouterr().err
     assert main(finetune_args(store, tmp_path / "cv2", "--folds", "2")) == 1
     assert "--folds 2: fine-tuning needs 3 folds or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["binary", "regression", "multiclass"])
+def test_cross_validated_run_predicts_new_participants_with_its_folds_together(store, tmp_path, kind, capsys):
+    """predict and evaluate of a --folds run: the participants none of its folds saw, each scored by every fold's
+    model, averaged in the target's units (logits, numbers, probabilities); each fold alone is an ordinary run."""
+    from neurox.train.folds import ensemble_targets
+
+    target, where = {"binary": ("group", "cohort=control"), "regression": ("education", None),
+                     "multiclass": ("site", "cohort=control")}[kind]
+    out = tmp_path / "cv"  # regression: sub-03's education is n/a, so it is new to the folds as the patients are
+    assert main([*finetune_args(store, out, "--epochs", "1", "--folds", "3"), "--target", target,
+                 *(["--where", where] if where else [])]) == 0
+    new = ["sub-04", "sub-05"] if where else ["sub-03"]
+    capsys.readouterr()
+    assert main(["predict", str(out), "--store", str(store), "--out", str(tmp_path / "ensemble.tsv")]) == 0
+    said = capsys.readouterr().err
+    assert f"{N_SUBJECTS - len(new)} participants of the cross-validation left out" in said
+    assert "model 3 of 3" in said and not list(tmp_path.glob(".*.parts"))  # what it kept to resume is gone
+    rows = {r["participant_id"]: r for r in read_tsv(tmp_path / "ensemble.tsv")}
+    assert sorted(rows) == new and {r["split"] for r in rows.values()} == {"external"}
+    alone = []  # each fold's model as a run of its own
+    for k in (1, 2, 3):
+        fold_run = out / f"fold{k}"
+        assert main(["predict", str(fold_run), "--store", str(store), "--out", str(tmp_path / f"{k}.tsv")]) == 0
+        alone.append({r["participant_id"]: r for r in read_tsv(tmp_path / f"{k}.tsv")})
+    for p in new:
+        if kind == "multiclass":
+            for c in "abc":
+                column = f"site_probability_{c}"
+                assert float(rows[p][column]) == pytest.approx(np.mean([float(a[p][column]) for a in alone]),
+                                                               abs=2e-6)
+            expected = max("abc", key=lambda c: float(rows[p][f"site_probability_{c}"]))
+            assert rows[p]["site_predicted"] == expected
+        else:
+            column = f"{target}_output"  # a logit, or a number in its units: each fold standardised its own way
+            assert float(rows[p][column]) == pytest.approx(np.mean([float(a[p][column]) for a in alone]), abs=2e-6)
+    if kind == "regression":
+        folds = [json.loads((out / f"fold{k}" / "targets.json").read_text())["targets"][0]["gap_fit"]
+                 for k in (1, 2, 3)]
+        assert all(folds) and ensemble_targets(out)[0].gap_fit == pytest.approx(np.mean(folds, axis=0))
+        assert rows["sub-03"]["education_true"] == "" and main(["evaluate", str(out), "--store", str(store)]) == 1
+        assert "every participant with a value of education was in the cross-validation" in capsys.readouterr().err
+    if kind == "binary":
+        assert main(["evaluate", str(out), "--store", str(store), "--out", str(tmp_path / "m.json"),
+                     "--compare", str(out / "fold1")]) == 0
+        results = json.loads((tmp_path / "m.json").read_text())
+        assert set(results["model"]) == {"external"} and results["model"]["external"]["n_subjects"] == 2
+        logits = {p: float(rows[p]["group_output"]) for p in new}
+        assert results["model"]["external"]["auroc"] == auroc(np.array([0, 1]), np.array([logits[p] for p in new]))
+        assert results["compared"]["external"]["n_subjects"] == 2  # one fold's model alone, on the same two
+        assert not list(tmp_path.glob(".*.parts"))
 
 
 @pytest.mark.parametrize("kind", ["binary", "regression", "multiclass"])

@@ -81,11 +81,11 @@ def evaluate(run: str | Path, store: str | Path, baseline: str | Path | None = N
     likewise. Written as JSON to ``out`` when given."""
     from neurox.train.distributed import detect, process_group
     from neurox.train.runs import evaluate as evaluate_run
-    from neurox.train.runs import load_run
+    from neurox.train.runs import run_targets
 
-    _, targets, _ = load_run(run)
+    targets = run_targets(run)
     described = [(t.column, t.task, t.classes) for t in targets]
-    if compare and [(t.column, t.task, t.classes) for t in load_run(compare)[1]] != described:
+    if compare and [(t.column, t.task, t.classes) for t in run_targets(compare)] != described:
         raise ValueError(f"--compare {compare}: its targets differ from {run}'s, so their metrics do not compare")
     model, other = {}, {}  # each participant's outputs, for the paired differences
     with process_group(detect("auto")) as env:  # under a launcher, the processes share the windows of both runs

@@ -117,16 +117,15 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pathlib import Path
-
     from neurox.train.distributed import detect
+    from neurox.train.runs import run_targets
 
     results = api.evaluate(**keywords(api.evaluate, args))  # checks the run first
     if not detect("cpu").is_main:
         return 0
-    targets = json.loads((Path(args.run) / "targets.json").read_text())["targets"]
+    targets = run_targets(args.run)
     for name, splits in results.items():
-        print_metrics(splits, title=name, target=targets[0]["column"] if len(targets) == 1 else None)
+        print_metrics(splits, title=name, target=targets[0].column if len(targets) == 1 else None)
     return 0
 
 

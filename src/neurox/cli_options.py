@@ -197,7 +197,8 @@ def _evaluate_parser() -> ArgumentParser:
                        "bootstrap intervals; --baseline puts an FC baseline run beside it, --compare another run, each "
                        "with the paired difference on the same participants.",
                        epilog="example: neurox evaluate runs/amp --store synthetic-store --baseline runs/amp-fc")
-    p.add_argument("run", help="run directory from neurox finetune")
+    p.add_argument("run", help="run directory from neurox finetune (of finetune --folds: its folds' models "
+                   "together, on the participants none of them saw)")
     p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--baseline", default=None, help="run directory from neurox baseline")
     p.add_argument("--compare", default=None, help="another finetune run of the same targets (from scratch beside "
@@ -212,7 +213,8 @@ def _predict_parser() -> ArgumentParser:
     p = ArgumentParser(description="Per-participant predictions of a trained run on a store (mean of window "
                        "outputs), with each participant's split in the run.",
                        epilog="example: neurox predict runs/amp --store other-store --out predictions.tsv")
-    p.add_argument("run", help="run directory from neurox finetune")
+    p.add_argument("run", help="run directory from neurox finetune (of finetune --folds: its folds' models "
+                   "together, on the participants none of them saw)")
     p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--out", required=True, help="the table to write (TSV)")
     p.add_argument("--batch_size", type=PositiveInt, default=4, help="windows per forward pass")

@@ -15,12 +15,20 @@ AUROC 0.92-1.00 pooled to 0.80). Before pooling, each fold's logits for a class 
 that fold's outputs on its validation participants (no labels are read, and a fold's own order is kept; the same
 pool scored 0.97). Numbers are pooled in their units, several classes as probabilities.
 With ``--resume true`` finished folds are kept, an interrupted one continues from its checkpoint, and the rest run.
+
+Read back, the run's K models are one ensemble (``neurox predict`` and ``neurox evaluate`` of ``OUT``): each scores
+every participant none of the folds saw, and their outputs are averaged in the target's units (a class's logits
+as they are: every participant meets the same K models, so no fold's scale favours some participants over others;
+several classes as probabilities; numbers in units, with the folds' brain-age gap lines averaged, which makes the
+ensemble's corrected gap the mean of the folds' corrected gaps). The cross-validation's own participants are left
+to ``OUT/metrics.json`` and ``OUT/predictions.tsv``: every fold but one trained or chose on each of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +125,145 @@ def _in_units(targets: list[Target]) -> list[Target]:
     """The targets with regression values in their own units (each fold standardised by its own training
     participants; pooled outputs are compared in units)."""
     return [dataclasses.replace(t, mean=0.0, std=1.0, gap_fit=None) for t in targets]
+
+
+def is_cross_validated(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` is the folder of ``finetune --folds``, a run per fold, rather than one run."""
+    run_dir = Path(run_dir)
+    return (run_dir / "folds.tsv").is_file() and not (run_dir / "model").exists()
+
+
+def fold_models(run_dir: Path) -> list[Path]:
+    """Every fold's run of a cross-validated run; one line naming the first that has no model yet."""
+    folds = {int(r["fold"]) for r in read_tsv(run_dir / "folds.tsv")}
+    runs = [run_dir / f"fold{k}" for k in range(1, max(folds) + 1)]
+    for run in runs:
+        if not (run / "model" / "config.json").is_file():
+            raise FileNotFoundError(f"{run}: this fold has no model yet; finish the cross-validation with neurox "
+                                    f"finetune ... --out {run_dir} --folds {len(runs)} --resume true")
+    return runs
+
+
+def ensemble_targets(run_dir: Path) -> list[Target]:
+    """The targets the ensemble's outputs are in: regression in its units, with the folds' gap lines averaged
+    (where every fold has one)."""
+    per_fold = [[Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
+                for run in fold_models(run_dir)]
+    targets = _in_units(per_fold[0])
+    for i, t in enumerate(targets):
+        lines = [fold[i].gap_fit for fold in per_fold]
+        if t.task == "regression" and all(lines):
+            t.gap_fit = [float(v) for v in np.mean(lines, axis=0)]
+    return targets
+
+
+def ensemble_outputs(run_dir: Path, store: Store, cohort, participants: list[str], env: dist_utils.Env,
+                     batch_size: int, out: Path | None, command: str, progress: bool) -> tuple[list[str], np.ndarray]:
+    """Each participant's mean output from every fold's model in turn, in the ensemble's units (``ensemble_targets``),
+    averaged over the models: one row per participant that every model could read. With ``out``, each model's
+    participant outputs are kept beside it (``kept_parts``, a folder per fold) until it is written, so that an
+    interrupted run resumes."""
+    from neurox.hub import load_pretrained, weights_digest
+    from neurox.io.claim import resolved
+    from neurox.train.metrics import aggregate
+    from neurox.train.runs import check_model_store, participant_outputs, shared_parts
+
+    runs = fold_models(run_dir)
+    kept = shared_parts(out, {"models": [weights_digest(run / "model") for run in runs],
+                              "store": resolved(store.root)}, env) if out else None
+    scored = []
+    for k, run in enumerate(runs, start=1):
+        model = load_pretrained(run / "model")
+        check_model_store(model, store, announce=env.is_main and k == 1)
+        targets = [Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
+        cache = kept / f"fold{k}" if kept else None
+        if cache and env.is_main:
+            cache.mkdir(exist_ok=True)
+        who, outputs = participant_outputs(model.to(env.device), store, cohort, participants, env, batch_size, cache,
+                                           f"{command}, model {k} of {len(runs)}", progress)
+        subjects, means = aggregate(who, outputs)
+        scored.append(dict(zip(subjects, _comparable(targets, means))))
+        del model
+    common = sorted(set.intersection(*(set(s) for s in scored)))
+    combined = np.mean([[s[p] for p in common] for s in scored], axis=0).reshape(len(common), -1)
+    if targets[0].task == "multiclass":  # the mean probabilities, as logits whose softmax gives them back
+        combined = np.log(np.clip(combined, 1e-12, None))
+    return common, combined
+
+
+def evaluate_ensemble(run_dir: Path, store_path, batch_size: int = 4, n_boot: int = 1000, progress: bool = True,
+                      out: str | Path | None = None, keep: dict | None = None) -> dict:
+    """``neurox evaluate`` of a cross-validated run: the ensemble's metrics on the store's participants that none
+    of the folds saw (split ``external``); as ``runs.evaluate`` otherwise."""
+    from neurox.data.confounds import participant_motion
+    from neurox.train.objectives import in_units, subject_metrics
+
+    targets, store, env, cohort, _ = _ensemble_cohort(run_dir, store_path, "evaluate", require_values=True)
+    participants = cohort.in_split("external")
+    who, outputs = ensemble_outputs(run_dir, store, cohort, participants, env, batch_size, out and Path(out),
+                                    "evaluate external", progress)
+    labels = {p: cohort.labels(p) for p in who}
+    metrics, subjects, subject_outputs = subject_metrics(targets, who, outputs, labels, n_boot,
+                                                         motion=participant_motion(store))
+    if keep is not None:
+        keep["external"] = in_units(targets, subjects, subject_outputs, labels)
+    return {"external": metrics}  # the caller discards what was kept beside ``out`` once it is written
+
+
+def predict_ensemble(run_dir: Path, store_path, out: Path, batch_size: int = 4, progress: bool = True) -> Path:
+    """``neurox predict`` of a cross-validated run: one row per participant of the store that none of the folds
+    saw, from the ensemble of the folds' models."""
+    from neurox.data.confounds import participant_motion
+    from neurox.io.claim import discard_parts
+    from neurox.train.runs import add_gaps, prediction_rows, write_predictions
+
+    targets, store, env, cohort, truth = _ensemble_cohort(run_dir, store_path, "predict", require_values=False)
+    who, outputs = ensemble_outputs(run_dir, store, cohort, cohort.in_split("external"), env, batch_size, out,
+                                    "predict", progress)
+    rows = prediction_rows(targets, truth, "external", who, outputs)
+    add_gaps(targets, rows)  # the folds' averaged line; none is fitted here
+    if env.is_main:
+        write_predictions(out, targets, rows, participant_motion(store), cohort.person)
+        discard_parts(out)
+    return out
+
+
+def _ensemble_cohort(run_dir: Path, store_path, command: str, require_values: bool):
+    """The ensemble's targets, the store, the processes, and the store's participants under the run's encoding, those
+    of the cross-validation in split ``cv`` and the rest ``external``; one line saying how many of each, and an
+    error where none is left to score."""
+    from neurox.train.runs import cohort_with
+
+    targets = ensemble_targets(run_dir)
+    store = Store(store_path)
+    env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
+    in_cv = {r["participant_id"]: "cv" for r in read_tsv(run_dir / "folds.tsv")}
+    cohort, truth = cohort_with(store, targets, in_cv, require_values=require_values)
+    seen = len(cohort.in_split("cv"))
+    if not cohort.in_split("external"):
+        columns = ", ".join(t.column for t in targets)
+        whom = f"participant with a value of {columns}" if require_values else "participant"
+        raise ValueError(f"{store.root}: every {whom} was in the cross-validation of {run_dir}, so its models saw them "
+                         f"all; their out-of-fold results are {run_dir / 'metrics.json'} and "
+                         f"{run_dir / 'predictions.tsv'}")
+    if env.is_main:
+        if require_values:
+            cohort.say_left_out(command, "empty, n/a, or not a class the model learned")
+        if seen:
+            print(f"{command}: {seen} participants of the cross-validation left out (their out-of-fold results are "
+                  f"{run_dir / 'predictions.tsv'}); {len(cohort.in_split('external'))} scored by the "
+                  f"{len(fold_models(run_dir))} folds' models together", file=sys.stderr)
+    return targets, store, env, cohort, truth
+
+
+def _comparable(targets: list[Target], outputs: np.ndarray) -> np.ndarray:
+    """One fold's participant outputs on the scale the folds share: logits of a class, numbers in their units,
+    several classes as probabilities."""
+    if targets[0].task == "multiclass":
+        shifted = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+    units = np.array(outputs, dtype=np.float64)
+    for i, t in enumerate(targets):
+        if t.task == "regression":
+            units[:, i] = units[:, i] * t.std + t.mean
+    return units

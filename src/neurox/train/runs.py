@@ -206,11 +206,19 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
     if not (run_dir / "model" / "config.json").is_file():
         if (run_dir / "fold1").is_dir():
             raise FileNotFoundError(f"{run_dir}: a cross-validated run (finetune --folds) has a model per fold; give "
-                                    f"one of them ({run_dir / 'fold1'}, ...)")
+                                    f"one of them ({run_dir / 'fold1'}, ...), or the whole run to neurox predict or "
+                                    "evaluate, which use the folds' models together")
         raise FileNotFoundError(f"{run_dir}: not a finished neurox run (no model/); train it with neurox finetune")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
     return config, targets, load_splits(run_dir / "splits.tsv")
+
+
+def run_targets(run_dir: str | Path) -> list[Target]:
+    """The targets of a run, or of a cross-validated run's ensemble (``neurox.train.folds``)."""
+    from neurox.train.folds import ensemble_targets, is_cross_validated
+
+    return ensemble_targets(Path(run_dir)) if is_cross_validated(run_dir) else load_run(run_dir)[1]
 
 
 def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000,
@@ -222,8 +230,11 @@ def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n
     paired comparison with another model."""
     from neurox.hub import load_pretrained, weights_digest
     from neurox.io.claim import resolved
+    from neurox.train.folds import evaluate_ensemble, is_cross_validated
 
     run_dir = Path(run_dir)
+    if is_cross_validated(run_dir):
+        return evaluate_ensemble(run_dir, store_path, batch_size, n_boot, progress, out, keep)
     config, targets, splits = load_run(run_dir)
     store = Store(store_path)
     model = load_pretrained(run_dir / "model")
@@ -260,8 +271,11 @@ def predict(run_dir: str | Path, store_path: str | Path, out: str | Path, batch_
     participant whose frames cannot be read is said in one line and left out."""
     from neurox.hub import load_pretrained, weights_digest
     from neurox.io.claim import discard_parts, resolved
+    from neurox.train.folds import is_cross_validated, predict_ensemble
 
     run_dir, out = Path(run_dir), Path(out)
+    if is_cross_validated(run_dir):
+        return predict_ensemble(run_dir, store_path, out, batch_size, progress)
     _, targets, splits = load_run(run_dir)
     store = Store(store_path)
     model = load_pretrained(run_dir / "model")
