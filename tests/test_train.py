@@ -235,8 +235,8 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
     assert json.loads((out / "metrics.json").read_text())["cv"]["n_subjects"] == 10
     assert main(["predict", str(out), "--store", str(store), "--out", str(tmp_path / "p.tsv")]) == 1
     assert "every participant was in the cross-validation" in capsys.readouterr().err  # the folds' models saw them
-    assert main(["explain", str(out), "--store", str(store), "--subject", "sub-01", "--out", str(tmp_path / "x")]) == 1
-    assert "a cross-validated run (finetune --folds) has a model per fold; give one of them" in capsys.readouterr().err
+    assert main(["embed", str(out), "--store", str(store), "--out", str(tmp_path / "x.tsv")]) == 1
+    assert "a cross-validated run has a model per fold: " in capsys.readouterr().err
     assert main(finetune_args(store, tmp_path / "cv2", "--folds", "2")) == 1
     assert "--folds 2: fine-tuning needs 3 folds or more" in capsys.readouterr().err
 
@@ -291,6 +291,24 @@ def test_cross_validated_run_predicts_new_participants_with_its_folds_together(s
         assert results["model"]["external"]["auroc"] == auroc(np.array([0, 1]), np.array([logits[p] for p in new]))
         assert results["compared"]["external"]["n_subjects"] == 2  # one fold's model alone, on the same two
         assert not list(tmp_path.glob(".*.parts"))
+        # explain: each participant of the cross-validation by the model of the fold that tested them, its
+        # attributions on the pooled scale (over that fold's validation outputs' standard deviation)
+        import nibabel as nib
+
+        from neurox.train.folds import output_scale, tested_by
+
+        fold_of = tested_by(out)
+        pair = [min(p for p in fold_of if fold_of[p] == k) for k in (1, 2)]
+        args = ["--store", str(store), "--n_steps", "2", "--quiet", "true"]
+        assert main(["explain", str(out), "--out", str(tmp_path / "x"), "--subject", *pair, "sub-04", *args]) == 0
+        assert "1 participants outside the cross-validation" in capsys.readouterr().err
+        assert json.loads((tmp_path / "x" / "explain.json").read_text())["tested_by_fold"] == {pair[0]: 1, pair[1]: 2}
+        for p, k in zip(pair, (1, 2)):
+            fold_run = out / f"fold{k}"
+            assert main(["explain", str(fold_run), "--out", str(tmp_path / f"x{k}"), "--subject", p, *args]) == 0
+            alone, pooled = (np.asarray(nib.load(str(d / f"{p}_space-store_attribution.nii.gz")).dataobj)
+                             for d in (tmp_path / f"x{k}", tmp_path / "x"))
+            assert np.allclose(pooled, alone * output_scale(out / f"fold{k}")[0], rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["binary", "regression", "multiclass"])

@@ -298,7 +298,8 @@ def _explain_parser() -> ArgumentParser:
         epilog="example: neurox explain runs/amp --store synthetic-store --split test --group_by amplitude_group "
         "--out explain/amp",
     )
-    p.add_argument("run", help="run directory from neurox finetune")
+    p.add_argument("run", help="run directory from neurox finetune (of finetune --folds: each participant by the "
+                   "model of the fold that tested them)")
     p.add_argument("--store", required=True, help="a store from neurox prepare")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--subject", nargs="+", default=None, help="these participants")

@@ -64,8 +64,11 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         inside = Path(model_dir) / "model"  # a run's folder given for its model
+        per_fold = Path(model_dir) / "fold1" / "model"  # a cross-validated run's folder (finetune --folds)
         raise FileNotFoundError(f"{model_dir}: not a neurox model directory (no {CONFIG_FILE})"
-                                + (f"; the run's model is {inside}" if (inside / CONFIG_FILE).is_file() else ""))
+                                + (f"; the run's model is {inside}" if (inside / CONFIG_FILE).is_file() else "")
+                                + (f"; a cross-validated run has a model per fold: {per_fold}, ..."
+                                   if (per_fold / CONFIG_FILE).is_file() else ""))
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

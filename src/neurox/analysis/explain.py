@@ -336,6 +336,30 @@ def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> P
     return png
 
 
+def explaining_models(run_dir: Path, store: Store) -> tuple[list, dict[str, str], dict, dict[str, int]]:
+    """The run's targets and split, its models (key -> model, factor per output), and which participant each model
+    explains: a run's own model (key 0, no factor) all of them; a cross-validated run's fold models (key k) each the
+    participants its fold tested (``fold_of``), so that every participant is explained out of fold, with the factor
+    that puts its attributions on the scale the folds' outputs are pooled on (``folds.output_scale``)."""
+    from neurox.hub import load_pretrained
+    from neurox.train.folds import fold_models, is_cross_validated, output_scale, tested_by
+    from neurox.train.runs import check_model_store, load_run
+
+    if not is_cross_validated(run_dir):
+        _, targets, splits = load_run(run_dir)
+        model = load_pretrained(run_dir / "model")
+        check_model_store(model, store)
+        return targets, splits, {0: (model, None)}, {}
+    runs = fold_models(run_dir)
+    _, targets, _ = load_run(runs[0])
+    models = {}
+    for k, run in enumerate(runs, start=1):
+        models[k] = (load_pretrained(run / "model"), output_scale(run))
+        check_model_store(models[k][0], store, announce=k == 1)
+    fold_of = tested_by(run_dir)
+    return targets, {p: "test" for p in fold_of}, models, fold_of
+
+
 def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, options: ExplainOptions | None = None,
             subjects: list[str] | None = None, split: str | None = None, where: str | None = None,
             group_by: str | None = None, quantiles: int = 4, device: str = "auto", progress: bool = True,
@@ -343,10 +367,8 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     import nibabel as nib
 
     from neurox.analysis.connectivity import atlas_names, atlas_networks, store_atlas
-    from neurox.hub import load_pretrained
     from neurox.progress import progress as progress_display
     from neurox.train.distributed import detect
-    from neurox.train.runs import check_model_store, load_run
 
     options = options or ExplainOptions()
     _captum()
@@ -354,26 +376,34 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
     if out.name.endswith((".nii", ".nii.gz")):  # a folder of that name would pass for a map in a file browser
         raise ValueError(f"--out {out}: explain writes a folder (each participant's map, group maps, explain.json), "
                          f"not one NIfTI file; name a folder, e.g. --out {out.parent / out.name.split('.')[0]}")
-    _, targets, splits = load_run(run_dir)
-    output, output_name = output_index(targets, options)
     store = Store(store_path)
-    model = load_pretrained(run_dir / "model")
-    check_model_store(model, store)
+    targets, splits, models, fold_of = explaining_models(run_dir, store)
+    output, output_name = output_index(targets, options)
     participants = choose_participants(store, splits, subjects, split, where)
+    if fold_of:  # a cross-validated run explains out of fold alone: the participants some fold tested
+        new = [p for p in participants if p not in fold_of]
+        participants = [p for p in participants if p in fold_of]
+        if new:
+            print(f"neurox explain: {len(new)} participants outside the cross-validation of {run_dir} left out "
+                  f"(explain them with one fold's run, {run_dir / 'fold1'})", file=sys.stderr)
+        if not participants:
+            raise ValueError(f"no participant of the cross-validation of {run_dir} matches the selection")
     groups = groups_of(store, participants, group_by, quantiles)
     regions = None  # read before the long part: a wrong atlas fails at once
     if atlas:
         atlas_grid, labels = store_atlas(store, atlas)
         regions = (atlas_grid, labels, atlas_names(atlas, labels, names), atlas_networks(atlas, labels, names))
-    model.to(detect(device).device).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
+    for model, _ in models.values():
+        model.to(detect(device).device).eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
 
-    claim_folder(out, "explain", {"model": weights_digest(run_dir / "model"), "store": resolved(store.root),
+    digests = [weights_digest(model.model_dir) for model, _ in models.values()]
+    claim_folder(out, "explain", {"model": digests if fold_of else digests[0], "store": resolved(store.root),
                                   **{k: v for k, v in asdict(options).items() if k in MAP_OPTIONS}})
     runs, _ = prepared_runs(store, participants)
     store_affine = np.array(store.run(store.run_ids[0]).attributes["affine"])
-    length = model.config.img_size[3]
+    length = next(iter(models.values()))[0].config.img_size[3]
     n_windows = sum(len(run_windows(store, runs[p], length)) for p in participants)
     contrasts = contrasts_of(groups, group_by)
     grid = tuple(store.info["grid"])
@@ -390,7 +420,9 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
             bar.update(len(run_windows(store, runs[pid], length)))
         else:
             try:
+                model, factor = models[fold_of.get(pid, 0)]
                 volume = participant_map(model, store, runs[pid], output, options, bar)
+                volume = volume if factor is None else volume * factor[output]
                 source = store.run(runs[pid][0]).attributes["source"]
                 save_nifti(native, to_source_grid(volume, store_affine, source["shape"], np.array(source["affine"])),
                            np.array(source["affine"]))
@@ -412,6 +444,11 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
                "integrated_gradients" + ("+smoothgrad_sq" if options.noise_samples else ""),
                "options": asdict(options), "participants": sorted(done), "failed": failed, "groups": {},
                "contrasts": {}, "outside_brain_share": dict(sorted(shares.items()))}
+    if fold_of:
+        summary["tested_by_fold"] = {p: fold_of[p] for p in sorted(done)}
+        summary["units"] = ("each participant explained by the model of the fold that tested them, its attributions "
+                            "on the scale the folds' outputs are pooled on (a class's logit over that fold's "
+                            "standard deviation on its validation participants; a number in its units)")
     if shares and np.mean(list(shares.values())) > 0.5:
         print(f"neurox explain: {100 * np.mean(list(shares.values())):.0f}% of the attribution lies outside the brain "
               "mask: the model may read a shortcut there (with global_zscore stores, the background value differs "

@@ -144,6 +144,24 @@ def fold_models(run_dir: Path) -> list[Path]:
     return runs
 
 
+def tested_by(run_dir: Path) -> dict[str, int]:
+    """The fold that tested each participant of a cross-validated run (its ``folds.tsv``)."""
+    return {r["participant_id"]: int(r["fold"]) for r in read_tsv(run_dir / "folds.tsv")}
+
+
+def output_scale(run: Path) -> np.ndarray:
+    """Per output of one fold's model, the factor that puts it on the scale the folds' outputs are pooled on
+    (``pool_folds``): for a class target (two classes) 1 over the standard deviation of the fold's outputs on its
+    validation participants, for a number its standard deviation (into its units), for several classes 1."""
+    targets = [Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
+    _, scale = _validation_scale(targets, [r for r in read_tsv(run / "predictions.tsv") if r["split"] == "val"])
+    factor = 1 / scale
+    for i, t in enumerate(targets if targets[0].task != "multiclass" else []):
+        if t.task == "regression":
+            factor[i] = t.std
+    return factor
+
+
 def ensemble_targets(run_dir: Path) -> list[Target]:
     """The targets the ensemble's outputs are in: regression in its units, with the folds' gap lines averaged
     (where every fold has one)."""
