@@ -291,6 +291,20 @@ def test_cross_validated_run_predicts_new_participants_with_its_folds_together(s
         assert results["model"]["external"]["auroc"] == auroc(np.array([0, 1]), np.array([logits[p] for p in new]))
         assert results["compared"]["external"]["n_subjects"] == 2  # one fold's model alone, on the same two
         assert not list(tmp_path.glob(".*.parts"))
+        # an interrupted predict resumes: each model's outputs, kept per fold until the table is written, are read back
+        from neurox.hub import weights_digest
+        from neurox.io.claim import kept_parts, resolved
+
+        table = tmp_path / "resumed.tsv"
+        kept = kept_parts(table, {"models": [weights_digest(out / f"fold{k}" / "model") for k in (1, 2, 3)],
+                                  "store": resolved(Store(store).root)})
+        (kept / "fold1").mkdir()
+        np.save(kept / "fold1" / "sub-04.npy", np.full((2, 1), 10.0, np.float32))  # as if model 1 had scored sub-04
+        assert main(["predict", str(out), "--store", str(store), "--out", str(table)]) == 0
+        resumed = {r["participant_id"]: float(r["group_output"]) for r in read_tsv(table)}
+        others = [float(a["sub-04"]["group_output"]) for a in alone[1:]]
+        assert resumed["sub-04"] == pytest.approx((10.0 + sum(others)) / 3, abs=2e-6) and not kept.exists()
+        assert resumed["sub-05"] == pytest.approx(float(rows["sub-05"]["group_output"]), abs=1e-6)
         # explain: each participant of the cross-validation by the model of the fold that tested them, its
         # attributions on the pooled scale (over that fold's validation outputs' standard deviation)
         import nibabel as nib
