@@ -206,8 +206,8 @@ def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
     if not (run_dir / "model" / "config.json").is_file():
         if (run_dir / "fold1").is_dir():
             raise FileNotFoundError(f"{run_dir}: a cross-validated run (finetune --folds) has a model per fold; give "
-                                    f"one of them ({run_dir / 'fold1'}, ...), or the whole run to neurox predict or "
-                                    "evaluate, which use the folds' models together")
+                                    f"one of them ({run_dir / 'fold1'}, ...); neurox predict, evaluate and explain "
+                                    "take the whole run")
         raise FileNotFoundError(f"{run_dir}: not a finished neurox run (no model/); train it with neurox finetune")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
