@@ -305,6 +305,18 @@ def test_cross_validated_run_predicts_new_participants_with_its_folds_together(s
         others = [float(a["sub-04"]["group_output"]) for a in alone[1:]]
         assert resumed["sub-04"] == pytest.approx((10.0 + sum(others)) / 3, abs=2e-6) and not kept.exists()
         assert resumed["sub-05"] == pytest.approx(float(rows["sub-05"]["group_output"]), abs=1e-6)
+        # under a launcher the processes share each model's windows, and the first writes what one process did
+        two = tmp_path / "two.tsv"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(free_port()), "-m", "neurox.cli", "predict", str(out), "--store", str(store),
+                               "--out", str(two), "--batch_size", "1"], env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stderr.count("participants of the cross-validation left out") == 1
+        assert not (tmp_path / ".two.tsv.parts").exists()
+        shared = {r["participant_id"]: float(r["group_output"]) for r in read_tsv(two)}
+        assert sorted(shared) == new and all(shared[p] == pytest.approx(float(rows[p]["group_output"]), abs=1e-5)
+                                             for p in new)
         # explain: each participant of the cross-validation by the model of the fold that tested them, its
         # attributions on the pooled scale (over that fold's validation outputs' standard deviation)
         import nibabel as nib
