@@ -245,7 +245,7 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
 def test_cross_validated_run_predicts_new_participants_with_its_folds_together(store, tmp_path, kind, capsys):
     """predict and evaluate of a --folds run: the participants none of its folds saw, each scored by every fold's
     model, averaged in the target's units (logits, numbers, probabilities); each fold alone is an ordinary run."""
-    from neurox.train.folds import ensemble_targets
+    from neurox.train.folds import ensemble_targets, fold_models
 
     target, where = {"binary": ("group", "cohort=control"), "regression": ("education", None),
                      "multiclass": ("site", "cohort=control")}[kind]
@@ -279,7 +279,7 @@ def test_cross_validated_run_predicts_new_participants_with_its_folds_together(s
     if kind == "regression":
         folds = [json.loads((out / f"fold{k}" / "targets.json").read_text())["targets"][0]["gap_fit"]
                  for k in (1, 2, 3)]
-        assert all(folds) and ensemble_targets(out)[0].gap_fit == pytest.approx(np.mean(folds, axis=0))
+        assert all(folds) and ensemble_targets(fold_models(out))[0].gap_fit == pytest.approx(np.mean(folds, axis=0))
         assert rows["sub-03"]["education_true"] == "" and main(["evaluate", str(out), "--store", str(store)]) == 1
         assert "every participant with a value of education was in the cross-validation" in capsys.readouterr().err
     if kind == "binary":

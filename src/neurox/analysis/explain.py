@@ -343,21 +343,20 @@ def explaining_models(run_dir: Path, store: Store) -> tuple[list, dict[str, str]
     that puts its attributions on the scale the folds' outputs are pooled on (``folds.output_scale``)."""
     from neurox.hub import load_pretrained
     from neurox.train.folds import fold_models, is_cross_validated, output_scale, tested_by
-    from neurox.train.runs import check_model_store, load_run
+    from neurox.train.runs import check_model_store, load_run, read_targets
 
     if not is_cross_validated(run_dir):
         _, targets, splits = load_run(run_dir)
         model = load_pretrained(run_dir / "model")
         check_model_store(model, store)
         return targets, splits, {0: (model, None)}, {}
-    runs = fold_models(run_dir)
-    _, targets, _ = load_run(runs[0])
+    fold_of = tested_by(run_dir)
+    runs = fold_models(run_dir, fold_of)
     models = {}
     for k, run in enumerate(runs, start=1):
         models[k] = (load_pretrained(run / "model"), output_scale(run))
         check_model_store(models[k][0], store, announce=k == 1)
-    fold_of = tested_by(run_dir)
-    return targets, {p: "test" for p in fold_of}, models, fold_of
+    return read_targets(runs[0]), dict.fromkeys(fold_of, "test"), models, fold_of
 
 
 def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, options: ExplainOptions | None = None,

@@ -37,7 +37,7 @@ from neurox.data.loader import Target, fold_participants, load_cohort, save_fold
 from neurox.data.store import Store, read_tsv
 from neurox.train import distributed as dist_utils
 from neurox.train.metrics import mean_over_folds
-from neurox.train.runs import prediction_labels, prediction_outputs
+from neurox.train.runs import prediction_labels, prediction_outputs, read_targets
 
 
 def finetune_folds(config, env: dist_utils.Env) -> Path:
@@ -87,7 +87,7 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
     targets = None
     for fold in range(1, k + 1):
         run_dir = out / f"fold{fold}"
-        fold_targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+        fold_targets = read_targets(run_dir)
         targets = targets or _in_units(fold_targets)
         tested = json.loads((run_dir / "metrics.json").read_text()).get("test", {})
         # the motion check is the pooled one's: a check per fold of a few dozen participants would warn by chance
@@ -133,10 +133,10 @@ def is_cross_validated(run_dir: str | Path) -> bool:
     return (run_dir / "folds.tsv").is_file() and not (run_dir / "model").exists()
 
 
-def fold_models(run_dir: Path) -> list[Path]:
-    """Every fold's run of a cross-validated run; one line naming the first that has no model yet."""
-    folds = {int(r["fold"]) for r in read_tsv(run_dir / "folds.tsv")}
-    runs = [run_dir / f"fold{k}" for k in range(1, max(folds) + 1)]
+def fold_models(run_dir: Path, fold_of: dict[str, int] | None = None) -> list[Path]:
+    """Every fold's run of a cross-validated run (``fold_of``: its ``tested_by``, when already read); one line naming
+    the first that has no model yet."""
+    runs = [run_dir / f"fold{k}" for k in range(1, max((fold_of or tested_by(run_dir)).values()) + 1)]
     for run in runs:
         if not (run / "model" / "config.json").is_file():
             raise FileNotFoundError(f"{run}: this fold has no model yet; finish the cross-validation with neurox "
@@ -153,7 +153,7 @@ def output_scale(run: Path) -> np.ndarray:
     """Per output of one fold's model, the factor that puts it on the scale the folds' outputs are pooled on
     (``pool_folds``): for a class target (two classes) 1 over the standard deviation of the fold's outputs on its
     validation participants, for a number its standard deviation (into its units), for several classes 1."""
-    targets = [Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
+    targets = read_targets(run)
     _, scale = _validation_scale(targets, [r for r in read_tsv(run / "predictions.tsv") if r["split"] == "val"])
     factor = 1 / scale
     for i, t in enumerate(targets if targets[0].task != "multiclass" else []):
@@ -162,11 +162,10 @@ def output_scale(run: Path) -> np.ndarray:
     return factor
 
 
-def ensemble_targets(run_dir: Path) -> list[Target]:
-    """The targets the ensemble's outputs are in: regression in its units, with the folds' gap lines averaged
-    (where every fold has one)."""
-    per_fold = [[Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
-                for run in fold_models(run_dir)]
+def ensemble_targets(runs: list[Path]) -> list[Target]:
+    """The targets the ensemble of the fold runs ``runs`` (``fold_models``) gives outputs in: regression in its
+    units, with the folds' gap lines averaged (where every fold has one)."""
+    per_fold = [read_targets(run) for run in runs]
     targets = _in_units(per_fold[0])
     for i, t in enumerate(targets):
         lines = [fold[i].gap_fit for fold in per_fold]
@@ -175,7 +174,7 @@ def ensemble_targets(run_dir: Path) -> list[Target]:
     return targets
 
 
-def ensemble_outputs(run_dir: Path, store: Store, cohort, participants: list[str], env: dist_utils.Env,
+def ensemble_outputs(runs: list[Path], store: Store, cohort, participants: list[str], env: dist_utils.Env,
                      batch_size: int, out: Path | None, command: str, progress: bool) -> tuple[list[str], np.ndarray]:
     """Each participant's mean output from every fold's model in turn, in the ensemble's units (``ensemble_targets``),
     averaged over the models: one row per participant that every model could read. With ``out``, each model's
@@ -186,14 +185,13 @@ def ensemble_outputs(run_dir: Path, store: Store, cohort, participants: list[str
     from neurox.train.metrics import aggregate
     from neurox.train.runs import check_model_store, participant_outputs, shared_parts
 
-    runs = fold_models(run_dir)
     kept = shared_parts(out, {"models": [weights_digest(run / "model") for run in runs],
                               "store": resolved(store.root)}, env) if out else None
     scored = []
     for k, run in enumerate(runs, start=1):
         model = load_pretrained(run / "model")
         check_model_store(model, store, announce=env.is_main and k == 1)
-        targets = [Target(**t) for t in json.loads((run / "targets.json").read_text())["targets"]]
+        targets = read_targets(run)
         cache = kept / f"fold{k}" if kept else None
         if cache and env.is_main:
             cache.mkdir(exist_ok=True)
@@ -216,10 +214,9 @@ def evaluate_ensemble(run_dir: Path, store_path, batch_size: int = 4, n_boot: in
     from neurox.data.confounds import participant_motion
     from neurox.train.objectives import in_units, subject_metrics
 
-    targets, store, env, cohort, _ = _ensemble_cohort(run_dir, store_path, "evaluate", require_values=True)
-    participants = cohort.in_split("external")
-    who, outputs = ensemble_outputs(run_dir, store, cohort, participants, env, batch_size, out and Path(out),
-                                    "evaluate external", progress)
+    runs, targets, store, env, cohort, _ = _ensemble_cohort(run_dir, store_path, "evaluate", require_values=True)
+    who, outputs = ensemble_outputs(runs, store, cohort, cohort.in_split("external"), env, batch_size,
+                                    out and Path(out), "evaluate external", progress)
     labels = {p: cohort.labels(p) for p in who}
     metrics, subjects, subject_outputs = subject_metrics(targets, who, outputs, labels, n_boot,
                                                          motion=participant_motion(store))
@@ -235,8 +232,8 @@ def predict_ensemble(run_dir: Path, store_path, out: Path, batch_size: int = 4, 
     from neurox.io.claim import discard_parts
     from neurox.train.runs import add_gaps, prediction_rows, write_predictions
 
-    targets, store, env, cohort, truth = _ensemble_cohort(run_dir, store_path, "predict", require_values=False)
-    who, outputs = ensemble_outputs(run_dir, store, cohort, cohort.in_split("external"), env, batch_size, out,
+    runs, targets, store, env, cohort, truth = _ensemble_cohort(run_dir, store_path, "predict", require_values=False)
+    who, outputs = ensemble_outputs(runs, store, cohort, cohort.in_split("external"), env, batch_size, out,
                                     "predict", progress)
     rows = prediction_rows(targets, truth, "external", who, outputs)
     add_gaps(targets, rows)  # the folds' averaged line; none is fitted here
@@ -247,16 +244,17 @@ def predict_ensemble(run_dir: Path, store_path, out: Path, batch_size: int = 4, 
 
 
 def _ensemble_cohort(run_dir: Path, store_path, command: str, require_values: bool):
-    """The ensemble's targets, the store, the processes, and the store's participants under the run's encoding, those
-    of the cross-validation in split ``cv`` and the rest ``external``; one line saying how many of each, and an
-    error where none is left to score."""
+    """The fold runs, the ensemble's targets, the store, the processes, and the store's participants under the run's
+    encoding, those of the cross-validation in split ``cv`` and the rest ``external``; one line saying how many of
+    each, and an error where none is left to score."""
     from neurox.train.runs import cohort_with
 
-    targets = ensemble_targets(run_dir)
+    fold_of = tested_by(run_dir)
+    runs = fold_models(run_dir, fold_of)
+    targets = ensemble_targets(runs)
     store = Store(store_path)
     env = dist_utils.detect("auto")  # the accelerator when there is one, else the CPU
-    in_cv = {r["participant_id"]: "cv" for r in read_tsv(run_dir / "folds.tsv")}
-    cohort, truth = cohort_with(store, targets, in_cv, require_values=require_values)
+    cohort, truth = cohort_with(store, targets, dict.fromkeys(fold_of, "cv"), require_values=require_values)
     seen = len(cohort.in_split("cv"))
     if not cohort.in_split("external"):
         columns = ", ".join(t.column for t in targets)
@@ -270,8 +268,8 @@ def _ensemble_cohort(run_dir: Path, store_path, command: str, require_values: bo
         if seen:
             print(f"{command}: {seen} participants of the cross-validation left out (their out-of-fold results are "
                   f"{run_dir / 'predictions.tsv'}); {len(cohort.in_split('external'))} scored by the "
-                  f"{len(fold_models(run_dir))} folds' models together", file=sys.stderr)
-    return targets, store, env, cohort, truth
+                  f"{len(runs)} folds' models together", file=sys.stderr)
+    return runs, targets, store, env, cohort, truth
 
 
 def _comparable(targets: list[Target], outputs: np.ndarray) -> np.ndarray:

@@ -204,21 +204,21 @@ def split_metrics(model, store_root, cohort, targets, split, length, grid, env, 
 def load_run(run_dir: str | Path) -> tuple[dict, list[Target], dict[str, str]]:
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "config.json").is_file():
-        if (run_dir / "fold1").is_dir():
-            raise FileNotFoundError(f"{run_dir}: a cross-validated run (finetune --folds) has a model per fold; give "
-                                    f"one of them ({run_dir / 'fold1'}, ...); neurox predict, evaluate and explain "
-                                    "take the whole run")
         raise FileNotFoundError(f"{run_dir}: not a finished neurox run (no model/); train it with neurox finetune")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
-    return config, targets, load_splits(run_dir / "splits.tsv")
+    return config, read_targets(run_dir), load_splits(run_dir / "splits.tsv")
+
+
+def read_targets(run_dir: str | Path) -> list[Target]:
+    """A run's ``targets.json``: the targets as the run encoded them."""
+    return [Target(**t) for t in json.loads((Path(run_dir) / "targets.json").read_text())["targets"]]
 
 
 def run_targets(run_dir: str | Path) -> list[Target]:
     """The targets of a run, or of a cross-validated run's ensemble (``neurox.train.folds``)."""
-    from neurox.train.folds import ensemble_targets, is_cross_validated
+    from neurox.train.folds import ensemble_targets, fold_models, is_cross_validated
 
-    return ensemble_targets(Path(run_dir)) if is_cross_validated(run_dir) else load_run(run_dir)[1]
+    return ensemble_targets(fold_models(Path(run_dir))) if is_cross_validated(run_dir) else load_run(run_dir)[1]
 
 
 def evaluate(run_dir: str | Path, store_path: str | Path, batch_size: int = 4, n_boot: int = 1000,
@@ -357,7 +357,7 @@ def predictions_of(run_dir: str | Path, split: str = "test") -> tuple[list[Targe
     from neurox.data.store import read_tsv
 
     run_dir = Path(run_dir)
-    targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+    targets = read_targets(run_dir)
     rows = [r for r in read_tsv(run_dir / "predictions.tsv") if r["split"] == split]
     width = 1 if targets[0].task == "multiclass" else len(targets)
     labels = np.array([prediction_labels(targets, r) for r in rows]).reshape(len(rows), width)
