@@ -185,12 +185,18 @@ def test_baseline_on_the_same_split(store, one_epoch_run, tmp_path, capsys):
     assert environment["scikit-learn"] and list(environment["stores"]) == [str(store)]
     fc = json.loads((tmp_path / "fc" / "metrics.json").read_text())
     assert fc["test"]["n_subjects"] == json.loads((run / "metrics.json").read_text())["test"]["n_subjects"]
+    # the class decision recentred on the validation participants, as fine-tuning does, into the saved intercept
+    threshold = json.loads((tmp_path / "fc" / "targets.json").read_text())["targets"][0]["threshold"]
+    val = [r for r in read_tsv(tmp_path / "fc" / "predictions.tsv") if r["split"] == "val"]
+    medians = [np.median([float(r["group_output"]) for r in val if r["group_true"] == c]) for c in ("0", "1")]
+    assert isinstance(threshold, float) and np.mean(medians) == pytest.approx(0, abs=1e-5)
     assert main(["evaluate", str(run), "--store", str(store), "--baseline", str(tmp_path / "fc")]) == 0
     printed = capsys.readouterr()
     assert "connectivity: 10/10 (100%) participant" in printed.err  # the baseline's features, shown
     assert "model_minus_fc_baseline\n  train: accuracy_diff " in printed.out and "auroc_diff " in printed.out
     both = api.evaluate(run, store, baseline=tmp_path / "fc", quiet=True)  # the same participants, paired
     assert "train" in both["model_minus_fc_baseline"]  # (val and test: 2 participants each, too few to compare)
+    assert both["fc_baseline"]["test"]["balanced_accuracy"] == fc["test"]["balanced_accuracy"]
     for split, paired in both["model_minus_fc_baseline"].items():
         difference = both["model"][split]["auroc"] - both["fc_baseline"][split]["auroc"]
         assert paired["auroc_diff"] == pytest.approx(difference) and paired["n_subjects"] == 6

@@ -217,12 +217,12 @@ def test_finetune_cross_validated_pools_every_folds_test_and_resumes(store, tmp_
     rows = read_tsv(out / "predictions.tsv")
     assert sorted(r["participant_id"] for r in rows) == sorted(fold) and {r["split"] for r in rows} == {"cv"}
     assert all(int(r["fold"]) == fold[r["participant_id"]] for r in rows)
-    scale = {}  # each fold's logits, pooled on the scale of its outputs on its validation participants
+    scale = {}  # each fold's recentred logits, pooled on the scale of its outputs on its validation participants
     for k in (1, 2, 3):
         chosen = [float(r["group_output"]) for r in read_tsv(out / f"fold{k}" / "predictions.tsv")
                   if r["split"] == "val"]
-        scale[str(k)] = (np.mean(chosen), np.std(chosen))
-    pooled = [(float(r["group_output"]) - scale[r["fold"]][0]) / scale[r["fold"]][1] for r in rows]
+        scale[str(k)] = np.std(chosen)
+    pooled = [float(r["group_output"]) / scale[r["fold"]] for r in rows]
     expected = roc_auc_score([int(r["group_true"]) for r in rows], pooled)
     assert metrics["cv"]["auroc"] == pytest.approx(expected, abs=1e-6)
     assert main(finetune_args(store, out, "--epochs", "1", "--folds", "3")) == 1
@@ -436,6 +436,15 @@ def test_participants_without_a_target_value_are_left_out_and_said_so(store, tmp
     assert json.loads((tmp_path / "run" / "targets.json").read_text())["participants_left_out"] == 1
 
 
+def test_the_balanced_threshold_lies_halfway_between_the_classes_medians():
+    from neurox.train.metrics import balanced_threshold
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 100.0])  # every output above 0; one far out
+    assert balanced_threshold(labels, scores) == (3.0 + 6.5) / 2
+    assert balanced_threshold(labels[:3], scores[:3]) == 0.0  # one class: nothing to recentre on
+
+
 def test_auroc_and_intervals():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
@@ -509,6 +518,21 @@ def test_finetune_evaluate_predict(store, one_epoch_run, tmp_path, capsys):
     splits = {row["participant_id"]: row["split"] for row in read_tsv(run / "splits.tsv")}
     assert len(predictions) == metrics["val"]["n_subjects"] + metrics["test"]["n_subjects"]
     assert all(splits[row["participant_id"]] == row["split"] for row in predictions)
+    # the class decision, recentred on the validation participants: the saved head's bias is the trained one's less
+    # the threshold targets.json records, which puts 0 halfway between the classes' median validation outputs
+    threshold = json.loads((run / "targets.json").read_text())["targets"][0]["threshold"]
+    trained = consolidated_state(run / "checkpoints" / "last")["model"]["head.head.bias"]
+    saved = load_file(str(run / "model" / "head.safetensors"))["head.bias"]
+    assert threshold != 0 and saved.item() == pytest.approx(trained.item() - threshold, abs=1e-6)
+    assert "- decision for group: at output 0, where the trained head's logit" in card
+    val = [r for r in predictions if r["split"] == "val"]
+    medians = [np.median([float(r["group_output"]) for r in val if r["group_true"] == c]) for c in ("0", "1")]
+    assert np.mean(medians) == pytest.approx(0, abs=1e-5)
+    assert all(r["group_predicted"] == str(int(float(r["group_output"]) > 0)) for r in predictions)
+    test = [r for r in predictions if r["split"] == "test"]
+    recalls = [np.mean([float(r["group_output"]) > 0 if c == "1" else float(r["group_output"]) <= 0
+                        for r in test if r["group_true"] == c]) for c in ("0", "1")]
+    assert metrics["test"]["balanced_accuracy"] == pytest.approx(np.mean(recalls))
 
     assert main(["evaluate", str(run), "--store", str(store), "--out", str(tmp_path / "eval.json")]) == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())["model"]

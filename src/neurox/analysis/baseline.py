@@ -11,7 +11,6 @@ participants only; metrics are computed on the validation and test participants 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -31,7 +30,6 @@ from neurox.analysis.covariates import Adjustment
 from neurox.analysis.matrix_table import MatrixTable
 from neurox.data.confounds import Denoising, participant_motion
 from neurox.data.loader import (
-    Target,
     fold_participants,
     load_cohort,
     load_splits,
@@ -44,7 +42,8 @@ from neurox.data.loader import (
 from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.io.claim import claim_folder, resolved
-from neurox.train.objectives import subject_metrics
+from neurox.train.objectives import decision_thresholds, subject_metrics
+from neurox.train.runs import read_targets
 
 MODEL_FILE = "baseline.npz"
 
@@ -288,13 +287,22 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     _write_patterns(out, config, targets, outputs_by_target, x_train, labels)
     motion = participant_motion(store)
-    results, rows = {}, []
+    results, rows, scored = {}, [], {}
     for split in ("val", "test"):
         members = [p for p in cohort.in_split(split) if p in held]
-        if not members:
-            continue
-        x = np.stack([held.pop(p) for p in members])
-        adjustment.apply(members, x)
+        if members:
+            x = np.stack([held.pop(p) for p in members])
+            adjustment.apply(members, x)
+            scored[split] = members, x
+    if "val" in scored:  # each class decision recentred on the validation participants, as fine-tuning does
+        members, x = scored["val"]
+        outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
+        thresholds = decision_thresholds(targets, members, outputs, {p: cohort.labels(p) for p in members})
+        for i, (target, fitted) in enumerate(zip(targets, outputs_by_target)):
+            if target.task == "binary":
+                fitted["intercept"] = params[f"{target.column}.intercept"] = fitted["intercept"] - thresholds[i]
+                target.threshold = float(thresholds[i])
+    for split, (members, x) in scored.items():
         outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
                                                              {p: cohort.labels(p) for p in members}, config.n_boot,
@@ -382,7 +390,7 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     ``neurox.train.runs.evaluate``."""
     run_dir = Path(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    targets = [Target(**t) for t in json.loads((run_dir / "targets.json").read_text())["targets"]]
+    targets = read_targets(run_dir)
     splits = load_splits(run_dir / "splits.tsv")
     stored = np.load(run_dir / MODEL_FILE)
     params = [{k: stored[f"{t.column}.{k}"] for k in ("mean", "scale", "coef", "intercept")} for t in targets]

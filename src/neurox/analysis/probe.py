@@ -36,7 +36,7 @@ from neurox.data.store import Store
 from neurox.hub import weights_digest
 from neurox.io.atomic import write_text_atomic
 from neurox.io.claim import claim_folder, resolved
-from neurox.train.objectives import subject_metrics
+from neurox.train.objectives import decision_thresholds, subject_metrics
 
 
 def participant_embeddings(model, store: Store, participants: list[str], batch_size: int = 4,
@@ -133,14 +133,17 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     y_train = np.stack([cohort.labels(p) for p in train])
     design = linear_design(x_train)  # one basis for every target
     fitted = [fit_linear(x_train, y_train[:, i], t.task, seed, design) for i, t in enumerate(cohort.targets)]
-    results = {}
-    for split in ("val", "test"):
+    results, thresholds = {}, 0.0
+    for split in ("val", "test"):  # val first: each class decision is recentred on it, as fine-tuning does
         members = [p for p in cohort.in_split(split) if p in features]
         if members:
             x = np.stack([features[p] for p in members])
             adjustment.apply(members, x)
             outputs = np.concatenate([linear_outputs(f, x) for f in fitted], axis=1)
-            results[split], _, _ = subject_metrics(cohort.targets, members, outputs,
+            if split == "val":
+                thresholds = decision_thresholds(cohort.targets, members, outputs,
+                                                 {p: cohort.labels(p) for p in members})
+            results[split], _, _ = subject_metrics(cohort.targets, members, outputs - thresholds,
                                                    {p: cohort.labels(p) for p in members}, n_boot,
                                                    motion=motion)
     return _write(out, cohort, None, cache, results, model_path, store, target, pool, stage or stages)

@@ -47,7 +47,14 @@ from neurox.train.engine import (
     start_run,
     write_json,
 )
-from neurox.train.objectives import head_task, num_outputs, selection_score, supervised_loss
+from neurox.train.objectives import (
+    decision_thresholds,
+    head_task,
+    num_outputs,
+    selection_score,
+    subject_metrics,
+    supervised_loss,
+)
 from neurox.train.runs import (
     add_gaps,
     check_contract,
@@ -55,9 +62,11 @@ from neurox.train.runs import (
     check_trs,
     first_rows,
     prediction_rows,
+    read_targets,
     split_metrics,
     store_contract,
     store_tr,
+    window_outputs,
     write_predictions,
 )
 
@@ -159,6 +168,9 @@ def prepare_cohort(config: FinetuneConfig, store: Store, run_dir: Path, length: 
     else:
         cohort.split = split_participants(cohort, config.seed, config.split_fractions, say)
     standardise(cohort)
+    if config.resume and (run_dir / "targets.json").is_file():  # what the saved model's head was recentred by
+        for t, saved in zip(cohort.targets, read_targets(run_dir)):
+            t.threshold = saved.threshold if saved.column == t.column else None
     for name in ("train", "val"):
         if not cohort.in_split(name):
             raise ValueError(f"no participants in the {name} split; need more participants with {config.target}")
@@ -232,12 +244,18 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
     contract = InputContract.for_model(arch, tr=store_tr(store), **store_contract(store.info))
     motion = participant_motion(store)  # for the motion check of every validation
 
+    chosen = {"thresholds": np.zeros(num_outputs(targets))}  # of the latest validation, for save_best
+
     def evaluate():
         if model.head.batch_statistics and trainer.step > 0:  # the backbone moved: its statistics, recomputed
             pooled, _, _ = training_features(wrapped, store.root, cohort, length, grid, env, config, max_windows=128)
             model.head.calibrate(pooled.to(env.device))
-        metrics, _, _ = split_metrics(wrapped, store.root, cohort, targets, "val", length, grid, env,
-                                      config.batch_size, config.precision, config.n_boot, motion)
+        who, outputs = window_outputs(wrapped, store.root, cohort, cohort.in_split("val"), length, grid, env,
+                                      config.batch_size, config.precision)
+        labels = {p: cohort.labels(p) for p in set(who)}
+        # the class decision, recentred on these participants; the model saved as best carries it in its head
+        chosen["thresholds"] = decision_thresholds(targets, who, outputs, labels)
+        metrics = subject_metrics(targets, who, outputs - chosen["thresholds"], labels, config.n_boot, motion)[0]
         return selection_score(targets, metrics), metrics
 
     def save_best(step: int, metrics: dict):
@@ -247,10 +265,15 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
                                           standardize=model.head.standardize, pool=model.head.pool,
                                           positions=model.head.positions))
             best.load_state_dict(state)
+            recentred = recentre_head(best, targets, chosen["thresholds"])
             from neurox.hub import save_pretrained
 
-            save_pretrained(best, run_dir / "model", contract=contract, card=_card(config, targets, step, metrics),
+            save_pretrained(best, run_dir / "model", contract=contract,
+                            card=_card(config, targets, step, metrics, recentred),
                             source={"run": str(run_dir), "step": step})
+            # targets.json says what the saved model's head was recentred by (the outputs written carry it)
+            write_json(run_dir / "targets.json", {"targets": [t.to_dict() for t in targets],
+                                                  "participants_left_out": cohort.left_out})
 
     def loss_fn(model, x, labels):
         return supervised_loss(model(as_model_input(x, env.device)), labels, targets)
@@ -400,7 +423,23 @@ def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config,
     return results
 
 
-def _card(config, targets, step, metrics) -> dict:
+def recentre_head(model, targets: list[Target], thresholds: np.ndarray) -> list[str]:
+    """Lower the head's output bias by ``thresholds`` (``decision_thresholds``), so that the model's class decision
+    at 0 is the recentred one; each binary target's ``threshold`` records it. Returns, per target moved, what the
+    model card says of it."""
+    notes = {}
+    with torch.no_grad():
+        model.head.head.bias -= torch.as_tensor(thresholds, dtype=model.head.head.bias.dtype)
+    for t, value in zip(targets if targets[0].task != "multiclass" else [], thresholds):
+        if t.task == "binary":
+            t.threshold = float(value)
+            notes[f"decision for {t.column}"] = (f"at output 0, where the trained head's logit {value:.4g} was "
+                                                 "moved: halfway between the two classes' median outputs on the "
+                                                 "validation participants")
+    return notes
+
+
+def _card(config, targets, step, metrics, recentred: dict[str, str]) -> dict:
     return {
         "data": f"store {config.store}",
         "objective": f"supervised {', '.join(f'{t.column} ({t.task})' for t in targets)}; "
@@ -408,6 +447,7 @@ def _card(config, targets, step, metrics) -> dict:
                      f"{' from ' + config.init if config.init else ' from scratch'}",
         "metrics": {"validation at step": step,
                     **{k: v for k, v in metrics.items() if not k.endswith(("_low", "_high"))}},
+        "notes": recentred,
     }
 
 

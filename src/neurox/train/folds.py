@@ -108,8 +108,10 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
 
 
 def _validation_scale(targets: list[Target], val_rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Per output, the centre and scale a fold's outputs are pooled on: for a class target (two classes) the mean
-    and standard deviation of the fold's outputs on its validation participants; 0 and 1 otherwise."""
+    """Per output, the centre and scale a fold's outputs are pooled on: for a class target (two classes) the
+    standard deviation of the fold's outputs on its validation participants, and their mean where the fold's model
+    was not recentred (``objectives.decision_thresholds``: a run made before neurox recentred, whose decision at 0
+    can be far off); 0 and 1 otherwise."""
     width = len(targets[0].classes) if targets[0].task == "multiclass" else len(targets)
     centre, scale = np.zeros(width), np.ones(width)
     if targets[0].task == "multiclass" or not val_rows:
@@ -117,7 +119,7 @@ def _validation_scale(targets: list[Target], val_rows: list[dict]) -> tuple[np.n
     values = np.stack([prediction_outputs(targets, r) for r in val_rows])
     for i, t in enumerate(targets):
         if t.task == "binary" and values[:, i].std() > 0:
-            centre[i], scale[i] = values[:, i].mean(), values[:, i].std()
+            centre[i], scale[i] = values[:, i].mean() if t.threshold is None else 0.0, values[:, i].std()
     return centre, scale
 
 

@@ -52,6 +52,16 @@ def classification_metrics(labels: np.ndarray, outputs: np.ndarray) -> dict[str,
             "auroc": area}
 
 
+def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The score halfway between the two classes' median scores: where a model's decision goes so that neither
+    class is favoured, whatever its training left its outputs' offset at (a few epochs, a rare class). Medians, so
+    that one participant far out does not move it; 0 where a class has no participant."""
+    labels = labels.astype(bool)
+    if labels.all() or not labels.any():
+        return 0.0
+    return float((np.median(scores[labels]) + np.median(scores[~labels])) / 2)
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson's r, NaN where either side is constant."""
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")

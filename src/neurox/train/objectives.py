@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from neurox.data.loader import Target
-from neurox.train.metrics import aggregate, pearson, with_intervals
+from neurox.train.metrics import aggregate, balanced_threshold, pearson, with_intervals
 
 
 def num_outputs(targets: list[Target]) -> int:
@@ -73,6 +73,26 @@ def subject_metrics(targets: list[Target], participants: list[str], outputs: np.
 
 
 MOTION_CHECK_MIN = 5  # participants with a mean framewise displacement, for the motion check
+
+
+def decision_thresholds(targets: list[Target], participants: list[str], outputs: np.ndarray,
+                        labels: dict[str, np.ndarray]) -> np.ndarray:
+    """Per output column, where a binary target's decision goes: ``metrics.balanced_threshold`` of the
+    participants' mean outputs (validation participants: the test never chooses it); 0 for a number or several
+    classes. Subtracted from the outputs (and from the head's bias of the model saved), it leaves the class
+    decision at 0, where every reader of the outputs takes it. A model trained a few epochs, or on a rare class,
+    often puts every participant on one side of 0, ranking them well (AUROC) and deciding badly (balanced
+    accuracy near 0.5)."""
+    thresholds = np.zeros(outputs.shape[1])
+    if targets[0].task == "multiclass" or not len(participants):
+        return thresholds
+    subjects, means = aggregate(participants, outputs)
+    truth = np.stack([labels[p] for p in subjects])
+    for i, t in enumerate(targets):
+        known = np.isfinite(truth[:, i])
+        if t.task == "binary":
+            thresholds[i] = balanced_threshold(truth[known, i], means[known, i])
+    return thresholds
 
 
 def selection_score(targets: list[Target], metrics: dict) -> float:
