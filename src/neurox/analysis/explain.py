@@ -36,6 +36,7 @@ from neurox.data.loader import matching, prepared_runs, run_windows, window_batc
 from neurox.data.store import Store
 from neurox.hub import weights_digest
 from neurox.io.claim import claim_folder, resolved
+from neurox.train.folds import scoring_models
 
 REDUCTIONS = ("abs", "signed")
 BASELINES = ("zero", "temporal_mean")
@@ -336,29 +337,6 @@ def plot_map(png: Path, volume: np.ndarray, affine: np.ndarray, title: str) -> P
     return png
 
 
-def explaining_models(run_dir: Path, store: Store) -> tuple[list, dict[str, str], dict, dict[str, int]]:
-    """The run's targets and split, its models (key -> model, factor per output), and which participant each model
-    explains: a run's own model (key 0, no factor) all of them; a cross-validated run's fold models (key k) each the
-    participants its fold tested (``fold_of``), so that every participant is explained out of fold, with the factor
-    that puts its attributions on the scale the folds' outputs are pooled on (``folds.output_scale``)."""
-    from neurox.hub import load_pretrained
-    from neurox.train.folds import fold_models, is_cross_validated, output_scale, tested_by
-    from neurox.train.runs import check_model_store, load_run, read_targets
-
-    if not is_cross_validated(run_dir):
-        _, targets, splits = load_run(run_dir)
-        model = load_pretrained(run_dir / "model")
-        check_model_store(model, store)
-        return targets, splits, {0: (model, None)}, {}
-    fold_of = tested_by(run_dir)
-    runs = fold_models(run_dir, fold_of)
-    models = {}
-    for k, run in enumerate(runs, start=1):
-        models[k] = (load_pretrained(run / "model"), output_scale(run))
-        check_model_store(models[k][0], store, announce=k == 1)
-    return read_targets(runs[0]), dict.fromkeys(fold_of, "test"), models, fold_of
-
-
 def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, options: ExplainOptions | None = None,
             subjects: list[str] | None = None, split: str | None = None, where: str | None = None,
             group_by: str | None = None, quantiles: int = 4, device: str = "auto", progress: bool = True,
@@ -376,7 +354,7 @@ def explain(run_dir: str | Path, store_path: str | Path, out: str | Path, option
         raise ValueError(f"--out {out}: explain writes a folder (each participant's map, group maps, explain.json), "
                          f"not one NIfTI file; name a folder, e.g. --out {out.parent / out.name.split('.')[0]}")
     store = Store(store_path)
-    targets, splits, models, fold_of = explaining_models(run_dir, store)
+    targets, splits, models, fold_of = scoring_models(run_dir, store)
     output, output_name = output_index(targets, options)
     participants = choose_participants(store, splits, subjects, split, where)
     if fold_of:  # a cross-validated run explains out of fold alone: the participants some fold tested

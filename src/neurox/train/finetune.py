@@ -423,7 +423,7 @@ def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config,
     return results
 
 
-def recentre_head(model, targets: list[Target], thresholds: np.ndarray) -> list[str]:
+def recentre_head(model, targets: list[Target], thresholds: np.ndarray) -> dict[str, str]:
     """Lower the head's output bias by ``thresholds`` (``decision_thresholds``), so that the model's class decision
     at 0 is the recentred one; each binary target's ``threshold`` records it. Returns, per target moved, what the
     model card says of it."""

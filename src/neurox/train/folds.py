@@ -164,6 +164,29 @@ def output_scale(run: Path) -> np.ndarray:
     return factor
 
 
+def scoring_models(run_dir: Path, store: Store) -> tuple[list, dict[str, str], dict, dict[str, int]]:
+    """The run's targets and split, its models (key -> model, factor per output), and which participant each model
+    scores (``neurox explain``): a run's own model (key 0, no factor) all of them; a cross-validated run's fold models
+    (key k) each the participants its fold tested (``fold_of``), so that every participant is scored out of fold, with
+    the factor that puts its outputs (and attributions) on the scale the folds' outputs are pooled on
+    (``output_scale``)."""
+    from neurox.hub import load_pretrained
+    from neurox.train.runs import check_model_store, load_run
+
+    if not is_cross_validated(run_dir):
+        _, targets, splits = load_run(run_dir)
+        model = load_pretrained(run_dir / "model")
+        check_model_store(model, store)
+        return targets, splits, {0: (model, None)}, {}
+    fold_of = tested_by(run_dir)
+    runs = fold_models(run_dir, fold_of)
+    models = {}
+    for k, run in enumerate(runs, start=1):
+        models[k] = (load_pretrained(run / "model"), output_scale(run))
+        check_model_store(models[k][0], store, announce=k == 1)
+    return read_targets(runs[0]), dict.fromkeys(fold_of, "test"), models, fold_of
+
+
 def ensemble_targets(runs: list[Path]) -> list[Target]:
     """The targets the ensemble of the fold runs ``runs`` (``fold_models``) gives outputs in: regression in its
     units, with the folds' gap lines averaged (where every fold has one)."""
