@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 from pretrain_probe import neurox  # the shared helper of the benchmark scripts: the CLI, logged
 
+from neurox.data.store import read_tsv, write_tsv
+from neurox.train.metrics import auroc, classification_metrics
+from neurox.train.runs import read_targets
+
 DEMO_TARGETS = ("amplitude_group", "coupling_group", "order_group")
 RARE = "amplitude_rare"
-
-
-def read_tsv(path: Path) -> list[dict]:
-    lines = path.read_text().splitlines()
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
 
 
 def add_rare_column(store: Path) -> dict[str, int]:
@@ -39,27 +37,19 @@ def add_rare_column(store: Path) -> dict[str, int]:
         kept = set(positives[::4])
         for r in rows:
             r[RARE] = "0" if r["amplitude_group"] == "0" else "1" if r["participant_id"] in kept else "n/a"
-        columns = list(rows[0])
-        path.write_text("\n".join(["\t".join(columns)] + ["\t".join(r[c] for c in columns) for r in rows]) + "\n")
+        write_tsv(path, rows, list(rows[0]))
     values = [r[RARE] for r in read_tsv(path)]
     return {"0": values.count("0"), "1": values.count("1")}
 
 
-def balanced_accuracy(truth: np.ndarray, positive: np.ndarray) -> float:
-    return float(np.mean([np.mean(positive[truth == 1]), np.mean(~positive[truth == 0])]))
-
-
-def auroc(truth: np.ndarray, scores: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores)
-    n_pos, n_neg = (truth == 1).sum(), (truth == 0).sum()
-    return float((ranks[truth == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+def balanced_accuracy(truth: np.ndarray, scores: np.ndarray) -> float:
+    """At a decision of scores above 0, as neurox's metrics take it."""
+    return classification_metrics(truth, scores[:, None])["balanced_accuracy"]
 
 
 def decisions(run: Path, targets: tuple[str, ...]) -> dict:
     """Per target: test AUROC, balanced accuracy at both decisions, the threshold, and the test outputs' split."""
-    thresholds = {t["column"]: t.get("threshold") for t in json.loads((run / "targets.json").read_text())["targets"]}
+    thresholds = {t.column: t.threshold for t in read_targets(run)}
     rows = [r for r in read_tsv(run / "predictions.tsv") if r["split"] == "test"]
     result = {}
     for target in targets:
@@ -69,8 +59,8 @@ def decisions(run: Path, targets: tuple[str, ...]) -> dict:
         result[target] = {
             "n_test": len(rows), "n_test_positive": int(truth.sum()), "threshold": threshold,
             "auroc": auroc(truth, output),
-            "balanced_accuracy_recentred": balanced_accuracy(truth, output > 0),
-            "balanced_accuracy_trained": balanced_accuracy(truth, output + threshold > 0),
+            "balanced_accuracy_recentred": balanced_accuracy(truth, output),
+            "balanced_accuracy_trained": balanced_accuracy(truth, output + threshold),
             "share_above_trained_zero": float(np.mean(output + threshold > 0)),
             "truth": truth.tolist(), "output": output.tolist(),
         }
@@ -119,8 +109,8 @@ def main() -> None:
         for target in targets:
             per_seed = [report["runs"][f"s{s}"][model][target] for s in args.seeds]
             truth = np.concatenate([r["truth"] for r in per_seed])
-            recentred = np.concatenate([np.array(r["output"]) > 0 for r in per_seed])
-            trained = np.concatenate([np.array(r["output"]) + r["threshold"] > 0 for r in per_seed])
+            recentred = np.concatenate([r["output"] for r in per_seed])
+            trained = np.concatenate([np.array(r["output"]) + r["threshold"] for r in per_seed])
             summary[f"{model}/{target}"] = {
                 "auroc_mean": float(np.mean([r["auroc"] for r in per_seed])),
                 "balanced_accuracy_recentred_mean": float(np.mean([r["balanced_accuracy_recentred"]

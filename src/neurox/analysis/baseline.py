@@ -43,7 +43,7 @@ from neurox.data.store import Store
 from neurox.io.atomic import write_atomic, write_text_atomic
 from neurox.io.claim import claim_folder, resolved
 from neurox.train.objectives import decision_thresholds, subject_metrics
-from neurox.train.runs import read_targets
+from neurox.train.runs import add_gaps, cohort_with, prediction_rows, read_targets, write_predictions
 
 MODEL_FILE = "baseline.npz"
 
@@ -293,27 +293,23 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
         if members:
             x = np.stack([held.pop(p) for p in members])
             adjustment.apply(members, x)
-            scored[split] = members, x
+            scored[split] = members, np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
     if "val" in scored:  # each class decision recentred on the validation participants, as fine-tuning does
-        members, x = scored["val"]
-        outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
+        members, outputs = scored["val"]
         thresholds = decision_thresholds(targets, members, outputs, {p: cohort.labels(p) for p in members})
-        for i, (target, fitted) in enumerate(zip(targets, outputs_by_target)):
+        for i, target in enumerate(targets):
             if target.task == "binary":
-                fitted["intercept"] = params[f"{target.column}.intercept"] = fitted["intercept"] - thresholds[i]
+                params[f"{target.column}.intercept"] = outputs_by_target[i]["intercept"] - thresholds[i]
                 target.threshold = float(thresholds[i])
-    for split, (members, x) in scored.items():
-        outputs = np.concatenate([linear_outputs(f, x) for f in outputs_by_target], axis=1)
+        scored = {split: (members, outputs - thresholds) for split, (members, outputs) in scored.items()}
+    for split, (members, outputs) in scored.items():
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,
                                                              {p: cohort.labels(p) for p in members}, config.n_boot,
                                                              motion=motion)
         results[split] = metrics
-        from neurox.train.runs import prediction_rows
-
         rows += prediction_rows(targets, cohort.values, split, subjects, subject_outputs)
 
     from neurox.train.engine import run_environment, write_json
-    from neurox.train.runs import add_gaps, write_predictions
 
     add_gaps(targets, rows)  # before targets.json, which keeps the gap correction for evaluate and predict
     results.update(cv_results)
@@ -395,8 +391,6 @@ def evaluate_baseline(run_dir: str | Path, store_path: str | Path, n_boot: int =
     stored = np.load(run_dir / MODEL_FILE)
     params = [{k: stored[f"{t.column}.{k}"] for k in ("mean", "scale", "coef", "intercept")} for t in targets]
     store = Store(store_path)
-    from neurox.train.runs import cohort_with
-
     cohort, _ = cohort_with(store, targets, splits)
     adjustment = Adjustment.load(stored, store, cohort, "evaluate")  # as the run adjusted its features, its fits
     denoising = Denoising(config.get("confounds", "none"), config.get("fd_threshold", 0.5),

@@ -37,7 +37,19 @@ from neurox.data.loader import Target, fold_participants, load_cohort, save_fold
 from neurox.data.store import Store, read_tsv
 from neurox.train import distributed as dist_utils
 from neurox.train.metrics import mean_over_folds
-from neurox.train.runs import prediction_labels, prediction_outputs, read_targets
+from neurox.train.runs import (
+    add_gaps,
+    check_model_store,
+    cohort_with,
+    load_run,
+    participant_outputs,
+    prediction_labels,
+    prediction_outputs,
+    prediction_rows,
+    read_targets,
+    shared_parts,
+    write_predictions,
+)
 
 
 def finetune_folds(config, env: dist_utils.Env) -> Path:
@@ -81,7 +93,6 @@ def pool_folds(out: Path, k: int, n_boot: int, store: Store) -> dict:
     from neurox.data.confounds import participant_motion
     from neurox.train.engine import write_json
     from neurox.train.objectives import subject_metrics
-    from neurox.train.runs import write_predictions
 
     rows, results, outputs, who, labels = [], {}, [], [], {}
     targets = None
@@ -171,7 +182,6 @@ def scoring_models(run_dir: Path, store: Store) -> tuple[list, dict[str, str], d
     the factor that puts its outputs (and attributions) on the scale the folds' outputs are pooled on
     (``output_scale``)."""
     from neurox.hub import load_pretrained
-    from neurox.train.runs import check_model_store, load_run
 
     if not is_cross_validated(run_dir):
         _, targets, splits = load_run(run_dir)
@@ -208,7 +218,6 @@ def ensemble_outputs(runs: list[Path], store: Store, cohort, participants: list[
     from neurox.hub import load_pretrained, weights_digest
     from neurox.io.claim import resolved
     from neurox.train.metrics import aggregate
-    from neurox.train.runs import check_model_store, participant_outputs, shared_parts
 
     kept = shared_parts(out, {"models": [weights_digest(run / "model") for run in runs],
                               "store": resolved(store.root)}, env) if out else None
@@ -255,7 +264,6 @@ def predict_ensemble(run_dir: Path, store_path, out: Path, batch_size: int = 4, 
     saw, from the ensemble of the folds' models."""
     from neurox.data.confounds import participant_motion
     from neurox.io.claim import discard_parts
-    from neurox.train.runs import add_gaps, prediction_rows, write_predictions
 
     runs, targets, store, env, cohort, truth = _ensemble_cohort(run_dir, store_path, "predict", require_values=False)
     who, outputs = ensemble_outputs(runs, store, cohort, cohort.in_split("external"), env, batch_size, out,
@@ -272,7 +280,6 @@ def _ensemble_cohort(run_dir: Path, store_path, command: str, require_values: bo
     """The fold runs, the ensemble's targets, the store, the processes, and the store's participants under the run's
     encoding, those of the cross-validation in split ``cv`` and the rest ``external``; one line saying how many of
     each, and an error where none is left to score."""
-    from neurox.train.runs import cohort_with
 
     fold_of = tested_by(run_dir)
     runs = fold_models(run_dir, fold_of)
