@@ -224,6 +224,25 @@ def test_baseline_on_the_same_split(store, one_epoch_run, tmp_path, capsys):
     assert "no training participant of the split has a prepared run here (0 in" in capsys.readouterr().err
 
 
+def test_baseline_of_several_classes_recentres_each_class_on_validation(store, tmp_path):
+    """A target of three classes: the saved intercepts are lowered by one offset per class, at which the
+    validation participants (one per class here) are given each class with mean probability 1/3."""
+    from neurox.data.loader import save_splits
+
+    chosen = tmp_path / "split"  # site a, b, c in turn: every class in every split
+    chosen.mkdir()
+    save_splits(chosen / "splits.tsv", {f"sub-{i:02d}": "val" if i < 3 else "test" if i < 6 else "train"
+                                        for i in range(10)})
+    out = tmp_path / "fc-site"
+    assert main(["baseline", "--store", str(store), "--target", "site", "--atlas", str(three_parcel_atlas(tmp_path)),
+                 "--out", str(out), "--split_from", str(chosen), "--n_boot", "20", "--quiet", "true"]) == 0
+    offsets = json.loads((out / "targets.json").read_text())["targets"][0]["threshold"]
+    assert len(offsets) == 3 and sum(offsets) == pytest.approx(0, abs=1e-9)
+    val = [r for r in read_tsv(out / "predictions.tsv") if r["split"] == "val"]
+    shares = np.mean([[float(r[f"site_probability_{c}"]) for c in "abc"] for r in val], axis=0)
+    assert sorted(r["site_true"] for r in val) == ["a", "b", "c"] and shares == pytest.approx(1 / 3, abs=1e-5)
+
+
 def test_paired_difference_of_two_models_on_the_same_participants():
     """Equal outputs differ by nothing (p 1); a better model's lead has an interval above 0; two models of equal
     skill differ at p < 0.05 about one time in twenty."""

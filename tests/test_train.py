@@ -445,6 +445,41 @@ def test_the_balanced_threshold_lies_halfway_between_the_classes_medians():
     assert balanced_threshold(labels[:3], scores[:3]) == 0.0  # one class: nothing to recentre on
 
 
+def test_several_classes_are_recentred_so_that_no_class_is_favoured():
+    """Logits of a model that learned three classes in shares 0.6, 0.3, 0.1 favour the common ones by the log of
+    their shares; the offsets take that out (balanced accuracy up, AUROC unchanged), and the saved head carries
+    them, recorded per class."""
+    from types import SimpleNamespace
+
+    from neurox.data.loader import Target
+    from neurox.models.heads import build_head
+    from neurox.train.finetune import recentre_head
+    from neurox.train.metrics import balanced_offsets, classification_metrics
+    from neurox.train.objectives import decision_thresholds
+
+    rng = np.random.default_rng(0)
+    shares = np.array([0.6, 0.3, 0.1])
+    labels = rng.choice(3, 3000, p=shares)
+    centres = np.array([[0.0, 0.0], [1.5, 0.0], [0.0, 1.5]])
+    x = centres[labels] + rng.standard_normal((3000, 2))
+    logits = -0.5 * ((x[:, None, :] - centres[None]) ** 2).sum(-1) + np.log(shares)  # the true posterior's
+    offsets = balanced_offsets(labels, logits)
+    assert offsets == pytest.approx(np.log(shares) - np.log(shares).mean(), abs=0.1)
+    before, after = classification_metrics(labels, logits), classification_metrics(labels, logits - offsets)
+    assert after["balanced_accuracy"] > before["balanced_accuracy"] + 0.04 and after["auroc"] == before["auroc"]
+    assert not balanced_offsets(labels[labels < 2], logits[labels < 2]).any()  # a class with no participant
+    target = Target("site", "multiclass", ["a", "b", "c"])
+    people = [f"sub-{i}" for i in range(len(labels))]
+    moved = decision_thresholds([target], people, logits, {p: [k] for p, k in zip(people, labels)})
+    assert moved == pytest.approx(offsets)
+    model = SimpleNamespace(head=build_head("multiclass", 8, 3))
+    bias = model.head.head.bias.detach().clone()
+    notes = recentre_head(model, [target], moved)
+    assert np.allclose(model.head.head.bias.detach().numpy(), bias.numpy() - moved, atol=1e-6)
+    assert target.threshold == pytest.approx(list(moved)) and target.to_dict()["threshold"] == target.threshold
+    assert "decision for site" in notes and "lowered by a " in notes["decision for site"]
+
+
 def test_auroc_and_intervals():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)

@@ -297,10 +297,11 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     if "val" in scored:  # each class decision recentred on the validation participants, as fine-tuning does
         members, outputs = scored["val"]
         thresholds = decision_thresholds(targets, members, outputs, {p: cohort.labels(p) for p in members})
-        for i, target in enumerate(targets):
-            if target.task == "binary":
-                params[f"{target.column}.intercept"] = outputs_by_target[i]["intercept"] - thresholds[i]
-                target.threshold = float(thresholds[i])
+        for i, target in enumerate(targets):  # several classes: one target, an intercept per class
+            moved = thresholds if target.task == "multiclass" else thresholds[i]
+            if target.task != "regression":
+                params[f"{target.column}.intercept"] = outputs_by_target[i]["intercept"] - moved
+                target.threshold = moved.tolist() if target.task == "multiclass" else float(moved)
         scored = {split: (members, outputs - thresholds) for split, (members, outputs) in scored.items()}
     for split, (members, outputs) in scored.items():
         metrics, subjects, subject_outputs = subject_metrics(targets, members, outputs,

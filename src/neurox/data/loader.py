@@ -32,9 +32,10 @@ class Target:
     mean: float = 0.0  # regression: standardised with training participants' statistics
     std: float = 1.0
     gap_fit: list[float] | None = None  # regression: (intercept, slope) of the gap on the true value, validation
-    # binary: the trained model's logit that its saved head was recentred by, so that its outputs' decision at 0
-    # lies halfway between the classes' validation participants (neurox.train.objectives.decision_thresholds)
-    threshold: float | None = None
+    # what the saved head's outputs were lowered by, so that the class decision favours no class
+    # (neurox.train.objectives.decision_thresholds): binary, the trained model's logit halfway between the classes'
+    # validation participants; several classes, one offset per class
+    threshold: float | list[float] | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -55,7 +56,7 @@ class Target:
 
     def to_dict(self) -> dict:
         return {"column": self.column, "task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std,
-                "gap_fit": self.gap_fit, **({"threshold": self.threshold} if self.task == "binary" else {})}
+                "gap_fit": self.gap_fit, **({"threshold": self.threshold} if self.task != "regression" else {})}
 
 
 def missing_value(value: str | None) -> bool:

@@ -425,12 +425,20 @@ def final_evaluation(run_dir, store, cohort, targets, length, grid, env, config,
 
 def recentre_head(model, targets: list[Target], thresholds: np.ndarray) -> dict[str, str]:
     """Lower the head's output bias by ``thresholds`` (``decision_thresholds``), so that the model's class decision
-    at 0 is the recentred one; each binary target's ``threshold`` records it. Returns, per target moved, what the
-    model card says of it."""
+    at 0 (at the argmax) is the recentred one; each class target's ``threshold`` records it. Returns, per target
+    moved, what the model card says of it."""
     notes = {}
     with torch.no_grad():
         model.head.head.bias -= torch.as_tensor(thresholds, dtype=model.head.head.bias.dtype)
-    for t, value in zip(targets if targets[0].task != "multiclass" else [], thresholds):
+    if targets[0].task == "multiclass":
+        t = targets[0]
+        t.threshold = [float(v) for v in thresholds]
+        moved = ", ".join(f"{c} {v:.4g}" for c, v in zip(t.classes, thresholds))
+        notes[f"decision for {t.column}"] = (f"at the largest output, after the trained head's logits were lowered "
+                                             f"by {moved}: where the validation participants, every class counted "
+                                             "equally, are given each class with the same mean probability")
+        return notes
+    for t, value in zip(targets, thresholds):
         if t.task == "binary":
             t.threshold = float(value)
             notes[f"decision for {t.column}"] = (f"at output 0, where the trained head's logit {value:.4g} was "

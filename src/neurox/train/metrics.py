@@ -62,6 +62,49 @@ def balanced_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((np.median(scores[labels]) + np.median(scores[~labels])) / 2)
 
 
+def balanced_offsets(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per class, what to subtract from a several-class model's logits (n, k) so that its argmax favours no class:
+    the intercepts of a recalibration in which every class counts equally (each participant weighted by 1 / (k x
+    their class's count)), i.e. the offsets at which that balanced population is given each class with mean
+    probability 1/k. Cross-entropy on a cohort of unequal classes leaves the logits favouring the common ones, by
+    about the log of each class's share; this takes that out, and whatever offset few epochs left. Mean 0 over
+    the classes; zeros where a class has no participant."""
+    labels = labels.astype(int)
+    k = logits.shape[1]
+    counts = np.bincount(labels, minlength=k)
+    if k < 2 or (counts == 0).any():
+        return np.zeros(k)
+    logits = logits.astype(np.float64)
+    weight = 1.0 / (k * counts[labels])  # sums to 1
+
+    def loss_and_probabilities(b):
+        shifted = logits - b
+        top = shifted.max(1, keepdims=True)
+        log_total = top[:, 0] + np.log(np.exp(shifted - top).sum(1))
+        picked = shifted[np.arange(len(labels)), labels]
+        return float(weight @ (log_total - picked)), np.exp(shifted - log_total[:, None])
+
+    offsets = np.zeros(k)
+    loss, p = loss_and_probabilities(offsets)
+    for _ in range(100):  # Newton on a convex loss in k - 1 free offsets, halving the step until it falls
+        gradient = 1.0 / k - weight @ p
+        if np.abs(gradient).max() < 1e-10:
+            break
+        hessian = (p * weight[:, None]).T @ p
+        hessian = np.diag(weight @ p) - hessian
+        step, size = np.linalg.pinv(hessian) @ gradient, 1.0
+        while size > 1e-8:
+            trial = offsets - size * step
+            trial_loss, trial_p = loss_and_probabilities(trial)
+            if trial_loss <= loss:
+                offsets, loss, p = trial, trial_loss, trial_p
+                break
+            size /= 2
+        else:
+            break
+    return offsets - offsets.mean()
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson's r, NaN where either side is constant."""
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from neurox.data.loader import Target
-from neurox.train.metrics import aggregate, balanced_threshold, pearson, with_intervals
+from neurox.train.metrics import aggregate, balanced_offsets, balanced_threshold, pearson, with_intervals
 
 
 def num_outputs(targets: list[Target]) -> int:
@@ -77,17 +77,19 @@ MOTION_CHECK_MIN = 5  # participants with a mean framewise displacement, for the
 
 def decision_thresholds(targets: list[Target], participants: list[str], outputs: np.ndarray,
                         labels: dict[str, np.ndarray]) -> np.ndarray:
-    """Per output column, where a binary target's decision goes: ``metrics.balanced_threshold`` of the
-    participants' mean outputs (validation participants: the test never chooses it); 0 for a number or several
-    classes. Subtracted from the outputs (and from the head's bias of the model saved), it leaves the class
-    decision at 0, where every reader of the outputs takes it. A model trained a few epochs, or on a rare class,
-    often puts every participant on one side of 0, ranking them well (AUROC) and deciding badly (balanced
-    accuracy near 0.5)."""
+    """Per output column, where a class decision goes, from the participants' mean outputs (validation
+    participants: the test never chooses it): a binary target's ``metrics.balanced_threshold``; a target of
+    several classes, its ``metrics.balanced_offsets`` (one per class); 0 for a number. Subtracted from the outputs
+    (and from the head's bias of the model saved), it leaves the class decision at 0 (at the argmax), where every
+    reader of the outputs takes it. A model trained a few epochs, or on a rare class, often puts every participant
+    on one side, ranking them well (AUROC) and deciding badly (balanced accuracy near chance)."""
     thresholds = np.zeros(outputs.shape[1])
-    if targets[0].task == "multiclass" or not len(participants):
+    if not len(participants):
         return thresholds
     subjects, means = aggregate(participants, outputs)
     truth = np.stack([labels[p] for p in subjects])
+    if targets[0].task == "multiclass":
+        return balanced_offsets(truth[:, 0], means)
     for i, t in enumerate(targets):
         known = np.isfinite(truth[:, i])
         if t.task == "binary":
