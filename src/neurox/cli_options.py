@@ -163,7 +163,8 @@ def _finetune_parser() -> ArgumentParser:
         description="Train a model to predict phenotype column(s) from a store: participant-level splits, "
         "subject-level metrics with bootstrap intervals, test metrics from the best validation checkpoint, whose "
         "class decision is recentred on the validation participants (output 0: halfway between the two classes' "
-        "median outputs; several classes: one offset per class, so that none is favoured). Runs on one CPU, one GPU, or many processes (torchrun, srun, mpiexec).",
+        "median outputs; several classes: one offset per class, so that none is favoured). Runs on one CPU, one "
+        "GPU, or many processes (torchrun, srun, mpiexec).",
         epilog="example: neurox finetune --store synthetic-store --target amplitude_group --out runs/amp --epochs 8",
     )
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")

@@ -90,8 +90,7 @@ def balanced_offsets(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
         gradient = 1.0 / k - weight @ p
         if np.abs(gradient).max() < 1e-10:
             break
-        hessian = (p * weight[:, None]).T @ p
-        hessian = np.diag(weight @ p) - hessian
+        hessian = np.diag(weight @ p) - (p * weight[:, None]).T @ p
         step, size = np.linalg.pinv(hessian) @ gradient, 1.0
         while size > 1e-8:
             trial = offsets - size * step
