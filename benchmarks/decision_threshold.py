@@ -84,6 +84,25 @@ def class_decisions(run: Path) -> dict:
             "truth": truth.tolist(), "log_probability": log_p.tolist()}
 
 
+def demo_recipe_and_baseline(demo: Path, column: str, name: str, seed: int, epochs: int, seconds: dict,
+                             log: Path) -> tuple[Path, Path]:
+    """The demo's SwiFT recipe (src/neurox/demo.py) on ``column`` of the demo's store, into runs/swift_NAME, and the
+    FC baseline on its split, into runs/fc_NAME; each skipped where it has finished. The fine-tuning's seconds go to
+    ``seconds`` as NAME-sSEED."""
+    store, runs = demo / "store", demo / "runs"
+    swift, fc = runs / f"swift_{name}", runs / f"fc_{name}"
+    if not (swift / "metrics.json").is_file():
+        seconds[f"{name}-s{seed}"] = neurox(
+            "finetune", "--store", str(store), "--target", column, "--out", str(swift), "--preset", "demo",
+            "--epochs", str(epochs), "--batch_size", "16", "--lr", "1e-4", "--seed", str(seed),
+            "--loader_workers", "2", "--head_init", "probe", log=log)
+    if not (fc / "metrics.json").is_file():
+        atlas = next((demo / "cohort" / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
+        neurox("baseline", "--store", str(store), "--target", column, "--out", str(fc), "--atlas", str(atlas),
+               "--split_from", str(swift), "--seed", str(seed), "--quiet", "true", log=log)
+    return swift, fc
+
+
 def balanced_accuracy(truth: np.ndarray, scores: np.ndarray) -> float:
     """At a decision of scores above 0, as neurox's metrics take it."""
     return classification_metrics(truth, scores[:, None])["balanced_accuracy"]
@@ -128,27 +147,9 @@ def main() -> None:
                                                         str(args.epochs), log=log)
         store, runs = demo / "store", demo / "runs"
         counts = add_rare_column(store)
-        rare, rare_fc = runs / "swift_rare", runs / "fc_rare"
-        if not (rare / "metrics.json").is_file():  # the demo's recipe (src/neurox/demo.py), on the rare class
-            report["seconds"][f"rare-s{seed}"] = neurox(
-                "finetune", "--store", str(store), "--target", RARE, "--out", str(rare), "--preset", "demo",
-                "--epochs", str(args.epochs), "--batch_size", "16", "--lr", "1e-4", "--seed", str(seed),
-                "--loader_workers", "2", "--head_init", "probe", log=log)
-        if not (rare_fc / "metrics.json").is_file():
-            atlas = next((demo / "cohort" / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
-            neurox("baseline", "--store", str(store), "--target", RARE, "--out", str(rare_fc), "--atlas", str(atlas),
-                   "--split_from", str(rare), "--seed", str(seed), "--quiet", "true", log=log)
+        rare, rare_fc = demo_recipe_and_baseline(demo, RARE, "rare", seed, args.epochs, report["seconds"], log)
         three_counts = add_three_class_column(store)
-        three, three_fc = runs / "swift_effect3", runs / "fc_effect3"
-        if not (three / "metrics.json").is_file():
-            report["seconds"][f"effect3-s{seed}"] = neurox(
-                "finetune", "--store", str(store), "--target", THREE, "--out", str(three), "--preset", "demo",
-                "--epochs", str(args.epochs), "--batch_size", "16", "--lr", "1e-4", "--seed", str(seed),
-                "--loader_workers", "2", "--head_init", "probe", log=log)
-        if not (three_fc / "metrics.json").is_file():
-            atlas = next((demo / "cohort" / "ground_truth").glob("atlas-synthetic_space-*_dseg.nii.gz"))
-            neurox("baseline", "--store", str(store), "--target", THREE, "--out", str(three_fc), "--atlas",
-                   str(atlas), "--split_from", str(three), "--seed", str(seed), "--quiet", "true", log=log)
+        three, three_fc = demo_recipe_and_baseline(demo, THREE, "effect3", seed, args.epochs, report["seconds"], log)
         report["runs"][f"s{seed}"] = {
             "rare_counts": counts, "effect3_counts": three_counts,
             "swift_effect3": class_decisions(three), "fc_effect3": class_decisions(three_fc),

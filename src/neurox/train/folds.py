@@ -280,7 +280,6 @@ def _ensemble_cohort(run_dir: Path, store_path, command: str, require_values: bo
     """The fold runs, the ensemble's targets, the store, the processes, and the store's participants under the run's
     encoding, those of the cross-validation in split ``cv`` and the rest ``external``; one line saying how many of
     each, and an error where none is left to score."""
-
     fold_of = tested_by(run_dir)
     runs = fold_models(run_dir, fold_of)
     targets = ensemble_targets(runs)

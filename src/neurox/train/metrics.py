@@ -72,7 +72,7 @@ def balanced_offsets(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
     labels = labels.astype(int)
     k = logits.shape[1]
     counts = np.bincount(labels, minlength=k)
-    if k < 2 or (counts == 0).any():
+    if (counts == 0).any():
         return np.zeros(k)
     logits = logits.astype(np.float64)
     weight = 1.0 / (k * counts[labels])  # sums to 1
