@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,13 @@ def test_every_function_takes_its_commands_options_with_the_same_defaults(name):
 
 @pytest.mark.parametrize("name", [*sorted(api.COMMANDS), "smoke"])
 def test_every_option_of_every_command_says_what_it_is(name):
-    parser = getattr(cli_options, f"_{name.replace('-', '_')}_parser")()
+    parser = cli_options.build_parser()._subcommands_action.choices[name]
     undescribed = [a.dest for a in parser._actions if not a.help and a.dest != "help"]
     assert not undescribed, f"neurox {name} --help says nothing of {undescribed}"
-    assert "example: neurox" in parser.format_help()
+    text = " ".join(parser.format_help().split())
+    assert "example: neurox" in text
+    twice = re.findall(r"\(default: [^)]*\) \((?:type: [^)]*, )?default: [^)]*\)", text)
+    assert not twice, f"neurox {name} --help gives a default twice: {twice}"
 
 
 def test_top_level_names_are_the_api():

@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import inspect
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from jsonargparse.typing import PositiveInt
+
+
+class HelpFormatter(DefaultHelpFormatter):
+    """An option whose help already says what its absence means ("(default: all)") does not also show
+    "default: null"."""
+
+    def _get_help_string(self, action) -> str:
+        text = super()._get_help_string(action)
+        if "(default:" in (action.help or "") and action.default is None:
+            text = text.replace(", default: %(default)s)", ")").replace(" (default: %(default)s)", "")
+        return text
 
 
 def describe_options(parser: ArgumentParser, config_class) -> ArgumentParser:
@@ -426,4 +437,6 @@ def build_parser() -> ArgumentParser:
     sub.add_subcommand("embed", _embed_parser(), help="window and participant embeddings, PCA plot")
     sub.add_subcommand("demo", _demo_parser(), help="synth -> prepare -> finetune + baseline -> report")
     sub.add_subcommand("smoke", _smoke_parser(), help="forward+backward of the backbone on generated input")
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
