@@ -72,6 +72,33 @@ def test_bids_folder(cohort, tmp_path):
     assert attributes["source"]["sha256"] and attributes["crop_box_mm"] == [[-96, 92], [-112, 76], [-90, 98]]
 
 
+def test_runs_in_several_output_spaces_are_chosen_with_space(tmp_path, capsys):
+    """fMRIPrep writes a run once per output space (its --cifti-output adds MNI152NLin6Asym at 2 mm): the choice
+    is never made silently, and --space makes it, by the space's name or with its resolution."""
+    root = tmp_path / "fmriprep"
+    bids_run(root, "01", seed=1)
+    six = bids_run(root, "01", seed=2, space="MNI152NLin6Asym")
+    for path in list(six.parent.glob("*MNI152NLin6Asym_res-4*")):  # the same space at a second resolution
+        path.with_name(path.name.replace("res-4", "res-2")).write_bytes(path.read_bytes())
+    bids_run(root, "01", seed=3, space="T1w")  # never taken
+    store = tmp_path / "store"
+    args = ["prepare", str(root), "--out", str(store), "--voxel_size", "4", "--quiet", "true"]
+    for space, said in ((None, "sub-01_task-rest_run-1 are in several MNI output spaces (MNI152NLin2009cAsym:res-4, "
+                                "MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4); choose one with --space, e.g. "
+                                "--space MNI152NLin2009cAsym:res-4"),
+                        ("MNI152NLin6Asym", "(MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4)"),
+                        ("MNI152NLin6Asym:res-1", "no runs in space MNI152NLin6Asym:res-1 (found: MNI152NLin2009cAsym:"
+                                                  "res-4, MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4)"),
+                        ("T1w", "--space T1w: models read runs in an MNI space")):
+        assert main(args + (["--space", space] if space else [])) == 1
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not store.exists()  # nothing was begun
+    assert main([*args, "--space", "MNI152NLin6Asym:res-4"]) == 0
+    (run_id,) = Store(store).run_ids
+    assert Store(store).run(run_id).attributes["source"]["path"] == str(six)
+
+
 def test_single_nifti_with_computed_mask(tmp_path):
     path = save(tmp_path / "run.nii.gz", bold())
     assert prepare(path, tmp_path / "store", OPTIONS, progress=False).ok

@@ -30,9 +30,10 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
             like: str | Path | None = None, voxel_size: float = 2.0, grid: list[int] | None = None,
             normalization: str = "global_zscore", resample: bool = False, min_frames: int = 20,
             tr: float | None = None, workers: int = 1, shard: str = "0/1", format: str = "zarr",
-            confounds: str = "none", global_signal: bool = False, task: str | None = None, hcp_bold: str = "minimal",
-            id_column: str | None = None, session_column: str | None = None, max_mean_fd: float | None = None,
-            resample_tr: float | None = None, dry_run: bool = False, quiet: bool = False):
+            confounds: str = "none", global_signal: bool = False, task: str | None = None, space: str | None = None,
+            hcp_bold: str = "minimal", id_column: str | None = None, session_column: str | None = None,
+            max_mean_fd: float | None = None, resample_tr: float | None = None, dry_run: bool = False,
+            quiet: bool = False):
     """Preprocess fMRI runs into a store; returns the report (``.done``, ``.skipped``, ``.failed``,
     ``.ok``, ``.store``). A bad run is listed in ``failures.tsv`` and the rest go on. With ``dry_run``,
     nothing is written and ``.survey`` says what would be done and what would fail."""
@@ -48,7 +49,7 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
                                  global_signal=global_signal, resample_tr=resample_tr)
     return prepare_store(input, out, options, participants=participants, workers=workers, shard=parse_shard(shard),
                          fmt=format, progress=not quiet, task=task, hcp_bold=hcp_bold, id_column=id_column,
-                         session_column=session_column, max_mean_fd=max_mean_fd, dry_run=dry_run)
+                         session_column=session_column, max_mean_fd=max_mean_fd, dry_run=dry_run, space=space)
 
 
 def finetune(**options: Any) -> Path:

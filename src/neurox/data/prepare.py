@@ -112,10 +112,11 @@ def prepare(
     session_column: str | None = None,
     max_mean_fd: float | None = None,
     dry_run: bool = False,
+    space: str | None = None,
 ) -> PrepareReport:
     options = options or PrepareOptions()
     root = Path(out)
-    found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold), key=lambda s: s.run_id)
+    found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold, space=space), key=lambda s: s.run_id)
     specs = found[shard[0] :: shard[1]]
     if progress:
         print(f"neurox prepare: {len(found)} run(s) found ({task_counts(found)})"

@@ -88,18 +88,40 @@ def spec_for_bold(bold: Path, mask: Path | None = None, participant_id: str | No
     )
 
 
+def space_label(path: str | Path) -> str:
+    """``MNI152NLin6Asym:res-2``: a run's output space as fMRIPrep's ``--output-spaces`` names it."""
+    ent = entities(path)
+    return ent.get("space", "") + (f":res-{ent['res']}" if "res" in ent else "")
+
+
 def discover_bids(root: Path, space: str | None = None) -> list[RunSpec]:
-    """Every ``*_space-MNI*_desc-preproc_bold.nii[.gz]`` under ``root`` (or of one named space)."""
-    found = []
+    """Every ``*_space-MNI*_desc-preproc_bold.nii[.gz]`` under ``root``; with ``space``
+    (``MNI152NLin2009cAsym``, or ``MNI152NLin6Asym:res-2`` with its resolution) only the runs in it. fMRIPrep
+    writes a run once per output space, so a run found in several is an error naming them: which one a model
+    reads is the user's choice, not ours."""
+    if space is not None and not is_mni_space(space):
+        raise InputError(f"--space {space}: models read runs in an MNI space (MNI152NLin2009cAsym, "
+                         "MNI152NLin6Asym, ...)")
+    every_mni, found = [], []
     for path in sorted(root.rglob("*_desc-preproc_bold.nii*")):
-        if not path.name.endswith(BOLD_SUFFIXES):
-            continue
         bold_space = entities(path).get("space")
-        if space is not None and bold_space != space:
-            continue
-        if space is None and not (bold_space and is_mni_space(bold_space)):
+        if not path.name.endswith(BOLD_SUFFIXES) or not (bold_space and is_mni_space(bold_space)):
             continue  # fMRIPrep also writes T1w/fsnative runs beside the MNI ones
-        found.append(spec_for_bold(path))
+        every_mni.append(path)
+        if space is None or space in (bold_space, space_label(path)):
+            found.append(spec_for_bold(path))
+    labels = sorted({space_label(path) for path in every_mni})
+    if space is not None and every_mni and not found:
+        raise InputError(f"{root}: no runs in space {space} (found: {', '.join(labels)})")
+    runs: dict[str, list[RunSpec]] = {}
+    for spec in found:
+        runs.setdefault(spec.run_id, []).append(spec)
+    several = [run_id for run_id, specs in runs.items() if len(specs) > 1]
+    if several:
+        these = sorted({space_label(spec.bold) for spec in runs[several[0]]})
+        raise InputError(f"{root}: {several[0]}{f' and {len(several) - 1} other run(s)' if len(several) > 1 else ''}"
+                         f" are in several MNI output spaces ({', '.join(these)}); choose one with --space, e.g. "
+                         f"--space {these[0]}")
     return found
 
 
@@ -134,16 +156,20 @@ def _tag(key: str, value: str) -> str:
     return f"{key}-{value}" if value else ""
 
 
-def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "minimal") -> list[RunSpec]:
+def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "minimal",
+             space: str | None = None) -> list[RunSpec]:
     """Runs from a BIDS derivatives folder (fMRIPrep), an HCP-pipeline folder, a single NIfTI file, or a
-    TSV manifest; with ``task``, only the runs of that task."""
+    TSV manifest; with ``task``, only the runs of that task; with ``space``, a folder's runs in that space."""
     from neurox.io.hcp import discover_hcp, hcp_layout
 
     path = Path(input_path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if space is not None and not path.is_dir():
+        raise InputError(f"--space {space}: it chooses among the output spaces of an fMRIPrep folder, and {path} "
+                         "is a file")
     if path.is_dir():
-        specs = discover_bids(path) + discover_hcp(path, hcp_bold)
+        specs = discover_bids(path, space) + discover_hcp(path, hcp_bold)
         if not specs:
             raise InputError(f"{path}: no fMRIPrep runs (*_space-MNI*_desc-preproc_bold.nii[.gz]) and no HCP-pipeline "
                              f"runs ({hcp_layout(hcp_bold)}) found under this folder")
