@@ -99,6 +99,25 @@ def test_runs_in_several_output_spaces_are_chosen_with_space(tmp_path, capsys):
     assert Store(store).run(run_id).attributes["source"]["path"] == str(six)
 
 
+def test_the_phenotype_table_of_the_bids_dataset_above_fmripreps_outputs_is_found(tmp_path, capsys):
+    """fMRIPrep does not copy participants.tsv into its outputs: bids/derivatives/fmriprep reads the raw
+    dataset's; where there is none, prepare says so and how to give one."""
+    fmriprep = tmp_path / "bids" / "derivatives" / "fmriprep"
+    bids_run(fmriprep, "01", n_frames=20)
+    args = ["prepare", str(fmriprep), "--out", str(tmp_path / "store"), "--voxel_size", "4", "--quiet", "true"]
+    assert main(args) == 0
+    assert "no phenotype table (participants.tsv) in the input folder or its BIDS dataset: give one with " \
+           "--participants" in capsys.readouterr().out
+    (tmp_path / "bids" / "participants.tsv").write_text("participant_id\tage\nsub-01\t31\n")
+    assert main(args) == 0  # the re-run adds the table and keeps the run
+    said = capsys.readouterr().out
+    assert "0 prepared, 1 already done" in said and "1 of 1 participants with runs have a row" in said
+    assert [row["age"] for row in Store(tmp_path / "store").phenotypes()] == ["31"]
+    (tmp_path / "bids" / "participants.tsv").unlink()
+    assert main(args) == 0 and "no phenotype table" not in capsys.readouterr().out  # the store keeps the one it has
+    assert [row["age"] for row in Store(tmp_path / "store").phenotypes()] == ["31"]
+
+
 def test_single_nifti_with_computed_mask(tmp_path):
     path = save(tmp_path / "run.nii.gz", bold())
     assert prepare(path, tmp_path / "store", OPTIONS, progress=False).ok

@@ -77,18 +77,24 @@ def cmd_synth(args) -> int:
     return 0
 
 
+NO_PHENOTYPES = ("no phenotype table (participants.tsv) in the input folder or its BIDS dataset: give one with "
+                 "--participants to train on its columns (a re-run adds it and keeps the prepared runs)")
+
+
 def cmd_prepare(args) -> int:
     from neurox.data.confounds import motion_report
     from neurox.data.store import Store
 
     report = api.prepare(**keywords(api.prepare, args))
+    kept_table = (report.store / "participants.tsv").is_file()  # from an earlier pass
+    phenotypes = report.phenotypes or (None if kept_table else NO_PHENOTYPES)
     if report.survey is not None:
-        print("\n".join(report.survey + ([report.phenotypes] if report.phenotypes else [])))
+        print("\n".join(report.survey + ([phenotypes] if phenotypes else [])))
         return 0
     print(f"{report.store}: {len(report.done)} prepared, {len(report.skipped)} already done, "
           f"{len(report.failed)} failed" + (f" (see {report.store / 'failures.tsv'})" if report.failed else ""))
-    if report.phenotypes:
-        print(report.phenotypes)
+    if phenotypes:
+        print(phenotypes)
     motion = motion_report(Store(report.store))
     if motion:
         print(motion)

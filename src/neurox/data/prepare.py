@@ -289,11 +289,20 @@ def complete_confounds(spec: RunSpec, options: PrepareOptions, root: Path, fmt: 
 
 
 def phenotype_source(input_path, participants) -> Path | None:
-    """The phenotype table: the one given, else ``participants.tsv`` of a BIDS folder given as input."""
+    """The phenotype table: the one given, else ``participants.tsv`` of a BIDS folder given as input, else that of
+    the raw dataset holding it (``bids/derivatives/fmriprep`` -> ``bids/participants.tsv``: fMRIPrep does not
+    copy the table into its outputs)."""
     if participants:
         return Path(participants)
-    default = Path(input_path) / "participants.tsv"
-    return default if Path(input_path).is_dir() and default.is_file() else None
+    folder = Path(input_path).resolve()
+    if not folder.is_dir():
+        return None
+    nearest_derivatives = next((p for p in (folder, *folder.parents[:2]) if p.name == "derivatives"), None)
+    for candidate in (folder / "participants.tsv",
+                      *([nearest_derivatives.parent / "participants.tsv"] if nearest_derivatives else [])):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def set_motion_threshold(root: Path, max_mean_fd: float) -> None:
