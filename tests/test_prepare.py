@@ -362,6 +362,50 @@ def test_like_applies_a_models_input_contract(tmp_path):
     assert info["grid"] == [48, 48, 48] and info["voxel_size_mm"] == 4.0  # the demo model's 4 mm grid
 
 
+def test_a_model_records_its_stores_template_and_like_takes_it(tmp_path, capsys):
+    """A store keeps the MNI template its files name, a model trained on it records it, and prepare --like takes
+    that template from a folder holding several, and warns of another; a store never mixes two."""
+    from neurox.config import InputContract, preset
+    from neurox.hub import save_pretrained
+    from neurox.models import SwiFT
+    from neurox.train.runs import check_contract, store_contract
+
+    both, only_2009c, mixed = tmp_path / "both", tmp_path / "only-2009c", tmp_path / "mixed"
+    for sub in ("01", "02"):
+        for space in ("MNI152NLin2009cAsym", "MNI152NLin6Asym"):
+            bids_run(both, sub, n_frames=20, space=space)
+    bids_run(only_2009c, "03", n_frames=20)
+    bids_run(mixed, "04", n_frames=20)
+    bids_run(mixed, "05", n_frames=20, space="MNI152NLin6Asym")
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(["prepare", *args, "--voxel_size", "4", "--quiet", "true"])
+        return code, capsys.readouterr().err
+
+    assert run(str(both), "--out", str(tmp_path / "store-6"), "--space", "MNI152NLin6Asym")[0] == 0
+    store = Store(tmp_path / "store-6")
+    assert store.info["space"] == "MNI152NLin6Asym"
+    contract = InputContract.for_model(preset("demo"), **store_contract(store.info))
+    assert contract.space == "MNI152NLin6Asym"
+    save_pretrained(SwiFT(preset("demo")), tmp_path / "model", contract=contract)
+    like = ("--like", str(tmp_path / "model"))
+    assert run(str(both), "--out", str(tmp_path / "again"), *like)[0] == 0  # no --space needed: the model's
+    again = Store(tmp_path / "again")
+    assert again.info["space"] == "MNI152NLin6Asym" and len(again.manifest) == 2
+    assert all("_space-MNI152NLin6Asym_" in row["source"] for row in again.manifest)
+    code, err = run(str(only_2009c), "--out", str(tmp_path / "other"), *like)
+    assert code == 0 and "warning: the model was trained on runs in MNI152NLin6Asym and these are in " \
+                          "MNI152NLin2009cAsym" in err
+    check_contract(contract, Store(tmp_path / "other"), "the model")
+    said = capsys.readouterr().err
+    assert "holds runs in MNI152NLin2009cAsym: the templates place the brain millimetres apart" in said
+    code, err = run(str(only_2009c), "--out", str(tmp_path / "store-6"))
+    assert code == 1 and "this store holds runs in MNI152NLin6Asym, and these are in MNI152NLin2009cAsym" in err
+    code, err = run(str(mixed), "--out", str(tmp_path / "mixed-store"))
+    assert code == 1 and "runs in several MNI templates (MNI152NLin2009cAsym, MNI152NLin6Asym); a store holds " \
+                         "one" in err
+
+
 def test_a_model_records_its_stores_grid_and_like_reproduces_it(tmp_path):
     from neurox.config import InputContract, preset
     from neurox.hub import save_pretrained

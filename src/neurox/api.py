@@ -40,16 +40,20 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
     from neurox.data.prepare import options_from_model, parse_shard
     from neurox.data.prepare import prepare as prepare_store
     from neurox.data.preprocess import PrepareOptions, TargetGrid
+    from neurox.hub import read_config
 
+    model_space = None
     if like:
         options = options_from_model(like, resample=resample or None, tr=tr, resample_tr=resample_tr)
+        model_space = read_config(like)["input_contract"].get("space")
     else:
         options = PrepareOptions(grid=TargetGrid.default(voxel_size, grid), normalization=normalization,
                                  resample=resample, min_frames=min_frames, tr=tr, confounds=confounds,
                                  global_signal=global_signal, resample_tr=resample_tr)
     return prepare_store(input, out, options, participants=participants, workers=workers, shard=parse_shard(shard),
                          fmt=format, progress=not quiet, task=task, hcp_bold=hcp_bold, id_column=id_column,
-                         session_column=session_column, max_mean_fd=max_mean_fd, dry_run=dry_run, space=space)
+                         session_column=session_column, max_mean_fd=max_mean_fd, dry_run=dry_run, space=space,
+                         model_space=model_space)
 
 
 def finetune(**options: Any) -> Path:

@@ -175,7 +175,7 @@ class InputContract:
     can reproduce it on new data. ``None`` means not recorded (for example a converted checkpoint
     whose training data we did not see)."""
 
-    space: str | None = "MNI152NLin2009cAsym"
+    space: str | None = None  # the MNI template by fMRIPrep's name (MNI152NLin2009cAsym), as the training store says
     orientation: str = "RAS"
     voxel_size_mm: float | None = 2.0
     grid: tuple[int, int, int] = (96, 96, 96)

@@ -34,6 +34,7 @@ from neurox.data.store import (
     RUNS_DIR,
     STORE_DEFAULTS,
     STORE_FILE,
+    UNNAMED_TEMPLATE,
     RunReader,
     RunWriter,
     remove,
@@ -44,7 +45,7 @@ from neurox.data.survey import survey
 from neurox.data.temporal import resample_table
 from neurox.errors import UnreadableRun
 from neurox.io.atomic import write_text_atomic
-from neurox.io.bids import RunSpec, discover, task_counts
+from neurox.io.bids import RunSpec, discover, is_mni_space, task_counts
 from neurox.io.nifti import InputError
 from neurox.progress import progress as progress_display
 from neurox.workers import process_pool
@@ -113,14 +114,23 @@ def prepare(
     max_mean_fd: float | None = None,
     dry_run: bool = False,
     space: str | None = None,
+    model_space: str | None = None,
 ) -> PrepareReport:
+    """``model_space``: the MNI template of the model whose contract ``options`` are (``--like``): taken where a
+    folder's runs are in several, and a warning where they are in another."""
     options = options or PrepareOptions()
     root = Path(out)
-    found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold, space=space), key=lambda s: s.run_id)
+    found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold, space=space, prefer_space=model_space),
+                   key=lambda s: s.run_id)
     specs = found[shard[0] :: shard[1]]
+    template = runs_template(found, input_path)
     if progress:
-        print(f"neurox prepare: {len(found)} run(s) found ({task_counts(found)})"
+        print(f"neurox prepare: {len(found)} run(s) found ({task_counts(found)}"
+              + (f"; {template}" if template != UNNAMED_TEMPLATE else "") + ")"
               + (f", {len(specs)} in shard {shard[0]}/{shard[1]}" if shard[1] > 1 else ""), file=sys.stderr)
+    if model_space and template not in (model_space, UNNAMED_TEMPLATE):
+        print(f"warning: the model was trained on runs in {model_space} and these are in {template}: the templates "
+              "differ by millimetres; where fMRIPrep wrote both, --space chooses", file=sys.stderr)
     source = phenotype_source(input_path, participants)
     if source is None and (id_column or session_column):
         raise InputError(f"--{'id' if id_column else 'session'}_column: give the phenotype table with --participants")
@@ -131,7 +141,7 @@ def prepare(
         report = PrepareReport(root, phenotypes=phenotypes.summary if phenotypes else None)
         report.survey = survey(specs, options, lambda spec: is_current(root, spec, fmt), progress)
         return report
-    init_store(root, options, fmt)
+    init_store(root, options, fmt, template)
     if max_mean_fd is not None:
         set_motion_threshold(root, max_mean_fd)
     report = PrepareReport(root)
@@ -199,8 +209,19 @@ def _record(report: PrepareReport, root: Path, spec: RunSpec, job, error: str | 
     bar.update(1)
 
 
-def init_store(root: Path, options: PrepareOptions, fmt: str) -> None:
-    wanted = {"neurox_version": __version__, "format": fmt, "space": "MNI152", "orientation": "RAS",
+def runs_template(specs: list[RunSpec], input_path) -> str:
+    """The MNI template of the runs, by fMRIPrep's name for it (``MNI152NLin2009cAsym``; the HCP pipelines' runs
+    are ``MNI152NLin6Asym``), or ``UNNAMED_TEMPLATE`` where no file name says. A store holds one: the templates
+    place the brain millimetres apart, which a model would read as anatomy."""
+    named = sorted({spec.space for spec in specs if spec.space and is_mni_space(spec.space)})
+    if len(named) > 1:
+        raise InputError(f"{input_path}: runs in several MNI templates ({', '.join(named)}); a store holds one: "
+                         "prepare each into a store of its own, or choose one with --space")
+    return named[0] if named else UNNAMED_TEMPLATE
+
+
+def init_store(root: Path, options: PrepareOptions, fmt: str, template: str = UNNAMED_TEMPLATE) -> None:
+    wanted = {"neurox_version": __version__, "format": fmt, "space": template, "orientation": "RAS",
               "dtype": "float16", "channels": 1, **options.to_dict()}
     path = root / STORE_FILE
     if path.is_file():
@@ -212,6 +233,9 @@ def init_store(root: Path, options: PrepareOptions, fmt: str) -> None:
                     f"{root}: this store was prepared with {key}={had}, not {wanted.get(key)}; "
                     "use another --out for other settings"
                 )
+        if UNNAMED_TEMPLATE not in (existing.get("space"), template) and existing.get("space") != template:
+            raise ValueError(f"{root}: this store holds runs in {existing['space']}, and these are in {template}; "
+                             "use another --out for them")
         return
     (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(wanted, indent=2) + "\n")

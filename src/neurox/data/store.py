@@ -37,6 +37,8 @@ from neurox.io.atomic import write_text_atomic
 
 STORE_FILE = "store.json"
 RUNS_DIR = "runs"
+# a store's space where no input file named its MNI template (and that of every store written before neurox kept it)
+UNNAMED_TEMPLATE = "MNI152"
 STORE_DEFAULTS = {"denoising": "none", "resample_tr": None}  # what a store written before the key existed holds
 MANIFEST_COLUMNS = ["participant_id", "session", "run", "run_id", "path", "n_frames", "tr", "shape", "status",
                     "mean_fd", "max_fd", "source"]

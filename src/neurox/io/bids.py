@@ -94,11 +94,12 @@ def space_label(path: str | Path) -> str:
     return ent.get("space", "") + (f":res-{ent['res']}" if "res" in ent else "")
 
 
-def discover_bids(root: Path, space: str | None = None) -> list[RunSpec]:
+def discover_bids(root: Path, space: str | None = None, prefer_space: str | None = None) -> list[RunSpec]:
     """Every ``*_space-MNI*_desc-preproc_bold.nii[.gz]`` under ``root``; with ``space``
     (``MNI152NLin2009cAsym``, or ``MNI152NLin6Asym:res-2`` with its resolution) only the runs in it. fMRIPrep
-    writes a run once per output space, so a run found in several is an error naming them: which one a model
-    reads is the user's choice, not ours."""
+    writes a run once per output space, so a run found in several is an error naming them (which one a model
+    reads is the user's choice, not ours), unless one of them is in ``prefer_space`` (the template a model
+    was trained on, for ``prepare --like``)."""
     if space is not None and not is_mni_space(space):
         raise InputError(f"--space {space}: models read runs in an MNI space (MNI152NLin2009cAsym, "
                          "MNI152NLin6Asym, ...)")
@@ -116,6 +117,9 @@ def discover_bids(root: Path, space: str | None = None) -> list[RunSpec]:
     runs: dict[str, list[RunSpec]] = {}
     for spec in found:
         runs.setdefault(spec.run_id, []).append(spec)
+    if prefer_space is not None:
+        runs = {run_id: [s for s in specs if s.space == prefer_space] or specs for run_id, specs in runs.items()}
+        found = [spec for specs in runs.values() for spec in specs]
     several = [run_id for run_id, specs in runs.items() if len(specs) > 1]
     if several:
         these = sorted({space_label(spec.bold) for spec in runs[several[0]]})
@@ -157,9 +161,10 @@ def _tag(key: str, value: str) -> str:
 
 
 def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "minimal",
-             space: str | None = None) -> list[RunSpec]:
+             space: str | None = None, prefer_space: str | None = None) -> list[RunSpec]:
     """Runs from a BIDS derivatives folder (fMRIPrep), an HCP-pipeline folder, a single NIfTI file, or a
-    TSV manifest; with ``task``, only the runs of that task; with ``space``, a folder's runs in that space."""
+    TSV manifest; with ``task``, only the runs of that task; with ``space``, a folder's runs in that space
+    (``discover_bids``)."""
     from neurox.io.hcp import discover_hcp, hcp_layout
 
     path = Path(input_path)
@@ -169,7 +174,7 @@ def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "m
         raise InputError(f"--space {space}: it chooses among the output spaces of an fMRIPrep folder, and {path} "
                          "is a file")
     if path.is_dir():
-        specs = discover_bids(path, space) + discover_hcp(path, hcp_bold)
+        specs = discover_bids(path, space, prefer_space) + discover_hcp(path, hcp_bold)
         if not specs:
             raise InputError(f"{path}: no fMRIPrep runs (*_space-MNI*_desc-preproc_bold.nii[.gz]) and no HCP-pipeline "
                              f"runs ({hcp_layout(hcp_bold)}) found under this folder")

@@ -25,7 +25,7 @@ from neurox.data.loader import (
     load_splits,
     prepared_runs,
 )
-from neurox.data.store import Store, write_tsv
+from neurox.data.store import UNNAMED_TEMPLATE, Store, write_tsv
 from neurox.data.temporal import TR_TOLERANCE
 from neurox.train import distributed as dist_utils
 from neurox.train.engine import PRECISIONS, sharded_indices
@@ -71,6 +71,11 @@ def check_contract(contract, store: Store, model_dir: str | Path, announce: bool
               f"{found_tr:g} s: its {frames}-frame windows span {frames * found_tr:.0f} s here, not "
               f"{frames * tr:.0f} s (neurox prepare ... --resample_tr {tr:g} gives the store the model's TR)",
               file=sys.stderr)
+    template, found_template = contract.get("space"), store_template(store.info)
+    if announce and template and found_template and template != found_template:
+        print(f"warning: the model {model_dir} was trained on runs in {template} and the store {store.root} holds "
+              f"runs in {found_template}: the templates place the brain millimetres apart (where fMRIPrep wrote both, "
+              f"neurox prepare ... --like {model_dir} takes the model's)", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -452,7 +457,13 @@ def store_contract(info: dict) -> dict:
     model's grid would suggest: a 48^3 grid may hold 2 mm voxels of a smaller box)."""
     return {"normalization": info["normalization"], "denoising": info.get("denoising", "none"),
             "voxel_size_mm": info["voxel_size_mm"], "crop_box": tuple(tuple(b) for b in info["crop_box_mm"]),
-            "tr_resampled": info.get("resample_tr") is not None}
+            "tr_resampled": info.get("resample_tr") is not None, "space": store_template(info)}
+
+
+def store_template(info: dict) -> str | None:
+    """The MNI template a store's runs are in (``MNI152NLin2009cAsym``), ``None`` where no input file named it."""
+    space = info.get("space")
+    return None if space in (None, UNNAMED_TEMPLATE) else space
 
 
 def check_trs(stores: list[Store], announce: bool = True) -> None:
