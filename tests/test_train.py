@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from neurox import api
 from neurox.cli import main
-from neurox.data.loader import Cohort, infer_target, load_cohort, load_splits, split_participants
+from neurox.data.loader import Cohort, describe_target, infer_target, load_cohort, load_splits, split_participants
 from neurox.data.prepare import prepare
 from neurox.data.store import Store, read_tsv
 from neurox.train.engine import StepSampler, consolidated_state
@@ -80,6 +80,25 @@ def family_cohort(n: int = 300, seed: int = 0) -> Cohort:
     group = {p: f"F{family[i]}" for i, p in enumerate(ids) if i % 50}  # every 50th has no family ID
     return Cohort([infer_target("dx", [v[0] for v in values.values()])], ids, values, {p: [p] for p in ids}, {},
                   split_by="family", group=group)
+
+
+def test_each_target_is_said_as_it_was_read(capsys):
+    """A column of codes read as numbers (UK Biobank's -3 for "prefer not to answer") shows before any training."""
+    codes = ["0", "1", "-3", "2", "0", "1"]
+    smoking = infer_target("smoking", codes)
+    assert smoking.task == "regression"
+    assert describe_target(smoking, codes) == (
+        "a number, -3 to 2 (mean 0.1667, 6 values); only 4 distinct values (-3, 0, 1, 2): if they are classes, "
+        "--task multiclass; if some are codes for no answer, make them n/a in the phenotype table")
+    ages = [f"{a:.1f}" for a in np.linspace(8, 21, 40)]
+    assert describe_target(infer_target("age", ages), ages) == "a number, 8 to 21 (mean 14.5, 40 values)"
+    assert describe_target(infer_target("smoking", codes, "multiclass"), codes) == \
+        "4 classes, -3 (1), 0 (2), 1 (2), 2 (1)"
+    cohort = family_cohort(n=20)
+    cohort.say_targets("finetune")
+    counts = [sum(v == [c] for v in cohort.values.values()) for c in ("0", "1")]
+    assert capsys.readouterr().err == (f"neurox finetune: dx: two classes, 0 ({counts[0]}) and 1 ({counts[1]}); 1 "
+                                       "is the positive class (the output and AUROC are of it)\n")
 
 
 def test_split_by_keeps_families_on_one_side(capsys):
@@ -253,7 +272,8 @@ def test_cross_validated_run_predicts_new_participants_with_its_folds_together(s
     assert main([*finetune_args(store, out, "--epochs", "1", "--folds", "3"), "--target", target,
                  *(["--where", where] if where else [])]) == 0
     new = ["sub-04", "sub-05"] if where else ["sub-03"]
-    capsys.readouterr()
+    read_as = {"binary": "two classes, 0 (", "regression": "a number, ", "multiclass": "3 classes, a ("}[kind]
+    assert f"neurox finetune: {target}: {read_as}" in capsys.readouterr().err  # said once per fold
     assert main(["predict", str(out), "--store", str(store), "--out", str(tmp_path / "ensemble.tsv")]) == 0
     said = capsys.readouterr().err
     assert f"{N_SUBJECTS - len(new)} participants of the cross-validation left out" in said

@@ -228,6 +228,7 @@ def baseline(config: BaselineConfig, progress: bool = True) -> Path:
     tasks = [t.strip() or None for t in config.task.split(",")] if config.task else None
     cohort = load_cohort(store, columns, tasks, None if config.split_from else config.split_by, config.where)
     cohort.say_left_out("baseline")
+    cohort.say_targets("baseline")
     folds = None
     if config.folds and config.split_from:
         raise ValueError("baseline: --folds cross-validates on folds of its own; it takes no --split_from")

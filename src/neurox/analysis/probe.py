@@ -102,6 +102,7 @@ def probe(model_path: str | Path, store_path: str | Path, target: str, out: str 
     columns = [c.strip() for c in target.split(",") if c.strip()]
     cohort = load_cohort(store, columns, split_by=None if split_from else split_by, where=where)
     cohort.say_left_out("probe")
+    cohort.say_targets("probe")
     fold_of = None
     if split_from:
         splits = load_splits(Path(split_from) / "splits.tsv")

@@ -59,6 +59,29 @@ class Target:
                 "gap_fit": self.gap_fit, **({"threshold": self.threshold} if self.task != "regression" else {})}
 
 
+FEW_NUMBERS = 12  # a number target of no more distinct whole values than this may hold classes, or codes for no answer
+
+
+def describe_target(target: Target, values: list[str]) -> str:
+    """What a target was read as, from its values: a column of codes read as numbers (UK Biobank's -3 "prefer not
+    to answer", ABCD's 777 and 999) shows here, before any training."""
+    if target.task == "regression":
+        numbers = np.array([float(v) for v in values])
+        text = f"a number, {numbers.min():g} to {numbers.max():g} (mean {numbers.mean():.4g}, {len(numbers)} values)"
+        distinct = np.unique(numbers)
+        if len(distinct) <= FEW_NUMBERS and np.array_equal(distinct, np.round(distinct)):
+            text += (f"; only {len(distinct)} distinct values ({', '.join(f'{d:g}' for d in distinct)}): if they are "
+                     "classes, --task multiclass; if some are codes for no answer, make them n/a in the phenotype "
+                     "table")
+        return text
+    counts = [(c, values.count(c)) for c in target.classes]
+    if target.task == "binary":
+        (first, n_first), (second, n_second) = counts
+        return (f"two classes, {first} ({n_first}) and {second} ({n_second}); {second} is the positive class (the "
+                "output and AUROC are of it)")
+    return f"{len(counts)} classes, " + ", ".join(f"{c} ({n})" for c, n in counts)
+
+
 def missing_value(value: str | None) -> bool:
     return value is None or value.strip() in ("", "n/a", "NA", "nan", "NaN")
 
@@ -114,6 +137,12 @@ class Cohort:
             columns = ", ".join(t.column for t in self.targets)
             print(f"neurox {command}: {self.left_out} of {self.left_out + len(self.participants)} participants with "
                   f"prepared runs have no usable value of {columns} ({unusable}): left out", file=sys.stderr)
+
+    def say_targets(self, command: str) -> None:
+        """One line per target on stderr: what it was read as (``describe_target``)."""
+        for i, target in enumerate(self.targets):
+            said = describe_target(target, [self.values[p][i] for p in self.participants])
+            print(f"neurox {command}: {target.column}: {said}", file=sys.stderr)
 
     def in_split(self, name: str) -> list[str]:
         return [p for p in self.participants if self.split.get(p) == name]

@@ -229,6 +229,7 @@ def _finetune(config: FinetuneConfig, env: dist_utils.Env) -> Path:
         write_json(run_dir / "targets.json", {"targets": [t.to_dict() for t in targets],
                                               "participants_left_out": cohort.left_out})
         cohort.say_left_out("finetune")
+        cohort.say_targets("finetune")
     dist_utils.barrier()
 
     model = build_model(config, arch, targets).to(env.device)
