@@ -83,7 +83,7 @@ def test_runs_in_several_output_spaces_are_chosen_with_space(tmp_path, capsys):
     bids_run(root, "01", seed=3, space="T1w")  # never taken
     store = tmp_path / "store"
     args = ["prepare", str(root), "--out", str(store), "--voxel_size", "4", "--quiet", "true"]
-    for space, said in ((None, "sub-01_task-rest_run-1 are in several MNI output spaces (MNI152NLin2009cAsym:res-4, "
+    for space, said in ((None, "sub-01_task-rest_run-1 is in several MNI output spaces (MNI152NLin2009cAsym:res-4, "
                                 "MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4); choose one with --space, e.g. "
                                 "--space MNI152NLin2009cAsym:res-4"),
                         ("MNI152NLin6Asym", "(MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4)"),

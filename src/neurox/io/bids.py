@@ -123,9 +123,9 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
     several = [run_id for run_id, specs in runs.items() if len(specs) > 1]
     if several:
         these = sorted({space_label(spec.bold) for spec in runs[several[0]]})
-        raise InputError(f"{root}: {several[0]}{f' and {len(several) - 1} other run(s)' if len(several) > 1 else ''}"
-                         f" are in several MNI output spaces ({', '.join(these)}); choose one with --space, e.g. "
-                         f"--space {these[0]}")
+        runs_named = f"{several[0]} and {len(several) - 1} other run(s) are" if len(several) > 1 else f"{several[0]} is"
+        raise InputError(f"{root}: {runs_named} in several MNI output spaces ({', '.join(these)}); choose one with "
+                         f"--space, e.g. --space {these[0]}")
     return found
 
 
