@@ -402,7 +402,7 @@ def _probe_parser() -> ArgumentParser:
 def _demo_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="The whole path on a synthetic cohort: synth -> prepare -> finetune + FC baseline -> evaluate -> "
-        "a short report (metrics table, training curve, where the outputs are). About 5 minutes on 2 CPU cores.",
+        "a short report (metrics table, training curve, where the outputs are). 5-15 minutes on 2 CPU cores.",
         epilog="example: neurox demo --out neurox-demo",
     )
     p.add_argument("--out", default="neurox-demo", help="folder for the cohort, store, runs and report")
