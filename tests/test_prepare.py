@@ -80,15 +80,17 @@ def test_runs_in_several_output_spaces_are_chosen_with_space(tmp_path, capsys):
     six = bids_run(root, "01", seed=2, space="MNI152NLin6Asym")
     for path in list(six.parent.glob("*MNI152NLin6Asym_res-4*")):  # the same space at a second resolution
         path.with_name(path.name.replace("res-4", "res-2")).write_bytes(path.read_bytes())
+        # and at the BOLD's own voxel size, which fMRIPrep names without a res- entity
+        path.with_name(path.name.replace("_res-4", "")).write_bytes(path.read_bytes())
     bids_run(root, "01", seed=3, space="T1w")  # never taken
     store = tmp_path / "store"
     args = ["prepare", str(root), "--out", str(store), "--voxel_size", "4", "--quiet", "true"]
     for space, said in ((None, "sub-01_task-rest_run-1 is in several MNI output spaces (MNI152NLin2009cAsym:res-4, "
-                                "MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4); choose one with --space, e.g. "
-                                "--space MNI152NLin2009cAsym:res-4"),
-                        ("MNI152NLin6Asym", "(MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4)"),
-                        ("MNI152NLin6Asym:res-1", "no runs in space MNI152NLin6Asym:res-1 (found: MNI152NLin2009cAsym:"
-                                                  "res-4, MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4)"),
+                                "MNI152NLin6Asym, MNI152NLin6Asym:res-2, MNI152NLin6Asym:res-4); choose one with "
+                                "--space, e.g. --space MNI152NLin2009cAsym:res-4"),
+                        ("MNI152NLin6Asym:res-1", "no runs in space MNI152NLin6Asym:res-1 (found: "
+                                                  "MNI152NLin2009cAsym:res-4, MNI152NLin6Asym, MNI152NLin6Asym:res-2, "
+                                                  "MNI152NLin6Asym:res-4)"),
                         ("T1w", "--space T1w: models read runs in an MNI space")):
         assert main(args + (["--space", space] if space else [])) == 1
         err = capsys.readouterr().err
@@ -97,6 +99,10 @@ def test_runs_in_several_output_spaces_are_chosen_with_space(tmp_path, capsys):
     assert main([*args, "--space", "MNI152NLin6Asym:res-4"]) == 0
     (run_id,) = Store(store).run_ids
     assert Store(store).run(run_id).attributes["source"]["path"] == str(six)
+    # the template alone: the run written without a res- entity
+    assert main([*args[:3], str(tmp_path / "native"), *args[4:], "--space", "MNI152NLin6Asym"]) == 0
+    (run_id,) = Store(tmp_path / "native").run_ids
+    assert Store(tmp_path / "native").run(run_id).attributes["source"]["path"] == str(six).replace("_res-4", "")
 
 
 def test_the_phenotype_table_of_the_bids_dataset_above_fmripreps_outputs_is_found(tmp_path, capsys):

@@ -103,14 +103,16 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
     if space is not None and not is_mni_space(space):
         raise InputError(f"--space {space}: models read runs in an MNI space (MNI152NLin2009cAsym, "
                          "MNI152NLin6Asym, ...)")
-    every_mni, found = [], []
+    every_mni = []
     for path in sorted(root.rglob("*_desc-preproc_bold.nii*")):
         bold_space = entities(path).get("space")
-        if not path.name.endswith(BOLD_SUFFIXES) or not (bold_space and is_mni_space(bold_space)):
-            continue  # fMRIPrep also writes T1w/fsnative runs beside the MNI ones
-        every_mni.append(path)
-        if space is None or space in (bold_space, space_label(path)):
-            found.append(spec_for_bold(path))
+        if path.name.endswith(BOLD_SUFFIXES) and bold_space and is_mni_space(bold_space):
+            every_mni.append(path)  # fMRIPrep also writes T1w/fsnative runs beside the MNI ones
+    # --space names a space with its resolution, or a template: its one resolution, or the one written without
+    # a res- entity (fMRIPrep's default, the BOLD's own voxel size) where it has several
+    chosen = every_mni if space is None else (
+        [p for p in every_mni if space_label(p) == space] or [p for p in every_mni if entities(p)["space"] == space])
+    found = [spec_for_bold(path) for path in chosen]
     labels = sorted({space_label(path) for path in every_mni})
     if space is not None and every_mni and not found:
         raise InputError(f"{root}: no runs in space {space} (found: {', '.join(labels)})")
