@@ -233,8 +233,9 @@ def init_store(root: Path, options: PrepareOptions, fmt: str, template: str = UN
                     f"{root}: this store was prepared with {key}={had}, not {wanted.get(key)}; "
                     "use another --out for other settings"
                 )
-        if UNNAMED_TEMPLATE not in (existing.get("space"), template) and existing.get("space") != template:
-            raise ValueError(f"{root}: this store holds runs in {existing['space']}, and these are in {template}; "
+        had = existing.get("space", UNNAMED_TEMPLATE)
+        if UNNAMED_TEMPLATE not in (had, template) and had != template:
+            raise ValueError(f"{root}: this store holds runs in {had}, and these are in {template}; "
                              "use another --out for them")
         return
     (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)

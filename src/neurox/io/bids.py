@@ -113,8 +113,8 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
     chosen = every_mni if space is None else (
         [p for p in every_mni if space_label(p) == space] or [p for p in every_mni if entities(p)["space"] == space])
     found = [spec_for_bold(path) for path in chosen]
-    labels = sorted({space_label(path) for path in every_mni})
     if space is not None and every_mni and not found:
+        labels = sorted({space_label(path) for path in every_mni})
         raise InputError(f"{root}: no runs in space {space} (found: {', '.join(labels)})")
     runs: dict[str, list[RunSpec]] = {}
     for spec in found:
