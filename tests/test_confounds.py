@@ -288,11 +288,11 @@ def nuisance_run(root: Path, n_frames: int = 40) -> tuple[Path, dict[str, np.nda
 
 def test_prepare_regresses_the_confounds_out_of_every_voxel_exactly(tmp_path):
     _, table = nuisance_run(tmp_path / "bids")
-    plain = replace_options(normalization="voxel_center")
+    plain = replace_options(normalization="voxel_center", non_steady_state="keep")
     assert prepare(tmp_path / "bids", tmp_path / "plain", plain, progress=False).ok
     assert main(["prepare", str(tmp_path / "bids"), "--out", str(tmp_path / "denoised"), "--voxel_size", "4",
-                 "--min_frames", "8", "--normalization", "voxel_center", "--confounds", "simple", "--quiet",
-                 "true"]) == 0
+                 "--min_frames", "8", "--normalization", "voxel_center", "--confounds", "simple",
+                 "--non_steady_state", "keep", "--quiet", "true"]) == 0
     before, after = Store(tmp_path / "plain"), Store(tmp_path / "denoised")
     assert before.info["denoising"] == "none" and after.info["denoising"] == "simple"
     run_id = after.run_ids[0]
@@ -308,6 +308,46 @@ def test_prepare_regresses_the_confounds_out_of_every_voxel_exactly(tmp_path):
     assert np.abs(np.corrcoef(z[keep].mean(1), table["white_matter"][keep])[0, 1]) < 0.05
     assert np.corrcoef(y[keep].mean(1), table["white_matter"][keep])[0, 1] > 0.9
     assert after.run(run_id).attributes["denoising"] == {"confounds": "simple", "regressors": 24 + 2 + 1 + 1}
+
+
+def test_leading_non_steady_state_frames_are_left_out_of_the_store(tmp_path, capsys):
+    _, table = nuisance_run(tmp_path / "bids")  # its first frame is marked, and 400 brighter
+    assert prepare(tmp_path / "bids", tmp_path / "kept", replace_options(non_steady_state="keep"), progress=False).ok
+    assert main(["prepare", str(tmp_path / "bids"), "--out", str(tmp_path / "dropped"), "--voxel_size", "4",
+                 "--min_frames", "8", "--quiet", "true"]) == 0
+    assert ("leading non-steady-state frames dropped from 1 of 1 run(s) (1 each; non_steady_state_dropped in "
+            "manifest.tsv)") in capsys.readouterr().out
+    kept, dropped = Store(tmp_path / "kept"), Store(tmp_path / "dropped")
+    assert (kept.info["non_steady_state"], dropped.info["non_steady_state"]) == ("keep", "drop")
+    run_id = dropped.run_ids[0]
+    run = dropped.run(run_id)
+    assert run.n_frames == 39 and run.attributes["non_steady_state_dropped"] == 1
+    assert [s.manifest[0]["non_steady_state_dropped"] for s in (kept, dropped)] == ["0", "1"]
+    stored = run.confounds()  # one row per stored frame, and no column marking nothing
+    assert "non_steady_state_outlier00" not in stored and len(stored["white_matter"]) == 39
+    assert len(stored["global_signal"]) == 39  # what the frames give is computed from the frames kept
+    assert np.allclose(stored["white_matter"], table["white_matter"][1:], atol=1e-7)
+    # the same signal, less the first frame, which no longer shapes the normalisation
+    mask = dropped.mask(run_id)
+    signal = []
+    for store, first in ((kept, 1), (dropped, 0)):
+        stats = store.run(run_id).attributes["normalization"]
+        signal.append(store.run(run_id).read(first, 39).astype(np.float64)[:, mask] * stats["std"] + stats["mean"])
+    assert np.abs(signal[0] - signal[1]).max() < 1.0  # float16 storage, of values about 1000
+    first_frame = kept.run(run_id).read(0, 1).astype(np.float64)[:, mask].mean()
+    assert first_frame > 3 and abs(run.read(0, 1).astype(np.float64)[:, mask].mean()) < 1  # z-scores: the bright one
+    # a store from before the setting kept them: preparing into it keeps doing so, and asking otherwise is refused
+    info = json.loads((tmp_path / "kept" / "store.json").read_text())
+    del info["non_steady_state"]
+    (tmp_path / "kept" / "store.json").write_text(json.dumps(info))
+    assert prepare(tmp_path / "bids", tmp_path / "kept", OPTIONS, progress=False).skipped == [run_id]
+    with pytest.raises(ValueError, match="prepared with non_steady_state=keep, not drop"):
+        prepare(tmp_path / "bids", tmp_path / "kept", replace_options(non_steady_state="drop"), progress=False)
+    # the dry run counts them, and a run left too short by them fails alone
+    survey = prepare(tmp_path / "bids", tmp_path / "new", OPTIONS, progress=False, dry_run=True).survey
+    assert "leading non-steady-state frames dropped: 1 frame(s) (1 run(s))" in survey
+    report = prepare(tmp_path / "bids", tmp_path / "short", replace_options(min_frames=40), progress=False)
+    assert "39 frames after its 1 leading non-steady-state frame(s), fewer than one window" in report.failed[run_id]
 
 
 def replace_options(**changes) -> PrepareOptions:

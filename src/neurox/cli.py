@@ -82,7 +82,7 @@ NO_PHENOTYPES = ("no phenotype table (participants.tsv) in the input folder or i
 
 
 def cmd_prepare(args) -> int:
-    from neurox.data.confounds import motion_report
+    from neurox.data.confounds import motion_report, non_steady_report
     from neurox.data.store import Store
 
     report = api.prepare(**keywords(api.prepare, args))
@@ -95,9 +95,10 @@ def cmd_prepare(args) -> int:
           f"{len(report.failed)} failed" + (f" (see {report.store / 'failures.tsv'})" if report.failed else ""))
     if phenotypes:
         print(phenotypes)
-    motion = motion_report(Store(report.store))
-    if motion:
-        print(motion)
+    store = Store(report.store)
+    for line in (non_steady_report(store), motion_report(store)):
+        if line:
+            print(line)
     return 0 if report.ok else 3
 
 

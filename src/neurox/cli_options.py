@@ -122,6 +122,10 @@ def _prepare_parser() -> ArgumentParser:
                    "simple (24 motion parameters, white matter, CSF, cosine drift) or compcor (24 motion, 5 "
                    "anatomical CompCor, cosine drift); the store and models trained on it record it")
     p.add_argument("--global_signal", type=bool, default=False, help="regress the global signal out too")
+    p.add_argument("--non_steady_state", choices=["drop", "keep"], default=None,
+                   help="the leading frames a run's fMRIPrep confounds mark non_steady_state_outlier (brighter while "
+                   "the magnetisation settles): drop them from the store, or keep them (default: drop in a new "
+                   "store; in an existing one, as its runs were prepared)")
     p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")
     p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")

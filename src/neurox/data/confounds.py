@@ -40,6 +40,8 @@ KEPT = re.compile(r"^(trans_[xyz]|rot_[xyz]|csf|white_matter|global_signal)(_der
                   r"|^(framewise_displacement|dvars|std_dvars)$|^a_comp_cor_0[0-4]$|^cosine\d+$"
                   r"|^non_steady_state_outlier\d+$")
 MIN_KEPT_FRACTION = 0.5  # a run with fewer of its frames left after scrubbing is left out
+OUTLIER_PREFIX = "non_steady_state_outlier"
+NON_STEADY_STATE = ("drop", "keep")  # what prepare does with a run's leading non-steady-state frames
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,24 @@ def run_confounds(path: Path, n_frames: int, bold_name: str) -> dict[str, np.nda
     return table
 
 
+def leading_non_steady(table: dict[str, np.ndarray]) -> int:
+    """How many frames at the start of a run its table marks as non-steady-state: fMRIPrep flags the first
+    frames, brighter while the magnetisation settles, one ``non_steady_state_outlierNN`` column each. A marked
+    frame after an unmarked one is not counted (the strategies below still treat it)."""
+    marked = [np.nan_to_num(values) != 0 for name, values in table.items() if name.startswith(OUTLIER_PREFIX)]
+    if not marked:
+        return 0
+    flagged = np.any(marked, axis=0)
+    return len(flagged) if flagged.all() else int(np.argmin(flagged))
+
+
+def drop_leading(table: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """The table from frame ``count`` on, less the outlier columns that then mark nothing."""
+    rows = {name: values[count:] for name, values in table.items()}
+    return {name: values for name, values in rows.items()
+            if not (name.startswith(OUTLIER_PREFIX) and not np.nan_to_num(values).any())}
+
+
 def confounds_text(table: dict[str, np.ndarray]) -> str:
     """The table as TSV (``n/a`` for NaN), as ``prepare`` stores it."""
     names = list(table)
@@ -185,7 +205,7 @@ def nuisance_design(table: dict[str, np.ndarray], strategy: str, fd_threshold: f
         raise InputError(f"{source}: no column(s) {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
                          f"for --confounds {strategy}")
     keep = np.ones(n, dtype=bool)
-    for column in (c for c in table if c.startswith("non_steady_state_outlier") and strategy != "none"):
+    for column in (c for c in table if c.startswith(OUTLIER_PREFIX) and strategy != "none"):
         keep &= table[column] == 0
     if strategy == "scrubbing":
         if "framewise_displacement" not in table:
@@ -250,6 +270,17 @@ def participant_motion(store) -> dict[str, float]:
         if row.get("status") == "ok" and row.get("mean_fd") not in (None, ""):
             per_participant.setdefault(store.unit(row), []).append(float(row["mean_fd"]))
     return {p: round(float(np.mean(v)), 4) for p, v in per_participant.items()}
+
+
+def non_steady_report(store) -> str | None:
+    """One line for the end of ``prepare`` where runs' leading non-steady-state frames were left out."""
+    rows = [r for r in store.manifest if r.get("status") in ("ok", "excluded")]
+    dropped = [int(r.get("non_steady_state_dropped") or 0) for r in rows]
+    if not any(dropped):
+        return None
+    fewest, most = min(d for d in dropped if d), max(dropped)
+    return (f"leading non-steady-state frames dropped from {sum(d > 0 for d in dropped)} of {len(rows)} run(s) "
+            f"({fewest}{f'-{most}' if most > fewest else ''} each; non_steady_state_dropped in manifest.tsv)")
 
 
 HIGH_MOTION_MM = 0.5  # a run whose mean framewise displacement is above this is named in prepare's summary

@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import sys
 from concurrent.futures import as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from neurox import __version__
 from neurox.data.confounds import (
     CONFOUNDS_FILE,
     confounds_text,
+    drop_leading,
     motion_summary,
     parse_denoising,
     read_confounds,
@@ -53,7 +54,7 @@ from neurox.workers import process_pool
 FAILURE_SUFFIX = ".failed.json"
 # what every run of a store must share; a second prepare into the store must agree on these
 SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization", "denoising",
-               "resample_tr")
+               "resample_tr", "non_steady_state")
 
 
 @dataclass
@@ -118,8 +119,8 @@ def prepare(
 ) -> PrepareReport:
     """``model_space``: the MNI template of the model whose contract ``options`` are (``--like``): taken where a
     folder's runs are in several, and a warning where they are in another."""
-    options = options or PrepareOptions()
     root = Path(out)
+    options = with_store_settings(options or PrepareOptions(), root)
     found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold, space=space, prefer_space=model_space),
                    key=lambda s: s.run_id)
     specs = found[shard[0] :: shard[1]]
@@ -209,6 +210,16 @@ def _record(report: PrepareReport, root: Path, spec: RunSpec, job, error: str | 
     bar.update(1)
 
 
+def with_store_settings(options: PrepareOptions, root: Path) -> PrepareOptions:
+    """``options`` with what was left to the store decided: the leading non-steady-state frames are dropped in a
+    new store, and treated as an existing store's runs were (a store from before the setting kept them)."""
+    if options.non_steady_state is not None:
+        return options
+    path = root / STORE_FILE
+    existing = json.loads(path.read_text()) if path.is_file() else {"non_steady_state": "drop"}
+    return replace(options, non_steady_state=existing.get("non_steady_state", STORE_DEFAULTS["non_steady_state"]))
+
+
 def runs_template(specs: list[RunSpec], input_path) -> str:
     """The MNI template of the runs, by fMRIPrep's name for it (``MNI152NLin2009cAsym``; the HCP pipelines' runs
     are ``MNI152NLin6Asym``), or ``UNNAMED_TEMPLATE`` where no file name says. A store holds one: the templates
@@ -268,12 +279,14 @@ def confounds_incomplete(root: Path, spec: RunSpec, fmt: str) -> bool:
     stored = path / CONFOUNDS_FILE
     if not stored.is_file():
         return True
-    return bool(computable_confounds(spec, table_columns(stored), *source_timing(_attributes(path, fmt)[1])))
+    n_frames, tr, first = source_timing(_attributes(path, fmt)[1])
+    return bool(computable_confounds(spec, table_columns(stored), n_frames - first, tr))
 
 
-def source_timing(attributes: dict) -> tuple[int, float | None]:
-    """A prepared run's source frames and TR, before any resampling in time."""
-    return attributes["source"]["shape"][3], attributes["source"].get("tr", attributes["tr"])
+def source_timing(attributes: dict) -> tuple[int, float | None, int]:
+    """A prepared run's source frames and TR, before any resampling in time, and its leading frames left out."""
+    return (attributes["source"]["shape"][3], attributes["source"].get("tr", attributes["tr"]),
+            attributes.get("non_steady_state_dropped", 0))
 
 
 def _meta_file(path: Path, fmt: str) -> Path:
@@ -293,17 +306,17 @@ def complete_confounds(spec: RunSpec, options: PrepareOptions, root: Path, fmt: 
     path = run_path(root, spec.run_id, fmt)
     meta, attributes = _attributes(path, fmt)
     stored = path / CONFOUNDS_FILE
-    n_frames, tr = source_timing(attributes)
+    n_frames, tr, first = source_timing(attributes)
     in_time = attributes.get("resampled_in_time", False)  # the stored table is resampled: start from the source
     try:
         if stored.is_file() and not in_time:
             table = read_confounds(stored)
-        else:
-            table = run_confounds(spec.confounds, n_frames, spec.bold.name)
+        else:  # the run's frames start where they started when it was prepared
+            table = drop_leading(run_confounds(spec.confounds, n_frames, spec.bold.name), first)
             attributes["source"]["confounds"] = str(spec.confounds.resolve())
         if not table:
             return None
-        computed = add_frame_signals(spec, table, tr, options.block_frames)
+        computed = add_frame_signals(spec, table, tr, options.block_frames, first)
     except InputError as err:
         return str(err)
     write_text_atomic(stored, confounds_text(resample_table(table, tr, attributes["tr"]) if in_time else table))
@@ -354,7 +367,8 @@ def write_manifest(root: Path, fmt: str) -> None:
             "path": str(path.relative_to(root)), "n_frames": a["n_frames"], "tr": a["tr"] or "",
             "shape": "x".join(str(s) for s in [*a["grid"], a["n_frames"]]),
             "status": "excluded" if threshold and a.get("motion", {}).get("mean_fd", 0) > threshold else "ok",
-            **a.get("motion", {}), "source": a["source"]["path"],
+            **a.get("motion", {}), "non_steady_state_dropped": a.get("non_steady_state_dropped", 0),
+            "source": a["source"]["path"],
         })
     done = {row["run_id"] for row in rows}
     for marker in sorted(runs.glob(f"*{FAILURE_SUFFIX}")):

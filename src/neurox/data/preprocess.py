@@ -29,9 +29,12 @@ from neurox import __version__
 from neurox.config import MNI_BOX_MM, MNI_BOX_ORIGIN_MM
 from neurox.data.confounds import (
     CONFOUNDS_FILE,
+    NON_STEADY_STATE,
     confounds_text,
     denoising_name,
+    drop_leading,
     input_design,
+    leading_non_steady,
     motion_summary,
     run_confounds,
 )
@@ -85,6 +88,9 @@ class PrepareOptions:
     confounds: str = "none"  # regressed out of every voxel before normalising: none, simple or compcor
     global_signal: bool = False  # the global signal regressed out too
     resample_tr: float | None = None  # every run resampled in time onto this TR (s); None: each keeps its own
+    # a run's leading frames its confounds mark non-steady-state: drop or keep; None: as the store already holds
+    # them, else drop (``neurox.data.prepare`` decides before any run is read)
+    non_steady_state: str | None = None
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -92,6 +98,8 @@ class PrepareOptions:
         if self.resample_tr is not None and not self.resample_tr > 0:
             raise ValueError(f"--resample_tr {self.resample_tr}: give a repetition time in seconds, above 0")
         denoising_name(self.confounds, self.global_signal)  # refuses a strategy prepare cannot apply
+        if self.non_steady_state not in (None, *NON_STEADY_STATE):
+            raise ValueError(f"--non_steady_state {self.non_steady_state}: choose {' or '.join(NON_STEADY_STATE)}")
 
     @property
     def denoising(self) -> str:
@@ -102,7 +110,7 @@ class PrepareOptions:
             "grid": list(self.grid.shape), "voxel_size_mm": self.grid.voxel_size_mm,
             "origin_mm": list(self.grid.origin_mm), "crop_box_mm": self.grid.crop_box_mm,
             "normalization": self.normalization, "resample": self.resample, "min_frames": self.min_frames,
-            "denoising": self.denoising, "resample_tr": self.resample_tr,
+            "denoising": self.denoising, "resample_tr": self.resample_tr, "non_steady_state": self.non_steady_state,
         }
 
 
@@ -175,11 +183,17 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     info = read_info(spec.bold)
     if len(info.shape) < 4:
         raise InputError(f"{spec.bold}: a {len(info.shape)}D image, not a 4D fMRI run")
-    if info.n_frames < options.min_frames:
-        raise InputError(f"{spec.bold}: {info.n_frames} frames, fewer than one window ({options.min_frames})")
     confounds = {}  # checked before the frames are read: a table that does not fit fails the run at once
     if spec.confounds is not None:
         confounds = run_confounds(spec.confounds, info.n_frames, spec.bold.name)
+    # leading non-steady-state frames (brighter while the magnetisation settles) are left out of the store and
+    # its table: from here on, frame 0 is the first one kept
+    first = leading_non_steady(confounds) if options.non_steady_state != "keep" else 0
+    n = info.n_frames - first
+    if n < options.min_frames:
+        dropped = f" after its {first} leading non-steady-state frame(s)" if first else ""
+        raise InputError(f"{spec.bold}: {n} frames{dropped}, fewer than one window ({options.min_frames})")
+    confounds = drop_leading(confounds, first)
     mapping = GridMapping(info, options.grid, options.resample)
     grid_shape = options.grid.shape
 
@@ -190,27 +204,27 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
             raise InputError(f"{spec.mask}: the brain mask is empty")
 
     tr = spec.tr or header_tr(info) or options.tr
-    n_out, tr_out, in_time = info.n_frames, tr, False  # in_time: resampled as the last step of pass 2
+    n_out, tr_out, in_time = n, tr, False  # in_time: resampled as the last step of pass 2
     if options.resample_tr is not None:
         if tr is None:
             raise InputError(f"{spec.bold}: no TR in its sidecar or header to resample from; give it with --tr")
         in_time, tr_out = differs(tr, options.resample_tr), options.resample_tr
-        n_out = output_frames(info.n_frames, tr, tr_out)
+        n_out = output_frames(n, tr, tr_out)
         if n_out < options.min_frames:
-            raise InputError(f"{spec.bold}: {n_out} frames at TR {tr_out:g} s ({info.n_frames} at {tr:g} s), fewer "
+            raise InputError(f"{spec.bold}: {n_out} frames at TR {tr_out:g} s ({n} at {tr:g} s), fewer "
                              f"than one window ({options.min_frames})")
     # columns the run's confounds table lacks (the HCP pipelines write motion only) come from its frames,
     # as fMRIPrep computes them (neurox.data.tissue): in pass 1, or in a pass before it where the input's
     # denoising needs them
-    signals = _frame_signals(spec, confounds, given_mask, info, tr)
+    signals = _frame_signals(spec, confounds, given_mask, info, tr, first)
     computed = []
     design = None  # the regressors removed from every voxel (frames, k), centred
     if options.denoising != "none":
         source = str(spec.confounds or spec.bold)
         if signals is not None and not _design_ok(confounds, options.denoising, source):
-            planned = dict(confounds, **{c: np.zeros(info.n_frames) for c in signals.planned(tr)})
+            planned = dict(confounds, **{c: np.zeros(n) for c in signals.planned(tr)})
             run_design(planned, options.denoising, source, spec)  # what the frames cannot give fails the run now
-            for start, frames in iter_frame_blocks(info, options.block_frames):
+            for start, frames in kept_frames(info, options.block_frames, first):
                 signals.add(start, frames)
             computed, signals = signals.into(confounds, tr), None
         design = run_design(confounds, options.denoising, source, spec)
@@ -224,10 +238,10 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     # product on a view of the block (no transposing copy)
     cross = np.zeros((int(np.prod(grid_shape)), design.shape[1])) if design is not None else None
     regressors = design.astype(np.float32) if design is not None else None
-    for start, frames in iter_frame_blocks(info, options.block_frames):
+    for start, frames in kept_frames(info, options.block_frames, first):
         bad = ~np.isfinite(frames)
         if bad.any():
-            frame = start + int(np.argwhere(bad)[0][3])
+            frame = first + start + int(np.argwhere(bad)[0][3])
             raise InputError(f"{spec.bold}: NaN or Inf values (first in frame {frame})")
         on_grid = mapping(frames)
         total += on_grid.sum(axis=3, dtype=np.float64)
@@ -238,7 +252,6 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         if cross is not None:
             block = on_grid.reshape(-1, on_grid.shape[3], order="F")  # (voxels, frames), a view
             cross += block @ regressors[start : start + block.shape[1]]
-    n = info.n_frames
     mean_image = total / n
     if signals is not None:
         computed, signals = signals.into(confounds, tr), None  # the CompCor series freed before pass 2
@@ -300,7 +313,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     resampler = TemporalResampler(n, tr, tr_out) if in_time else None
     try:
         outside = ~mask[..., None]
-        for start, frames in iter_frame_blocks(info, options.block_frames):
+        for start, frames in kept_frames(info, options.block_frames, first):
             on_grid = mapping(frames)
             if coefficients is not None:
                 fit = regressors[start : start + on_grid.shape[3]] @ coefficients  # (frames, voxels)
@@ -327,6 +340,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         "n_frames": n_out,
         "tr": tr_out,
         "resampled_in_time": in_time,
+        "non_steady_state_dropped": first,  # the source's leading frames left out (source frame ``first`` is 0)
         "affine": options.grid.affine.tolist(),
         "grid": list(grid_shape),
         "voxel_size_mm": options.grid.voxel_size_mm,
@@ -382,11 +396,12 @@ def computable_confounds(spec: RunSpec, columns: set[str], n_frames: int, tr: fl
 
 
 def _frame_signals(spec: RunSpec, confounds: dict, given_mask: np.ndarray | None, info,
-                   tr: float) -> FrameSignals | None:
-    """What the run's frames must give of the columns its confounds table lacks (``computable_confounds``)."""
+                   tr: float, first: int) -> FrameSignals | None:
+    """What the run's frames from ``first`` must give of the columns its confounds table lacks
+    (``computable_confounds``)."""
     if not confounds or given_mask is None:
         return None
-    kinds = computable_confounds(spec, set(confounds), info.n_frames, tr)
+    kinds = computable_confounds(spec, set(confounds), info.n_frames - first, tr)
     if not kinds:
         return None
     means = {"global_signal": given_mask} if "global_signal" in kinds else {}
@@ -398,17 +413,25 @@ def _frame_signals(spec: RunSpec, confounds: dict, given_mask: np.ndarray | None
                 raise InputError(f"{spec.segmentation}: no {name.replace('_', ' ')} voxels inside the brain mask")
         means.update(tissues)
         compcor_mask = tissues["white_matter"] | tissues["csf"] if "a_comp_cor" in kinds else None
-    return FrameSignals(info.n_frames, means, compcor_mask, "cosine" in kinds)
+    return FrameSignals(info.n_frames - first, means, compcor_mask, "cosine" in kinds)
 
 
-def add_frame_signals(spec: RunSpec, table: dict, tr: float, block_frames: int = 32) -> list[str]:
-    """Add to a prepared run's confounds ``table`` what its frames give and it lacks, in one read of the run
-    (its store frames untouched); returns the names added."""
-    info = read_info(spec.bold)
-    if not computable_confounds(spec, set(table), info.n_frames, tr):  # nothing to add (or no brain mask)
-        return []
-    signals = _frame_signals(spec, table, _volume_on_run_grid(spec.mask, info, spec.bold) > 0, info, tr)
+def kept_frames(info: NiftiInfo, block_frames: int, first: int):
+    """``iter_frame_blocks`` from source frame ``first`` on, numbered from it (views, not copies)."""
     for start, frames in iter_frame_blocks(info, block_frames):
+        cut = max(first - start, 0)
+        if cut < frames.shape[3]:
+            yield start + cut - first, frames[..., cut:]
+
+
+def add_frame_signals(spec: RunSpec, table: dict, tr: float, block_frames: int = 32, first: int = 0) -> list[str]:
+    """Add to a prepared run's confounds ``table`` (its frames from source frame ``first`` on) what its frames
+    give and it lacks, in one read of the run (its store frames untouched); returns the names added."""
+    info = read_info(spec.bold)
+    if not computable_confounds(spec, set(table), info.n_frames - first, tr):  # nothing to add (or no brain mask)
+        return []
+    signals = _frame_signals(spec, table, _volume_on_run_grid(spec.mask, info, spec.bold) > 0, info, tr, first)
+    for start, frames in kept_frames(info, block_frames, first):
         signals.add(start, frames)
     return signals.into(table, tr)
 

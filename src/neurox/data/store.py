@@ -39,9 +39,10 @@ STORE_FILE = "store.json"
 RUNS_DIR = "runs"
 # a store's space where no input file named its MNI template (and that of every store written before neurox kept it)
 UNNAMED_TEMPLATE = "MNI152"
-STORE_DEFAULTS = {"denoising": "none", "resample_tr": None}  # what a store written before the key existed holds
+# what a store written before the key existed holds
+STORE_DEFAULTS = {"denoising": "none", "resample_tr": None, "non_steady_state": "keep"}
 MANIFEST_COLUMNS = ["participant_id", "session", "run", "run_id", "path", "n_frames", "tr", "shape", "status",
-                    "mean_fd", "max_fd", "source"]
+                    "mean_fd", "max_fd", "non_steady_state_dropped", "source"]
 # Blosc-LZ4 with byte shuffle: float16 frames to about 0.3 of their size (the background is one
 # value; shuffling groups the exponent bytes) and decoded at ~6 GB/s, several times zstd's speed,
 # which is what keeps window reads ahead of training.

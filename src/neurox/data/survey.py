@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from neurox.data.confounds import table_columns
+from neurox.data.confounds import leading_non_steady, read_confounds, table_columns
 from neurox.data.preprocess import GridMapping, PrepareOptions, computable_confounds, header_tr, run_design
 from neurox.data.temporal import TR_TOLERANCE, output_frames
 from neurox.io.bids import RunSpec
@@ -26,7 +26,7 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
     """Lines describing what preparing ``specs`` with ``options`` would do; ``is_done(spec)`` says whether
     the store already holds a run."""
     problems: dict[str, list[str]] = {}
-    frames, trs, grids = Counter(), Counter(), Counter()
+    frames, trs, grids, non_steady = Counter(), Counter(), Counter(), Counter()
     known_trs = []
     todo = [spec for spec in specs if not is_done(spec)]
     for spec in progress_display(todo, desc="dry run", unit="run", disable=not progress):
@@ -43,11 +43,19 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
         trs["unknown (give --tr)" if tr is None else f"{tr:g} s"] += 1
         if tr is not None:
             known_trs.append(tr)
-        n_frames = info.n_frames  # as stored: after resampling in time
+        n_frames = info.n_frames  # as stored: after its leading non-steady-state frames and resampling in time
+        if spec.confounds is not None and options.non_steady_state == "drop":
+            try:
+                leading = leading_non_steady(read_confounds(spec.confounds))
+            except InputError as err:
+                problems.setdefault("unreadable confounds table", []).append(str(err))
+                leading = 0
+            non_steady[leading] += 1
+            n_frames -= leading
         if options.resample_tr is not None and tr is None:
             problems.setdefault("no TR to resample from (give --tr)", []).append(spec.run_id)
         elif options.resample_tr is not None:
-            n_frames = output_frames(info.n_frames, tr, options.resample_tr)
+            n_frames = output_frames(n_frames, tr, options.resample_tr)
         if n_frames < options.min_frames:
             problems.setdefault(f"fewer than --min_frames {options.min_frames} frames"
                                 + (f" at TR {options.resample_tr:g} s" if options.resample_tr else ""),
@@ -70,6 +78,8 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
                      f"{_count(todo, lambda s: s.confounds is not None)} with a confounds table, "
                      f"{_count(todo, lambda s: s.segmentation is not None)} with FreeSurfer labels (HCP wmparc)")
         lines.append("frames: " + _tally(frames, "{}"))
+        if sum(n for leading, n in non_steady.items() if leading):
+            lines.append("leading non-steady-state frames dropped: " + _tally(non_steady, "{} frame(s)"))
         lines.append("TR: " + _tally(trs, "{}") + (f"; every run resampled to {options.resample_tr:g} s"
                                                    if options.resample_tr else ""))
         if not options.resample_tr and known_trs and max(known_trs) / min(known_trs) - 1 > TR_TOLERANCE:

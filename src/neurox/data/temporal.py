@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from neurox.data.confounds import OUTLIER_PREFIX
+
 LOBES = 3
 # TRs this fraction apart are taken as one (HCP 0.72 s, UK Biobank 0.735 s, ABCD 0.8 s); further apart, a window
 # of so many frames spans another length of time: stores are refused together, a model's store is warned of
 TR_TOLERANCE = 0.1
-OUTLIER_PREFIX = "non_steady_state_outlier"
 
 
 def differs(tr_in: float, tr_out: float) -> bool:
