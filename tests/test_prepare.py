@@ -72,6 +72,19 @@ def test_bids_folder(cohort, tmp_path):
     assert attributes["source"]["sha256"] and attributes["crop_box_mm"] == [[-96, 92], [-112, 76], [-90, 98]]
 
 
+def test_the_confounds_table_is_found_by_either_of_fmripreps_names(tmp_path):
+    from neurox.io.bids import discover
+
+    for sub, names in (("01", ["timeseries"]), ("02", ["regressors"]), ("03", ["regressors", "timeseries"])):
+        func = bids_run(tmp_path, sub, n_frames=8).parent
+        for name in names:  # fMRIPrep 20.2 and later; 1.4 to 20.1
+            (func / f"sub-{sub}_task-rest_run-1_desc-confounds_{name}.tsv").write_text("csf\n" + "1\n" * 8)
+    found = [spec.confounds.name for spec in discover(tmp_path)]
+    assert found == ["sub-01_task-rest_run-1_desc-confounds_timeseries.tsv",
+                     "sub-02_task-rest_run-1_desc-confounds_regressors.tsv",
+                     "sub-03_task-rest_run-1_desc-confounds_timeseries.tsv"]
+
+
 def test_runs_in_several_output_spaces_are_chosen_with_space(tmp_path, capsys):
     """fMRIPrep writes a run once per output space (its --cifti-output adds MNI152NLin6Asym at 2 mm): the choice
     is never made silently, and --space makes it, by the space's name or with its resolution."""

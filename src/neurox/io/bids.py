@@ -12,6 +12,8 @@ from pathlib import Path
 from neurox.io.nifti import InputError
 
 BOLD_SUFFIXES = ("_desc-preproc_bold.nii.gz", "_desc-preproc_bold.nii")
+# a run's confounds table: fMRIPrep 20.2 and later, then the name fMRIPrep 1.4 to 20.1 gave the same columns
+CONFOUNDS_NAMES = ("_desc-confounds_timeseries.tsv", "_desc-confounds_regressors.tsv")
 ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9.+]+)")
 
 
@@ -71,8 +73,7 @@ def spec_for_bold(bold: Path, mask: Path | None = None, participant_id: str | No
         stem = bold.name[: -len(suffix)]
         stem = re.sub(r"_space-[^_]+", "", stem)
         stem = re.sub(r"_res-[^_]+", "", stem)
-        candidate = bold.with_name(stem + "_desc-confounds_timeseries.tsv")
-        confounds = candidate if candidate.exists() else None
+        confounds = next((c for c in (bold.with_name(stem + name) for name in CONFOUNDS_NAMES) if c.exists()), None)
     pid = participant_id or (f"sub-{ent['sub']}" if "sub" in ent else bold.name.split(".nii")[0])
     return RunSpec(
         participant_id=pid,
