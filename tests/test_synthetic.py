@@ -65,6 +65,24 @@ def test_same_seed_same_bytes(cohort, tmp_path):
     assert digest(other) != digest(cohort)
 
 
+def test_non_steady_state_frames_are_planted_and_marked_as_fmriprep_does(cohort, tmp_path):
+    options = SynthOptions(**{**TINY.__dict__, "non_steady_frames": 2})
+    marked = synthesize(tmp_path / "marked", options, progress=False)
+    name = "sub-01/func/sub-01_task-rest_run-1_space-MNI152NLin2009cAsym_res-4_desc-preproc_bold.nii.gz"
+    frames, plain = (nib.load(str(folder / name)).get_fdata() for folder in (marked, cohort))
+    brain = plain[..., 0] != 0
+    assert np.array_equal(frames[..., 2:], plain[..., 2:])  # the steady frames are the cohort's own
+    assert frames[brain, 0].mean() / plain[brain, 0].mean() == pytest.approx(1.5, rel=1e-3)
+    assert frames[brain, 1].mean() / plain[brain, 1].mean() == pytest.approx(1.25, rel=1e-3)
+    report = prepare(marked, tmp_path / "store", PrepareOptions(grid=TargetGrid.default(4.0), min_frames=20),
+                     progress=False)
+    store = Store(tmp_path / "store")
+    assert report.ok and [r["non_steady_state_dropped"] for r in store.manifest] == ["2"] * 4
+    assert [r["n_frames"] for r in store.manifest] == ["22"] * 4
+    with pytest.raises(ValueError, match="non_steady_frames must be 0 to 16"):
+        SynthOptions(**{**TINY.__dict__, "non_steady_frames": 17})
+
+
 def test_cli(tmp_path, capsys):
     assert main(["synth", str(tmp_path / "c"), "--n_subjects", "2", "--n_frames", "10", "--voxel_size", "4",
                  "--quiet", "true"]) == 0

@@ -15,14 +15,15 @@ from typing import Any
 
 def synth(out: str | Path, n_subjects: int = 40, n_runs: int = 1, n_frames: int = 120, tr: float = 0.8,
           voxel_size: float = 2.0, effect_size: float = 1.0, noise: float = 1.0, motion_spikes: bool = True,
-          motion_effect: float = 0.0, n_parcels: int = 40, seed: int = 0, workers: int = 1,
+          motion_effect: float = 0.0, n_parcels: int = 40, seed: int = 0, non_steady_frames: int = 0, workers: int = 1,
           quiet: bool = False) -> Path:
     """Write a synthetic cohort with planted effects and their ground truth; returns its folder."""
     from neurox.data.synthetic import SynthOptions, synthesize
 
     options = SynthOptions(n_subjects=n_subjects, n_runs=n_runs, n_frames=n_frames, tr=tr, voxel_size_mm=voxel_size,
                            effect_size=effect_size, noise=noise, motion_spikes=motion_spikes,
-                           motion_effect=motion_effect, n_parcels=n_parcels, seed=seed)
+                           motion_effect=motion_effect, n_parcels=n_parcels, seed=seed,
+                           non_steady_frames=non_steady_frames)
     return synthesize(out, options, progress=not quiet, workers=workers)
 
 

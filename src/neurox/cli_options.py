@@ -165,6 +165,9 @@ def _synth_parser() -> ArgumentParser:
                    "effect, whose group 1 has (1 + this) times the head jumps: a confound for the motion check")
     p.add_argument("--n_parcels", type=int, default=40,
                    help="parcels of the atlas; the eight networks are made of bilateral pairs of them")
+    p.add_argument("--non_steady_frames", type=int, default=0, help="leading frames of each run brighter while the "
+                   "magnetisation settles (the first half as bright again, then halving), marked "
+                   "non_steady_state_outlier in the confounds as fMRIPrep does")
     p.add_argument("--seed", type=int, default=0, help="the same options and seed give the same bytes")
     p.add_argument("--workers", type=PositiveInt, default=1,
                    help="runs written in parallel (same bytes for any number)")

@@ -48,6 +48,7 @@ EFFECTS = {
 BASELINE = 1000.0  # tissue intensity
 SIGNAL_GAIN = 20.0  # network fluctuations of about 2 % of the baseline, as in grey matter at 3 T
 TISSUE_CONTRAST = 0.05  # spatial variation of the baseline across the brain (after bias correction)
+NON_STEADY_EXCESS = 0.5  # the first non-steady-state frame is this much brighter than the steady state
 SPACE = {2.0: "MNI152NLin2009cAsym_res-2", 4.0: "MNI152NLin2009cAsym_res-4"}
 
 
@@ -64,6 +65,7 @@ class SynthOptions:
     motion_effect: float = 0.0  # above 0: a motion_group column whose group 1 has (1 + this) times the spikes
     n_parcels: int = 40
     seed: int = 0
+    non_steady_frames: int = 0  # leading frames brighter while the magnetisation settles, marked in the confounds
 
     def __post_init__(self):
         if self.voxel_size_mm not in SPACE:
@@ -74,6 +76,8 @@ class SynthOptions:
             raise ValueError(f"n_parcels must be even and at least {2 * N_NETWORKS + 2}")
         if self.motion_effect < 0 or (self.motion_effect > 0 and not self.motion_spikes):
             raise ValueError("motion_effect must be 0 or more, and needs motion_spikes")
+        if not 0 <= self.non_steady_frames <= self.n_frames - 8:
+            raise ValueError(f"non_steady_frames must be 0 to {self.n_frames - 8} (at least 8 frames after them)")
 
 
 def spike_count(options: SynthOptions, subject: dict) -> int:
@@ -216,6 +220,8 @@ def run_frames(rng, options: SynthOptions, subject: dict, anatomy: dict, block: 
             frame += drift * (t / n - 0.5)
             if t in spikes:
                 frame *= 1.02
+            if t < options.non_steady_frames:  # the T1 saturation's excess, halving frame by frame (no draw: the
+                frame *= 1 + NON_STEADY_EXCESS * 0.5**t  # frames after them keep their bytes)
             out[..., i] = np.where(mask, frame, 0.0)
             if record is not None:
                 inside = frame[mask]
@@ -379,6 +385,8 @@ def synthetic_confounds(rng, options: SynthOptions, record: dict) -> dict[str, n
     frames = np.arange(n)
     for k in range(1, n_cosines + 1):
         table[f"cosine{k - 1:02d}"] = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * frames + 1) * k / (2 * n))
+    for k in range(options.non_steady_frames):  # as fMRIPrep marks them: one column per frame
+        table[f"non_steady_state_outlier{k:02d}"] = (frames == k).astype(float)
     return table
 
 
