@@ -85,6 +85,25 @@ def test_the_confounds_table_is_found_by_either_of_fmripreps_names(tmp_path):
                      "sub-03_task-rest_run-1_desc-confounds_timeseries.tsv"]
 
 
+def test_a_pediatric_templates_cohorts_are_templates_of_their_own(tmp_path, capsys):
+    """fMRIPrep names MNIPediatricAsym's age ranges with a cohort- entity (space-MNIPediatricAsym_cohort-2_res-2):
+    each is a template of its own, the --space fMRIPrep's --output-spaces gives it names one, and the run's
+    confounds table (in no space) is found beside it."""
+    root = tmp_path / "fmriprep"
+    for cohort in ("1", "2"):
+        bold = bids_run(root, "01", n_frames=8, space=f"MNIPediatricAsym_cohort-{cohort}")
+    (bold.parent / "sub-01_task-rest_run-1_desc-confounds_timeseries.tsv").write_text("csf\n" + "1\n" * 8)
+    args = ["prepare", str(root), "--out", str(tmp_path / "store"), "--voxel_size", "4", "--min_frames", "8",
+            "--quiet", "true"]
+    assert main(args) == 1
+    assert ("in several MNI output spaces (MNIPediatricAsym:cohort-1:res-4, MNIPediatricAsym:cohort-2:res-4)"
+            in capsys.readouterr().err)
+    assert main([*args, "--space", "MNIPediatricAsym:cohort-2"]) == 0
+    store = Store(tmp_path / "store")
+    assert store.info["space"] == "MNIPediatricAsym:cohort-2"
+    assert "csf" in store.run(store.run_ids[0]).confounds()
+
+
 def test_runs_in_several_output_spaces_are_chosen_with_space(tmp_path, capsys):
     """fMRIPrep writes a run once per output space (its --cifti-output adds MNI152NLin6Asym at 2 mm): the choice
     is never made silently, and --space makes it, by the space's name or with its resolution."""

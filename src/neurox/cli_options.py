@@ -102,8 +102,9 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--task", default=None, help="only the runs of this task (BIDS task label; HCP: rest for rfMRI_*, "
                    "wm for tfMRI_WM_*); default every run found")
     p.add_argument("--space", default=None, help="fMRIPrep folders with runs in several MNI output spaces: the one to "
-                   "take, as fMRIPrep names it: MNI152NLin6Asym:res-2, or MNI152NLin6Asym (its one resolution, or the "
-                   "one written without res-) (default: the one MNI space found)")
+                   "take, as fMRIPrep names it: MNI152NLin6Asym:res-2 (MNIPediatricAsym:cohort-2:res-2), or "
+                   "MNI152NLin6Asym (its one resolution, or the one written without res-) (default: the one MNI "
+                   "space found)")
     p.add_argument("--hcp_bold", default="minimal",
                    help="HCP-pipeline folders: minimal (<run>.nii.gz, minimally preprocessed), fix "
                    "(<run>_hp2000_clean.nii.gz, cleaned by ICA-FIX), or a suffix of the run file's name "

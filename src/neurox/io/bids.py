@@ -71,8 +71,7 @@ def spec_for_bold(bold: Path, mask: Path | None = None, participant_id: str | No
     confounds = None
     if suffix:
         stem = bold.name[: -len(suffix)]
-        stem = re.sub(r"_space-[^_]+", "", stem)
-        stem = re.sub(r"_res-[^_]+", "", stem)
+        stem = re.sub(r"_(space|cohort|res)-[^_]+", "", stem)  # the table is the run's, in no space
         confounds = next((c for c in (bold.with_name(stem + name) for name in CONFOUNDS_NAMES) if c.exists()), None)
     pid = participant_id or (f"sub-{ent['sub']}" if "sub" in ent else bold.name.split(".nii")[0])
     return RunSpec(
@@ -84,15 +83,23 @@ def spec_for_bold(bold: Path, mask: Path | None = None, participant_id: str | No
         mask=mask,
         tr=sidecar_tr(bold),
         confounds=confounds,
-        space=ent.get("space"),
+        space=template_of(ent),
         task=ent.get("task", ""),
     )
+
+
+def template_of(ent: dict[str, str]) -> str | None:
+    """The template a run's entities name: ``MNI152NLin6Asym``, or with its cohort where a template has several
+    (``MNIPediatricAsym:cohort-2``, one age range: each is a template of its own)."""
+    if "space" not in ent:
+        return None
+    return ent["space"] + (f":cohort-{ent['cohort']}" if "cohort" in ent else "")
 
 
 def space_label(path: str | Path) -> str:
     """``MNI152NLin6Asym:res-2``: a run's output space as fMRIPrep's ``--output-spaces`` names it."""
     ent = entities(path)
-    return ent.get("space", "") + (f":res-{ent['res']}" if "res" in ent else "")
+    return (template_of(ent) or "") + (f":res-{ent['res']}" if "res" in ent else "")
 
 
 def discover_bids(root: Path, space: str | None = None, prefer_space: str | None = None) -> list[RunSpec]:
@@ -112,7 +119,8 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
     # --space names a space with its resolution, or a template: its one resolution, or the one written without
     # a res- entity (fMRIPrep's default, the BOLD's own voxel size) where it has several
     chosen = every_mni if space is None else (
-        [p for p in every_mni if space_label(p) == space] or [p for p in every_mni if entities(p)["space"] == space])
+        [p for p in every_mni if space_label(p) == space]
+        or [p for p in every_mni if template_of(entities(p)) == space])
     found = [spec_for_bold(path) for path in chosen]
     if space is not None and every_mni and not found:
         labels = sorted({space_label(path) for path in every_mni})
