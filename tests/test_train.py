@@ -94,6 +94,16 @@ def test_each_target_is_said_as_it_was_read(capsys):
     assert describe_target(infer_target("age", ages), ages) == "a number, 8 to 21 (mean 14.5, 40 values)"
     assert describe_target(infer_target("smoking", codes, "multiclass"), codes) == \
         "4 classes, -3 (1), 0 (2), 1 (2), 2 (1)"
+    # codes among more distinct values than a few: UK Biobank's fluid intelligence (0-13), ABCD's 777 and 999
+    fluid = [str(v) for v in range(14)] * 3 + ["-1", "-1", "-3"]
+    assert describe_target(infer_target("fi", fluid), fluid).endswith(
+        "; -3 (1), -1 (2) look like codes for no answer (UK Biobank's negatives, ABCD's 777 and 999): if so, make "
+        "them n/a in the phenotype table")
+    score = [str(v) for v in range(31)] + ["777", "999", "999"]
+    assert "; 777 (1), 999 (2) look like codes" in describe_target(infer_target("cbcl", score), score)
+    for measured in (ages, [f"{v:.2f}" for v in np.random.default_rng(0).standard_normal(40)],  # a z-score
+                     [str(v) for v in range(-15, 16)], [str(v) for v in range(60, 100)]):  # a change; 99 years
+        assert "codes" not in describe_target(infer_target("x", measured), measured)
     cohort = family_cohort(n=20)
     cohort.say_targets("finetune")
     counts = [sum(v == [c] for v in cohort.values.values()) for c in ("0", "1")]

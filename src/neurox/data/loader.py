@@ -69,10 +69,15 @@ def describe_target(target: Target, values: list[str]) -> str:
         numbers = np.array([float(v) for v in values])
         text = f"a number, {numbers.min():g} to {numbers.max():g} (mean {numbers.mean():.4g}, {len(numbers)} values)"
         distinct = np.unique(numbers)
+        codes = no_answer_codes(numbers)
         if len(distinct) <= FEW_NUMBERS and np.array_equal(distinct, np.round(distinct)):
             text += (f"; only {len(distinct)} distinct values ({', '.join(f'{d:g}' for d in distinct)}): if they are "
                      "classes, --task multiclass; if some are codes for no answer, make them n/a in the phenotype "
                      "table")
+        elif codes:
+            counts = ", ".join(f"{c:g} ({int(np.sum(numbers == c))})" for c in codes)
+            text += (f"; {counts} look like codes for no answer (UK Biobank's negatives, ABCD's 777 and 999): if so, "
+                     "make them n/a in the phenotype table")
         return text
     counts = [(c, values.count(c)) for c in target.classes]
     if target.task == "binary":
@@ -80,6 +85,19 @@ def describe_target(target: Target, values: list[str]) -> str:
         return (f"two classes, {first} ({n_first}) and {second} ({n_second}); {second} is the positive class (the "
                 "output and AUROC are of it)")
     return f"{len(counts)} classes, " + ", ".join(f"{c} ({n})" for c, n in counts)
+
+
+def no_answer_codes(numbers: np.ndarray) -> list[float]:
+    """The values of a number column that look like codes for no answer rather than measurements: whole negative
+    values where at least 90% of the values are not negative (UK Biobank's -1 "do not know", -3 "prefer not to
+    answer"), and whole numbers of one repeated digit (77, 999, -9999: ABCD's 777 "refused", 999 "do not know")
+    beyond twice every other value's size."""
+    whole = np.unique(numbers[numbers == np.round(numbers)])
+    rare_negatives = np.mean(numbers >= 0) >= 0.9
+    repeated = [v for v in whole if abs(v) >= 77 and len(set(str(int(abs(v))))) == 1]
+    rest = np.abs(numbers[~np.isin(numbers, repeated)])
+    largest = rest.max() if len(rest) else 0.0
+    return [float(v) for v in whole if (v < 0 and rare_negatives) or (v in repeated and abs(v) > 2 * largest)]
 
 
 def missing_value(value: str | None) -> bool:
