@@ -122,14 +122,18 @@ def nib_data(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(str(path)).dataobj)
 
 
-def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_tr: float | None = None) -> dict:
+def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_tr: float | None = None,
+                     voxel_size: float = 2.0) -> dict:
+    """``voxel_size`` other than the input's 2 mm: onto that grid, resampled (``--resample``)."""
     code = (
         "import sys, time, resource;"
         "from neurox.data.prepare import prepare;"
-        "from neurox.data.preprocess import PrepareOptions;"
+        "from neurox.data.preprocess import PrepareOptions, TargetGrid;"
         "t = time.perf_counter();"
         "tr = float(sys.argv[4]) or None;"
-        "r = prepare(sys.argv[1], sys.argv[2], PrepareOptions(confounds=sys.argv[3], resample_tr=tr), progress=False);"
+        "v = float(sys.argv[5]);"
+        "o = PrepareOptions(TargetGrid.default(v), confounds=sys.argv[3], resample_tr=tr, resample=v != 2.0);"
+        "r = prepare(sys.argv[1], sys.argv[2], o, progress=False);"
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.ok);"
         "sys.stderr.write(str(r.failed))"
     )
@@ -139,8 +143,8 @@ def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_
         manifest.write_text(f"participant_id\tpath\tmask\tconfounds\nsub-bench\t{source.name}\t"
                             f"{source.name.replace('_bold', '_mask')}\t{table.name}\n")
         source = manifest
-    done = subprocess.run([sys.executable, "-c", code, str(source), str(out), confounds, str(resample_tr or 0)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(out), confounds, str(resample_tr or 0),
+                           str(voxel_size)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     seconds, max_rss_kib, ok = done.stdout.split()

@@ -389,6 +389,37 @@ def test_resampling_only_when_asked(tmp_path):
     assert Store(tmp_path / "store").read_window("run", 0, 8).shape == (1, 96, 96, 96, 8)
 
 
+def test_a_coarser_grid_averages_the_voxels_it_covers(tmp_path):
+    """2 mm noise onto the 4 mm grid: each 4 mm voxel is the mean over its extent ([0.25, 0.5, 0.25] on each axis
+    of the 2 mm voxels around its centre), not a sample of one voxel, whose noise would pass through whole."""
+    from neurox.data.preprocess import GridMapping
+    from neurox.io.nifti import read_info
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = AFFINE[:3, 3]  # 4 mm voxel centres fall on 2 mm ones
+    noise = np.random.default_rng(0).standard_normal((80, 96, 80, 2)).astype(np.float32)
+    # no interpolation, so no --resample needed
+    mapping = GridMapping(read_info(save(tmp_path / "run.nii.gz", noise, affine)), OPTIONS.grid, resample=False)
+    out = mapping(noise)
+    assert out.shape == (48, 48, 48, 2) and out.dtype == np.float32
+    i, j, k = 20, 24, 30  # an inside voxel of the target, at 2 mm voxel (2i - 8, 2j + 2, 2k - 12)
+    x, y, z = np.round(np.linalg.inv(affine) @ OPTIONS.grid.affine @ [i, j, k, 1])[:3].astype(int)
+    tent = np.array([0.25, 0.5, 0.25])
+    cube = noise[x - 1 : x + 2, y - 1 : y + 2, z - 1 : z + 2, 0]
+    assert out[i, j, k, 0] == pytest.approx(np.einsum("xyz,x,y,z->", cube, tent, tent, tent), abs=1e-5)
+    inside = out[10:38, 10:38, 10:38]
+    assert inside.var() == pytest.approx(np.sum(tent**2) ** 3, rel=0.1)  # a sample would keep variance 1
+    assert mapping(np.ones((80, 96, 80), np.uint8), nearest=True)[i, j, k] == 1  # masks: nearest, unaveraged
+    two_mm = bold(8)
+    for axis in range(3):
+        two_mm = np.repeat(two_mm, 2, axis=axis)
+    report = prepare(save(tmp_path / "brain.nii.gz", two_mm, affine), tmp_path / "store", OPTIONS, progress=False)
+    assert report.ok and Store(tmp_path / "store").run("brain").attributes["source"]["resampled"]
+    strided, mapping.stride = mapping.stride, None  # the interpolating path, which any other grid takes
+    assert strided is not None and np.abs(mapping(noise) - out).max() < 1e-5
+    assert np.array_equal(mapping(noise, fill=-7.0) == -7.0, out == 0.0)  # the same voxels outside the input
+
+
 def test_like_applies_a_models_input_contract(tmp_path):
     from neurox.cli import main as cli
 

@@ -77,7 +77,8 @@ def _smoke_parser() -> ArgumentParser:
 def _prepare_parser() -> ArgumentParser:
     p = ArgumentParser(
         description="Preprocess fMRI runs into a chunked store: reorient to RAS, brain mask (given or computed), "
-        "cut (or with --resample, interpolate) onto a box fixed in MNI coordinates, normalise, float16. "
+        "cut (onto larger voxels, average; with --resample, interpolate) onto a box fixed in MNI coordinates, "
+        "normalise, float16. "
         "Finished runs are skipped on a re-run; a bad run is reported in failures.tsv and the rest go on. "
         "Exit status: 0 all runs prepared, 3 some runs failed, 1 nothing could be done.",
         epilog="example: neurox prepare /data/ukb/derivatives/fmriprep --out /scratch/ukb-store --workers 8;  "

@@ -62,8 +62,9 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
                                 []).append(spec.run_id)
         zooms = "x".join(f"{z:g}" for z in np.sqrt((info.ras_affine[:3, :3] ** 2).sum(0)))
         try:
-            GridMapping(info, options.grid, resample=False)
-            grids[f"{zooms} mm, aligned with the target box"] += 1
+            mapping = GridMapping(info, options.grid, resample=False)
+            grids[f"{zooms} mm, " + ("aligned with the target box" if mapping.aligned else
+                                     f"averaged onto the {options.grid.voxel_size_mm:g} mm target box")] += 1
         except InputError:
             grids[f"{zooms} mm, not aligned: " + ("resampled" if options.resample else "refused without --resample")
                   ] += 1
