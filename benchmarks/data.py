@@ -128,7 +128,8 @@ def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_
     code = (
         "import sys, time, resource;"
         "from neurox.data.prepare import prepare;"
-        "from neurox.data.preprocess import PrepareOptions, TargetGrid;"
+        "from neurox.data.grid import TargetGrid;"
+        "from neurox.data.preprocess import PrepareOptions;"
         "t = time.perf_counter();"
         "tr = float(sys.argv[4]) or None;"
         "v = float(sys.argv[5]);"

@@ -38,8 +38,9 @@ def backbone_rate(batch: int, repeats: int = 10) -> float:
 
 
 def finetune_rate(work: Path, batch: int, subjects: int) -> dict:
+    from neurox.data.grid import TargetGrid
     from neurox.data.prepare import prepare
-    from neurox.data.preprocess import PrepareOptions, TargetGrid
+    from neurox.data.preprocess import PrepareOptions
     from neurox.data.synthetic import SynthOptions, synthesize
     from neurox.train.finetune import FinetuneConfig, finetune
 

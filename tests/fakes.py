@@ -14,7 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.data.grid import TargetGrid
+from neurox.data.preprocess import PrepareOptions
 
 SHAPE = (40, 48, 40)
 AFFINE = np.array([[4.0, 0, 0, -80.0], [0, 4.0, 0, -116.0], [0, 0, 4.0, -66.0], [0, 0, 0, 1]])

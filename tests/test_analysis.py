@@ -28,9 +28,10 @@ from neurox.analysis.explain import (
     to_source_grid,
 )
 from neurox.cli import main
+from neurox.data.grid import TargetGrid
 from neurox.data.loader import fit_to_grid
 from neurox.data.prepare import prepare
-from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.data.preprocess import PrepareOptions
 from neurox.data.store import Store, read_tsv
 from neurox.data.synthetic import SynthOptions, synthesize
 

@@ -26,9 +26,10 @@ from neurox.data.confounds import (
     nuisance_design,
     read_confounds,
 )
+from neurox.data.grid import TargetGrid
 from neurox.data.loader import Target
 from neurox.data.prepare import options_from_model, prepare
-from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.data.preprocess import PrepareOptions
 from neurox.data.store import Store, read_tsv
 from neurox.data.synthetic import SynthOptions, synthesize
 from neurox.hub import save_pretrained

@@ -18,8 +18,8 @@ import zarr
 from fakes import AFFINE, OPTIONS, as_las, bids_run, bold, brain_mask, save, truncate_gzip
 
 from neurox.cli import main
+from neurox.data.grid import TargetGrid
 from neurox.data.prepare import options_from_model, prepare
-from neurox.data.preprocess import TargetGrid
 from neurox.data.store import Store, read_tsv
 from neurox.errors import UnreadableRun
 
@@ -392,7 +392,7 @@ def test_resampling_only_when_asked(tmp_path):
 def test_a_coarser_grid_averages_the_voxels_it_covers(tmp_path):
     """2 mm noise onto the 4 mm grid: each 4 mm voxel is the mean over its extent ([0.25, 0.5, 0.25] on each axis
     of the 2 mm voxels around its centre), not a sample of one voxel, whose noise would pass through whole."""
-    from neurox.data.preprocess import GridMapping
+    from neurox.data.grid import GridMapping
     from neurox.io.nifti import read_info
 
     affine = np.diag([2.0, 2.0, 2.0, 1.0])

@@ -18,8 +18,9 @@ from fakes import OPTIONS, bids_run, bold, free_port, run_until_step_then_signal
 from safetensors.torch import load_file
 
 from neurox.cli import main
+from neurox.data.grid import TargetGrid
 from neurox.data.prepare import prepare
-from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.data.preprocess import PrepareOptions
 from neurox.hub import HEAD_FILE
 from neurox.train import ssl
 from neurox.train.engine import consolidated_state

@@ -17,8 +17,9 @@ import pytest
 from fakes import subprocess_env
 
 from neurox.cli import main
+from neurox.data.grid import TargetGrid
 from neurox.data.prepare import prepare
-from neurox.data.preprocess import PrepareOptions, TargetGrid
+from neurox.data.preprocess import PrepareOptions
 from neurox.data.store import Store
 from neurox.data.synthetic import SynthOptions, band_limited, network_signals, synthesize
 

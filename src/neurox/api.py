@@ -38,9 +38,10 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
     """Preprocess fMRI runs into a store; returns the report (``.done``, ``.skipped``, ``.failed``,
     ``.ok``, ``.store``). A bad run is listed in ``failures.tsv`` and the rest go on. With ``dry_run``,
     nothing is written and ``.survey`` says what would be done and what would fail."""
+    from neurox.data.grid import TargetGrid
     from neurox.data.prepare import options_from_model, parse_shard
     from neurox.data.prepare import prepare as prepare_store
-    from neurox.data.preprocess import PrepareOptions, TargetGrid
+    from neurox.data.preprocess import PrepareOptions
     from neurox.hub import read_config
 
     model_space = None

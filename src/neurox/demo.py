@@ -37,8 +37,9 @@ def run_demo(out: str | Path, n_subjects: int = 96, n_frames: int = 200, epochs:
              head_init: str = "probe") -> Path | None:
     """The report's path, or None when a signal stopped the fine-tuning (the same call continues it)."""
     from neurox.analysis.baseline import BaselineConfig, baseline
+    from neurox.data.grid import TargetGrid
     from neurox.data.prepare import prepare
-    from neurox.data.preprocess import PrepareOptions, TargetGrid
+    from neurox.data.preprocess import PrepareOptions
     from neurox.data.synthetic import SynthOptions, synthesize
     from neurox.train.engine import checkpoint_exists
     from neurox.train.finetune import FinetuneConfig, finetune

@@ -28,8 +28,9 @@ from neurox.data.confounds import (
     run_confounds,
     table_columns,
 )
+from neurox.data.grid import TargetGrid
 from neurox.data.phenotypes import phenotype_table
-from neurox.data.preprocess import PrepareOptions, TargetGrid, add_frame_signals, computable_confounds, prepare_run
+from neurox.data.preprocess import PrepareOptions, add_frame_signals, computable_confounds, prepare_run
 from neurox.data.store import (
     MANIFEST_COLUMNS,
     RUNS_DIR,

@@ -13,7 +13,8 @@ from collections import Counter
 import numpy as np
 
 from neurox.data.confounds import leading_non_steady, read_confounds, table_columns
-from neurox.data.preprocess import GridMapping, PrepareOptions, computable_confounds, header_tr, run_design
+from neurox.data.grid import GridMapping
+from neurox.data.preprocess import PrepareOptions, computable_confounds, header_tr, run_design
 from neurox.data.temporal import TR_TOLERANCE, output_frames
 from neurox.io.bids import RunSpec
 from neurox.io.nifti import InputError, read_info
