@@ -413,7 +413,10 @@ def test_a_coarser_grid_averages_the_voxels_it_covers(tmp_path):
     two_mm = bold(8)
     for axis in range(3):
         two_mm = np.repeat(two_mm, 2, axis=axis)
-    report = prepare(save(tmp_path / "brain.nii.gz", two_mm, affine), tmp_path / "store", OPTIONS, progress=False)
+    brain = save(tmp_path / "brain.nii.gz", two_mm, affine)
+    survey = prepare(brain, tmp_path / "store", OPTIONS, progress=False, dry_run=True).survey
+    assert "grid: 2x2x2 mm, averaged onto the 4 mm target box (1 run(s))" in survey
+    report = prepare(brain, tmp_path / "store", OPTIONS, progress=False)
     assert report.ok and Store(tmp_path / "store").run("brain").attributes["source"]["resampled"]
     strided, mapping.stride = mapping.stride, None  # the interpolating path, which any other grid takes
     assert strided is not None and np.abs(mapping(noise) - out).max() < 1e-5
