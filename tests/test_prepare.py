@@ -85,6 +85,20 @@ def test_the_confounds_table_is_found_by_either_of_fmripreps_names(tmp_path):
                      "sub-03_task-rest_run-1_desc-confounds_timeseries.tsv"]
 
 
+def test_folders_that_hold_no_runs_are_not_walked_and_linked_ones_are(tmp_path):
+    from neurox.io.bids import discover
+
+    root = tmp_path / "fmriprep"
+    bold = bids_run(root, "01", n_frames=8)
+    for decoy in ("sourcedata/freesurfer/sub-02/func", "sub-01/figures", "fmriprep_23_1_wf/sub-03/func",
+                  ".git/sub-04/func"):
+        (root / decoy).mkdir(parents=True)
+        (root / decoy / bold.name.replace("sub-01", f"sub-0{decoy.split('sub-0')[-1][0]}")).write_bytes(b"")
+    bids_run(tmp_path / "elsewhere", "05", n_frames=8)
+    (root / "sub-05").symlink_to(tmp_path / "elsewhere" / "sub-05")  # a cohort put together from links
+    assert [spec.run_id for spec in discover(root)] == ["sub-01_task-rest_run-1", "sub-05_task-rest_run-1"]
+
+
 def test_a_pediatric_templates_cohorts_are_templates_of_their_own(tmp_path, capsys):
     """fMRIPrep names MNIPediatricAsym's age ranges with a cohort- entity (space-MNIPediatricAsym_cohort-2_res-2):
     each is a template of its own, the --space fMRIPrep's --output-spaces gives it names one, and the run's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -14,6 +15,11 @@ from neurox.io.nifti import InputError
 BOLD_SUFFIXES = ("_desc-preproc_bold.nii.gz", "_desc-preproc_bold.nii")
 # a run's confounds table: fMRIPrep 20.2 and later, then the name fMRIPrep 1.4 to 20.1 gave the same columns
 CONFOUNDS_NAMES = ("_desc-confounds_timeseries.tsv", "_desc-confounds_regressors.tsv")
+# folders that hold no preprocessed BOLD run, not walked into: FreeSurfer's (sourcedata/freesurfer), fMRIPrep's
+# reports, the other BIDS datatypes, an HCP subject's folders (its runs are found by neurox.io.hcp), and nipype's
+# working folders (*_wf)
+NO_RUNS = {"sourcedata", "freesurfer", "figures", "log", "logs", "anat", "fmap", "dwi", "perf", "beh", "T1w", "T2w",
+           "MNINonLinear", "unprocessed", "Diffusion", "release-notes"}
 ENTITY = re.compile(r"(?:^|_)([a-zA-Z0-9]+)-([a-zA-Z0-9.+]+)")
 
 
@@ -112,7 +118,7 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
         raise InputError(f"--space {space}: models read runs in an MNI space (MNI152NLin2009cAsym, "
                          "MNI152NLin6Asym, ...)")
     every_mni = []
-    for path in sorted(root.rglob("*_desc-preproc_bold.nii*")):
+    for path in preprocessed_bolds(root):
         bold_space = entities(path).get("space")
         if path.name.endswith(BOLD_SUFFIXES) and bold_space and is_mni_space(bold_space):
             every_mni.append(path)  # fMRIPrep also writes T1w/fsnative runs beside the MNI ones
@@ -138,6 +144,17 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
         raise InputError(f"{root}: {runs_named} in several MNI output spaces ({', '.join(these)}); choose one with "
                          f"--space, e.g. --space {these[0]}")
     return found
+
+
+def preprocessed_bolds(root: Path) -> list[Path]:
+    """Every ``*_desc-preproc_bold.nii[.gz]`` under ``root``, sorted, without walking into the folders that hold
+    none (``NO_RUNS``, hidden ones): a cohort's FreeSurfer outputs beside fMRIPrep's, or an HCP release, are
+    millions of files, which a cluster's file system lists slowly, and every shard of an array job lists them."""
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if d not in NO_RUNS and not d.startswith(".") and not d.endswith("_wf")]
+        found += [Path(folder) / name for name in files if "_desc-preproc_bold.nii" in name]
+    return sorted(found)
 
 
 def read_manifest(path: Path) -> list[RunSpec]:
