@@ -96,6 +96,7 @@ def test_folders_that_hold_no_runs_are_not_walked_and_linked_ones_are(tmp_path):
         (root / decoy / bold.name.replace("sub-01", f"sub-0{decoy.split('sub-0')[-1][0]}")).write_bytes(b"")
     bids_run(tmp_path / "elsewhere", "05", n_frames=8)
     (root / "sub-05").symlink_to(tmp_path / "elsewhere" / "sub-05")  # a cohort put together from links
+    (root / "sub-05" / "func" / "up").symlink_to(root)  # a link to a folder above: no loop, no run twice
     assert [spec.run_id for spec in discover(root)] == ["sub-01_task-rest_run-1", "sub-05_task-rest_run-1"]
 
 

@@ -149,9 +149,16 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
 def preprocessed_bolds(root: Path) -> list[Path]:
     """Every ``*_desc-preproc_bold.nii[.gz]`` under ``root``, sorted, without walking into the folders that hold
     none (``NO_RUNS``, hidden ones): a cohort's FreeSurfer outputs beside fMRIPrep's, or an HCP release, are
-    millions of files, which a cluster's file system lists slowly, and every shard of an array job lists them."""
-    found = []
+    millions of files, which a cluster's file system lists slowly, and every shard of an array job lists them.
+    Linked folders are followed (a cohort put together from links), each real folder once (a link to a folder
+    above it is no loop)."""
+    found, seen = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
         subfolders[:] = [d for d in subfolders if d not in NO_RUNS and not d.startswith(".") and not d.endswith("_wf")]
         found += [Path(folder) / name for name in files if "_desc-preproc_bold.nii" in name]
     return sorted(found)
