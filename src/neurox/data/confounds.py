@@ -154,15 +154,24 @@ def run_confounds(path: Path, n_frames: int, bold_name: str) -> dict[str, np.nda
     return table
 
 
-def leading_non_steady(table: dict[str, np.ndarray]) -> int:
-    """How many frames at the start of a run its table marks as non-steady-state: fMRIPrep flags the first
-    frames, brighter while the magnetisation settles, one ``non_steady_state_outlierNN`` column each. A marked
-    frame after an unmarked one is not counted (the strategies below still treat it)."""
-    marked = [np.nan_to_num(values) != 0 for name, values in table.items() if name.startswith(OUTLIER_PREFIX)]
-    if not marked:
-        return 0
-    flagged = np.any(marked, axis=0)
-    return len(flagged) if flagged.all() else int(np.argmin(flagged))
+def leading_non_steady(path: str | Path) -> int:
+    """How many frames at the start of a run its confounds table marks as non-steady-state: fMRIPrep flags the
+    first frames, brighter while the magnetisation settles, one ``non_steady_state_outlierNN`` column each. A
+    marked frame after an unmarked one is not counted (the strategies below still treat it). From the header and
+    the first rows only: a dry run reads a cohort's tables, which run to megabytes each."""
+    try:
+        with open(path) as file:
+            header = file.readline().rstrip("\n").split("\t")
+            columns = [i for i, name in enumerate(header) if name.startswith(OUTLIER_PREFIX)]
+            count = 0
+            for line in file if columns else ():
+                cells = line.rstrip("\n").split("\t")
+                if not any(cells[i] not in ("n/a", "") and float(cells[i]) != 0 for i in columns):
+                    break
+                count += 1
+    except (OSError, UnicodeDecodeError, ValueError, IndexError) as err:
+        raise InputError(f"{path}: cannot read the non-steady-state columns of the confounds table ({err})") from None
+    return count
 
 
 def drop_leading(table: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:

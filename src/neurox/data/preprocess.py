@@ -112,7 +112,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         confounds = run_confounds(spec.confounds, info.n_frames, spec.bold.name)
     # leading non-steady-state frames (brighter while the magnetisation settles) are left out of the store and
     # its table: from here on, frame 0 is the first one kept
-    first = leading_non_steady(confounds) if options.non_steady_state != "keep" else 0
+    first = leading_non_steady(spec.confounds) if confounds and options.non_steady_state != "keep" else 0
     n = info.n_frames - first
     if n < options.min_frames:
         dropped = f" after its {first} leading non-steady-state frame(s)" if first else ""

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from neurox.data.confounds import leading_non_steady, read_confounds, table_columns
+from neurox.data.confounds import leading_non_steady, table_columns
 from neurox.data.grid import GridMapping
 from neurox.data.preprocess import PrepareOptions, computable_confounds, header_tr, run_design
 from neurox.data.temporal import TR_TOLERANCE, output_frames
@@ -47,7 +47,7 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
         n_frames = info.n_frames  # as stored: after its leading non-steady-state frames and resampling in time
         if spec.confounds is not None and options.non_steady_state == "drop":
             try:
-                leading = leading_non_steady(read_confounds(spec.confounds))
+                leading = leading_non_steady(spec.confounds)
             except InputError as err:
                 problems.setdefault("unreadable confounds table", []).append(str(err))
                 leading = 0
