@@ -34,8 +34,9 @@ GRID = (91, 109, 91)
 AFFINE = np.array([[2.0, 0, 0, -90.0], [0, 2.0, 0, -126.0], [0, 0, 2.0, -72.0], [0, 0, 0, 1.0]])
 
 
-def make_input(path: Path, n_frames: int, seed: int = 0) -> Path:
-    """A gzipped float32 run: tissue baseline, slow low-rank signals and white noise in the brain."""
+def make_input(path: Path, n_frames: int, seed: int = 0, grid=GRID, affine=AFFINE) -> Path:
+    """A gzipped float32 run: tissue baseline, slow low-rank signals and white noise in the brain (on the MNI 2 mm
+    grid unless ``grid`` and ``affine`` say otherwise)."""
     from nilearn.datasets import load_mni152_brain_mask
     from nilearn.image import resample_img
     from scipy.ndimage import gaussian_filter
@@ -44,12 +45,12 @@ def make_input(path: Path, n_frames: int, seed: int = 0) -> Path:
 
     if path.exists():
         return path
-    mask_img = resample_img(load_mni152_brain_mask(resolution=2), target_affine=AFFINE, target_shape=GRID,
+    mask_img = resample_img(load_mni152_brain_mask(resolution=2), target_affine=affine, target_shape=grid,
                             interpolation="nearest", force_resample=True, copy_header=True)
     mask = mask_img.get_fdata() > 0
     rng = np.random.default_rng(seed)
-    baseline = (1000 * (1 + 0.1 * gaussian_filter(rng.standard_normal(GRID), 3.0) * 10) * mask).astype(np.float32)
-    maps = np.stack([gaussian_filter(rng.standard_normal(GRID), 4.0) for _ in range(12)], -1).astype(np.float32)
+    baseline = (1000 * (1 + 0.1 * gaussian_filter(rng.standard_normal(grid), 3.0) * 10) * mask).astype(np.float32)
+    maps = np.stack([gaussian_filter(rng.standard_normal(grid), 4.0) for _ in range(12)], -1).astype(np.float32)
     maps *= 10 / maps.std()
     signals = np.stack([band_limited(rng, n_frames, 0.72, 0.01, 0.1) for _ in range(12)]).astype(np.float32)
 
@@ -60,8 +61,8 @@ def make_input(path: Path, n_frames: int, seed: int = 0) -> Path:
             frames += 10 * rng.standard_normal(frames.shape, dtype=np.float32)
             yield frames * mask[..., None]
 
-    write_nifti_streaming(path, AFFINE, (*GRID, n_frames), 0.72, blocks())
-    write_image(path.with_name(path.name.replace("_bold", "_mask")), mask.astype(np.uint8), AFFINE)
+    write_nifti_streaming(path, affine, (*grid, n_frames), 0.72, blocks())
+    write_image(path.with_name(path.name.replace("_bold", "_mask")), mask.astype(np.uint8), affine)
     return path
 
 
@@ -123,8 +124,8 @@ def nib_data(path: Path) -> np.ndarray:
 
 
 def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_tr: float | None = None,
-                     voxel_size: float = 2.0) -> dict:
-    """``voxel_size`` other than the input's 2 mm: onto that grid, resampled (``--resample``)."""
+                     voxel_size: float = 2.0, resample: bool = False) -> dict:
+    """``voxel_size``: the target grid's; ``resample``: interpolate an input that does not align with it."""
     code = (
         "import sys, time, resource;"
         "from neurox.data.prepare import prepare;"
@@ -133,7 +134,7 @@ def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_
         "t = time.perf_counter();"
         "tr = float(sys.argv[4]) or None;"
         "v = float(sys.argv[5]);"
-        "o = PrepareOptions(TargetGrid.default(v), confounds=sys.argv[3], resample_tr=tr, resample=v != 2.0);"
+        "o = PrepareOptions(TargetGrid.default(v), confounds=sys.argv[3], resample_tr=tr, resample=sys.argv[6] == '1');"
         "r = prepare(sys.argv[1], sys.argv[2], o, progress=False);"
         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.ok);"
         "sys.stderr.write(str(r.failed))"
@@ -145,7 +146,7 @@ def prepare_in_child(source: Path, out: Path, confounds: str = "none", resample_
                             f"{source.name.replace('_bold', '_mask')}\t{table.name}\n")
         source = manifest
     done = subprocess.run([sys.executable, "-c", code, str(source), str(out), confounds, str(resample_tr or 0),
-                           str(voxel_size)], capture_output=True, text=True)
+                           str(voxel_size), "1" if resample else "0"], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     seconds, max_rss_kib, ok = done.stdout.split()

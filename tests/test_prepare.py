@@ -22,6 +22,7 @@ from neurox.data.grid import TargetGrid
 from neurox.data.prepare import options_from_model, prepare
 from neurox.data.store import Store, read_tsv
 from neurox.errors import UnreadableRun
+from neurox.io.nifti import InputError
 
 
 def store_contents(root: Path) -> dict:
@@ -433,9 +434,32 @@ def test_a_coarser_grid_averages_the_voxels_it_covers(tmp_path):
     assert "grid: 2x2x2 mm, averaged onto the 4 mm target box (1 run(s))" in survey
     report = prepare(brain, tmp_path / "store", OPTIONS, progress=False)
     assert report.ok and Store(tmp_path / "store").run("brain").attributes["source"]["resampled"]
-    strided, mapping.stride = mapping.stride, None  # the interpolating path, which any other grid takes
-    assert strided is not None and np.abs(mapping(noise) - out).max() < 1e-5
+    assert not mapping.interpolates
+    mapping.separable = False  # scipy's 3D interpolation, which an oblique input takes, gives the same
+    assert np.abs(mapping(noise) - out).max() < 1e-5
     assert np.array_equal(mapping(noise, fill=-7.0) == -7.0, out == 0.0)  # the same voxels outside the input
+
+
+def test_a_native_resolution_run_is_interpolated_one_axis_at_a_time_as_in_3d(tmp_path):
+    """fMRIPrep's default MNI output keeps the BOLD's voxel size (3 mm here) and lands off the box's centres:
+    trilinear, one axis at a time, gives scipy's 3D interpolation (and its nearest voxel, for masks)."""
+    from neurox.data.grid import GridMapping
+    from neurox.io.nifti import read_info
+
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine[:3, 3] = (-91.0, -125.5, -73.0)
+    run = np.random.default_rng(1).standard_normal((61, 73, 61, 3)).astype(np.float32)
+    path = save(tmp_path / "run.nii.gz", run, affine)
+    two_mm = type(OPTIONS.grid).default(2.0)
+    with pytest.raises(InputError, match="pass --resample to interpolate"):
+        GridMapping(read_info(path), two_mm, resample=False)
+    mapping = GridMapping(read_info(path), two_mm, resample=True)
+    mask = (run[..., 0] > 0).astype(np.uint8)
+    by_axis = mapping(run, fill=-9.0), mapping(mask, nearest=True)
+    assert by_axis[0].shape == (96, 96, 96, 3) and by_axis[0].flags["F_CONTIGUOUS"] and by_axis[1].dtype == np.uint8
+    mapping.separable = False
+    in_3d = mapping(run, fill=-9.0), mapping(mask, nearest=True)
+    assert np.abs(by_axis[0] - in_3d[0]).max() < 1e-5 and np.array_equal(by_axis[1], in_3d[1])
 
 
 def test_like_applies_a_models_input_contract(tmp_path):

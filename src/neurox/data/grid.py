@@ -2,8 +2,8 @@
 
 An input already on a grid that aligns with the box (same voxel size, origin a whole number of voxels away: the
 usual fMRIPrep/HCP MNI outputs) is cut and padded. Onto larger voxels, each target voxel is the average of the
-input voxels it covers; where the target's centres fall on every k-th input voxel (MNI 2 mm outputs onto the
-4 mm box) that is a weighted sum of strided views, and anything else is interpolated (trilinear) when asked to.
+input voxels it covers (MNI 2 mm outputs onto the 4 mm box need nothing else); any other grid is interpolated
+(trilinear) when asked to, one axis at a time.
 """
 
 from __future__ import annotations
@@ -44,14 +44,17 @@ class TargetGrid:
 
 
 class GridMapping:
-    """Takes RAS volumes of one input onto the target grid: a cut-and-pad when the grids align,
-    else trilinear (or nearest, for masks) resampling. Where the target's voxels are larger than the input's
-    (2 mm runs onto a 4 mm grid, HCP's 1.6 mm 7T runs onto 2 mm), each input axis is first averaged over a
-    target voxel's width: a target voxel is then the mean of the input voxels it covers, not a sample of one
-    of them (whose noise, and whatever varies faster than the new grid can hold, would alias into it). Where the
-    target's voxel centres fall on every k-th input voxel (the MNI 2 mm outputs of fMRIPrep and HCP onto the
-    4 mm grid), that average is a weighted sum of strided views, without interpolating (and without ``resample``,
-    which only interpolation needs)."""
+    """Takes RAS volumes of one input onto the target grid: a cut-and-pad when the grids align, else trilinear (or
+    nearest, for masks) resampling. Where the target's voxels are larger than the input's (2 mm runs onto the 4 mm
+    grid, HCP's 1.6 mm 7T runs onto 2 mm), each input axis is first averaged over a target voxel's width: a target
+    voxel is then the mean of the input voxels it covers, not a sample of one of them (whose noise, and whatever
+    varies faster than the new grid can hold, would alias into it).
+
+    Grids whose axes are parallel (every MNI output) are resampled one axis at a time, each axis a small
+    (target voxels x input voxels) matrix of weights applied to a block of frames by one matrix product: a 3 mm
+    run onto the 2 mm grid prepares 6 times faster than interpolating each frame in 3D (docs/performance.md).
+    Where the target's centres fall on input centres (the MNI 2 mm outputs onto the 4 mm grid) nothing is
+    interpolated, only averaged, and ``resample`` is not needed."""
 
     def __init__(self, info: NiftiInfo, grid: TargetGrid, resample: bool):
         self.grid = grid
@@ -65,27 +68,58 @@ class GridMapping:
         zooms = np.sqrt((source_affine[:3, :3] ** 2).sum(0))
         self.averaging = [box_weights(grid.voxel_size_mm / zoom) for zoom in zooms]  # per input axis; None: finer
         scale = np.diag(linear)
-        self.stride = np.round(scale).astype(int) if (  # target voxel i on input voxel offset + stride * i
-            not self.aligned and np.allclose(linear, np.diag(scale), atol=1e-3) and (scale > 1.5).all()
-            and np.allclose(scale, np.round(scale), atol=1e-3) and np.allclose(offset, np.round(offset), atol=1e-3)
-        ) else None
-        if not self.aligned and self.stride is None and not resample:  # averaging over strided views is no guess
+        self.separable = bool(np.allclose(linear, np.diag(scale), atol=1e-3))
+        on_centres = (self.separable and (scale > 0.5).all() and np.allclose(scale, np.round(scale), atol=1e-3)
+                      and np.allclose(offset, np.round(offset), atol=1e-3))
+        self.interpolates = not self.aligned and not on_centres
+        self._weights: dict[bool, list[tuple[np.ndarray, np.ndarray]]] = {}  # nearest -> per axis, made once
+        if self.interpolates and not resample:
             raise InputError(
                 f"{info.path}: its voxel grid ({format_mm(zooms)} mm, origin {format_mm(source_affine[:3, 3])}) does "
                 f"not align with the {grid.voxel_size_mm} mm target grid; pass --resample to interpolate"
             )
 
     def __call__(self, volume: np.ndarray, fill: float = 0.0, nearest: bool = False) -> np.ndarray:
-        """(x, y, z[, n]) in source RAS -> (X, Y, Z[, n]) on the target grid."""
+        """(x, y, z[, n]) in source RAS -> (X, Y, Z[, n]) on the target grid, in Fortran order."""
         if self.aligned:
             return self._cut(volume, fill)
-        if self.stride is not None:
-            return self._strided(volume, fill, nearest)
+        if self.separable:
+            return self._by_axis(volume, fill, nearest)
+        return self._interpolated(volume, fill, nearest)
+
+    def _by_axis(self, volume: np.ndarray, fill: float, nearest: bool) -> np.ndarray:
+        """One matrix product per axis on the whole block. The block's Fortran order (x fastest) is a C-ordered
+        (t, z, y, x) array: each product below reads and writes C-ordered arrays, with no transposing copy."""
+        if nearest not in self._weights:
+            self._weights[nearest] = [
+                axis_weights(n_target, n_source, self.matrix[axis, axis], self.matrix[axis, 3],
+                             None if nearest else self.averaging[axis], nearest)
+                for axis, (n_target, n_source) in enumerate(zip(self.grid.shape, self.source_shape))]
+        (wx, inside_x), (wy, inside_y), (wz, inside_z) = self._weights[nearest]
+        x, y, z = volume.shape[:3]
+        extra = volume.shape[3:]
+        t = int(np.prod(extra))
+        X, Y, Z = self.grid.shape
+        frames = np.asfortranarray(volume, dtype=np.float32).reshape(x, y, z, t, order="F").T  # (t, z, y, x)
+        out = (frames.reshape(-1, x) @ wx.T).reshape(t, z, y, X)
+        out = np.matmul(wy, out.reshape(t * z, y, X)).reshape(t, z, Y, X)
+        out = np.matmul(wz, out.reshape(t, z, Y * X)).reshape(t, Z, Y, X)
+        out[:, ~inside_z] = fill
+        out[:, :, ~inside_y] = fill
+        out[:, :, :, ~inside_x] = fill
+        out = out.T.reshape(X, Y, Z, *extra, order="F")
+        if nearest or not np.issubdtype(volume.dtype, np.floating):
+            return np.rint(out).astype(volume.dtype)
+        return out.astype(volume.dtype, copy=False)
+
+    def _interpolated(self, volume: np.ndarray, fill: float, nearest: bool) -> np.ndarray:
+        """An input whose axes are not parallel to the grid's (oblique): each frame averaged along its own axes,
+        then interpolated in 3D."""
         from scipy.ndimage import affine_transform, correlate1d
 
         extra = volume.shape[3:]
         flat = volume.reshape(*volume.shape[:3], -1)
-        out = np.empty((*self.grid.shape, flat.shape[3]), dtype=volume.dtype)
+        out = np.empty((*self.grid.shape, flat.shape[3]), dtype=volume.dtype, order="F")
         for i in range(flat.shape[3]):
             frame = flat[..., i]
             for axis, weights in enumerate(self.averaging):
@@ -93,39 +127,7 @@ class GridMapping:
                     frame = correlate1d(frame, weights, axis=axis, mode="nearest")
             out[..., i] = affine_transform(frame, self.matrix[:3, :3], self.matrix[:3, 3],
                                            output_shape=self.grid.shape, order=0 if nearest else 1, cval=fill)
-        return out.reshape(*self.grid.shape, *extra)
-
-    def _strided(self, volume: np.ndarray, fill: float, nearest: bool) -> np.ndarray:
-        """The target voxels that fall on input voxels, each the weighted sum (``averaging``) of the input voxels
-        around it (the input's edge voxel repeated past its edge, as the interpolating path does); the rest
-        ``fill``. One axis at a time: each sum is over views ``stride`` apart, and shrinks what the next reads."""
-        out = np.full((*self.grid.shape, *volume.shape[3:]), fill, dtype=volume.dtype, order="F")
-        kept, inside = volume, []
-        for axis in range(3):
-            k, start, n_source = self.stride[axis], self.offset[axis], self.source_shape[axis]
-            lo = max(0, -(start // k))  # the first target voxel whose centre is an input voxel: start + k lo >= 0
-            hi = min(self.grid.shape[axis], (n_source - 1 - start) // k + 1)
-            if hi <= lo:
-                return out  # no overlap at all
-            weights = [1.0] if nearest or self.averaging[axis] is None else self.averaging[axis]
-            half = len(weights) // 2
-            if half:  # the edge voxel repeated past the edge; index i of ``kept`` is i + half of ``padded``
-                widths = [(0, 0)] * kept.ndim
-                widths[axis] = (half, half)
-                kept = np.pad(kept, widths, mode="edge")
-            total = None
-            for j, weight in enumerate(weights):  # the input voxels j - half away from each target voxel's centre
-                first = start + k * lo + j  # in padded indices
-                view = kept[(slice(None),) * axis + (slice(first, first + k * (hi - lo - 1) + 1, k),)]
-                if len(weights) == 1:
-                    total = view
-                else:
-                    part = view * view.dtype.type(weight)
-                    total = part if total is None else np.add(total, part, out=total)
-            kept = total
-            inside.append(slice(lo, hi))
-        out[tuple(inside)] = kept
-        return out
+        return out.reshape(*self.grid.shape, *extra, order="F")
 
     def _cut(self, volume: np.ndarray, fill: float) -> np.ndarray:
         # Fortran order, like the frames read from NIfTI: the copy below streams, it does not transpose
@@ -139,6 +141,33 @@ class GridMapping:
             dst.append(slice(lo - start, hi - start))
         out[tuple(dst)] = volume[tuple(src)]
         return out
+
+
+def axis_weights(n_target: int, n_source: int, scale: float, offset: float, averaging: np.ndarray | None,
+                 nearest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis: (target voxels, input voxels) float32 weights taking target voxel i from the input at
+    ``offset + scale * i`` (linearly interpolated, or the nearest voxel; after ``averaging``, the input's edge
+    voxel repeated past its edge), and which target voxels fall inside the input (the others are filled)."""
+    position = offset + scale * np.arange(n_target)
+    inside = (position > -1e-3) & (position < n_source - 1 + 1e-3)
+    position = np.clip(position, 0, n_source - 1)
+    rows = np.arange(n_target)
+    weights = np.zeros((n_target, n_source))
+    if nearest:
+        weights[rows, np.floor(position + 0.5).astype(int)] = 1.0
+    else:
+        below = np.floor(position).astype(int)
+        above = np.minimum(below + 1, n_source - 1)
+        np.add.at(weights, (rows, below), 1 - (position - below))
+        np.add.at(weights, (rows, above), position - below)
+        if averaging is not None:
+            half = len(averaging) // 2
+            box = np.zeros((n_source, n_source))
+            for k, weight in enumerate(averaging):
+                np.add.at(box, (np.arange(n_source), np.clip(np.arange(n_source) + k - half, 0, n_source - 1)), weight)
+            weights = weights @ box
+    weights[~inside] = 0.0
+    return weights.astype(np.float32), inside
 
 
 def box_weights(ratio: float) -> np.ndarray | None:
