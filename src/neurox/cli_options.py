@@ -128,7 +128,8 @@ def _prepare_parser() -> ArgumentParser:
                    help="the leading frames a run's fMRIPrep confounds mark non_steady_state_outlier (brighter while "
                    "the magnetisation settles): drop them from the store, or keep them (default: drop in a new "
                    "store; in an existing one, as its runs were prepared)")
-    p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align")
+    p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align (runs "
+                   "onto larger voxels on the same centres, 2 mm onto the 4 mm grid, are averaged without it)")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")
     p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")
     p.add_argument("--resample_tr", type=float, default=None,
