@@ -55,11 +55,11 @@ def main() -> None:
 
     root = Path(args.workdir) / f"fmriprep-{args.participants}"
     files = make_tree(root, args.participants)
-    from neurox.io.bids import NO_RUNS
+    from neurox.io.bids import may_hold_runs
 
     listed = 0  # the files in the folders the walk lists (a cluster file system's cost grows with them)
     for _, subfolders, names in os.walk(root):
-        subfolders[:] = [d for d in subfolders if d not in NO_RUNS and not d.startswith(".") and not d.endswith("_wf")]
+        subfolders[:] = [name for name in subfolders if may_hold_runs(name)]
         listed += len(names)
     walk_s, walk_found = best_of(lambda: preprocessed_bolds(root))
     rglob_s, rglob_found = best_of(lambda: sorted(root.rglob("*_desc-preproc_bold.nii*")))

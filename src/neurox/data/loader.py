@@ -69,12 +69,11 @@ def describe_target(target: Target, values: list[str]) -> str:
         numbers = np.array([float(v) for v in values])
         text = f"a number, {numbers.min():g} to {numbers.max():g} (mean {numbers.mean():.4g}, {len(numbers)} values)"
         distinct = np.unique(numbers)
-        codes = no_answer_codes(numbers)
         if len(distinct) <= FEW_NUMBERS and np.array_equal(distinct, np.round(distinct)):
             text += (f"; only {len(distinct)} distinct values ({', '.join(f'{d:g}' for d in distinct)}): if they are "
                      "classes, --task multiclass; if some are codes for no answer, make them n/a in the phenotype "
                      "table")
-        elif codes:
+        elif codes := no_answer_codes(numbers):
             counts = ", ".join(f"{c:g} ({int(np.sum(numbers == c))})" for c in codes)
             text += (f"; {counts} look like codes for no answer (UK Biobank's negatives, ABCD's 777 and 999): if so, "
                      "make them n/a in the phenotype table")

@@ -217,8 +217,9 @@ def with_store_settings(options: PrepareOptions, root: Path) -> PrepareOptions:
     if options.non_steady_state is not None:
         return options
     path = root / STORE_FILE
-    existing = json.loads(path.read_text()) if path.is_file() else {"non_steady_state": "drop"}
-    return replace(options, non_steady_state=existing.get("non_steady_state", STORE_DEFAULTS["non_steady_state"]))
+    setting = json.loads(path.read_text()).get("non_steady_state", STORE_DEFAULTS["non_steady_state"]) \
+        if path.is_file() else "drop"
+    return replace(options, non_steady_state=setting)
 
 
 def runs_template(specs: list[RunSpec], input_path) -> str:

@@ -159,9 +159,14 @@ def preprocessed_bolds(root: Path) -> list[Path]:
             subfolders[:] = []
             continue
         seen.add((status.st_dev, status.st_ino))
-        subfolders[:] = [d for d in subfolders if d not in NO_RUNS and not d.startswith(".") and not d.endswith("_wf")]
+        subfolders[:] = [name for name in subfolders if may_hold_runs(name)]
         found += [Path(folder) / name for name in files if "_desc-preproc_bold.nii" in name]
     return sorted(found)
+
+
+def may_hold_runs(folder_name: str) -> bool:
+    """Whether ``preprocessed_bolds`` walks into a folder of this name."""
+    return folder_name not in NO_RUNS and not folder_name.startswith(".") and not folder_name.endswith("_wf")
 
 
 def read_manifest(path: Path) -> list[RunSpec]:
