@@ -184,6 +184,35 @@ def test_single_nifti_with_computed_mask(tmp_path):
     assert np.array_equal(store.mask(run_id), expected)
 
 
+def test_the_tr_is_read_in_seconds_whatever_unit_the_header_gives(tmp_path, capsys):
+    def run_with_header_tr(name: str, tr: float, unit: str) -> Path:
+        path = save(tmp_path / name, bold())
+        img = nib.load(path)
+        img.header.set_xyzt_units("mm", unit)
+        img.header.set_zooms((4.0, 4.0, 4.0, tr))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header), path)
+        return path
+
+    def stored_tr(path: Path, store: str, **options) -> float:
+        report = prepare(path, tmp_path / store, replace(OPTIONS, **options), progress=False)
+        assert report.ok, report.failed
+        (run_id,) = Store(tmp_path / store).run_ids
+        return Store(tmp_path / store).run(run_id).attributes["tr"]
+
+    assert stored_tr(run_with_header_tr("ms.nii.gz", 720.0, "msec"), "ms") == pytest.approx(0.72)
+    # 720 with the unit unset is no TR in seconds: refused, unless --tr gives it
+    unset = run_with_header_tr("unset.nii.gz", 720.0, "unknown")
+    report = prepare(unset, tmp_path / "refused", OPTIONS, progress=False)
+    (error,) = report.failed.values()
+    assert error == f"{unset}: the header's TR, 720, is not seconds (its time unit unset or wrong?); give the TR " \
+                    "in seconds with --tr"
+    assert stored_tr(unset, "given", tr=0.72) == pytest.approx(0.72)
+    # the dry run says the same
+    assert main(["prepare", str(unset), "--out", str(tmp_path / "dry"), "--voxel_size", "4", "--min_frames", "8",
+                 "--dry_run", "true", "--quiet", "true"]) == 0
+    assert f"would fail, no TR in seconds: {error}" in capsys.readouterr().out
+
+
 def test_tsv_manifest(tmp_path):
     save(tmp_path / "in" / "a.nii.gz", bold(seed=1))
     b = save(tmp_path / "in" / "b.nii.gz", bold(seed=2))
@@ -272,6 +301,9 @@ def bad_inputs(root: Path) -> dict[str, str]:
     save(Path(str(path).replace("desc-preproc_bold", "desc-brain_mask")), brain_mask().astype(np.uint8),
          AFFINE @ np.diag([1.0, 1.0, 1.0, 1.0]) + np.array([[0, 0, 0, 4.0], [0] * 4, [0] * 4, [0] * 4]))
     broken["sub-b8"] = "do not match the run"
+    path = bids_run(root, "b9")
+    path.with_name(path.name.replace(".nii.gz", ".json")).write_text('{"RepetitionTime": 2000}')
+    broken["sub-b9"] = "RepetitionTime 2000 is not a TR in seconds"
     return broken
 
 

@@ -131,7 +131,8 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align (runs "
                    "onto larger voxels on the same centres, 2 mm onto the 4 mm grid, are averaged without it)")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")
-    p.add_argument("--tr", type=float, default=None, help="TR in seconds where no sidecar or header gives one")
+    p.add_argument("--tr", type=float, default=None,
+                   help="TR in seconds where no sidecar or header gives one, or the header's is not in seconds")
     p.add_argument("--resample_tr", type=float, default=None,
                    help="seconds: resample every run in time onto this TR (band-limited, after normalising), so that "
                    "cohorts scanned at different TRs give windows of one length in seconds (docs/data.md); --like "

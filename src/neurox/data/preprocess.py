@@ -127,7 +127,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         if not given_mask.any():
             raise InputError(f"{spec.mask}: the brain mask is empty")
 
-    tr = spec.tr or header_tr(info) or options.tr
+    tr = run_tr(spec, info, options.tr)
     n_out, tr_out, in_time = n, tr, False  # in_time: resampled as the last step of pass 2
     if options.resample_tr is not None:
         if tr is None:
@@ -408,7 +408,28 @@ def check_mni_placement(spec: RunSpec, mask: np.ndarray, grid: TargetGrid, kept_
         raise InputError(f"{spec.bold}: only {kept_fraction:.0%} of the brain mask falls inside the crop box")
 
 
-def header_tr(info: NiftiInfo) -> float | None:
-    if len(info.zooms) > 3 and info.zooms[3] > 0:
-        return float(info.zooms[3])
+TR_RANGE_S = (0.02, 30.0)  # outside it (faster than fast MREG, slower than sparse sampling), not seconds
+
+
+def run_tr(spec: RunSpec, info: NiftiInfo, given: float | None) -> float | None:
+    """The run's TR in seconds: its sidecar's ``RepetitionTime``, else its header's (in the header's time unit),
+    else ``given`` (``--tr``). A header TR that cannot be seconds (720 with the unit unset: milliseconds) counts
+    as none; a sidecar's is an error, as BIDS says seconds."""
+    low, high = TR_RANGE_S
+    if spec.tr is not None:
+        if not low <= spec.tr <= high:
+            sidecar = spec.bold.with_name(spec.bold.name.split(".nii")[0] + ".json")
+            raise InputError(f"{sidecar}: RepetitionTime {spec.tr:g} is not a TR in seconds ({low:g}-{high:g} s); "
+                             "BIDS sidecars give seconds")
+        return spec.tr
+    header = None
+    if len(info.zooms) > 3 and info.zooms[3] > 0 and info.seconds_per_time_unit is not None:
+        header = info.zooms[3] * info.seconds_per_time_unit
+    if header is not None and low <= header <= high:
+        return float(header)
+    if given is not None:
+        return given
+    if header is not None:
+        raise InputError(f"{spec.bold}: the header's TR, {info.zooms[3]:g}, is not seconds (its time unit unset or "
+                         "wrong?); give the TR in seconds with --tr")
     return None

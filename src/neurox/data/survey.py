@@ -14,7 +14,7 @@ import numpy as np
 
 from neurox.data.confounds import leading_non_steady, table_columns
 from neurox.data.grid import GridMapping
-from neurox.data.preprocess import PrepareOptions, computable_confounds, header_tr, run_design
+from neurox.data.preprocess import PrepareOptions, computable_confounds, run_design, run_tr
 from neurox.data.temporal import TR_TOLERANCE, output_frames
 from neurox.io.bids import RunSpec
 from neurox.io.nifti import InputError, read_info
@@ -40,7 +40,11 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
             problems.setdefault("not 4D", []).append(spec.run_id)
             continue
         frames[info.n_frames] += 1
-        tr = spec.tr or header_tr(info) or options.tr
+        try:
+            tr = run_tr(spec, info, options.tr)
+        except InputError as err:
+            problems.setdefault("no TR in seconds", []).append(str(err))
+            tr = None
         trs["unknown (give --tr)" if tr is None else f"{tr:g} s"] += 1
         if tr is not None:
             known_trs.append(tr)

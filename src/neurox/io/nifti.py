@@ -34,6 +34,7 @@ class NiftiInfo:
     slope: float
     inter: float
     zooms: tuple[float, ...]
+    seconds_per_time_unit: float | None = 1.0  # the header's time unit (ms: 0.001); None where it is not time
 
     @property
     def n_frames(self) -> int:
@@ -79,7 +80,12 @@ def read_info(path: str | Path) -> NiftiInfo:
         slope=1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope),
         inter=0.0 if inter is None or not np.isfinite(inter) else float(inter),
         zooms=tuple(float(z) for z in header.get_zooms()),
+        seconds_per_time_unit=SECONDS_PER_UNIT.get(header.get_xyzt_units()[1]),
     )
+
+
+# the NIfTI time units; nibabel's zooms are in the header's unit, which some converters set to milliseconds
+SECONDS_PER_UNIT = {"sec": 1.0, "unknown": 1.0, "msec": 1e-3, "usec": 1e-6}
 
 
 def iter_frame_blocks(info: NiftiInfo, block: int = 32) -> Iterator[tuple[int, np.ndarray]]:
