@@ -351,6 +351,30 @@ def test_leading_non_steady_state_frames_are_left_out_of_the_store(tmp_path, cap
     assert "39 frames after its 1 leading non-steady-state frame(s), fewer than one window" in report.failed[run_id]
 
 
+def test_a_run_without_fmripreps_markers_has_its_leading_bright_frames_found(tmp_path):
+    data = bold_data(40, seed=3)
+    save(tmp_path / "in" / "steady.nii.gz", data)
+    data[..., :3] *= np.array([1.5, 1.25, 1.125], dtype=np.float32)  # settling, as the synthetic cohort plants it
+    settling = save(tmp_path / "in" / "settling.nii.gz", data)
+    save(tmp_path / "in" / "after.nii.gz", data[..., 3:])
+    manifest = tmp_path / "in" / "runs.tsv"
+    manifest.write_text("participant_id\tpath\nsub-a\tsettling.nii.gz\nsub-b\tsteady.nii.gz\n")
+    survey = prepare(manifest, tmp_path / "store", OPTIONS, progress=False, dry_run=True).survey
+    assert ("leading non-steady-state frames dropped: found in their first 40 frames when prepared (2 run(s) "
+            "without fMRIPrep's markers)") in survey
+    assert prepare(manifest, tmp_path / "store", OPTIONS, progress=False).ok
+    store = Store(tmp_path / "store")
+    assert {r["participant_id"]: r["non_steady_state_dropped"] for r in store.manifest} == {"sub-a": "3", "sub-b": "0"}
+    # the store holds what the run after them would give
+    assert prepare(tmp_path / "in" / "after.nii.gz", tmp_path / "after", OPTIONS, progress=False).ok
+    after = Store(tmp_path / "after")
+    assert np.array_equal(store.run("sub-a").read(0, 37), after.run(after.run_ids[0]).read(0, 37))
+    # kept where asked
+    report = prepare(settling, tmp_path / "kept", replace_options(non_steady_state="keep"), progress=False)
+    kept = Store(tmp_path / "kept")
+    assert report.ok and kept.run(kept.run_ids[0]).n_frames == 40
+
+
 def replace_options(**changes) -> PrepareOptions:
     return replace(OPTIONS, **changes)
 

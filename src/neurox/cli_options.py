@@ -126,8 +126,9 @@ def _prepare_parser() -> ArgumentParser:
     p.add_argument("--global_signal", type=bool, default=False, help="regress the global signal out too")
     p.add_argument("--non_steady_state", choices=["drop", "keep"], default=None,
                    help="the leading frames a run's fMRIPrep confounds mark non_steady_state_outlier (brighter while "
-                   "the magnetisation settles): drop them from the store, or keep them (default: drop in a new "
-                   "store; in an existing one, as its runs were prepared)")
+                   "the magnetisation settles; without fMRIPrep's table, those its first 40 frames show): drop them "
+                   "from the store, or keep them (default: drop in a new store; in an existing one, as its runs "
+                   "were prepared)")
     p.add_argument("--resample", type=bool, default=False, help="interpolate inputs whose grid does not align (runs "
                    "onto larger voxels on the same centres, 2 mm onto the 4 mm grid, are averaged without it)")
     p.add_argument("--min_frames", type=int, default=20, help="runs shorter than this (one window) are refused")

@@ -10,9 +10,9 @@ tissue signals of an HCP run, whose table has motion only) costs a pass before t
 
 The model grid is a box fixed in MNI coordinates (``neurox.data.grid``), so every subject lands on the
 same voxels: each block of frames is cut onto it (or averaged, or interpolated where asked to) as it is
-read. Leading non-steady-state frames its confounds table marks are left out. Resampling in time onto another TR
-(``resample_tr``, ``neurox.data.temporal``) comes last, after denoising and normalisation at the run's own TR,
-in the second pass.
+read. Leading non-steady-state frames (marked in its confounds table, else found in its first frames) are left
+out. Resampling in time onto another TR (``resample_tr``, ``neurox.data.temporal``) comes last, after denoising
+and normalisation at the run's own TR, in the second pass.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from neurox.data.store import pack_mask
 from neurox.data.temporal import TemporalResampler, differs, output_frames, resample_table
 from neurox.data.tissue import FrameSignals, cosine_basis, tissue_masks
 from neurox.io.bids import RunSpec, is_mni_space
-from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_info, read_volume_ras
+from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_first_frames, read_info, read_volume_ras
 
 NORMALIZATIONS = ("global_zscore", "voxel_zscore", "voxel_center")
 # MNI152 brain centroid (mm); an input whose brain lies far from it is not in MNI space
@@ -60,8 +60,8 @@ class PrepareOptions:
     confounds: str = "none"  # regressed out of every voxel before normalising: none, simple or compcor
     global_signal: bool = False  # the global signal regressed out too
     resample_tr: float | None = None  # every run resampled in time onto this TR (s); None: each keeps its own
-    # a run's leading frames its confounds mark non-steady-state: drop or keep; None: as the store already holds
-    # them, else drop (``neurox.data.prepare`` decides before any run is read)
+    # a run's leading non-steady-state frames (its confounds mark them, else its frames show them): drop or keep;
+    # None: as the store already holds them, else drop (``neurox.data.prepare`` decides before any run is read)
     non_steady_state: str | None = None
 
     def __post_init__(self):
@@ -112,7 +112,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
         confounds = run_confounds(spec.confounds, info.n_frames, spec.bold.name)
     # leading non-steady-state frames (brighter while the magnetisation settles) are left out of the store and
     # its table: from here on, frame 0 is the first one kept
-    first = leading_non_steady(spec.confounds) if confounds and options.non_steady_state != "keep" else 0
+    first = leading_frames_to_drop(spec, info) if options.non_steady_state != "keep" else 0
     n = info.n_frames - first
     if n < options.min_frames:
         dropped = f" after its {first} leading non-steady-state frame(s)" if first else ""
@@ -338,6 +338,37 @@ def _frame_signals(spec: RunSpec, confounds: dict, given_mask: np.ndarray | None
         means.update(tissues)
         compcor_mask = tissues["white_matter"] | tissues["csf"] if "a_comp_cor" in kinds else None
     return FrameSignals(info.n_frames - first, means, compcor_mask, "cosine" in kinds)
+
+
+NON_STEADY_SEARCH = 40  # frames searched for leading non-steady-state ones, as fMRIPrep's detector does
+OUTLIER_Z = 3.5  # its robust z above which a frame is an outlier
+
+
+def leading_frames_to_drop(spec: RunSpec, info: NiftiInfo) -> int:
+    """The run's leading non-steady-state frames: those its fMRIPrep confounds table marks; for a run without
+    one (an HCP run, a run of a manifest), those its frames show (``leading_bright_frames``)."""
+    if has_markers(spec):
+        return leading_non_steady(spec.confounds)
+    return leading_bright_frames(read_first_frames(info, NON_STEADY_SEARCH))
+
+
+def has_markers(spec: RunSpec) -> bool:
+    """Whether the run's confounds table is fMRIPrep's, which marks its non-steady-state frames (HCP's is not)."""
+    return spec.confounds is not None and spec.confounds.suffix == ".tsv"
+
+
+def leading_bright_frames(frames: np.ndarray) -> int:
+    """How many of the leading frames ``(X, Y, Z, n)`` are outliers of the image's mean signal: a robust z
+    (0.6745 x the distance from the median over the median distance) above ``OUTLIER_Z``, from the first frame
+    until one is not, over values clipped to the 99.8th percentile (a few extreme voxels move no mean); as
+    fMRIPrep finds the frames it marks, on its raw runs."""
+    sample = frames.ravel(order="K")[:: max(1, frames.size // 2_000_000)]  # the percentiles, from a sample
+    low = 0.0 if sample.min() >= 0 else float(np.percentile(sample, 0.2))
+    signal = np.clip(frames, low, float(np.percentile(sample, 99.8))).mean(axis=(0, 1, 2), dtype=np.float64)
+    distance = np.abs(signal - np.median(signal))
+    spread = np.median(distance)
+    outlier = distance > 0 if spread == 0 else 0.6745 * distance / spread > OUTLIER_Z
+    return int(np.argmin(outlier)) if not outlier.all() else len(outlier)
 
 
 def kept_frames(info: NiftiInfo, block_frames: int, first: int):

@@ -14,7 +14,14 @@ import numpy as np
 
 from neurox.data.confounds import leading_non_steady, table_columns
 from neurox.data.grid import GridMapping
-from neurox.data.preprocess import PrepareOptions, computable_confounds, run_design, run_tr
+from neurox.data.preprocess import (
+    NON_STEADY_SEARCH,
+    PrepareOptions,
+    computable_confounds,
+    has_markers,
+    run_design,
+    run_tr,
+)
 from neurox.data.temporal import TR_TOLERANCE, output_frames
 from neurox.io.bids import RunSpec
 from neurox.io.nifti import InputError, read_info
@@ -28,7 +35,7 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
     the store already holds a run."""
     problems: dict[str, list[str]] = {}
     frames, trs, grids, non_steady = Counter(), Counter(), Counter(), Counter()
-    known_trs = []
+    known_trs, from_frames = [], 0
     todo = [spec for spec in specs if not is_done(spec)]
     for spec in progress_display(todo, desc="dry run", unit="run", disable=not progress):
         try:
@@ -49,7 +56,9 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
         if tr is not None:
             known_trs.append(tr)
         n_frames = info.n_frames  # as stored: after its leading non-steady-state frames and resampling in time
-        if spec.confounds is not None and options.non_steady_state == "drop":
+        if options.non_steady_state == "drop" and not has_markers(spec):
+            from_frames += 1
+        elif options.non_steady_state == "drop":
             try:
                 leading = leading_non_steady(spec.confounds)
             except InputError as err:
@@ -84,8 +93,11 @@ def survey(specs: list[RunSpec], options: PrepareOptions, is_done, progress: boo
                      f"{_count(todo, lambda s: s.confounds is not None)} with a confounds table, "
                      f"{_count(todo, lambda s: s.segmentation is not None)} with FreeSurfer labels (HCP wmparc)")
         lines.append("frames: " + _tally(frames, "{}"))
-        if sum(n for leading, n in non_steady.items() if leading):
-            lines.append("leading non-steady-state frames dropped: " + _tally(non_steady, "{} frame(s)"))
+        if sum(n for leading, n in non_steady.items() if leading) or from_frames:
+            lines.append("leading non-steady-state frames dropped: " + "; ".join(
+                ([_tally(non_steady, "{} frame(s)")] if non_steady else [])
+                + ([f"found in their first {NON_STEADY_SEARCH} frames when prepared ({from_frames} run(s) without "
+                    "fMRIPrep's markers)"] if from_frames else [])))
         lines.append("TR: " + _tally(trs, "{}") + (f"; every run resampled to {options.resample_tr:g} s"
                                                    if options.resample_tr else ""))
         if not options.resample_tr and known_trs and max(known_trs) / min(known_trs) - 1 > TR_TOLERANCE:

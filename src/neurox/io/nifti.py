@@ -101,14 +101,33 @@ def iter_frame_blocks(info: NiftiInfo, block: int = 32) -> Iterator[tuple[int, n
     if len(info.shape) > 4 and int(np.prod(info.shape[4:])) != 1:
         raise InputError(f"{info.path}: a {len(info.shape)}D image, expected 4D (X, Y, Z, T)")
     frame_bytes = x * y * z * info.dtype.itemsize
-    to_ras = info.to_ras
     for start, raw in _prefetch(_raw_blocks(info, frame_bytes, block, t)):
-        n = len(raw) // frame_bytes
-        frames = np.frombuffer(raw, dtype=info.dtype).reshape((n, z, y, x)).transpose(3, 2, 1, 0)
-        frames = frames.astype(np.float32, order="K")
-        if info.slope != 1.0 or info.inter != 0.0:
-            frames = frames * np.float32(info.slope) + np.float32(info.inter)
-        yield start, apply_orientation(frames, to_ras)
+        yield start, _as_frames(info, raw)
+
+
+def read_first_frames(info: NiftiInfo, count: int) -> np.ndarray:
+    """The run's first ``count`` frames (all of a shorter run), as ``iter_frame_blocks`` gives them; no more of
+    the file is read."""
+    if len(info.shape) < 4:
+        raise InputError(f"{info.path}: a {len(info.shape)}D image, not a 4D fMRI run")
+    frame_bytes = int(np.prod(info.shape[:3])) * info.dtype.itemsize
+    blocks = _raw_blocks(info, frame_bytes, count, min(count, info.n_frames))
+    try:
+        _, raw = next(blocks)
+    finally:
+        blocks.close()
+    return _as_frames(info, raw)
+
+
+def _as_frames(info: NiftiInfo, raw: bytes) -> np.ndarray:
+    """Frames float32 ``(X, Y, Z, n)`` in RAS orientation from the file's bytes: a Fortran-ordered view."""
+    x, y, z = info.shape[:3]
+    n = len(raw) // (x * y * z * info.dtype.itemsize)
+    frames = np.frombuffer(raw, dtype=info.dtype).reshape((n, z, y, x)).transpose(3, 2, 1, 0)
+    frames = frames.astype(np.float32, order="K")
+    if info.slope != 1.0 or info.inter != 0.0:
+        frames = frames * np.float32(info.slope) + np.float32(info.inter)
+    return apply_orientation(frames, info.to_ras)
 
 
 def _open(path: Path):
