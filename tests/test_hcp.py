@@ -331,14 +331,17 @@ def test_a_dry_run_says_what_prepare_would_do_and_writes_nothing(hcp, tmp_path, 
     assert out[0] == "dry run (nothing written): 3 run(s) to prepare, 0 already in the store"
     assert out[1] == ("3 with a brain mask (else computed), 3 with a confounds table, 0 with FreeSurfer labels "
                       "(HCP wmparc)")
-    assert out[2:5] == ["frames: 24 (3 run(s))", "TR: 2 s (3 run(s))",
+    assert out[2:6] == ["frames: 24 (3 run(s))",
+                        "leading non-steady-state frames dropped: found in their first 40 frames when prepared (3 "
+                        "run(s) without fMRIPrep's markers)",  # an HCP motion table marks none
+                        "TR: 2 s (3 run(s))",
                         "grid: 4x4x4 mm, not aligned: refused without --resample (3 run(s))"]  # the 2 mm box
-    assert out[5] == ("would fail, no column(s) white_matter, csf for --confounds simple (an HCP run gets them from "
+    assert out[6] == ("would fail, no column(s) white_matter, csf for --confounds simple (an HCP run gets them from "
                       "<subject>/MNINonLinear/ROIs/wmparc.2.nii.gz, in the structural package): "
                       "sub-100307_rfMRI_REST1_LR, sub-100307_tfMRI_WM_LR, sub-100408_rfMRI_REST1_LR")
     assert prepare(hcp, store, OPTIONS, progress=False, task="rest").ok
     assert main(args + ["--voxel_size", "4"]) == 0
-    assert capsys.readouterr().out.splitlines()[:5] == [
+    assert [line for line in capsys.readouterr().out.splitlines() if "non-steady" not in line][:5] == [
         "dry run (nothing written): 1 run(s) to prepare, 2 already in the store",
         "1 with a brain mask (else computed), 1 with a confounds table, 0 with FreeSurfer labels (HCP wmparc)",
         "frames: 24 (1 run(s))", "TR: 2 s (1 run(s))", "grid: 4x4x4 mm, aligned with the target box (1 run(s))"]
