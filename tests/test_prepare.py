@@ -213,6 +213,24 @@ def test_the_tr_is_read_in_seconds_whatever_unit_the_header_gives(tmp_path, caps
     assert f"would fail, no TR in seconds: {error}" in capsys.readouterr().out
 
 
+def test_nan_outside_the_brain_is_background(tmp_path):
+    data = bold()  # 0 outside the brain
+    zeros = save(tmp_path / "zeros.nii.gz", data)
+    data[~brain_mask()] = np.nan  # as SPM writes it
+    nans = save(tmp_path / "nans.nii.gz", data)
+    stores = []
+    for path in (zeros, nans):
+        assert prepare(path, tmp_path / path.name.split(".")[0], OPTIONS, progress=False).ok
+        stores.append(Store(tmp_path / path.name.split(".")[0]))
+    (a, b), (run_a, run_b) = stores, [s.run(s.run_ids[0]) for s in stores]
+    assert np.array_equal(a.mask(a.run_ids[0]), b.mask(b.run_ids[0]))
+    assert np.array_equal(run_a.read(0, 24), run_b.read(0, 24))
+    assert run_a.attributes["normalization"] == run_b.attributes["normalization"]
+    data[10, 20, 20, 5] = np.nan  # inside the brain: no background
+    report = prepare(save(tmp_path / "hole.nii.gz", data), tmp_path / "hole", OPTIONS, progress=False)
+    assert list(report.failed.values()) == [f"{tmp_path / 'hole.nii.gz'}: NaN or Inf values (first in frame 5)"]
+
+
 def test_tsv_manifest(tmp_path):
     save(tmp_path / "in" / "a.nii.gz", bold(seed=1))
     b = save(tmp_path / "in" / "b.nii.gz", bold(seed=2))

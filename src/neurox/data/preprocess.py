@@ -153,7 +153,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
             computed, signals = signals.into(confounds, tr), None
         design = run_design(confounds, options.denoising, source, spec)
 
-    # pass 1: finite check and per-voxel sums on the target grid (and, to denoise, each voxel's
+    # pass 1: per-voxel sums on the target grid (and, to denoise, each voxel's
     # products with the regressors: the least-squares fit needs nothing else)
     total = np.zeros(grid_shape, dtype=np.float64)
     total_sq = np.zeros(grid_shape, dtype=np.float64)
@@ -163,10 +163,6 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     cross = np.zeros((int(np.prod(grid_shape)), design.shape[1])) if design is not None else None
     regressors = design.astype(np.float32) if design is not None else None
     for start, frames in kept_frames(info, options.block_frames, first):
-        bad = ~np.isfinite(frames)
-        if bad.any():
-            frame = first + start + int(np.argwhere(bad)[0][3])
-            raise InputError(f"{spec.bold}: NaN or Inf values (first in frame {frame})")
         on_grid = mapping(frames)
         total += on_grid.sum(axis=3, dtype=np.float64)
         total_sq += np.einsum("xyzt,xyzt->xyz", on_grid, on_grid, dtype=np.float64)
@@ -362,6 +358,7 @@ def leading_bright_frames(frames: np.ndarray) -> int:
     (0.6745 x the distance from the median over the median distance) above ``OUTLIER_Z``, from the first frame
     until one is not, over values clipped to the 99.8th percentile (a few extreme voxels move no mean); as
     fMRIPrep finds the frames it marks, on its raw runs."""
+    np.nan_to_num(frames, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # NaN outside the brain: background
     sample = frames.ravel(order="K")[:: max(1, frames.size // 2_000_000)]  # the percentiles, from a sample
     low = 0.0 if sample.min() >= 0 else float(np.percentile(sample, 0.2))
     signal = np.clip(frames, low, float(np.percentile(sample, 99.8))).mean(axis=(0, 1, 2), dtype=np.float64)
@@ -372,11 +369,23 @@ def leading_bright_frames(frames: np.ndarray) -> int:
 
 
 def kept_frames(info: NiftiInfo, block_frames: int, first: int):
-    """``iter_frame_blocks`` from source frame ``first`` on, numbered from it (views, not copies)."""
+    """``iter_frame_blocks`` from source frame ``first`` on, numbered from it (views, not copies). The voxels not
+    finite in the first of them are background, 0 in every frame (SPM, and some resampling tools, write NaN
+    outside the brain); any other value that is not finite fails the run, naming its frame."""
+    background = None
     for start, frames in iter_frame_blocks(info, block_frames):
         cut = max(first - start, 0)
-        if cut < frames.shape[3]:
-            yield start + cut - first, frames[..., cut:]
+        if cut >= frames.shape[3]:
+            continue
+        frames = frames[..., cut:]
+        if background is None:
+            background = ~np.isfinite(frames[..., 0])
+        if background.any():
+            frames[background] = 0.0
+        bad = ~np.isfinite(frames)
+        if bad.any():
+            raise InputError(f"{info.path}: NaN or Inf values (first in frame {start + cut + np.argwhere(bad)[0][3]})")
+        yield start + cut - first, frames
 
 
 def add_frame_signals(spec: RunSpec, table: dict, tr: float, block_frames: int = 32, first: int = 0) -> list[str]:
