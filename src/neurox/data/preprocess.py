@@ -233,7 +233,7 @@ def prepare_run(spec: RunSpec, options: PrepareOptions, writer_factory) -> Prepa
     resampler = TemporalResampler(n, tr, tr_out) if in_time else None
     try:
         outside = ~mask[..., None]
-        for start, frames in kept_frames(info, options.block_frames, first):
+        for start, frames in kept_frames(info, options.block_frames, first, checked=True):
             on_grid = mapping(frames)
             if coefficients is not None:
                 fit = regressors[start : start + on_grid.shape[3]] @ coefficients  # (frames, voxels)
@@ -368,10 +368,11 @@ def leading_bright_frames(frames: np.ndarray) -> int:
     return int(np.argmin(outlier)) if not outlier.all() else len(outlier)
 
 
-def kept_frames(info: NiftiInfo, block_frames: int, first: int):
+def kept_frames(info: NiftiInfo, block_frames: int, first: int, checked: bool = False):
     """``iter_frame_blocks`` from source frame ``first`` on, numbered from it (views, not copies). The voxels not
     finite in the first of them are background, 0 in every frame (SPM, and some resampling tools, write NaN
-    outside the brain); any other value that is not finite fails the run, naming its frame."""
+    outside the brain); any other value that is not finite fails the run, naming its frame (unless ``checked``:
+    an earlier pass over the file did)."""
     background = None
     for start, frames in iter_frame_blocks(info, block_frames):
         cut = max(first - start, 0)
@@ -382,8 +383,8 @@ def kept_frames(info: NiftiInfo, block_frames: int, first: int):
             background = ~np.isfinite(frames[..., 0])
         if background.any():
             frames[background] = 0.0
-        bad = ~np.isfinite(frames)
-        if bad.any():
+        bad = None if checked else ~np.isfinite(frames)
+        if bad is not None and bad.any():
             raise InputError(f"{info.path}: NaN or Inf values (first in frame {start + cut + np.argwhere(bad)[0][3]})")
         yield start + cut - first, frames
 
