@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,7 @@ from fakes import AFFINE, OPTIONS, as_las, bids_run, bold, brain_mask, save, tru
 
 from neurox.cli import main
 from neurox.data.grid import TargetGrid
-from neurox.data.prepare import options_from_model, prepare
+from neurox.data.prepare import LOCK_FILE, options_from_model, prepare, unfinished_runs, write_manifest
 from neurox.data.store import Store, read_tsv
 from neurox.errors import UnreadableRun
 from neurox.io.nifti import InputError
@@ -422,6 +424,32 @@ def test_workers_and_shards_give_the_same_store(cohort, tmp_path):
         prepare(cohort, tmp_path / "sharded", OPTIONS, shard=(i, 2), progress=False)
     assert_same_store(tmp_path / "serial", tmp_path / "sharded")
     assert len(Store(tmp_path / "sharded").manifest) == 3
+    # the shards of an array job rebuild the manifest one at a time: one waits while another holds the store
+    (tmp_path / "sharded" / "manifest.tsv").unlink()
+    with open(tmp_path / "sharded" / LOCK_FILE, "a") as other_shard:
+        fcntl.flock(other_shard, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=write_manifest, args=(tmp_path / "sharded", "zarr"))
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive() and not (tmp_path / "sharded" / "manifest.tsv").exists()
+    waiting.join(timeout=30)
+    assert len(Store(tmp_path / "sharded").manifest) == 3
+
+
+def test_a_cohorts_rerun_lists_the_store_once_for_half_written_runs(tmp_path):
+    bids_run(tmp_path / "in", "01")
+    bids_run(tmp_path / "in", "02")
+    assert prepare(tmp_path / "in", tmp_path / "store", OPTIONS, progress=False).ok
+    runs = tmp_path / "store" / "runs"
+    for name in ("sub-01_task-rest_run-1-4242", "sub-02_task-rest_run-1-77", "sub-02_task-rest_run-1-78"):
+        (runs / f".tmp-{name}" / "c").mkdir(parents=True)  # what a killed job leaves
+    assert {run_id: sorted(paths) for run_id, paths in unfinished_runs(tmp_path / "store").items()} == {
+        "sub-01_task-rest_run-1": [runs / ".tmp-sub-01_task-rest_run-1-4242"],
+        "sub-02_task-rest_run-1": [runs / ".tmp-sub-02_task-rest_run-1-77", runs / ".tmp-sub-02_task-rest_run-1-78"]}
+    # a shard clears its own runs' leftovers only: another shard may be writing its own
+    assert prepare(tmp_path / "in", tmp_path / "store", OPTIONS, shard=(1, 2), progress=False).skipped == [
+        "sub-02_task-rest_run-1"]
+    assert sorted(p.name for p in runs.glob(".tmp-*")) == [".tmp-sub-01_task-rest_run-1-4242"]
 
 
 def test_las_input_equals_its_ras_twin(tmp_path):

@@ -5,15 +5,17 @@ A run is finished when its folder appears under ``runs/`` (an atomic rename of a
 so a re-run after a crash or Ctrl-C skips finished runs, clears half-written temporaries and
 redoes the rest. A run whose source file changed since it was prepared is redone. Failures are
 kept as one small marker per run and gathered into ``failures.tsv``; ``manifest.tsv`` is rebuilt
-from the runs on disk at the end of every invocation, so cluster array jobs (``--shard i/N``)
-writing into one store each leave a correct manifest behind them.
+from the runs on disk at the end of every invocation, one invocation at a time, so cluster array jobs
+(``--shard i/N``) writing into one store leave a manifest of every run behind the last of them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from concurrent.futures import as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -53,6 +55,7 @@ from neurox.progress import progress as progress_display
 from neurox.workers import process_pool
 
 FAILURE_SUFFIX = ".failed.json"
+LOCK_FILE = ".tables.lock"  # held while manifest.tsv and failures.tsv are rebuilt
 # what every run of a store must share; a second prepare into the store must agree on these
 SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization", "denoising",
                "resample_tr", "non_steady_state")
@@ -152,8 +155,9 @@ def prepare(
         report.phenotypes = phenotypes.summary
 
     jobs = []  # (function, spec): a run to prepare, or a finished run whose confounds to complete
+    half_written = unfinished_runs(root)
     for spec in specs:
-        for stale in (root / RUNS_DIR).glob(f".tmp-{spec.run_id}-*"):
+        for stale in half_written.get(spec.run_id, []):
             remove(stale)  # left by a crash or Ctrl-C
         if not is_current(root, spec, fmt):
             jobs.append((_prepare_one, spec))
@@ -180,6 +184,17 @@ def prepare(
         bar.close()
         write_manifest(root, fmt)
     return report
+
+
+def unfinished_runs(root: Path) -> dict[str, list[Path]]:
+    """The temporary folders of runs being written (``RunWriter``: ``.tmp-<run_id>-<pid>``), by run id: from one
+    listing of the store, not one a run (40,000 listings of 40,000 entries for a cohort's re-run)."""
+    found: dict[str, list[Path]] = {}
+    with os.scandir(root / RUNS_DIR) as entries:
+        for entry in entries:
+            if entry.name.startswith(".tmp-") and "-" in entry.name[5:]:
+                found.setdefault(entry.name[5:].rsplit("-", 1)[0], []).append(Path(entry.path))
+    return found
 
 
 def _prepare_one(spec: RunSpec, options: PrepareOptions, root: Path, fmt: str) -> str | None:
@@ -359,6 +374,27 @@ def set_motion_threshold(root: Path, max_mean_fd: float) -> None:
 def write_manifest(root: Path, fmt: str) -> None:
     """Rebuild manifest.tsv and failures.tsv from what is on disk. A run whose mean framewise displacement is
     above the store's ``max_mean_fd`` gets the status ``excluded``: its frames stay, no command reads it."""
+    with one_writer(root):
+        _write_manifest(root, fmt)
+
+
+@contextmanager
+def one_writer(root: Path):
+    """Held while the store's tables are rebuilt: the shards of an array job end together, and one that listed
+    the runs before another's last run appeared must not write its older tables after the other's. Each shard
+    rebuilds them after its own runs are on disk, so the last to take the lock lists every run. Where the file
+    system has no locks (some NFS mounts), the tables are rebuilt as before, unguarded."""
+    with open(root / LOCK_FILE, "a") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield  # closing the file releases the lock
+
+
+def _write_manifest(root: Path, fmt: str) -> None:
     threshold = json.loads((root / STORE_FILE).read_text()).get("max_mean_fd")
     rows, failures = [], []
     runs = root / RUNS_DIR

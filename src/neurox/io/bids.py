@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -229,8 +230,7 @@ def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "m
         specs = [s for s in specs if s.task == task]
         if not specs:
             raise InputError(f"{path}: no runs of task {task!r} (tasks found: {', '.join(found)})")
-    ids = [s.run_id for s in specs]
-    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    duplicates = sorted(i for i, n in Counter(s.run_id for s in specs).items() if n > 1)
     if duplicates:
         raise InputError(f"{path}: several runs share the id {duplicates[0]}; give session/run to tell them apart")
     return specs
