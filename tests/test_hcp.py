@@ -158,6 +158,16 @@ def test_a_phenotype_table_that_cannot_be_joined_says_why(tmp_path, table, messa
     assert not (tmp_path / "store").exists()  # checked before anything is written
 
 
+def test_a_spreadsheets_semicolon_csv_is_read_with_its_decimal_commas(tmp_path):
+    bids_run(tmp_path / "derivatives", "01", n_frames=12)
+    path = tmp_path / "pheno.csv"  # as a spreadsheet saves "CSV" where commas mark decimals, with its BOM
+    path.write_text("\ufeffparticipant_id;score;site\n01;1,5;Lyon, France\n", encoding="utf-8")
+    report = prepare(tmp_path / "derivatives", tmp_path / "store", OPTIONS, participants=path, progress=False)
+    assert report.ok and report.phenotypes.startswith("phenotype table pheno.csv: 1 of 1 participants")
+    assert read_tsv(tmp_path / "store" / "participants.tsv") == [
+        {"participant_id": "sub-01", "score": "1.5", "site": "Lyon, France"}]
+
+
 def test_task_keeps_the_runs_of_one_bids_task(tmp_path):
     root = tmp_path / "derivatives"
     rest = bids_run(root, "01", n_frames=12)

@@ -26,16 +26,29 @@ def participant_label(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "", re.sub(r"^sub[-_]", "", value.strip()))
 
 
+DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+
+
 def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Columns and rows of a .csv (commas) or any other text table (tabs)."""
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+    """Columns and rows of a .csv (commas) or any other text table (tabs); where the header line holds none of
+    that delimiter, of the one it holds most of: tabs, commas, or semicolons, as spreadsheets in the locales that
+    write decimal commas export CSV (whose ``1,5`` is then read as ``1.5``)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: spreadsheet exports start with a BOM
+            header = f.readline()
+            delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+            if delimiter not in header:
+                delimiter = max(("\t", ",", ";"), key=header.count)
+            f.seek(0)
             reader = csv.DictReader(f, delimiter=delimiter)
             rows = list(reader)
-            return list(reader.fieldnames or []), rows
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"{path}: cannot read the phenotype table ({err})") from None
+    if delimiter == ";":
+        for row in rows:
+            row.update({key: value.replace(",", ".") for key, value in row.items()
+                        if isinstance(value, str) and DECIMAL_COMMA.fullmatch(value)})
+    return list(reader.fieldnames or []), rows
 
 
 @dataclass

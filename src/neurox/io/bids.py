@@ -173,7 +173,7 @@ def may_hold_runs(folder_name: str) -> bool:
 def read_manifest(path: Path) -> list[RunSpec]:
     """A TSV with columns participant_id, path and optional session, run, mask, confounds (an fMRIPrep
     confounds table; found beside an fMRIPrep-named run without it); relative paths are relative to the TSV."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's export starts with a BOM
         rows = list(csv.DictReader(f, delimiter="\t"))
     if not rows:
         raise InputError(f"{path}: the manifest has no rows")
