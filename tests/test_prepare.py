@@ -595,6 +595,53 @@ def test_a_model_records_its_stores_template_and_like_takes_it(tmp_path, capsys)
                          "one" in err
 
 
+def test_another_pipelines_denoised_runs_are_read_with_desc_and_recorded(tmp_path, capsys):
+    """fMRIPrep 20.2's ICA-AROMA output beside its preprocessed runs: --desc chooses it, the store and a model's
+    contract record it, --like reads it again, and a folder holding only it says so."""
+    from neurox.config import InputContract, preset
+    from neurox.hub import save_pretrained
+    from neurox.models import SwiFT
+    from neurox.train.runs import check_contract, store_contract
+
+    both, aroma_only = tmp_path / "fmriprep", tmp_path / "aroma-only"
+    for root in (both, aroma_only):
+        func = root / "sub-01" / "func"
+        aroma = save(func / "sub-01_task-rest_run-1_space-MNI152NLin6Asym_desc-smoothAROMAnonaggr_bold.nii.gz",
+                     bold(20, seed=7))
+        aroma.with_name(aroma.name.replace(".nii.gz", ".json")).write_text('{"RepetitionTime": 2.0}')
+        (func / "sub-01_task-rest_run-1_desc-confounds_timeseries.tsv").write_text("csf\n" + "1\n" * 20)
+    bids_run(both, "01", n_frames=20)  # its desc-preproc run, in MNI152NLin2009cAsym
+
+    def run(*args: str) -> tuple[int, str]:
+        code = main(["prepare", *args, "--voxel_size", "4", "--min_frames", "8", "--quiet", "true"])
+        return code, capsys.readouterr().err
+
+    assert run(str(both), "--out", str(tmp_path / "preproc"))[0] == 0
+    assert "_desc-preproc_bold" in Store(tmp_path / "preproc").manifest[0]["source"]
+    assert run(str(both), "--out", str(tmp_path / "aroma"), "--desc", "smoothAROMAnonaggr")[0] == 0
+    store = Store(tmp_path / "aroma")
+    (row,) = store.manifest
+    assert "_desc-smoothAROMAnonaggr_bold" in row["source"] and store.info["space"] == "MNI152NLin6Asym"
+    assert store.info["bold_desc"] == "smoothAROMAnonaggr" and Store(tmp_path / "preproc").info["bold_desc"] == \
+        "preproc"
+    assert store.run(row["run_id"]).confounds() is not None  # the run's table, named without space or desc
+    code, err = run(str(both), "--out", str(tmp_path / "aroma"))
+    assert code == 1 and "prepared with bold_desc=smoothAROMAnonaggr, not preproc" in err
+    code, err = run(str(aroma_only), "--out", str(tmp_path / "none"))
+    assert code == 1 and err.rstrip().endswith("found under this folder; found desc-smoothAROMAnonaggr runs: choose "
+                                               "with --desc smoothAROMAnonaggr")
+    contract = InputContract.for_model(preset("demo"), **store_contract(store.info))
+    assert contract.bold_desc == "smoothAROMAnonaggr"
+    save_pretrained(SwiFT(preset("demo")), tmp_path / "model", contract=contract)
+    assert run(str(both), "--out", str(tmp_path / "like"), "--like", str(tmp_path / "model"))[0] == 0
+    assert "_desc-smoothAROMAnonaggr_bold" in Store(tmp_path / "like").manifest[0]["source"]
+    check_contract(contract, Store(tmp_path / "preproc"), "the model")
+    assert f"trained on desc-smoothAROMAnonaggr runs and the store {tmp_path / 'preproc'} holds desc-preproc runs" \
+        in capsys.readouterr().err
+    assert run(str(both), "--out", str(tmp_path / "bad"), "--desc", "smooth-AROMA")[1].endswith(
+        "--desc smooth-AROMA: a BIDS desc label, letters and digits (preproc, smoothAROMAnonaggr)\n")
+
+
 def test_a_model_records_its_stores_grid_and_like_reproduces_it(tmp_path):
     from neurox.config import InputContract, preset
     from neurox.hub import save_pretrained

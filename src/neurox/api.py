@@ -34,7 +34,8 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
             confounds: str = "none", global_signal: bool = False, task: str | None = None, space: str | None = None,
             hcp_bold: str = "minimal", id_column: str | None = None, session_column: str | None = None,
             max_mean_fd: float | None = None, resample_tr: float | None = None,
-            non_steady_state: str | None = None, dry_run: bool = False, quiet: bool = False):
+            non_steady_state: str | None = None, desc: str | None = None, dry_run: bool = False,
+            quiet: bool = False):
     """Preprocess fMRI runs into a store; returns the report (``.done``, ``.skipped``, ``.failed``,
     ``.ok``, ``.store``). A bad run is listed in ``failures.tsv`` and the rest go on. With ``dry_run``,
     nothing is written and ``.survey`` says what would be done and what would fail."""
@@ -47,13 +48,13 @@ def prepare(input: str | Path, out: str | Path, participants: str | Path | None 
     model_space = None
     if like:
         options = options_from_model(like, resample=resample or None, tr=tr, resample_tr=resample_tr,
-                                     non_steady_state=non_steady_state)
+                                     non_steady_state=non_steady_state, bold_desc=desc)
         model_space = read_config(like)["input_contract"].get("space")
     else:
         options = PrepareOptions(grid=TargetGrid.default(voxel_size, grid), normalization=normalization,
                                  resample=resample, min_frames=min_frames, tr=tr, confounds=confounds,
                                  global_signal=global_signal, resample_tr=resample_tr,
-                                 non_steady_state=non_steady_state)
+                                 non_steady_state=non_steady_state, bold_desc=desc or "preproc")
     return prepare_store(input, out, options, participants=participants, workers=workers, shard=parse_shard(shard),
                          fmt=format, progress=not quiet, task=task, hcp_bold=hcp_bold, id_column=id_column,
                          session_column=session_column, max_mean_fd=max_mean_fd, dry_run=dry_run, space=space,

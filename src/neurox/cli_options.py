@@ -106,6 +106,10 @@ def _prepare_parser() -> ArgumentParser:
                    "take, as fMRIPrep names it: MNI152NLin6Asym:res-2 (MNIPediatricAsym:cohort-2:res-2), or "
                    "MNI152NLin6Asym (its one resolution, or the one written without res-) (default: the one MNI "
                    "space found)")
+    p.add_argument("--desc", default=None, help="fMRIPrep-layout folders: the desc- of the BOLD runs to read, "
+                   "smoothAROMAnonaggr for fMRIPrep's ICA-AROMA-denoised runs (its 20.2 LTS, --use-aroma) or another "
+                   "pipeline's label; the store and models trained on it record it, --like takes it (default: "
+                   "preproc)")
     p.add_argument("--hcp_bold", default="minimal",
                    help="HCP-pipeline folders: minimal (<run>.nii.gz, minimally preprocessed), fix "
                    "(<run>_hp2000_clean.nii.gz, cleaned by ICA-FIX), or a suffix of the run file's name "

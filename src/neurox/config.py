@@ -185,6 +185,7 @@ class InputContract:
     window_frames: int = 20
     tr: float | None = None
     tr_resampled: bool = False  # every run was resampled in time onto ``tr`` (prepare --resample_tr): --like does too
+    bold_desc: str | None = None  # the desc- of the fMRIPrep-layout runs read (preproc; smoothAROMAnonaggr, ...)
     channels: int = 1
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

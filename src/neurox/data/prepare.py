@@ -58,7 +58,7 @@ FAILURE_SUFFIX = ".failed.json"
 LOCK_FILE = ".tables.lock"  # held while manifest.tsv and failures.tsv are rebuilt
 # what every run of a store must share; a second prepare into the store must agree on these
 SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization", "denoising",
-               "resample_tr", "non_steady_state")
+               "resample_tr", "non_steady_state", "bold_desc")
 
 
 @dataclass
@@ -98,7 +98,8 @@ def options_from_model(model_dir: str | Path, **overrides) -> PrepareOptions:
     values = {"grid": grid, "normalization": contract.get("normalization") or "global_zscore",
               "min_frames": int(contract.get("window_frames") or 20), "confounds": strategy,
               "global_signal": global_signal,
-              "resample_tr": contract.get("tr") if contract.get("tr_resampled") else None}
+              "resample_tr": contract.get("tr") if contract.get("tr_resampled") else None,
+              "bold_desc": contract.get("bold_desc") or "preproc"}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PrepareOptions(**values)
 
@@ -125,8 +126,8 @@ def prepare(
     folder's runs are in several, and a warning where they are in another."""
     root = Path(out)
     options = with_store_settings(options or PrepareOptions(), root)
-    found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold, space=space, prefer_space=model_space),
-                   key=lambda s: s.run_id)
+    found = sorted(discover(input_path, task=task, hcp_bold=hcp_bold, space=space, prefer_space=model_space,
+                            desc=options.bold_desc), key=lambda s: s.run_id)
     specs = found[shard[0] :: shard[1]]
     template = runs_template(found, input_path)
     if progress:

@@ -18,6 +18,7 @@ and normalisation at the run's own TR, in the second pass.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class PrepareOptions:
     # a run's leading non-steady-state frames (its confounds mark them, else its frames show them): drop or keep;
     # None: as the store already holds them, else drop (``neurox.data.prepare`` decides before any run is read)
     non_steady_state: str | None = None
+    bold_desc: str = "preproc"  # the desc- of the runs read from an fMRIPrep-layout folder (smoothAROMAnonaggr, ...)
 
     def __post_init__(self):
         if self.normalization not in NORMALIZATIONS:
@@ -70,6 +72,9 @@ class PrepareOptions:
         if self.resample_tr is not None and not self.resample_tr > 0:
             raise ValueError(f"--resample_tr {self.resample_tr}: give a repetition time in seconds, above 0")
         denoising_name(self.confounds, self.global_signal)  # refuses a strategy prepare cannot apply
+        if not re.fullmatch(r"[A-Za-z0-9]+", self.bold_desc):
+            raise ValueError(f"--desc {self.bold_desc}: a BIDS desc label, letters and digits (preproc, "
+                             "smoothAROMAnonaggr)")
         if self.non_steady_state not in (None, *NON_STEADY_STATE):
             raise ValueError(f"--non_steady_state {self.non_steady_state}: choose {' or '.join(NON_STEADY_STATE)}")
 
@@ -83,6 +88,7 @@ class PrepareOptions:
             "origin_mm": list(self.grid.origin_mm), "crop_box_mm": self.grid.crop_box_mm,
             "normalization": self.normalization, "resample": self.resample, "min_frames": self.min_frames,
             "denoising": self.denoising, "resample_tr": self.resample_tr, "non_steady_state": self.non_steady_state,
+            "bold_desc": self.bold_desc,
         }
 
 

@@ -40,7 +40,7 @@ RUNS_DIR = "runs"
 # a store's space where no input file named its MNI template (and that of every store written before neurox kept it)
 UNNAMED_TEMPLATE = "MNI152"
 # what a store written before the key existed holds
-STORE_DEFAULTS = {"denoising": "none", "resample_tr": None, "non_steady_state": "keep"}
+STORE_DEFAULTS = {"denoising": "none", "resample_tr": None, "non_steady_state": "keep", "bold_desc": "preproc"}
 MANIFEST_COLUMNS = ["participant_id", "session", "run", "run_id", "path", "n_frames", "tr", "shape", "status",
                     "mean_fd", "max_fd", "non_steady_state_dropped", "source"]
 # Blosc-LZ4 with byte shuffle: float16 frames to about 0.3 of their size (the background is one

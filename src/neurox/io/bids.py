@@ -13,7 +13,8 @@ from pathlib import Path
 
 from neurox.io.nifti import InputError
 
-BOLD_SUFFIXES = ("_desc-preproc_bold.nii.gz", "_desc-preproc_bold.nii")
+# a derivative BOLD run: fMRIPrep's desc-preproc, or another pipeline's denoised one (desc-smoothAROMAnonaggr, ...)
+BOLD_RUN = re.compile(r"_desc-([A-Za-z0-9]+)_bold\.nii(?:\.gz)?$")
 # a run's confounds table: fMRIPrep 20.2 and later, then the name fMRIPrep 1.4 to 20.1 gave the same columns
 CONFOUNDS_NAMES = ("_desc-confounds_timeseries.tsv", "_desc-confounds_regressors.tsv")
 # folders that hold no preprocessed BOLD run, not walked into: FreeSurfer's (sourcedata/freesurfer), fMRIPrep's
@@ -72,9 +73,10 @@ def sidecar_tr(bold: Path) -> float | None:
 def spec_for_bold(bold: Path, mask: Path | None = None, participant_id: str | None = None,
                   session: str | None = None, run: str | None = None) -> RunSpec:
     ent = entities(bold)
-    suffix = next((s for s in BOLD_SUFFIXES if bold.name.endswith(s)), None)
+    derivative = BOLD_RUN.search(bold.name)
+    suffix = derivative.group(0) if derivative else None
     if mask is None and suffix:
-        mask = _sibling(bold, suffix, "_desc-brain_mask" + suffix[len("_desc-preproc_bold"):])
+        mask = _sibling(bold, suffix, "_desc-brain_mask" + suffix[suffix.index(".nii"):])
     confounds = None
     if suffix:
         stem = bold.name[: -len(suffix)]
@@ -109,8 +111,9 @@ def space_label(path: str | Path) -> str:
     return (template_of(ent) or "") + (f":res-{ent['res']}" if "res" in ent else "")
 
 
-def discover_bids(root: Path, space: str | None = None, prefer_space: str | None = None) -> list[RunSpec]:
-    """Every ``*_space-MNI*_desc-preproc_bold.nii[.gz]`` under ``root``; with ``space``
+def discover_bids(root: Path, space: str | None = None, prefer_space: str | None = None,
+                  desc: str = "preproc") -> list[RunSpec]:
+    """Every ``*_space-MNI*_desc-<desc>_bold.nii[.gz]`` under ``root``; with ``space``
     (``MNI152NLin2009cAsym``, or ``MNI152NLin6Asym:res-2`` with its resolution) only the runs in it. fMRIPrep
     writes a run once per output space, so a run found in several is an error naming them (which one a model
     reads is the user's choice, not ours), unless one of them is in ``prefer_space`` (the template a model
@@ -119,9 +122,9 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
         raise InputError(f"--space {space}: models read runs in an MNI space (MNI152NLin2009cAsym, "
                          "MNI152NLin6Asym, ...)")
     every_mni = []
-    for path in preprocessed_bolds(root):
+    for path in preprocessed_bolds(root, desc):
         bold_space = entities(path).get("space")
-        if path.name.endswith(BOLD_SUFFIXES) and bold_space and is_mni_space(bold_space):
+        if bold_space and is_mni_space(bold_space):
             every_mni.append(path)  # fMRIPrep also writes T1w/fsnative runs beside the MNI ones
     # --space names a space with its resolution, or a template: its one resolution, or the one written without
     # a res- entity (fMRIPrep's default, the BOLD's own voxel size) where it has several
@@ -147,10 +150,11 @@ def discover_bids(root: Path, space: str | None = None, prefer_space: str | None
     return found
 
 
-def preprocessed_bolds(root: Path) -> list[Path]:
-    """Every ``*_desc-preproc_bold.nii[.gz]`` under ``root``, sorted, without walking into the folders that hold
-    none (``NO_RUNS``, hidden ones): a cohort's FreeSurfer outputs beside fMRIPrep's, or an HCP release, are
-    millions of files, which a cluster's file system lists slowly, and every shard of an array job lists them.
+def preprocessed_bolds(root: Path, desc: str | None = "preproc") -> list[Path]:
+    """Every ``*_desc-<desc>_bold.nii[.gz]`` (any desc with None) under ``root``, sorted, without walking into the
+    folders that hold none (``NO_RUNS``, hidden ones): a cohort's FreeSurfer outputs beside fMRIPrep's, or an HCP
+    release, are millions of files, which a cluster's file system lists slowly, and every shard of an array job
+    lists them.
     Linked folders are followed (a cohort put together from links), each real folder once (a link to a folder
     above it is no loop)."""
     found, seen = [], set()
@@ -161,7 +165,8 @@ def preprocessed_bolds(root: Path) -> list[Path]:
             continue
         seen.add((status.st_dev, status.st_ino))
         subfolders[:] = [name for name in subfolders if may_hold_runs(name)]
-        found += [Path(folder) / name for name in files if "_desc-preproc_bold.nii" in name]
+        found += [Path(folder) / name for name in files
+                  if (match := BOLD_RUN.search(name)) and desc in (None, match.group(1))]
     return sorted(found)
 
 
@@ -202,10 +207,10 @@ def _tag(key: str, value: str) -> str:
 
 
 def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "minimal",
-             space: str | None = None, prefer_space: str | None = None) -> list[RunSpec]:
+             space: str | None = None, prefer_space: str | None = None, desc: str = "preproc") -> list[RunSpec]:
     """Runs from a BIDS derivatives folder (fMRIPrep), an HCP-pipeline folder, a single NIfTI file, or a
-    TSV manifest; with ``task``, only the runs of that task; with ``space``, a folder's runs in that space
-    (``discover_bids``)."""
+    TSV manifest; with ``task``, only the runs of that task; with ``space``, a folder's runs in that space, with
+    ``desc`` its runs of that ``desc-`` (``discover_bids``)."""
     from neurox.io.hcp import discover_hcp, hcp_layout
 
     path = Path(input_path)
@@ -215,10 +220,12 @@ def discover(input_path: str | Path, task: str | None = None, hcp_bold: str = "m
         raise InputError(f"--space {space}: it chooses among the output spaces of an fMRIPrep folder, and {path} "
                          "is a file")
     if path.is_dir():
-        specs = discover_bids(path, space, prefer_space) + discover_hcp(path, hcp_bold)
+        specs = discover_bids(path, space, prefer_space, desc) + discover_hcp(path, hcp_bold)
         if not specs:
-            raise InputError(f"{path}: no fMRIPrep runs (*_space-MNI*_desc-preproc_bold.nii[.gz]) and no HCP-pipeline "
-                             f"runs ({hcp_layout(hcp_bold)}) found under this folder")
+            others = sorted({BOLD_RUN.search(p.name).group(1) for p in preprocessed_bolds(path, None)})
+            hint = f"; found desc-{', desc-'.join(others)} runs: choose with --desc {others[0]}" if others else ""
+            raise InputError(f"{path}: no fMRIPrep runs (*_space-MNI*_desc-{desc}_bold.nii[.gz]) and no HCP-pipeline "
+                             f"runs ({hcp_layout(hcp_bold)}) found under this folder{hint}")
     elif path.suffix == ".tsv":
         specs = read_manifest(path)
     elif path.name.endswith((".nii", ".nii.gz")):

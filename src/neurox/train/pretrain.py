@@ -329,8 +329,10 @@ def save_backbone(wrapped, arch: SwiFTConfig, run_dir: Path, config: PretrainCon
     backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
     templates = {store_template(s.info) for s in stores}  # cohorts in two templates: not one to record
     # where any store was resampled in time, prepare --like resamples new data (a run at the TR stays as it is)
+    descs = {s.info.get("bold_desc", "preproc") for s in stores}
     across_stores = {"tr_resampled": any(s.info.get("resample_tr") is not None for s in stores),
-                     "space": templates.pop() if len(templates) == 1 else None}
+                     "space": templates.pop() if len(templates) == 1 else None,
+                     "bold_desc": descs.pop() if len(descs) == 1 else None}
     contract = InputContract.for_model(arch, tr=store_tr(stores[0]), **store_contract(stores[0].info) | across_stores)
     losses = [r["loss"] for r in trainer.history if "loss" in r]
     decoder = (f"decoder of {config.decoder_depth} transformer layers and a linear map" if config.decoder_depth

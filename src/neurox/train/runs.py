@@ -76,6 +76,11 @@ def check_contract(contract, store: Store, model_dir: str | Path, announce: bool
         print(f"warning: the model {model_dir} was trained on runs in {template} and the store {store.root} holds "
               f"runs in {found_template}: the templates place the brain millimetres apart (where fMRIPrep wrote both, "
               f"neurox prepare ... --like {model_dir} takes the model's)", file=sys.stderr)
+    desc, found_desc = contract.get("bold_desc"), store.info.get("bold_desc", "preproc")
+    if announce and desc and desc != found_desc:
+        print(f"warning: the model {model_dir} was trained on desc-{desc} runs and the store {store.root} holds "
+              f"desc-{found_desc} runs, another pipeline's output (neurox prepare ... --like {model_dir} reads the "
+              "model's)", file=sys.stderr)
 
 
 @torch.no_grad()
@@ -457,7 +462,8 @@ def store_contract(info: dict) -> dict:
     model's grid would suggest: a 48^3 grid may hold 2 mm voxels of a smaller box)."""
     return {"normalization": info["normalization"], "denoising": info.get("denoising", "none"),
             "voxel_size_mm": info["voxel_size_mm"], "crop_box": tuple(tuple(b) for b in info["crop_box_mm"]),
-            "tr_resampled": info.get("resample_tr") is not None, "space": store_template(info)}
+            "tr_resampled": info.get("resample_tr") is not None, "space": store_template(info),
+            "bold_desc": info.get("bold_desc", "preproc")}
 
 
 def store_template(info: dict) -> str | None:
