@@ -363,11 +363,14 @@ def leading_bright_frames(frames: np.ndarray) -> int:
     """How many of the leading frames ``(X, Y, Z, n)`` are outliers of the image's mean signal: a robust z
     (0.6745 x the distance from the median over the median distance) above ``OUTLIER_Z``, from the first frame
     until one is not, over values clipped to the 99.8th percentile (a few extreme voxels move no mean); as
-    fMRIPrep finds the frames it marks, on its raw runs."""
-    np.nan_to_num(frames, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # NaN outside the brain: background
+    fMRIPrep finds the frames it marks, on its raw runs. ``frames`` are clipped in place."""
+    bad = ~np.isfinite(frames)
+    if bad.any():
+        frames[bad] = 0.0  # NaN outside the brain: background
     sample = frames.ravel(order="K")[:: max(1, frames.size // 2_000_000)]  # the percentiles, from a sample
     low = 0.0 if sample.min() >= 0 else float(np.percentile(sample, 0.2))
-    signal = np.clip(frames, low, float(np.percentile(sample, 99.8))).mean(axis=(0, 1, 2), dtype=np.float64)
+    np.clip(frames, low, float(np.percentile(sample, 99.8)), out=frames)
+    signal = frames.mean(axis=(0, 1, 2), dtype=np.float64)
     distance = np.abs(signal - np.median(signal))
     spread = np.median(distance)
     outlier = distance > 0 if spread == 0 else 0.6745 * distance / spread > OUTLIER_Z
