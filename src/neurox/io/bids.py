@@ -154,9 +154,8 @@ def preprocessed_bolds(root: Path, desc: str | None = "preproc") -> list[Path]:
     """Every ``*_desc-<desc>_bold.nii[.gz]`` (any desc with None) under ``root``, sorted, without walking into the
     folders that hold none (``NO_RUNS``, hidden ones): a cohort's FreeSurfer outputs beside fMRIPrep's, or an HCP
     release, are millions of files, which a cluster's file system lists slowly, and every shard of an array job
-    lists them.
-    Linked folders are followed (a cohort put together from links), each real folder once (a link to a folder
-    above it is no loop)."""
+    lists them. Linked folders are followed (a cohort put together from links), each real folder once (a link to
+    a folder above it is no loop)."""
     found, seen = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         status = os.stat(folder)
