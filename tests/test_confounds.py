@@ -342,7 +342,7 @@ def test_leading_non_steady_state_frames_are_left_out_of_the_store(tmp_path, cap
     del info["non_steady_state"]
     (tmp_path / "kept" / "store.json").write_text(json.dumps(info))
     assert prepare(tmp_path / "bids", tmp_path / "kept", OPTIONS, progress=False).skipped == [run_id]
-    with pytest.raises(ValueError, match="prepared with non_steady_state=keep, not drop"):
+    with pytest.raises(ValueError, match=r"prepared with non_steady_state=keep \(--non_steady_state\), not drop"):
         prepare(tmp_path / "bids", tmp_path / "kept", replace_options(non_steady_state="drop"), progress=False)
     # the dry run counts them, and a run left too short by them fails alone
     survey = prepare(tmp_path / "bids", tmp_path / "new", OPTIONS, progress=False, dry_run=True).survey
@@ -392,7 +392,8 @@ def test_input_denoising_is_part_of_the_contract(tmp_path, capsys):
     report = prepare(tmp_path / "bids", tmp_path / "store", replace_options(confounds="simple"), progress=False)
     assert "no confounds table for --confounds simple" in report.failed["sub-02_task-rest_run-1"]
     # a store keeps one denoising
-    with pytest.raises(ValueError, match="prepared with denoising=simple, not none"):
+    with pytest.raises(ValueError, match=r"prepared with denoising=simple \(--confounds, --global_signal\), not "
+                                         "none; give the same to add runs"):
         prepare(tmp_path / "bids", tmp_path / "store", OPTIONS, progress=False)
 
 

@@ -626,7 +626,7 @@ def test_another_pipelines_denoised_runs_are_read_with_desc_and_recorded(tmp_pat
         "preproc"
     assert store.run(row["run_id"]).confounds() is not None  # the run's table, named without space or desc
     code, err = run(str(both), "--out", str(tmp_path / "aroma"))
-    assert code == 1 and "prepared with bold_desc=smoothAROMAnonaggr, not preproc" in err
+    assert code == 1 and "prepared with bold_desc=smoothAROMAnonaggr (--desc), not preproc" in err
     code, err = run(str(aroma_only), "--out", str(tmp_path / "none"))
     assert code == 1 and err.rstrip().endswith("found under this folder; found desc-smoothAROMAnonaggr runs: choose "
                                                "with --desc smoothAROMAnonaggr")

@@ -59,6 +59,10 @@ LOCK_FILE = ".tables.lock"  # held while manifest.tsv and failures.tsv are rebui
 # what every run of a store must share; a second prepare into the store must agree on these
 SHARED_KEYS = ("format", "grid", "voxel_size_mm", "origin_mm", "crop_box_mm", "normalization", "denoising",
                "resample_tr", "non_steady_state", "bold_desc")
+SETTING_OPTIONS = {"format": "--format", "grid": "--grid or --voxel_size", "voxel_size_mm": "--voxel_size",
+                   "origin_mm": "--grid", "crop_box_mm": "--grid or --voxel_size", "normalization": "--normalization",
+                   "denoising": "--confounds, --global_signal", "resample_tr": "--resample_tr",
+                   "non_steady_state": "--non_steady_state", "bold_desc": "--desc"}  # what sets each, to say so
 
 
 @dataclass
@@ -258,9 +262,10 @@ def init_store(root: Path, options: PrepareOptions, fmt: str, template: str = UN
         for key in SHARED_KEYS:
             had = existing.get(key, STORE_DEFAULTS.get(key))
             if had != wanted.get(key):
+                option = SETTING_OPTIONS.get(key, "a prepare option")
                 raise ValueError(
-                    f"{root}: this store was prepared with {key}={had}, not {wanted.get(key)}; "
-                    "use another --out for other settings"
+                    f"{root}: this store was prepared with {key}={had} ({option}), not {wanted.get(key)}; give the "
+                    "same to add runs to it, or another --out for other settings"
                 )
         had = existing.get("space", UNNAMED_TEMPLATE)
         if UNNAMED_TEMPLATE not in (had, template) and had != template:
