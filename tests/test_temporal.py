@@ -108,7 +108,7 @@ def test_prepare_resamples_every_run_after_normalising_it(tmp_path):
         assert np.array_equal(same.run(run_id).read(0, 24), native.run(run_id).read(0, 24))
     # a second pass skips every run; preparing into the store at another TR is refused
     assert prepare(root, tmp_path / "fast", replace(OPTIONS, resample_tr=0.8), progress=False).skipped
-    with pytest.raises(ValueError, match="resample_tr=0.8, not 1.0"):
+    with pytest.raises(ValueError, match=r"resample_tr=0.8 \(--resample_tr\), not 1.0"):
         prepare(root, tmp_path / "fast", replace(OPTIONS, resample_tr=1.0), progress=False)
 
 
