@@ -38,6 +38,7 @@ from neurox.data.store import (
     RUNS_DIR,
     STORE_DEFAULTS,
     STORE_FILE,
+    TEMPORARY_PREFIX,
     UNNAMED_TEMPLATE,
     RunReader,
     RunWriter,
@@ -197,8 +198,9 @@ def unfinished_runs(root: Path) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
     with os.scandir(root / RUNS_DIR) as entries:
         for entry in entries:
-            if entry.name.startswith(".tmp-") and "-" in entry.name[5:]:
-                found.setdefault(entry.name[5:].rsplit("-", 1)[0], []).append(Path(entry.path))
+            name = entry.name.removeprefix(TEMPORARY_PREFIX)
+            if name != entry.name and "-" in name:
+                found.setdefault(name.rsplit("-", 1)[0], []).append(Path(entry.path))
     return found
 
 

@@ -41,7 +41,7 @@ from neurox.data.grid import GridMapping, TargetGrid, format_mm
 from neurox.data.store import pack_mask
 from neurox.data.temporal import TemporalResampler, differs, output_frames, resample_table
 from neurox.data.tissue import FrameSignals, cosine_basis, tissue_masks
-from neurox.io.bids import RunSpec, is_mni_space
+from neurox.io.bids import RunSpec, is_mni_space, sidecar_of
 from neurox.io.nifti import InputError, NiftiInfo, iter_frame_blocks, read_first_frames, read_info, read_volume_ras
 
 NORMALIZATIONS = ("global_zscore", "voxel_zscore", "voxel_center")
@@ -392,8 +392,7 @@ def kept_frames(info: NiftiInfo, block_frames: int, first: int, checked: bool = 
             background = ~np.isfinite(frames[..., 0])
         if background.any():
             frames[background] = 0.0
-        bad = None if checked else ~np.isfinite(frames)
-        if bad is not None and bad.any():
+        if not checked and (bad := ~np.isfinite(frames)).any():
             raise InputError(f"{info.path}: NaN or Inf values (first in frame {start + cut + np.argwhere(bad)[0][3]})")
         yield start + cut - first, frames
 
@@ -468,9 +467,8 @@ def run_tr(spec: RunSpec, info: NiftiInfo, given: float | None) -> float | None:
     low, high = TR_RANGE_S
     if spec.tr is not None:
         if not low <= spec.tr <= high:
-            sidecar = spec.bold.with_name(spec.bold.name.split(".nii")[0] + ".json")
-            raise InputError(f"{sidecar}: RepetitionTime {spec.tr:g} is not a TR in seconds ({low:g}-{high:g} s); "
-                             "BIDS sidecars give seconds")
+            raise InputError(f"{sidecar_of(spec.bold)}: RepetitionTime {spec.tr:g} is not a TR in seconds "
+                             f"({low:g}-{high:g} s); BIDS sidecars give seconds")
         return spec.tr
     header = None
     if len(info.zooms) > 3 and info.zooms[3] > 0 and info.seconds_per_time_unit is not None:

@@ -53,6 +53,7 @@ def _blosc() -> Blosc:
     return Blosc(cname=BLOSC["cname"], clevel=BLOSC["clevel"], shuffle=Blosc.SHUFFLE, blocksize=BLOSC["blocksize"])
 
 FORMATS = ("zarr", "npy")
+TEMPORARY_PREFIX = ".tmp-"  # a run being written: runs/.tmp-<run_id>-<pid>, renamed into place when complete
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ class RunWriter:
         self.runs = store_root / RUNS_DIR
         self.runs.mkdir(parents=True, exist_ok=True)
         self.final = run_path(store_root, run_id, fmt)
-        self.tmp = self.runs / f".tmp-{run_id}-{os.getpid()}"
+        self.tmp = self.runs / f"{TEMPORARY_PREFIX}{run_id}-{os.getpid()}"
         remove(self.tmp)
         self.frames_written = 0
         if fmt == "zarr":

@@ -59,8 +59,13 @@ def _sibling(bold: Path, suffix_from: str, suffix_to: str) -> Path | None:
     return candidate if candidate != bold and candidate.exists() else None
 
 
+def sidecar_of(bold: Path) -> Path:
+    """The run's JSON sidecar (which may not exist)."""
+    return bold.with_name(bold.name.split(".nii")[0] + ".json")
+
+
 def sidecar_tr(bold: Path) -> float | None:
-    sidecar = bold.with_name(bold.name.split(".nii")[0] + ".json")
+    sidecar = sidecar_of(bold)
     if not sidecar.is_file():
         return None
     try:
